@@ -1,0 +1,39 @@
+# bridge: `make demo` runs the main job on embedded defaults, `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export BRIDGE_HOME ?= $(CURDIR)/.bridge
+export DAGSTER_HOME ?= $(BRIDGE_HOME)/dagster
+export WHYLOGS_NO_ANALYTICS := True
+
+.PHONY: install demo dev test bench lock clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip==25.3"
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(DAGSTER_HOME):
+	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
+
+demo: install $(DAGSTER_HOME)
+	$(BIN)/python -m bridge_assets.demo
+
+dev: install $(DAGSTER_HOME)
+	$(BIN)/dagster dev -w workspace.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/features.py --rows 1000000
+
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.new && mv constraints.new constraints.txt
+
+clean:
+	rm -rf $(BRIDGE_HOME)

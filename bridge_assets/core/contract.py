@@ -1,0 +1,154 @@
+"""The housing data contract: columns, types, allowed values and the API's plausibility bounds.
+
+Training, serving and the simulator all validate and normalise through this module, so a
+category spelled "YES " in a request means exactly what "yes" meant in training (the
+BridgeAI reference upper-cased in serving and lower-cased in training, and silently lost
+every category feature).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+CONTRACT_VERSION = "1"
+
+ROW_ID = "row_id"
+TARGET = "price"
+NUMERIC_FEATURES: tuple[str, ...] = ("area", "bedrooms", "bathrooms", "stories", "parking")
+COUNT_FEATURES: tuple[str, ...] = ("bedrooms", "bathrooms", "stories", "parking")
+BINARY_FEATURES: tuple[str, ...] = (
+    "mainroad",
+    "guestroom",
+    "basement",
+    "hotwaterheating",
+    "airconditioning",
+    "prefarea",
+)
+FURNISHING = "furnishingstatus"
+CATEGORICAL_FEATURES: tuple[str, ...] = (*BINARY_FEATURES, FURNISHING)
+FEATURES: tuple[str, ...] = (*NUMERIC_FEATURES, *CATEGORICAL_FEATURES)
+# Column order of the seed CSV (Kaggle "Housing Prices Dataset").
+SEED_COLUMNS: tuple[str, ...] = (
+    "price", "area", "bedrooms", "bathrooms", "stories", "mainroad", "guestroom", "basement",
+    "hotwaterheating", "airconditioning", "parking", "prefarea", "furnishingstatus",
+)  # fmt: skip
+
+CATEGORY_LEVELS: dict[str, tuple[str, ...]] = {
+    **{name: ("yes", "no") for name in BINARY_FEATURES},
+    FURNISHING: ("furnished", "semi-furnished", "unfurnished"),
+}
+# The prediction API's bounds (not the seed data's min/max): the reference's own example
+# request has area 1200, below anything in the data, and is valid.
+COUNT_BOUNDS: dict[str, tuple[int, int]] = {
+    "bedrooms": (0, 9),
+    "bathrooms": (0, 9),
+    "parking": (0, 9),
+    "stories": (1, 4),
+}
+
+SCHEMA: dict[str, pl.DataType] = {
+    ROW_ID: pl.String(),
+    "area": pl.Float64(),
+    **{name: pl.Int64() for name in COUNT_FEATURES},
+    **{name: pl.String() for name in CATEGORICAL_FEATURES},
+    TARGET: pl.Float64(),
+}
+COLUMNS: tuple[str, ...] = (ROW_ID, *FEATURES, TARGET)
+
+
+class ContractError(ValueError):
+    """A whole batch does not fit the contract (e.g. a required column is missing)."""
+
+
+@dataclass(frozen=True)
+class Validated:
+    """Rows that passed the contract (typed, normalised) and rows quarantined with a reason."""
+
+    valid: pl.DataFrame
+    quarantined: pl.DataFrame
+
+    def reason_counts(self) -> dict[str, int]:
+        """How many quarantined rows failed each individual check."""
+        if self.quarantined.is_empty():
+            return {}
+        counts = (
+            self.quarantined.select(pl.col("reason").str.split("; ").alias("r"))
+            .explode("r")
+            .group_by("r")
+            .len()
+            .sort("len", descending=True)
+        )
+        return dict(zip(counts["r"].to_list(), counts["len"].to_list(), strict=True))
+
+
+def normalise_category(expr: pl.Expr) -> pl.Expr:
+    """Strip surrounding whitespace and lower-case: the one spelling of every category."""
+    return expr.cast(pl.String).str.strip_chars().str.to_lowercase()
+
+
+def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -> list[pl.Expr]:
+    """Expressions that yield a message where `column` breaks the contract, else null."""
+    checks: list[tuple[pl.Expr, str]] = []
+    required = column != TARGET or require_target
+    if required:
+        checks.append((raw.is_null(), f"{column} is missing"))
+    if column in CATEGORY_LEVELS:
+        levels = CATEGORY_LEVELS[column]
+        bad = raw.is_not_null() & ~typed.is_in(list(levels))
+        checks.append((bad, f"{column} not one of {'/'.join(levels)}"))
+        return [pl.when(cond).then(pl.lit(msg)) for cond, msg in checks]
+    checks.append((raw.is_not_null() & typed.is_null(), f"{column} is not a number"))
+    if column in COUNT_BOUNDS:
+        low, high = COUNT_BOUNDS[column]
+        checks.append(((typed % 1) != 0, f"{column} is not a whole number"))
+        checks.append(((typed < low) | (typed > high), f"{column} outside {low}-{high}"))
+    else:  # area and price: positive and finite
+        checks.append((~typed.is_finite() | (typed <= 0), f"{column} must be > 0"))
+    return [pl.when(cond.fill_null(False)).then(pl.lit(msg)) for cond, msg in checks]
+
+
+def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
+    """Split a raw batch into contract-conforming rows and quarantined rows with reasons.
+
+    Accepts string or numeric columns (CSV batches may hold anything); categories are
+    accepted in any case and with surrounding whitespace. `row_id` must already be present.
+    Raises ContractError when a required column is missing, since then no row can be judged.
+    """
+    wanted = [*FEATURES, TARGET] if require_target else list(FEATURES)
+    missing = [c for c in (ROW_ID, *wanted) if c not in frame.columns]
+    if missing:
+        raise ContractError(f"missing required column(s): {', '.join(missing)}")
+    if TARGET not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(TARGET))
+
+    typed: dict[str, pl.Expr] = {}
+    for column in (*FEATURES, TARGET):
+        raw = pl.col(column)
+        if column in CATEGORY_LEVELS:
+            typed[column] = normalise_category(raw)
+        elif frame.schema[column].is_numeric() or frame.schema[column] == pl.Null:
+            typed[column] = raw.cast(pl.Float64)
+        else:  # text (CSV): anything that does not parse as a number is flagged, not dropped
+            typed[column] = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+    row_id = pl.col(ROW_ID)
+    problems = [
+        pl.when(row_id.is_null()).then(pl.lit("row_id is missing")),
+        pl.when(row_id.is_not_null() & ~row_id.is_first_distinct()).then(pl.lit("duplicate row_id")),
+        *(p for column in (*FEATURES, TARGET) for p in _problems(column, pl.col(column), typed[column], require_target)),
+    ]
+    checked = frame.with_columns(
+        pl.concat_str(problems, separator="; ", ignore_nulls=True).alias("reason"),
+        *(expr.alias(f"__typed_{name}") for name, expr in typed.items()),
+    ).with_columns(pl.when(pl.col("reason") != "").then(pl.col("reason")).alias("reason"))
+
+    ok = checked.filter(pl.col("reason").is_null())
+    valid = ok.select(
+        pl.col(ROW_ID).cast(pl.String),
+        *(pl.col(f"__typed_{c}").cast(SCHEMA[c]).alias(c) for c in (*FEATURES, TARGET)),
+    )
+    quarantined = checked.filter(pl.col("reason").is_not_null()).select(
+        *(pl.col(c).cast(pl.String) for c in frame.columns if c != "reason"), "reason"
+    )
+    return Validated(valid=valid, quarantined=quarantined)

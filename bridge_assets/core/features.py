@@ -1,0 +1,224 @@
+"""Cleaning, split assignment and the encode/scale preprocessing shared by training and serving.
+
+Everything is vectorised over Polars frames, so one request row and ten million training rows
+take the same code path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from bridge_assets.core.contract import (
+    CATEGORICAL_FEATURES,
+    CATEGORY_LEVELS,
+    FEATURES,
+    NUMERIC_FEATURES,
+    ROW_ID,
+    TARGET,
+    normalise_category,
+)
+
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+# 80/20 then 80/20 of the rest, as the reference: 64% train, 16% validation, 20% test.
+SPLIT_BOUNDS: tuple[float, float] = (0.64, 0.80)
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def stable_hash64(values: pl.Series) -> np.ndarray:
+    """64-bit FNV-1a (fmix64-finalised) of each UTF-8 string, vectorised over Arrow buffers.
+
+    Polars' own `hash` may change between releases; split assignment must not, or a
+    row would move between train and test as the library is upgraded.
+    """
+    array = values.cast(pl.String).fill_null("").to_arrow()
+    if hasattr(array, "combine_chunks"):
+        array = array.combine_chunks()
+    import pyarrow as pa
+
+    array = array.cast(pa.large_string())
+    _, offsets_buf, data_buf = array.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    hashes = np.full(len(array), _FNV_OFFSET, dtype=np.uint64)
+    for position in range(int(lengths.max(initial=0))):
+        active = np.nonzero(lengths > position)[0]
+        byte = data[starts[active] + position].astype(np.uint64)
+        hashes[active] = (hashes[active] ^ byte) * _FNV_PRIME
+    # FNV's high bits mix poorly for ids that differ only in their last digits; finish with
+    # MurmurHash3's fmix64 so every bit depends on every byte.
+    for shift, multiplier in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53)):
+        hashes ^= hashes >> np.uint64(shift)
+        hashes *= np.uint64(multiplier)
+    hashes ^= hashes >> np.uint64(33)
+    return hashes
+
+
+def assign_split(row_ids: pl.Series) -> pl.Series:
+    """Train/validation/test from a hash of `row_id`: a row never changes split as data grows."""
+    unit = (stable_hash64(row_ids) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    index = np.searchsorted(np.asarray(SPLIT_BOUNDS), unit, side="right")
+    return pl.Series("split", np.asarray(SPLITS, dtype=object)[index], dtype=pl.String)
+
+
+def reference_split(n_rows: int, seed: int = 42) -> np.ndarray:
+    """The BridgeAI reference split by original row position (545 rows → 348/88/109).
+
+    Reproduces scikit-learn's `train_test_split(test_size=0.2, random_state=seed)` applied
+    twice (the second to the remaining rows), without importing scikit-learn.
+    """
+    labels = np.empty(n_rows, dtype=object)
+    rest = np.arange(n_rows)
+    for held_out in ("test", "validation"):
+        permutation = np.random.RandomState(seed).permutation(len(rest))
+        n_held = int(np.ceil(0.2 * len(rest)))
+        labels[rest[permutation[:n_held]]] = held_out
+        rest = rest[permutation[n_held:]]
+    labels[rest] = "train"
+    return labels
+
+
+def drop_exact_duplicates(
+    rows: pl.DataFrame, earlier: pl.LazyFrame | None = None
+) -> tuple[pl.DataFrame, int]:
+    """Drop rows equal on every feature and the price to an earlier row (here or in `earlier`).
+
+    Rows that share all features but differ in price are real observations and are kept.
+    Returns the kept rows (original order) and how many were dropped.
+    """
+    subset = [*FEATURES, TARGET]
+    kept = rows.unique(subset=subset, keep="first", maintain_order=True)
+    if earlier is not None:
+        kept = kept.lazy().join(earlier.select(subset), on=subset, how="anti", nulls_equal=True)
+        kept = kept.collect()
+    return kept, rows.height - kept.height
+
+
+@dataclass
+class Preprocessor:
+    """Median-impute and standardise numerics, impute the mode and one-hot encode categories.
+
+    Fitted on the training split only; its state is a small JSON-able dict that travels with
+    every model version, so serving encodes exactly as training did.
+    """
+
+    medians: dict[str, float] = field(default_factory=dict)
+    means: dict[str, float] = field(default_factory=dict)
+    stds: dict[str, float] = field(default_factory=dict)
+    modes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Column names of the model-ready matrix, in order (5 numeric + 15 one-hot = 20)."""
+        return [
+            *NUMERIC_FEATURES,
+            *(f"{c}_{level}" for c in CATEGORICAL_FEATURES for level in CATEGORY_LEVELS[c]),
+        ]
+
+    @classmethod
+    def fit(cls, train: pl.DataFrame | pl.LazyFrame) -> Preprocessor:
+        """Learn imputation and scaling statistics from training rows."""
+        numeric = [pl.col(c).cast(pl.Float64) for c in NUMERIC_FEATURES]
+        imputed = [e.fill_null(e.median()) for e in numeric]
+        stats = (
+            train.lazy()
+            .select(
+                *(e.median().alias(f"median_{c}") for e, c in zip(numeric, NUMERIC_FEATURES)),
+                *(e.mean().alias(f"mean_{c}") for e, c in zip(imputed, NUMERIC_FEATURES)),
+                *(e.std(ddof=0).alias(f"std_{c}") for e, c in zip(imputed, NUMERIC_FEATURES)),
+                *(
+                    normalise_category(pl.col(c)).drop_nulls().mode().sort().first().alias(f"mode_{c}")
+                    for c in CATEGORICAL_FEATURES
+                ),
+            )
+            .collect()
+            .row(0, named=True)
+        )
+        return cls(
+            medians={c: stats[f"median_{c}"] for c in NUMERIC_FEATURES},
+            means={c: stats[f"mean_{c}"] for c in NUMERIC_FEATURES},
+            # A constant column scales by 1, as scikit-learn's StandardScaler does.
+            stds={c: (stats[f"std_{c}"] or 1.0) for c in NUMERIC_FEATURES},
+            modes={c: stats[f"mode_{c}"] for c in CATEGORICAL_FEATURES},
+        )
+
+    def expressions(self) -> list[pl.Expr]:
+        """Polars expressions producing the model-ready columns from raw housing columns."""
+        numeric = [
+            ((pl.col(c).cast(pl.Float64).fill_null(self.medians[c]) - self.means[c]) / self.stds[c]).alias(c)
+            for c in NUMERIC_FEATURES
+        ]
+        one_hot = [
+            (normalise_category(pl.col(c)).fill_null(self.modes[c]) == level)
+            .cast(pl.Float64)
+            .alias(f"{c}_{level}")
+            for c in CATEGORICAL_FEATURES
+            for level in CATEGORY_LEVELS[c]
+        ]
+        return numeric + one_hot
+
+    def transform(self, frame: pl.DataFrame | pl.LazyFrame) -> np.ndarray:
+        """Raw housing rows to a float64 matrix of `feature_names` columns."""
+        return frame.lazy().select(self.expressions()).collect().to_numpy(order="c")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Preprocessor:
+        return cls(**state)
+
+
+def add_split_columns(rows: pl.DataFrame) -> pl.DataFrame:
+    """Attach the hash-based `split` to validated rows."""
+    return rows.with_columns(assign_split(rows[ROW_ID]))
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    """A batch's feature rows and what cleaning did to it."""
+
+    rows: pl.DataFrame
+    duplicates_dropped: int
+    awaiting_label: int
+
+
+def prepare_batch(
+    valid: pl.DataFrame,
+    batch_id: str,
+    *,
+    earlier: pl.LazyFrame | None = None,
+    labels: pl.DataFrame | None = None,
+    reference_rows: int | None = None,
+) -> PreparedBatch:
+    """Validated raw rows → feature rows: labels joined, duplicates dropped, splits assigned.
+
+    Rows still without a price (labels not landed yet) are counted, not kept: a feature row
+    is a training example. For the seed batch, `reference_rows` (545) gives its rows the BridgeAI
+    reference split by original position (`reference_split`; null for other batches).
+    """
+    if labels is not None:
+        valid = (
+            valid.join(labels.rename({TARGET: "__label"}), on=ROW_ID, how="left")
+            .with_columns(pl.coalesce(TARGET, "__label").alias(TARGET))
+            .drop("__label")
+        )
+    labelled = valid.filter(pl.col(TARGET).is_not_null())
+    kept, dropped = drop_exact_duplicates(labelled, earlier)
+    rows = add_split_columns(kept).with_columns(pl.lit(batch_id).alias("batch_id"))
+    if reference_rows is not None:
+        positions = rows[ROW_ID].str.extract(r"-(\d+)$").cast(pl.Int64).to_numpy()
+        labels_by_position = reference_split(reference_rows)
+        rows = rows.with_columns(pl.Series("reference_split", labels_by_position[positions], dtype=pl.String))
+    else:
+        rows = rows.with_columns(pl.lit(None, dtype=pl.String).alias("reference_split"))
+    return PreparedBatch(
+        rows=rows.select(ROW_ID, "batch_id", *FEATURES, TARGET, "split", "reference_split"),
+        duplicates_dropped=dropped,
+        awaiting_label=valid.height - labelled.height,
+    )

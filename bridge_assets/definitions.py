@@ -1,0 +1,26 @@
+"""The Dagster code location: every asset, check, sensor and resource of bridge.
+
+Kept apart from `bridge_assets/__init__.py` so the ML core imports without Dagster.
+"""
+
+import dagster as dg
+
+from bridge_assets.defs.features import housing_features
+from bridge_assets.defs.landing import simulated_batch
+from bridge_assets.defs.raw import landed_batches_sensor, raw_housing
+from bridge_assets.defs.resources import lake_storage
+
+# Dagster's default automation sensor starts stopped; ours runs, so new raw partitions flow
+# into the feature table without anyone flipping a switch.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "bridge_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+)
+
+defs = dg.Definitions(
+    assets=[simulated_batch, raw_housing, housing_features],
+    sensors=[landed_batches_sensor, automation_sensor],
+    resources={"storage": lake_storage()},
+)

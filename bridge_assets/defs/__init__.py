@@ -1,0 +1,1 @@
+"""Dagster definitions by domain: resources, landing, raw data, features."""

@@ -1,0 +1,65 @@
+"""Landing: the simulator as an asset, so a batch can be landed from the Dagster UI."""
+
+from datetime import UTC, datetime
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.defs.resources import LakeStorage
+from bridge_assets.lake.landing import land_batch
+
+
+class SimulationConfig(dg.Config):
+    """A simulated batch: size, seed, drift and corruption (see `bridge_assets.core.simulator`)."""
+
+    rows: int = Field(default=10_000, ge=1, description="rows in the batch")
+    seed: int = Field(default=0, description="random seed; same seed and knobs, same rows")
+    batch_id: str | None = Field(default=None, description="default: sim-<UTC time>-s<seed>")
+    format: Literal["parquet", "csv"] = "parquet"
+    corrupt_fraction: float = Field(default=0.0, ge=0, le=1, description="rows given one contract violation")
+    case_noise: float = Field(default=0.0, ge=0, le=1, description="rows with valid categories in odd case")
+    withhold_labels: bool = Field(default=False, description="land without prices; release them later")
+    area_factor: float = Field(default=1.0, gt=0, description="multiply areas")
+    price_factor: float = Field(default=1.0, gt=0, description="label shift: multiply prices")
+    shift: dict[str, float] = Field(default_factory=dict, description="latent shift per feature, in SDs")
+    scale: dict[str, float] = Field(default_factory=dict, description="latent spread factor per feature")
+    concept: dict[str, float] = Field(default_factory=dict, description="multiply a feature's price effect")
+
+    def drift(self) -> Drift:
+        return Drift(
+            shift=self.shift,
+            scale=self.scale,
+            area_factor=self.area_factor,
+            price_factor=self.price_factor,
+            concept=self.concept,
+        )
+
+
+@dg.asset(group_name="landing", kinds={"python"})
+def simulated_batch(
+    context: dg.AssetExecutionContext, config: SimulationConfig, storage: LakeStorage
+) -> dg.MaterializeResult:
+    """Lands one batch of simulated housing rows (step 22); the landing sensor picks it up."""
+    store = storage.open()
+    batch_id = config.batch_id or f"sim-{datetime.now(UTC):%Y%m%dT%H%M%S}-s{config.seed}"
+    blocks = HousingSimulator.fit().generate(
+        config.rows,
+        seed=config.seed,
+        batch_id=batch_id,
+        drift=config.drift(),
+        corrupt_fraction=config.corrupt_fraction,
+        case_noise=config.case_noise,
+    )
+    batch, rows = land_batch(store, batch_id, blocks, fmt=config.format, withhold_labels=config.withhold_labels)
+    context.log.info(f"landed {rows} rows as {store.uri(batch.key)}")
+    return dg.MaterializeResult(
+        metadata={
+            "batch_id": batch_id,
+            "rows": rows,
+            "uri": dg.MetadataValue.path(store.uri(batch.key)),
+            "labels_withheld": config.withhold_labels,
+            "config": dg.MetadataValue.json(config.model_dump()),
+        }
+    )

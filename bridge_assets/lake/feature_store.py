@@ -1,0 +1,212 @@
+"""Versioned, immutable feature tables: a version is a manifest of content-addressed parts.
+
+Layout under `features/<table>/`:
+
+    parts/<sha256>.parquet      one per batch, named by the hash of its bytes, never rewritten
+    versions/<version>.json     manifest: the ordered parts, row counts per split, contract
+    LATEST                      the newest version id (a pointer, replaced atomically)
+
+A version id is a hash of its parts, so unchanged inputs give the same version, and a version's
+parts never change, so reading a pinned version later returns identical bytes. A commit writes
+the parts first and the manifest last: a writer that dies in between leaves only unreferenced
+parts, never a half-written version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import duckdb
+import polars as pl
+
+from bridge_assets.core.contract import CONTRACT_VERSION
+from bridge_assets.core.features import prepare_batch
+from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS
+from bridge_assets.lake.landing import read_labels
+from bridge_assets.lake.raw import valid_key, validated_batch_ids
+from bridge_assets.lake.storage import LocalStore, ObjectStore
+
+DEFAULT_TABLE = "housing"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One batch's feature rows, stored once under the hash of their Parquet bytes."""
+
+    batch_id: str
+    key: str
+    sha256: str
+    rows: int
+    rows_per_split: dict[str, int]
+
+
+@dataclass(frozen=True)
+class FeatureVersion:
+    """An immutable feature-table version: which parts, in which order."""
+
+    table: str
+    version: str
+    parts: tuple[Part, ...]
+    contract_version: str = CONTRACT_VERSION
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    @property
+    def rows_per_split(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for part in self.parts:
+            for split, count in part.rows_per_split.items():
+                totals[split] = totals.get(split, 0) + count
+        return totals
+
+    @property
+    def batch_ids(self) -> list[str]:
+        return [p.batch_id for p in self.parts]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureVersion:
+        data = json.loads(text)
+        data["parts"] = tuple(Part(**p) for p in data["parts"])
+        return cls(**data)
+
+
+def version_id(parts: tuple[Part, ...], contract_version: str = CONTRACT_VERSION) -> str:
+    """Content-derived id: same parts in the same order under the same contract, same id."""
+    digest = hashlib.sha256(contract_version.encode())
+    for part in parts:
+        digest.update(f"\n{part.batch_id}:{part.sha256}".encode())
+    return digest.hexdigest()[:16]
+
+
+class FeatureStore:
+    """Reads and commits versions of one feature table in an object store."""
+
+    def __init__(self, store: ObjectStore, table: str = DEFAULT_TABLE) -> None:
+        self.store = store
+        self.table = table
+        self.prefix = f"features/{table}/"
+
+    def _manifest_key(self, version: str) -> str:
+        return f"{self.prefix}versions/{version}.json"
+
+    def latest(self) -> FeatureVersion | None:
+        pointer = f"{self.prefix}LATEST"
+        if not self.store.exists(pointer):
+            return None
+        return self.load(self.store.get_text(pointer).strip())
+
+    def load(self, version: str) -> FeatureVersion:
+        key = self._manifest_key(version)
+        if not self.store.exists(key):
+            raise KeyError(f"feature table {self.table!r} has no version {version!r}")
+        return FeatureVersion.from_json(self.store.get_text(key))
+
+    def versions(self) -> list[str]:
+        keys = self.store.list(f"{self.prefix}versions/")
+        return [k.rsplit("/", 1)[-1].removesuffix(".json") for k in keys if k.endswith(".json")]
+
+    def write_part(self, batch_id: str, rows: pl.DataFrame) -> Part:
+        """Store a batch's rows under the hash of their bytes (a no-op if already stored)."""
+        buffer = io.BytesIO()
+        rows.write_parquet(buffer, compression="zstd", statistics=True)
+        data = buffer.getvalue()
+        sha = hashlib.sha256(data).hexdigest()
+        key = f"{self.prefix}parts/{sha}.parquet"
+        if not self.store.exists(key):
+            self.store.put_bytes(key, data)
+        counts = rows.group_by("split").len().sort("split")
+        return Part(batch_id, key, sha, rows.height, dict(zip(counts["split"], counts["len"], strict=True)))
+
+    def commit(self, new_parts: list[Part], base: FeatureVersion | None = None) -> FeatureVersion:
+        """A version of `base`'s parts plus `new_parts`; the manifest is published last."""
+        parts = (base.parts if base else ()) + tuple(new_parts)
+        version = version_id(parts)
+        key = self._manifest_key(version)
+        if self.store.exists(key):
+            result = self.load(version)
+        else:
+            result = FeatureVersion(self.table, version, parts)
+            self.store.put_text(key, result.to_json())
+        self.store.put_text(f"{self.prefix}LATEST", version)
+        return result
+
+    def scan(self, version: str | FeatureVersion) -> pl.LazyFrame:
+        """All rows of a version (lazily, straight from storage)."""
+        pinned = self.load(version) if isinstance(version, str) else version
+        if not pinned.parts:
+            raise ValueError(f"version {pinned.version} has no parts")
+        return self.store.scan_parquet([p.key for p in pinned.parts])
+
+    def connect(self, version: str | FeatureVersion) -> duckdb.DuckDBPyConnection:
+        """A DuckDB connection with the version as view `features`, for SQL by version id.
+
+        Local parts are read by DuckDB directly; S3 parts through Polars (no DuckDB
+        extension can be downloaded at run time).
+        """
+        pinned = self.load(version) if isinstance(version, str) else version
+        connection = duckdb.connect()
+        if isinstance(self.store, LocalStore):
+            paths = [self.store.uri(p.key) for p in pinned.parts]
+            connection.execute(f"CREATE VIEW features AS SELECT * FROM read_parquet({paths!r})")
+        else:
+            connection.register("features", self.scan(pinned).collect().to_arrow())
+        return connection
+
+
+@dataclass(frozen=True)
+class FeatureBuild:
+    """The outcome of bringing the feature table up to date with the raw zone."""
+
+    version: FeatureVersion
+    previous: str | None
+    added_batches: list[str]
+    duplicates_dropped: int
+    awaiting_label: int
+
+
+def build_features(store: ObjectStore, table: str = DEFAULT_TABLE) -> FeatureBuild:
+    """Add a part for every validated batch not yet in the latest version, then commit.
+
+    Old batches are never reprocessed; duplicates of rows in earlier parts are dropped from
+    the new part. A batch whose rows all still await labels gets no part yet and is picked
+    up by a later build once its labels have landed.
+    """
+    features = FeatureStore(store, table)
+    base = features.latest()
+    done = set(base.batch_ids) if base else set()
+    earlier = features.scan(base) if base and base.parts else None
+    parts: list[Part] = []
+    added: list[str] = []
+    duplicates = awaiting = 0
+    for batch_id in validated_batch_ids(store):
+        if batch_id in done:
+            continue
+        prepared = prepare_batch(
+            store.scan_parquet([valid_key(batch_id)]).collect(),
+            batch_id,
+            earlier=earlier,
+            labels=read_labels(store, batch_id),
+            reference_rows=SEED_ROWS if batch_id == SEED_BATCH_ID else None,
+        )
+        duplicates += prepared.duplicates_dropped
+        awaiting += prepared.awaiting_label
+        if prepared.rows.is_empty():
+            continue
+        parts.append(features.write_part(batch_id, prepared.rows))
+        added.append(batch_id)
+        new_rows = prepared.rows.lazy()
+        earlier = new_rows if earlier is None else pl.concat([earlier, new_rows])
+    if base is None and not parts:
+        raise ValueError("no labelled, validated rows yet: land and validate a batch first")
+    version = features.commit(parts, base) if parts else base
+    return FeatureBuild(version, base.version if base else None, added, duplicates, awaiting)

@@ -1,0 +1,150 @@
+"""Landing zone: where batches and their delayed labels arrive, and how they are written.
+
+Layout (keys relative to the store root, identical on disk and on S3):
+
+    landing/batches/<batch_id>/data.csv | data.parquet   one batch, published atomically
+    landing/labels/<batch_id>/labels.parquet             ground truth landed later: row_id, price
+    simulator/withheld-labels/<batch_id>.parquet         the simulator's labels not yet released
+
+A batch's rows carry a `row_id` that is unique and stable; labels join on it. A batch whose
+prices are withheld lands without a `price` column; `release_labels` later lands its labels,
+as ground truth arriving after the predictions were made.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import polars as pl
+import pyarrow.parquet as pq
+
+from bridge_assets.core.contract import ROW_ID, TARGET
+from bridge_assets.core.simulator import SEED_BATCH_ID, load_seed_data
+from bridge_assets.lake.storage import ObjectStore
+
+BATCHES_PREFIX = "landing/batches/"
+LABELS_PREFIX = "landing/labels/"
+WITHHELD_PREFIX = "simulator/withheld-labels/"
+BatchFormat = Literal["csv", "parquet"]
+_BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_DATA_KEY = re.compile(r"^landing/batches/([^/]+)/data\.(csv|parquet)$")
+
+
+@dataclass(frozen=True)
+class LandedBatch:
+    """A batch present in the landing zone."""
+
+    batch_id: str
+    key: str
+
+    @property
+    def format(self) -> BatchFormat:
+        return "csv" if self.key.endswith(".csv") else "parquet"
+
+
+def check_batch_id(batch_id: str) -> str:
+    """Batch ids become object keys and Dagster partition keys: keep them simple."""
+    if not _BATCH_ID.match(batch_id):
+        raise ValueError(f"invalid batch id {batch_id!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    return batch_id
+
+
+def batch_key(batch_id: str, fmt: BatchFormat) -> str:
+    return f"{BATCHES_PREFIX}{check_batch_id(batch_id)}/data.{fmt}"
+
+
+def labels_key(batch_id: str) -> str:
+    return f"{LABELS_PREFIX}{check_batch_id(batch_id)}/labels.parquet"
+
+
+def landed_batches(store: ObjectStore) -> list[LandedBatch]:
+    """Every batch in the landing zone, by batch id."""
+    found = (_DATA_KEY.match(key) for key in store.list(BATCHES_PREFIX))
+    return [LandedBatch(m.group(1), m.group(0)) for m in found if m]
+
+
+def land_batch(
+    store: ObjectStore,
+    batch_id: str,
+    blocks: Iterable[pl.DataFrame],
+    *,
+    fmt: BatchFormat = "parquet",
+    withhold_labels: bool = False,
+    on_block: Callable[[int], None] | None = None,
+) -> tuple[LandedBatch, int]:
+    """Stream blocks of rows into one batch object; returns it and the row count.
+
+    With `withhold_labels`, the batch lands without `price`; the prices are kept aside under
+    `simulator/withheld-labels/` until `release_labels` lands them.
+    """
+    key = batch_key(batch_id, fmt)
+    if any(b.batch_id == batch_id for b in landed_batches(store)):
+        raise FileExistsError(f"batch {batch_id!r} has already landed; batches are immutable")
+    rows = 0
+    withheld: list[pl.DataFrame] = []
+    with store.staging_path(key) as path:
+        writer: pq.ParquetWriter | None = None
+        with path.open("wb") as handle:
+            for index, block in enumerate(blocks):
+                if withhold_labels:
+                    withheld.append(block.select(ROW_ID, TARGET))
+                    block = block.drop(TARGET)
+                if fmt == "csv":
+                    block.write_csv(handle, include_header=index == 0)
+                else:
+                    table = block.to_arrow()
+                    if writer is None:
+                        writer = pq.ParquetWriter(handle, table.schema, compression="zstd")
+                    writer.write_table(table)
+                rows += block.height
+                if on_block:
+                    on_block(block.height)
+            if writer is not None:
+                writer.close()
+        if withhold_labels:  # before the batch is published, so its labels are never lost
+            store.write_parquet(f"{WITHHELD_PREFIX}{batch_id}.parquet", pl.concat(withheld))
+    return LandedBatch(batch_id, key), rows
+
+
+def release_labels(store: ObjectStore, batch_id: str) -> str:
+    """Land the withheld ground truth of a simulated batch (labels arriving late)."""
+    held = f"{WITHHELD_PREFIX}{check_batch_id(batch_id)}.parquet"
+    if not store.exists(held):
+        raise FileNotFoundError(f"no withheld labels for batch {batch_id!r}")
+    return land_labels(store, batch_id, store.scan_parquet([held]).collect())
+
+
+def land_labels(store: ObjectStore, batch_id: str, labels: pl.DataFrame) -> str:
+    """Land ground truth for a batch: one row per `row_id` with its `price`."""
+    key = labels_key(batch_id)
+    store.write_parquet(key, labels.select(pl.col(ROW_ID).cast(pl.String), pl.col(TARGET).cast(pl.Float64)))
+    return key
+
+
+def read_labels(store: ObjectStore, batch_id: str) -> pl.DataFrame | None:
+    key = labels_key(batch_id)
+    if not store.exists(key):
+        return None
+    return store.scan_parquet([key]).collect()
+
+
+def land_seed(store: ObjectStore) -> LandedBatch | None:
+    """Land the real housing data as the first batch (CSV, its own format); None if present."""
+    if any(b.batch_id == SEED_BATCH_ID for b in landed_batches(store)):
+        return None
+    batch, _ = land_batch(store, SEED_BATCH_ID, [load_seed_data()], fmt="csv")
+    return batch
+
+
+def read_batch(store: ObjectStore, batch: LandedBatch) -> pl.DataFrame:
+    """Read a landed batch as sent (CSV as text), raising ValueError naming an unreadable object."""
+    try:
+        with store.local_copy(batch.key) as path:
+            if batch.format == "csv":
+                return pl.read_csv(path, infer_schema=False)
+            return pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError, ValueError) as error:
+        raise ValueError(f"cannot read batch object {store.uri(batch.key)}: {error}") from error

@@ -1,0 +1,66 @@
+"""Where the lake lives, read from the environment (the README's configuration table).
+
+With nothing set, a local folder under `BRIDGE_HOME`; with `BRIDGE_S3_BUCKET` set, that bucket
+on AWS or any S3-compatible endpoint. Dagster's resource (`bridge_assets.defs.resources`) reads
+the same variables through `dg.EnvVar`; this module serves processes outside Dagster (CLI,
+benchmarks, training subprocesses).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bridge_assets.lake.storage import LocalStore, ObjectStore, S3Store, polars_s3_options
+
+DEFAULT_REGION = "us-east-1"
+DEFAULT_PREFIX = "bridge"
+
+
+def bridge_home(env: Mapping[str, str] = os.environ) -> Path:
+    """Root of all local state (lake, Dagster home, MLflow store); default `./.bridge`."""
+    return Path(env.get("BRIDGE_HOME", ".bridge")).resolve()
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Everything needed to open the project's object store."""
+
+    local_root: str
+    s3_bucket: str | None = None
+    s3_prefix: str = DEFAULT_PREFIX
+    endpoint_url: str | None = None
+    region: str = DEFAULT_REGION
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> StorageSettings:
+        return cls(
+            local_root=str(bridge_home(env) / "lake"),
+            s3_bucket=env.get("BRIDGE_S3_BUCKET") or None,
+            s3_prefix=env.get("BRIDGE_S3_PREFIX", DEFAULT_PREFIX),
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
+            access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+        )
+
+    def open(self, client: object | None = None) -> ObjectStore:
+        """The store these settings describe; `client` is an S3 client to reuse, if any."""
+        if not self.s3_bucket:
+            return LocalStore(self.local_root)
+        if client is None:
+            import boto3
+
+            client = boto3.client(
+                "s3",
+                endpoint_url=self.endpoint_url,
+                region_name=self.region,
+                aws_access_key_id=self.access_key_id,
+                aws_secret_access_key=self.secret_access_key,
+            )
+        options = polars_s3_options(self.endpoint_url, self.region, self.access_key_id, self.secret_access_key)
+        return S3Store(client, self.s3_bucket, self.s3_prefix, options)

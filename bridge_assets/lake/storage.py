@@ -1,0 +1,254 @@
+"""Object storage: a local folder laid out exactly like the bucket, or any S3 endpoint.
+
+Every write is atomic: data goes to a temporary place first and is published in one step
+(a rename on disk, a completed upload on S3), so a reader never sees a half-written object,
+also when the writing process is killed. Keys are '/'-separated and relative to the store's
+root (the local folder, or `s3://bucket/prefix`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import polars as pl
+
+_TEMP_MARK = ".tmp-"
+
+
+class ObjectStore(ABC):
+    """The operations the project needs from object storage, on disk or on S3."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """Where `key` lives, as a path or `s3://` URI (for logs, metadata and readers)."""
+
+    @abstractmethod
+    def _publish(self, key: str, local_file: Path) -> None:
+        """Atomically make `local_file`'s bytes the content of `key`."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under `prefix` (sorted), never including unpublished temporaries."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def local_copy(self, key: str) -> Any:
+        """Context manager: a local file holding `key`'s bytes, valid inside the block."""
+
+    @property
+    def polars_storage_options(self) -> dict[str, str] | None:
+        """Options for Polars' native readers (None for local paths)."""
+        return None
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[IO[bytes]]:
+        """Write `key` through a file object; published only if the block completes."""
+        with self._staging(key) as (handle, _path):
+            yield handle
+
+    @contextmanager
+    def staging_path(self, key: str) -> Iterator[Path]:
+        """A local path to write `key` to (e.g. with a Parquet writer); published on success."""
+        with self._staging(key) as (handle, path):
+            handle.close()
+            yield path
+
+    @contextmanager
+    def _staging(self, key: str) -> Iterator[tuple[IO[bytes], Path]]:
+        directory = self._staging_dir(key)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"{_TEMP_MARK}{uuid.uuid4().hex[:8]}-", dir=directory)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle, path
+            with path.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            self._publish(key, path)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _staging_dir(self, key: str) -> Path:
+        return Path(tempfile.gettempdir())
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self.writer(key) as handle:
+            handle.write(data)
+
+    def put_text(self, key: str, text: str) -> None:
+        self.put_bytes(key, text.encode())
+
+    def get_text(self, key: str) -> str:
+        return self.get_bytes(key).decode()
+
+    def write_parquet(self, key: str, frame: pl.DataFrame) -> None:
+        """Write a frame as one Parquet object, atomically."""
+        buffer = io.BytesIO()
+        frame.write_parquet(buffer, statistics=True)
+        self.put_bytes(key, buffer.getvalue())
+
+    def scan_parquet(self, keys: list[str]) -> pl.LazyFrame:
+        """Lazily read Parquet objects (schemas must agree) without downloading them first."""
+        if not keys:
+            raise ValueError("no Parquet objects to scan")
+        return pl.scan_parquet(
+            [self.uri(k) for k in keys], storage_options=self.polars_storage_options
+        )
+
+
+class LocalStore(ObjectStore):
+    """A folder on disk; `root/key` is the object, exactly like `s3://bucket/prefix/key`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents and path != self.root:
+            raise ValueError(f"key escapes the store: {key!r}")
+        return path
+
+    def uri(self, key: str) -> str:
+        return str(self._path(key))
+
+    def _staging_dir(self, key: str) -> Path:
+        # Same directory as the target, so the final rename is atomic (same file system).
+        return self._path(key).parent
+
+    def _publish(self, key: str, local_file: Path) -> None:
+        os.replace(local_file, self._path(key))
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [prefix]
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(_TEMP_MARK)
+        )
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no object at {path}")
+        yield path
+
+
+class S3Store(ObjectStore):
+    """A bucket and prefix on any S3 endpoint (AWS, MinIO, moto), through a boto3 client."""
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        storage_options: dict[str, str] | None = None,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self._storage_options = storage_options
+
+    def __repr__(self) -> str:
+        return f"S3Store('s3://{self.bucket}/{self.prefix}')"
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    @property
+    def polars_storage_options(self) -> dict[str, str] | None:
+        return self._storage_options
+
+    def _publish(self, key: str, local_file: Path) -> None:
+        # A single PUT or a completed multipart upload is what makes the object visible;
+        # a killed upload leaves nothing readers can see.
+        self.client.upload_file(str(local_file), self.bucket, self._key(key))
+
+    def get_bytes(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
+
+    def list(self, prefix: str) -> list[str]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        directory = Path(tempfile.mkdtemp(prefix="bridge-s3-"))
+        try:
+            path = directory / Path(key).name
+            self.client.download_file(self.bucket, self._key(key), str(path))
+            yield path
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def polars_s3_options(
+    endpoint_url: str | None,
+    region: str,
+    access_key_id: str | None,
+    secret_access_key: str | None,
+) -> dict[str, str]:
+    """Polars/object_store options for the same endpoint and credentials as boto3."""
+    options = {"aws_region": region}
+    if endpoint_url:
+        options["aws_endpoint_url"] = endpoint_url
+        if endpoint_url.startswith("http://"):
+            options["aws_allow_http"] = "true"
+    if access_key_id and secret_access_key:
+        options["aws_access_key_id"] = access_key_id
+        options["aws_secret_access_key"] = secret_access_key
+    return options
