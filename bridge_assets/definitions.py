@@ -3,6 +3,9 @@
 Kept apart from `bridge_assets/__init__.py` so the ML core imports without Dagster.
 """
 
+import os
+from collections.abc import Mapping
+
 import dagster as dg
 
 from bridge_assets.defs.features import housing_features
@@ -19,8 +22,15 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     minimum_interval_seconds=30,
 )
 
-defs = dg.Definitions(
-    assets=[simulated_batch, raw_housing, housing_features],
-    sensors=[landed_batches_sensor, automation_sensor],
-    resources={"storage": lake_storage()},
-)
+
+
+def build_defs(env: Mapping[str, str] = os.environ) -> dg.Definitions:
+    """The whole code location, its resources wired to the environment `env`."""
+    return dg.Definitions(
+        assets=[simulated_batch, raw_housing, housing_features],
+        sensors=[landed_batches_sensor, automation_sensor],
+        resources={"storage": lake_storage(env)},
+    )
+
+
+defs = build_defs()

@@ -1,0 +1,57 @@
+"""The code location loads cleanly and has the expected shape."""
+
+import subprocess
+import sys
+import warnings
+
+import dagster as dg
+
+
+def test_definitions_load_without_deprecation_warnings():
+    code = (
+        "import warnings, dagster as dg\n"
+        "warnings.simplefilter('error', DeprecationWarning)\n"
+        "warnings.simplefilter('error', PendingDeprecationWarning)\n"
+        "warnings.simplefilter('error', dg.SupersessionWarning)\n"
+        "warnings.filterwarnings('ignore', category=DeprecationWarning, module='botocore')\n"
+        "from bridge_assets.definitions import defs\n"
+        "defs.resolve_all_job_defs()\n"
+        "defs.resolve_asset_graph()\n"
+    )
+    # A fresh interpreter, so modules imported by other tests cannot hide a warning.
+    completed = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_core_imports_without_dagster_or_ray():
+    code = (
+        "import sys\n"
+        "import bridge_assets.core.contract, bridge_assets.core.features, bridge_assets.core.simulator\n"
+        "import bridge_assets.lake.feature_store, bridge_assets.lake.settings\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('dagster', 'ray', 'bridge_assets.definitions')]\n"
+        "assert not bad, bad\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_asset_graph_shape():
+    with warnings.catch_warnings():
+        from bridge_assets.definitions import defs
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == {"simulated_batch", "raw_housing", "housing_features"}
+    assert graph.get(dg.AssetKey("housing_features")).parent_keys == {dg.AssetKey("raw_housing")}
+    checks = {key.name for key in graph.asset_check_keys}
+    assert checks == {"schema", "no_nulls", "row_count", "split_proportions", "quarantine_rate"}
+    sensors = {s.name: s for s in defs.sensors}
+    assert sensors["landed_batches_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensors["bridge_automation"].default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_secrets_reach_dagster_only_as_env_vars():
+    from bridge_assets.defs.resources import lake_storage
+
+    resource = lake_storage({"BRIDGE_S3_BUCKET": "b", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t"})
+    assert isinstance(resource.aws_secret_access_key, dg.EnvVar)
+    assert "s3cr3t" not in repr(resource.model_dump())
