@@ -88,17 +88,15 @@ def normalise_category(expr: pl.Expr) -> pl.Expr:
     return expr.cast(pl.String).str.strip_chars().str.to_lowercase()
 
 
-def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -> list[pl.Expr]:
-    """Expressions that yield a message where `column` breaks the contract, else null."""
+def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -> list[tuple[pl.Expr, str]]:
+    """(condition, message) pairs: where a condition holds, `column` breaks the contract."""
     checks: list[tuple[pl.Expr, str]] = []
-    required = column != TARGET or require_target
-    if required:
+    if column != TARGET or require_target:
         checks.append((raw.is_null(), f"{column} is missing"))
     if column in CATEGORY_LEVELS:
         levels = CATEGORY_LEVELS[column]
-        bad = raw.is_not_null() & ~typed.is_in(list(levels))
-        checks.append((bad, f"{column} not one of {'/'.join(levels)}"))
-        return [pl.when(cond).then(pl.lit(msg)) for cond, msg in checks]
+        checks.append((raw.is_not_null() & ~typed.is_in(list(levels)), f"{column} not one of {'/'.join(levels)}"))
+        return checks
     checks.append((raw.is_not_null() & typed.is_null(), f"{column} is not a number"))
     if column in COUNT_BOUNDS:
         low, high = COUNT_BOUNDS[column]
@@ -106,7 +104,7 @@ def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -
         checks.append(((typed < low) | (typed > high), f"{column} outside {low}-{high}"))
     else:  # area and price: positive and finite
         checks.append((~typed.is_finite() | (typed <= 0), f"{column} must be > 0"))
-    return [pl.when(cond.fill_null(False)).then(pl.lit(msg)) for cond, msg in checks]
+    return [(condition.fill_null(False), message) for condition, message in checks]
 
 
 def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
@@ -132,23 +130,29 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
             typed[column] = raw.cast(pl.Float64)
         else:  # text (CSV): anything that does not parse as a number is flagged, not dropped
             typed[column] = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
-    row_id = pl.col(ROW_ID)
-    problems = [
-        pl.when(row_id.is_null()).then(pl.lit("row_id is missing")),
-        pl.when(row_id.is_not_null() & ~row_id.is_first_distinct()).then(pl.lit("duplicate row_id")),
-        *(p for column in (*FEATURES, TARGET) for p in _problems(column, pl.col(column), typed[column], require_target)),
-    ]
-    checked = frame.with_columns(
-        pl.concat_str(problems, separator="; ", ignore_nulls=True).alias("reason"),
+    staged = frame.with_columns(
         *(expr.alias(f"__typed_{name}") for name, expr in typed.items()),
-    ).with_columns(pl.when(pl.col("reason") != "").then(pl.col("reason")).alias("reason"))
-
-    ok = checked.filter(pl.col("reason").is_null())
-    valid = ok.select(
-        pl.col(ROW_ID).cast(pl.String),
+        (~pl.col(ROW_ID).is_first_distinct()).alias("__repeated_id"),
+    )
+    row_id = pl.col(ROW_ID)
+    checks = [
+        (row_id.is_null(), "row_id is missing"),
+        (row_id.is_not_null() & pl.col("__repeated_id"), "duplicate row_id"),
+        *(
+            check
+            for column in (*FEATURES, TARGET)
+            for check in _problems(column, pl.col(column), pl.col(f"__typed_{column}"), require_target)
+        ),
+    ]
+    # One cheap boolean pass decides; reasons are spelled out only for the (few) bad rows.
+    bad = staged.select(pl.any_horizontal(condition for condition, _ in checks)).to_series()
+    valid = staged.filter(~bad).select(
+        row_id.cast(pl.String),
         *(pl.col(f"__typed_{c}").cast(SCHEMA[c]).alias(c) for c in (*FEATURES, TARGET)),
     )
-    quarantined = checked.filter(pl.col("reason").is_not_null()).select(
-        *(pl.col(c).cast(pl.String) for c in frame.columns if c != "reason"), "reason"
+    reasons = [pl.when(condition).then(pl.lit(message)) for condition, message in checks]
+    quarantined = staged.filter(bad).select(
+        *(pl.col(c).cast(pl.String) for c in frame.columns if c != "reason"),
+        pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"),
     )
     return Validated(valid=valid, quarantined=quarantined)

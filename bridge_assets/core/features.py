@@ -46,10 +46,12 @@ def stable_hash64(values: pl.Series) -> np.ndarray:
     data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
     hashes = np.full(len(array), _FNV_OFFSET, dtype=np.uint64)
+    padded = np.append(data, np.uint8(0))  # a safe byte to read past the ends of short strings
+    last = len(padded) - 1
     for position in range(int(lengths.max(initial=0))):
-        active = np.nonzero(lengths > position)[0]
-        byte = data[starts[active] + position].astype(np.uint64)
-        hashes[active] = (hashes[active] ^ byte) * _FNV_PRIME
+        active = lengths > position
+        byte = padded[np.where(active, starts + position, last)].astype(np.uint64)
+        hashes = np.where(active, (hashes ^ byte) * _FNV_PRIME, hashes)
     # FNV's high bits mix poorly for ids that differ only in their last digits; finish with
     # MurmurHash3's fmix64 so every bit depends on every byte.
     for shift, multiplier in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53)):
@@ -92,7 +94,10 @@ def drop_exact_duplicates(
     Returns the kept rows (original order) and how many were dropped.
     """
     subset = [*FEATURES, TARGET]
-    kept = rows.unique(subset=subset, keep="first", maintain_order=True)
+    # Categories as enums (one byte each) make the comparison of all columns cheap.
+    compact = [pl.col(c).cast(pl.Enum(list(CATEGORY_LEVELS[c]))) if c in CATEGORY_LEVELS else pl.col(c) for c in subset]
+    first = rows.select(pl.struct(compact).is_first_distinct()).to_series()
+    kept = rows.filter(first)
     if earlier is not None:
         kept = kept.lazy().join(earlier.select(subset), on=subset, how="anti", nulls_equal=True)
         kept = kept.collect()
@@ -147,24 +152,21 @@ class Preprocessor:
             modes={c: stats[f"mode_{c}"] for c in CATEGORICAL_FEATURES},
         )
 
-    def expressions(self) -> list[pl.Expr]:
-        """Polars expressions producing the model-ready columns from raw housing columns."""
-        numeric = [
-            ((pl.col(c).cast(pl.Float64).fill_null(self.medians[c]) - self.means[c]) / self.stds[c]).alias(c)
-            for c in NUMERIC_FEATURES
-        ]
-        one_hot = [
-            (normalise_category(pl.col(c)).fill_null(self.modes[c]) == level)
-            .cast(pl.Float64)
-            .alias(f"{c}_{level}")
-            for c in CATEGORICAL_FEATURES
-            for level in CATEGORY_LEVELS[c]
-        ]
-        return numeric + one_hot
-
     def transform(self, frame: pl.DataFrame | pl.LazyFrame) -> np.ndarray:
-        """Raw housing rows to a float64 matrix of `feature_names` columns."""
-        return frame.lazy().select(self.expressions()).collect().to_numpy(order="c")
+        """Raw housing rows (categories in any case) to a float64 matrix of `feature_names`."""
+        normalised = frame.lazy().select(
+            *(pl.col(c).cast(pl.Float64).fill_null(self.medians[c]) for c in NUMERIC_FEATURES),
+            *(normalise_category(pl.col(c)).fill_null(self.modes[c]) for c in CATEGORICAL_FEATURES),
+        ).collect()
+        encoders = [
+            *(((pl.col(c) - self.means[c]) / self.stds[c]) for c in NUMERIC_FEATURES),
+            *((pl.col(c) == level).cast(pl.Float64) for c in CATEGORICAL_FEATURES for level in CATEGORY_LEVELS[c]),
+        ]
+        # Filled one column at a time: the matrix is the only full-size float array in memory.
+        matrix = np.empty((normalised.height, len(encoders)), dtype=np.float64)
+        for index, encoder in enumerate(encoders):
+            matrix[:, index] = normalised.select(encoder).to_series().to_numpy()
+        return matrix
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
