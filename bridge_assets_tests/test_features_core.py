@@ -111,5 +111,11 @@ def test_preprocessor_state_round_trips_and_one_row_encodes_like_many():
     seed = validate(load_seed_data()).valid
     fitted = Preprocessor.fit(seed)
     restored = Preprocessor.from_dict(fitted.to_dict())
-    one_row = seed.slice(7, 1).with_columns(pl.col("mainroad").str.to_uppercase() + " ")
+    one_row = seed.slice(7, 1).with_columns(pl.col("mainroad").cast(pl.String).str.to_uppercase() + " ")
     np.testing.assert_allclose(restored.transform(one_row), fitted.transform(seed)[7:8], rtol=1e-12)
+
+
+def test_fitting_on_an_empty_training_split_is_a_clear_error():
+    empty = validate(load_seed_data()).valid.head(0)
+    with pytest.raises(ValueError, match="empty training split"):
+        Preprocessor.fit(empty)

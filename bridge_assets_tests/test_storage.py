@@ -63,3 +63,11 @@ def test_keys_cannot_escape_a_local_store(tmp_path):
 
     with pytest.raises(ValueError, match="escapes"):
         LocalStore(tmp_path / "lake").put_text("../outside.txt", "x")
+
+
+def test_an_empty_batch_lands_nothing(store: ObjectStore):
+    from bridge_assets.lake.landing import land_batch, landed_batches
+
+    with pytest.raises(ValueError, match="no rows"):
+        land_batch(store, "empty", [])
+    assert landed_batches(store) == [] and store.list("") == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 CONTRACT_VERSION = "1"
@@ -48,11 +49,13 @@ COUNT_BOUNDS: dict[str, tuple[int, int]] = {
     "stories": (1, 4),
 }
 
+# Validated categories are enums: one byte a value, and an invalid level cannot exist.
+CATEGORY_DTYPES: dict[str, pl.Enum] = {name: pl.Enum(list(levels)) for name, levels in CATEGORY_LEVELS.items()}
 SCHEMA: dict[str, pl.DataType] = {
     ROW_ID: pl.String(),
     "area": pl.Float64(),
     **{name: pl.Int64() for name in COUNT_FEATURES},
-    **{name: pl.String() for name in CATEGORICAL_FEATURES},
+    **CATEGORY_DTYPES,
     TARGET: pl.Float64(),
 }
 COLUMNS: tuple[str, ...] = (ROW_ID, *FEATURES, TARGET)
@@ -88,6 +91,40 @@ def normalise_category(expr: pl.Expr) -> pl.Expr:
     return expr.cast(pl.String).str.strip_chars().str.to_lowercase()
 
 
+def category_values(raw: pl.Series, column: str) -> pl.Series:
+    """A raw category column as its enum, normalised; null where missing or not a valid level.
+
+    Values already spelled canonically (nearly all) take a fast cast; only the rest are
+    stripped and lower-cased, which is what `normalise_category` does to every value.
+    """
+    dtype = CATEGORY_DTYPES[column]
+    if raw.dtype == dtype:
+        return raw
+    text = raw.cast(pl.String)
+    values = text.cast(dtype, strict=False)
+    unmatched = (values.is_null() & text.is_not_null()).arg_true()
+    if len(unmatched):
+        fixed = text.gather(unmatched).str.strip_chars().str.to_lowercase().cast(dtype, strict=False)
+        values = values.scatter(unmatched, fixed)
+    return values.alias(raw.name)
+
+
+def repeated_values(values: pl.Series) -> pl.Series:
+    """True for every occurrence of a value after its first.
+
+    Exact, but fast where repeats are rare: a sorted array of 64-bit hashes finds the few
+    hashes seen twice, and only rows carrying those are compared in full.
+    """
+    hashes = values.hash()
+    ordered = np.sort(hashes.to_numpy())
+    seen_twice = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    repeated = pl.repeat(False, len(values), eager=True, dtype=pl.Boolean)
+    if len(seen_twice):
+        candidates = hashes.is_in(pl.Series(seen_twice, dtype=hashes.dtype).implode()).arg_true()
+        repeated = repeated.scatter(candidates, ~values.gather(candidates).is_first_distinct())
+    return repeated.alias(values.name)
+
+
 def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -> list[tuple[pl.Expr, str]]:
     """(condition, message) pairs: where a condition holds, `column` breaks the contract."""
     checks: list[tuple[pl.Expr, str]] = []
@@ -95,7 +132,7 @@ def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -
         checks.append((raw.is_null(), f"{column} is missing"))
     if column in CATEGORY_LEVELS:
         levels = CATEGORY_LEVELS[column]
-        checks.append((raw.is_not_null() & ~typed.is_in(list(levels)), f"{column} not one of {'/'.join(levels)}"))
+        checks.append((raw.is_not_null() & typed.is_null(), f"{column} not one of {'/'.join(levels)}"))
         return checks
     checks.append((raw.is_not_null() & typed.is_null(), f"{column} is not a number"))
     if column in COUNT_BOUNDS:
@@ -121,18 +158,18 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     if TARGET not in frame.columns:
         frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(TARGET))
 
-    typed: dict[str, pl.Expr] = {}
+    typed: dict[str, pl.Expr | pl.Series] = {}
     for column in (*FEATURES, TARGET):
         raw = pl.col(column)
         if column in CATEGORY_LEVELS:
-            typed[column] = normalise_category(raw)
+            typed[column] = category_values(frame[column], column)
         elif frame.schema[column].is_numeric() or frame.schema[column] == pl.Null:
             typed[column] = raw.cast(pl.Float64)
         else:  # text (CSV): anything that does not parse as a number is flagged, not dropped
             typed[column] = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
     staged = frame.with_columns(
         *(expr.alias(f"__typed_{name}") for name, expr in typed.items()),
-        (~pl.col(ROW_ID).is_first_distinct()).alias("__repeated_id"),
+        repeated_values(frame[ROW_ID]).alias("__repeated_id"),
     )
     row_id = pl.col(ROW_ID)
     checks = [

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from bridge_assets.core.contract import (
     CATEGORICAL_FEATURES,
@@ -20,6 +21,7 @@ from bridge_assets.core.contract import (
     ROW_ID,
     TARGET,
     normalise_category,
+    repeated_values,
 )
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -35,23 +37,29 @@ def stable_hash64(values: pl.Series) -> np.ndarray:
     Polars' own `hash` may change between releases; split assignment must not, or a
     row would move between train and test as the library is upgraded.
     """
+    if values.is_empty():
+        return np.zeros(0, dtype=np.uint64)
     array = values.cast(pl.String).fill_null("").to_arrow()
     if hasattr(array, "combine_chunks"):
         array = array.combine_chunks()
-    import pyarrow as pa
-
     array = array.cast(pa.large_string())
     _, offsets_buf, data_buf = array.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
     data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
     hashes = np.full(len(array), _FNV_OFFSET, dtype=np.uint64)
-    padded = np.append(data, np.uint8(0))  # a safe byte to read past the ends of short strings
-    last = len(padded) - 1
-    for position in range(int(lengths.max(initial=0))):
-        active = lengths > position
-        byte = padded[np.where(active, starts + position, last)].astype(np.uint64)
-        hashes = np.where(active, (hashes ^ byte) * _FNV_PRIME, hashes)
+    width = int(lengths[0])
+    if width and np.all(lengths == width) and np.all(starts == starts[0] + width * np.arange(len(starts))):
+        # Equal-length ids (the usual zero-padded kind): the bytes form a matrix, one column a step.
+        matrix = data[starts[0] : starts[0] + width * len(starts)].reshape(-1, width)
+        for position in range(width):
+            hashes = (hashes ^ matrix[:, position].astype(np.uint64)) * _FNV_PRIME
+    else:
+        padded = np.append(data, np.uint8(0))  # a safe byte to read past the ends of short strings
+        for position in range(int(lengths.max(initial=0))):
+            active = lengths > position
+            byte = padded[np.where(active, starts + position, len(data))].astype(np.uint64)
+            hashes = np.where(active, (hashes ^ byte) * _FNV_PRIME, hashes)
     # FNV's high bits mix poorly for ids that differ only in their last digits; finish with
     # MurmurHash3's fmix64 so every bit depends on every byte.
     for shift, multiplier in ((33, 0xFF51AFD7ED558CCD), (33, 0xC4CEB9FE1A85EC53)):
@@ -94,10 +102,7 @@ def drop_exact_duplicates(
     Returns the kept rows (original order) and how many were dropped.
     """
     subset = [*FEATURES, TARGET]
-    # Categories as enums (one byte each) make the comparison of all columns cheap.
-    compact = [pl.col(c).cast(pl.Enum(list(CATEGORY_LEVELS[c]))) if c in CATEGORY_LEVELS else pl.col(c) for c in subset]
-    first = rows.select(pl.struct(compact).is_first_distinct()).to_series()
-    kept = rows.filter(first)
+    kept = rows.filter(~repeated_values(rows.select(pl.struct(subset)).to_series()))
     if earlier is not None:
         kept = kept.lazy().join(earlier.select(subset), on=subset, how="anti", nulls_equal=True)
         kept = kept.collect()
@@ -128,8 +133,11 @@ class Preprocessor:
     @classmethod
     def fit(cls, train: pl.DataFrame | pl.LazyFrame) -> Preprocessor:
         """Learn imputation and scaling statistics from training rows."""
+        if train.lazy().select(pl.len()).collect().item() == 0:
+            raise ValueError("cannot fit preprocessing on an empty training split")
         numeric = [pl.col(c).cast(pl.Float64) for c in NUMERIC_FEATURES]
         imputed = [e.fill_null(e.median()) for e in numeric]
+        schema = train.lazy().collect_schema()
         stats = (
             train.lazy()
             .select(
@@ -137,7 +145,7 @@ class Preprocessor:
                 *(e.mean().alias(f"mean_{c}") for e, c in zip(imputed, NUMERIC_FEATURES)),
                 *(e.std(ddof=0).alias(f"std_{c}") for e, c in zip(imputed, NUMERIC_FEATURES)),
                 *(
-                    normalise_category(pl.col(c)).drop_nulls().mode().sort().first().alias(f"mode_{c}")
+                    _category(c, schema).drop_nulls().mode().sort().first().cast(pl.String).alias(f"mode_{c}")
                     for c in CATEGORICAL_FEATURES
                 ),
             )
@@ -153,17 +161,22 @@ class Preprocessor:
         )
 
     def transform(self, frame: pl.DataFrame | pl.LazyFrame) -> np.ndarray:
-        """Raw housing rows (categories in any case) to a float64 matrix of `feature_names`."""
+        """Raw housing rows (categories in any case) to a float64 matrix of `feature_names`.
+
+        The matrix is column-major (Fortran order); `np.ascontiguousarray` makes a row-major copy.
+        """
+        schema = frame.lazy().collect_schema()
         normalised = frame.lazy().select(
             *(pl.col(c).cast(pl.Float64).fill_null(self.medians[c]) for c in NUMERIC_FEATURES),
-            *(normalise_category(pl.col(c)).fill_null(self.modes[c]) for c in CATEGORICAL_FEATURES),
+            *(_category(c, schema).fill_null(self.modes[c]) for c in CATEGORICAL_FEATURES),
         ).collect()
         encoders = [
             *(((pl.col(c) - self.means[c]) / self.stds[c]) for c in NUMERIC_FEATURES),
             *((pl.col(c) == level).cast(pl.Float64) for c in CATEGORICAL_FEATURES for level in CATEGORY_LEVELS[c]),
         ]
-        # Filled one column at a time: the matrix is the only full-size float array in memory.
-        matrix = np.empty((normalised.height, len(encoders)), dtype=np.float64)
+        # Filled one contiguous column at a time (column-major): the matrix is the only
+        # full-size float array in memory, and no strided writes.
+        matrix = np.empty((normalised.height, len(encoders)), dtype=np.float64, order="F")
         for index, encoder in enumerate(encoders):
             matrix[:, index] = normalised.select(encoder).to_series().to_numpy()
         return matrix
@@ -174,6 +187,13 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> Preprocessor:
         return cls(**state)
+
+
+def _category(column: str, schema: pl.Schema) -> pl.Expr:
+    """A category column in its one spelling: validated enums as they are, raw text normalised."""
+    if isinstance(schema[column], pl.Enum):
+        return pl.col(column)
+    return normalise_category(pl.col(column))
 
 
 def add_split_columns(rows: pl.DataFrame) -> pl.DataFrame:

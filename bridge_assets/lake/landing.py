@@ -104,8 +104,10 @@ def land_batch(
                     on_block(block.height)
             if writer is not None:
                 writer.close()
-        if withhold_labels:  # before the batch is published, so its labels are never lost
-            store.write_parquet(f"{WITHHELD_PREFIX}{batch_id}.parquet", pl.concat(withheld))
+            if rows == 0:  # raising inside the block publishes nothing
+                raise ValueError(f"batch {batch_id!r} has no rows; nothing landed")
+            if withhold_labels:  # kept before the batch is published, so they are never lost
+                store.write_parquet(f"{WITHHELD_PREFIX}{batch_id}.parquet", pl.concat(withheld))
     return LandedBatch(batch_id, key), rows
 
 
