@@ -4,14 +4,18 @@ Secrets reach Dagster only as `dg.EnvVar`, so they never appear in run config, t
 """
 
 import os
+import sys
 from collections.abc import Mapping
+from typing import Any, Literal
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
+from dagster_docker import PipesDockerClient
 
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.ml.tracking import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PROJECT_ROOT, MlflowSettings
 
 
 class LakeStorage(dg.ConfigurableResource):
@@ -70,4 +74,69 @@ def lake_storage(env: Mapping[str, str] = os.environ) -> LakeStorage:
         region_name=settings.region,
         aws_access_key_id=_env_or_none(env, "AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=_env_or_none(env, "AWS_SECRET_ACCESS_KEY"),
+    )
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """Where training runs and registered models go (the embedded SQLite store by default)."""
+
+    tracking_uri: str
+    artifact_location: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    model_name: str = DEFAULT_MODEL_NAME
+    s3_endpoint_url: str | None = None
+
+    def settings(self) -> MlflowSettings:
+        return MlflowSettings(
+            tracking_uri=self.tracking_uri,
+            artifact_location=self.artifact_location,
+            experiment=self.experiment,
+            model_name=self.model_name,
+            s3_endpoint_url=self.s3_endpoint_url,
+        )
+
+
+def mlflow_tracking(env: Mapping[str, str] = os.environ) -> MlflowTracking:
+    settings = MlflowSettings.from_env(env)
+    return MlflowTracking(
+        tracking_uri=settings.tracking_uri,
+        artifact_location=settings.artifact_location,
+        experiment=settings.experiment,
+        model_name=settings.model_name,
+        s3_endpoint_url=settings.s3_endpoint_url,
+    )
+
+
+TRAINING_COMMAND = ("python", "-m", "bridge_assets.ml.pipes_train")
+
+
+class TrainingLauncher(dg.ConfigurableResource):
+    """Runs training out of process through Dagster Pipes: a local subprocess, or a Docker
+    container of `image` (which must have bridge installed and reach the lake and MLflow)."""
+
+    kind: Literal["subprocess", "docker"] = "subprocess"
+    image: str = "bridge:latest"
+
+    def client(self) -> dg.PipesSubprocessClient | PipesDockerClient:
+        if self.kind == "docker":
+            return PipesDockerClient()
+        return dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT))
+
+    def command(self) -> list[str]:
+        """The subprocess uses this interpreter; a container its own `python`."""
+        return [sys.executable, *TRAINING_COMMAND[1:]] if self.kind == "subprocess" else list(TRAINING_COMMAND)
+
+    def run(
+        self, context: dg.AssetExecutionContext, extras: Mapping[str, Any], env: Mapping[str, str]
+    ) -> dg.PipesClientCompletedInvocation:
+        client = self.client()
+        if isinstance(client, PipesDockerClient):
+            return client.run(context=context, image=self.image, command=self.command(), extras=extras, env=dict(env))
+        return client.run(context=context, command=self.command(), extras=extras, env=dict(env))
+
+
+def training_launcher(env: Mapping[str, str] = os.environ) -> TrainingLauncher:
+    return TrainingLauncher(
+        kind=env.get("BRIDGE_TRAINING_LAUNCHER", "subprocess"),  # type: ignore[arg-type]
+        image=env.get("BRIDGE_TRAINING_IMAGE", "bridge:latest"),
     )

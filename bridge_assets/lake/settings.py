@@ -39,7 +39,7 @@ class StorageSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> StorageSettings:
         return cls(
-            local_root=str(bridge_home(env) / "lake"),
+            local_root=env.get("BRIDGE_LAKE_ROOT") or str(bridge_home(env) / "lake"),
             s3_bucket=env.get("BRIDGE_S3_BUCKET") or None,
             s3_prefix=env.get("BRIDGE_S3_PREFIX", DEFAULT_PREFIX),
             endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
@@ -47,6 +47,18 @@ class StorageSettings:
             access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
             secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
         )
+
+    def to_env(self) -> dict[str, str]:
+        """Variables that make `from_env` in another process (a training subprocess or
+        container) open this same store."""
+        env = {"BRIDGE_LAKE_ROOT": self.local_root, "BRIDGE_S3_PREFIX": self.s3_prefix, "AWS_REGION": self.region}
+        optional = {
+            "BRIDGE_S3_BUCKET": self.s3_bucket,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+        }
+        return env | {name: value for name, value in optional.items() if value}
 
     def open(self, client: object | None = None) -> ObjectStore:
         """The store these settings describe; `client` is an S3 client to reuse, if any."""

@@ -1,0 +1,49 @@
+"""The MLflow pyfunc form of a trained model: raw housing columns in, prices out.
+
+Logged with a copy of `bridge_assets.core` (MLflow `code_paths`), so a process that loads a
+version (`mlflow models serve`, a Ray replica) runs the code that version was trained with.
+Input is validated against the contract first: a bad row raises, naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import polars as pl
+
+from bridge_assets.core.contract import FEATURES, ROW_ID, validate
+from bridge_assets.core.training import TrainedModel
+
+
+class InvalidInput(ValueError):
+    """Rows that break the contract; the message names each row and field."""
+
+
+def check_rows(frame: pl.DataFrame) -> pl.DataFrame:
+    """Contract-valid, normalised feature rows, or InvalidInput naming what is wrong."""
+    missing = [c for c in FEATURES if c not in frame.columns]
+    if missing:
+        raise InvalidInput(f"missing field(s): {', '.join(missing)}")
+    with_ids = frame.select(FEATURES).with_columns(pl.int_range(pl.len()).cast(pl.String).alias(ROW_ID))
+    checked = validate(with_ids, require_target=False)
+    if checked.quarantined.height:
+        problems = "; ".join(
+            f"row {row_id}: {reason}" for row_id, reason in checked.quarantined.select(ROW_ID, "reason").iter_rows()
+        )
+        raise InvalidInput(problems)
+    return checked.valid
+
+
+class HousingPyfunc(mlflow.pyfunc.PythonModel):
+    """Loads `weights` (.pth) and `model` (JSON: preprocessing, config) from the artifacts."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.model = TrainedModel.load(context.artifacts["weights"], context.artifacts["model"])
+        self.net = self.model.network()
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
+        rows = check_rows(pl.from_pandas(pd.DataFrame(model_input)))
+        return self.model.predict_encoded(self.model.preprocessor.transform(rows), self.net)

@@ -1,0 +1,233 @@
+"""The PyTorch price model, its configurations and the trainer (no Dagster, no MLflow).
+
+Training runs on in-memory tensors, slicing shuffled index batches (no per-row DataLoader),
+is deterministic from a seed, and always returns the best-validation weights (the reference
+lost its model when early stopping never fired).
+
+Two presets:
+- `reference`: the BridgeAI MLP, 20→64→32→16→8→1 ReLU on raw price, MSE, Adam 0.01, batch
+  64, early stopping patience 10.
+- `default`: residual learning over a linear model on log price: a linear layer warm-started
+  with the ridge solution of the training split plus a small ReLU network whose output starts
+  at zero. Epoch 0 is therefore the log-linear baseline, and training keeps a change only if
+  validation error improves.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from bridge_assets.core.contract import TARGET
+from bridge_assets.core.features import Preprocessor
+from bridge_assets.core.metrics import LinearModel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a trained model, given its training data."""
+
+    name: str = "default"
+    hidden: tuple[int, ...] = (32, 16)
+    learning_rate: float = 0.003
+    batch_size: int = 64
+    max_epochs: int = 300
+    patience: int = 20
+    weight_decay: float = 1e-4
+    log_target: bool = True
+    linear_skip: bool = True
+    ridge: float = 1.0
+    seed: int = 42
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["hidden"] = list(self.hidden)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return cls(**{**data, "hidden": tuple(data["hidden"])})
+
+    def config_hash(self) -> str:
+        """Short hash of the configuration (recorded on every run and model version)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "default": TrainConfig(),
+    "reference": TrainConfig(
+        name="reference",
+        hidden=(64, 32, 16, 8),
+        learning_rate=0.01,
+        batch_size=64,
+        max_epochs=500,
+        patience=10,
+        weight_decay=0.0,
+        log_target=False,
+        linear_skip=False,
+        ridge=0.0,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """A named preset, with any fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class PriceNet(nn.Module):
+    """An MLP on the encoded features, optionally plus a linear skip path."""
+
+    def __init__(self, n_inputs: int, hidden: tuple[int, ...], linear_skip: bool) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_inputs
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU()]
+            width = size
+        self.output = nn.Linear(width, 1)
+        self.body = nn.Sequential(*layers)
+        self.skip = nn.Linear(n_inputs, 1) if linear_skip else None
+        if self.skip is not None:  # the residual network starts as "no change"
+            nn.init.zeros_(self.output.weight)
+            nn.init.zeros_(self.output.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.output(self.body(features)).squeeze(-1)
+        if self.skip is not None:
+            out = out + self.skip(features).squeeze(-1)
+        return out
+
+
+@dataclass
+class TrainedModel:
+    """A fitted model: preprocessing state, target scaling, network weights and history."""
+
+    config: TrainConfig
+    preprocessor: Preprocessor
+    target_mean: float
+    target_std: float
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+
+    def network(self) -> PriceNet:
+        net = PriceNet(len(self.preprocessor.feature_names), self.config.hidden, self.config.linear_skip)
+        net.load_state_dict(self.state_dict)
+        return net.eval()
+
+    def predict_encoded(self, features: np.ndarray, net: PriceNet | None = None) -> np.ndarray:
+        """Prices from an already-encoded matrix (serving can keep `net` loaded)."""
+        net = net or self.network()
+        with torch.no_grad():
+            scaled = net(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).double().numpy()
+        raw = scaled * self.target_std + self.target_mean
+        return np.exp(raw) if self.config.log_target else raw
+
+    def predict(self, rows: pl.DataFrame | pl.LazyFrame) -> np.ndarray:
+        """Prices for raw housing rows (the same encoding as in training)."""
+        return self.predict_encoded(self.preprocessor.transform(rows))
+
+    def save(self, directory: str | Path) -> dict[str, Path]:
+        """Write `weights.pth` and `model.json` (config, preprocessing, target scaling, history)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights, description = directory / "weights.pth", directory / "model.json"
+        torch.save(self.state_dict, weights)
+        description.write_text(
+            json.dumps(
+                {
+                    "config": self.config.to_dict(),
+                    "preprocessor": self.preprocessor.to_dict(),
+                    "target_mean": self.target_mean,
+                    "target_std": self.target_std,
+                    "best_epoch": self.best_epoch,
+                    "history": self.history,
+                },
+                indent=2,
+            )
+        )
+        return {"weights": weights, "model": description}
+
+    @classmethod
+    def load(cls, weights: str | Path, description: str | Path) -> TrainedModel:
+        meta = json.loads(Path(description).read_text())
+        return cls(
+            config=TrainConfig.from_dict(meta["config"]),
+            preprocessor=Preprocessor.from_dict(meta["preprocessor"]),
+            target_mean=meta["target_mean"],
+            target_std=meta["target_std"],
+            state_dict=torch.load(weights, weights_only=True),
+            history=meta["history"],
+            best_epoch=meta["best_epoch"],
+        )
+
+
+def _tensor(matrix: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
+
+
+def train_model(train_rows: pl.DataFrame, validation_rows: pl.DataFrame, config: TrainConfig) -> TrainedModel:
+    """Fit preprocessing on the training rows, then train with early stopping on validation."""
+    torch.manual_seed(config.seed)
+    preprocessor = Preprocessor.fit(train_rows)
+    x_train = preprocessor.transform(train_rows)
+    x_val = preprocessor.transform(validation_rows)
+    y_train = train_rows[TARGET].to_numpy().astype(np.float64)
+    y_val = validation_rows[TARGET].to_numpy().astype(np.float64)
+    if config.log_target:
+        y_train, y_val = np.log(y_train), np.log(y_val)
+    mean, std = float(y_train.mean()), float(y_train.std()) or 1.0
+
+    net = PriceNet(x_train.shape[1], config.hidden, config.linear_skip)
+    if net.skip is not None:  # warm start: the ridge solution on the scaled target
+        ridge = LinearModel.fit(x_train, (y_train - mean) / std, ridge=config.ridge)
+        with torch.no_grad():
+            net.skip.weight.copy_(torch.from_numpy(ridge.coefficients).float().unsqueeze(0))
+            net.skip.bias.fill_(ridge.intercept)
+    features, target = _tensor(x_train), _tensor((y_train - mean) / std)
+    val_features, val_target = _tensor(x_val), _tensor((y_val - mean) / std)
+    optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    loss_fn = nn.MSELoss()
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def validation_loss() -> float:
+        net.eval()
+        with torch.no_grad():
+            loss = float(loss_fn(net(val_features), val_target))
+        net.train()
+        return loss
+
+    best_loss, best_epoch = validation_loss(), 0
+    best_state = copy.deepcopy(net.state_dict())
+    history = [{"epoch": 0, "train_loss": float("nan"), "val_loss": best_loss}]
+    for epoch in range(1, config.max_epochs + 1):
+        order = torch.randperm(len(features), generator=generator)
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = order[start : start + config.batch_size]
+            optimiser.zero_grad()
+            loss = loss_fn(net(features[batch]), target[batch])
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(batch)
+        val_loss = validation_loss()
+        history.append({"epoch": epoch, "train_loss": total / len(order), "val_loss": val_loss})
+        if val_loss < best_loss:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(net.state_dict())
+        elif epoch - best_epoch >= config.patience:
+            break
+    return TrainedModel(config, preprocessor, mean, std, best_state, history, best_epoch)

@@ -1,0 +1,1 @@
+"""Training rounds and their MLflow tracking and registry (no Dagster, no Ray)."""

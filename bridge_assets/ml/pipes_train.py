@@ -1,0 +1,90 @@
+"""A training round as its own process, launched by Dagster Pipes (step 13).
+
+Dagster passes the round's settings as Pipes extras and the lake and MLflow locations as
+environment variables; this process reads the pinned feature version, trains every
+configuration, logs the round to MLflow, registers the best as a candidate and reports the
+materialization's metadata back through Pipes. Run by `PipesSubprocessClient` locally or
+`PipesDockerClient` in a container (`python -m bridge_assets.ml.pipes_train`).
+"""
+
+from __future__ import annotations
+
+import base64
+
+from dagster_pipes import PipesContext, open_dagster_pipes
+
+from bridge_assets.core.training import TrainConfig
+from bridge_assets.lake.feature_store import FeatureStore
+from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.ml.round import RoundResult, run_round
+from bridge_assets.ml.tracking import MlflowSettings, RoundRecord, log_round, loss_curve_png
+
+
+def metrics_table(result: RoundResult) -> str:
+    """Markdown: every candidate and both baselines on validation and test."""
+    rows = [(c.config.name, c.metrics) for c in result.candidates] + [
+        (f"baseline: {name}", scores) for name, scores in result.baselines.items()
+    ]
+    lines = [
+        "| model | val MAE | val RMSE | val R² | test MAE | test RMSE | test R² |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in rows:
+        mark = " (best)" if name == result.best.config.name else ""
+        lines.append(
+            f"| {name}{mark} | {m['val_mae']:,.0f} | {m['val_rmse']:,.0f} | {m['val_r2']:.4f} "
+            f"| {m['test_mae']:,.0f} | {m['test_rmse']:,.0f} | {m['test_r2']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def materialization_metadata(result: RoundResult, record: RoundRecord, settings: MlflowSettings, version: str) -> dict:
+    best = result.best
+    curve = base64.b64encode(loss_curve_png(best)).decode()
+    url = settings.run_url(record.experiment_id, record.best_run_id)
+    return {
+        "model_uri": record.model_uri,
+        "model_version": record.model_version,
+        "best_config": record.best_name,
+        "config_hash": best.config.config_hash(),
+        "feature_version": version,
+        "split": result.split,
+        "rows": {"raw_value": result.rows, "type": "json"},
+        "mlflow_parent_run_id": record.parent_run_id,
+        "mlflow_run_id": record.best_run_id,
+        "mlflow_run": {"raw_value": url, "type": "url"} if url else settings.tracking_uri,
+        **{f"best_{k}": v for k, v in best.metrics.items()},
+        "metrics": {"raw_value": metrics_table(result), "type": "md"},
+        "loss_curve": {"raw_value": f"![loss curve](data:image/png;base64,{curve})", "type": "md"},
+    }
+
+
+def train(pipes: PipesContext) -> None:
+    features = FeatureStore(StorageSettings.from_env().open())
+    version = pipes.get_extra("feature_version")
+    if not version:
+        latest = features.latest()
+        if latest is None:
+            raise SystemExit("no feature version yet: materialize housing_features first")
+        version = latest.version
+    configs = [TrainConfig.from_dict(c) for c in pipes.get_extra("configs")]
+    split = pipes.get_extra("split")
+    rows = features.scan(version).collect()
+    pipes.log.info(f"training {[c.name for c in configs]} on feature version {version} ({rows.height} rows, {split} split)")
+    result = run_round(rows, configs, split)
+    settings = MlflowSettings.from_env()
+    record = log_round(settings, result, feature_version=version, dagster_run_id=pipes.run_id)
+    pipes.log.info(f"registered {record.model_uri} ({record.best_name}) as candidate")
+    pipes.report_asset_materialization(
+        metadata=materialization_metadata(result, record, settings, version),
+        data_version=f"{record.model_name}/{record.model_version}",
+    )
+
+
+def main() -> None:
+    with open_dagster_pipes() as pipes:
+        train(pipes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""MLflow tracking and registry for training rounds (steps 2, 3 and 19).
+
+One parent run per round, one nested run per configuration. Each run logs hyperparameters,
+per-epoch losses, metrics next to both linear baselines, the weights (.pth), the model as a
+pyfunc over raw housing columns (signature, input example, the core's code), and lineage tags.
+The round's best run is registered as a new version of the model, marked as a candidate: the
+reference's stage "None". MLflow 3 deprecates registry stages, so the mark is the alias
+`candidate` plus the version tag `bridge.stage=None`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Metric
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, ColSpec, Schema
+from mlflow.tracking import MlflowClient
+
+import bridge_assets.core as core_package
+from bridge_assets.core.contract import COUNT_FEATURES, FEATURES
+from bridge_assets.core.simulator import load_seed_data
+from bridge_assets.lake.settings import DEFAULT_PREFIX, bridge_home
+from bridge_assets.ml.round import Candidate, RoundResult
+
+DEFAULT_EXPERIMENT = "bridge-housing"
+DEFAULT_MODEL_NAME = "housing-price"
+CANDIDATE_ALIAS = "candidate"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+_MODEL_REQUIREMENTS = ("torch", "polars", "numpy", "pandas", "pyarrow", "mlflow")
+# `area` is "any": MLflow refuses int64 for a double column, and clients send both 1200 and
+# 1200.5; the pyfunc's contract check then rejects anything that is not a positive number.
+MODEL_SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [
+            ColSpec(AnyType() if name == "area" else "long" if name in COUNT_FEATURES else "string", name)
+            for name in FEATURES
+        ]
+    ),
+    outputs=Schema([ColSpec("double", "prediction")]),
+)
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """Where runs and models go; see the README's configuration table."""
+
+    tracking_uri: str
+    artifact_location: str | None = None
+    experiment: str = DEFAULT_EXPERIMENT
+    model_name: str = DEFAULT_MODEL_NAME
+    s3_endpoint_url: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> MlflowSettings:
+        """Embedded default: SQLite store and artifacts under BRIDGE_HOME (in the bucket when the
+        lake is on S3); `MLFLOW_TRACKING_URI` selects a server, which then owns the artifacts."""
+        home = bridge_home(env)
+        remote = env.get("MLFLOW_TRACKING_URI")
+        artifacts = env.get("BRIDGE_MLFLOW_ARTIFACTS") or None
+        if not remote and not artifacts:
+            bucket = env.get("BRIDGE_S3_BUCKET")
+            prefix = env.get("BRIDGE_S3_PREFIX", DEFAULT_PREFIX).strip("/")
+            artifacts = f"s3://{bucket}/{prefix}/mlflow" if bucket else (home / "mlflow" / "artifacts").as_uri()
+        return cls(
+            tracking_uri=remote or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+            artifact_location=artifacts,
+            experiment=env.get("BRIDGE_MLFLOW_EXPERIMENT", DEFAULT_EXPERIMENT),
+            model_name=env.get("BRIDGE_MODEL_NAME", DEFAULT_MODEL_NAME),
+            s3_endpoint_url=env.get("MLFLOW_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or None,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """Variables that make `from_env` in another process log to this same place."""
+        env = {
+            "MLFLOW_TRACKING_URI": self.tracking_uri,
+            "BRIDGE_MLFLOW_EXPERIMENT": self.experiment,
+            "BRIDGE_MODEL_NAME": self.model_name,
+        }
+        optional = {"BRIDGE_MLFLOW_ARTIFACTS": self.artifact_location, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url}
+        return env | {name: value for name, value in optional.items() if value}
+
+    def activate(self) -> MlflowClient:
+        """Point this process's MLflow at the store and experiment; returns a client."""
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if self.s3_endpoint_url:  # read by MLflow's S3 artifact repository
+            os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", self.s3_endpoint_url)
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        client = MlflowClient(self.tracking_uri)
+        if client.get_experiment_by_name(self.experiment) is None:
+            client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+        mlflow.set_experiment(self.experiment)
+        return client
+
+    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+        """A browser link when the store is an MLflow server."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return None
+
+
+def git_lineage(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """The commit the code came from and whether the work tree differed from it."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"bridge.git_commit": commit or "unknown", "bridge.git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What a logged round left in MLflow."""
+
+    experiment_id: str
+    parent_run_id: str
+    run_ids: dict[str, str]
+    best_name: str
+    best_run_id: str
+    model_name: str
+    model_version: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}/{self.model_version}"
+
+
+def _code_snapshot(directory: Path) -> Path:
+    """A copy of `bridge_assets.core` as a package `bridge_assets` holding only the core."""
+    package = directory / "bridge_assets"
+    shutil.copytree(Path(core_package.__file__).parent, package / "core", ignore=shutil.ignore_patterns("data", "__pycache__"))
+    (package / "__init__.py").write_text('"""Snapshot of the bridge ML core logged with a model."""\n')
+    return package
+
+
+def _requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in _MODEL_REQUIREMENTS]
+
+
+def loss_curve_png(candidate: Candidate) -> bytes:
+    """Train and validation loss per epoch, the best epoch marked (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = candidate.model.history
+    figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
+    axes.plot([h["epoch"] for h in history[1:]], [h["train_loss"] for h in history[1:]], label="train")
+    axes.plot([h["epoch"] for h in history], [h["val_loss"] for h in history], label="validation")
+    axes.axvline(candidate.model.best_epoch, color="grey", linestyle=":", label=f"best epoch {candidate.model.best_epoch}")
+    axes.set(xlabel="epoch", ylabel="MSE (scaled target)", title=f"{candidate.config.name} loss")
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _log_candidate(
+    client: MlflowClient, candidate: Candidate, result: RoundResult, tags: dict[str, str], workdir: Path
+) -> tuple[str, str]:
+    """Log one configuration as a nested run; returns its run id and logged-model URI."""
+    config = candidate.config
+    with mlflow.start_run(run_name=config.name, nested=True, tags={**tags, "bridge.config_hash": config.config_hash()}) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
+        epochs = [
+            Metric(key, value, 0, step=int(h["epoch"]))
+            for h in candidate.model.history
+            for key, value in (("train_loss", h["train_loss"]), ("val_loss", h["val_loss"]))
+            if np.isfinite(value)
+        ]
+        for start in range(0, len(epochs), 900):
+            client.log_batch(run_id, metrics=epochs[start : start + 900])
+        mlflow.log_metrics({**candidate.metrics, "best_epoch": candidate.model.best_epoch})
+        mlflow.log_metrics({f"{name}_{k}": v for name, scores in result.baselines.items() for k, v in scores.items()})
+        files = candidate.model.save(workdir / config.name)
+        mlflow.log_artifact(str(files["weights"]), "weights")
+        mlflow.log_dict(config.to_dict(), "config.json")
+        curve = workdir / f"{config.name}-loss_curve.png"
+        curve.write_bytes(loss_curve_png(candidate))
+        mlflow.log_artifact(str(curve))
+        example = load_seed_data().select(FEATURES).head(3).to_pandas()
+        logged = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(core_package.__file__).parent / "pyfunc_entry.py"),
+            artifacts={"weights": str(files["weights"]), "model": str(files["model"])},
+            code_paths=[str(_code_snapshot(workdir / f"{config.name}-code"))],
+            signature=MODEL_SIGNATURE,
+            input_example=example,
+            pip_requirements=_requirements(),
+        )
+    return run_id, logged.model_uri
+
+
+def log_round(
+    settings: MlflowSettings,
+    result: RoundResult,
+    *,
+    feature_version: str,
+    dagster_run_id: str | None = None,
+) -> RoundRecord:
+    """Log a round as parent + nested runs and register its best model as a candidate."""
+    client = settings.activate()
+    tags = {
+        **git_lineage(),
+        "bridge.feature_version": feature_version,
+        "bridge.split": result.split,
+        "bridge.dagster_run_id": dagster_run_id or "none",
+    }
+    run_ids: dict[str, str] = {}
+    model_uris: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="bridge-round-") as scratch, mlflow.start_run(
+        run_name=f"round {feature_version}", tags={**tags, "bridge.kind": "training_round"}
+    ) as parent:
+        for candidate in result.candidates:
+            name = candidate.config.name
+            run_ids[name], model_uris[name] = _log_candidate(client, candidate, result, tags, Path(scratch))
+        best = result.best
+        mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items()})
+        mlflow.log_metrics({f"{name}_{k}": v for name, scores in result.baselines.items() for k, v in scores.items()})
+        mlflow.set_tags({"bridge.best_config": best.config.name, "bridge.best_run_id": run_ids[best.config.name]})
+        experiment_id = parent.info.experiment_id
+        parent_id = parent.info.run_id
+    version = register_candidate(
+        client,
+        settings.model_name,
+        model_uris[best.config.name],
+        {**tags, "bridge.config_hash": best.config.config_hash(), "bridge.run_id": run_ids[best.config.name]},
+    )
+    return RoundRecord(experiment_id, parent_id, run_ids, best.config.name, run_ids[best.config.name], settings.model_name, version)
+
+
+def register_candidate(client: MlflowClient, model_name: str, model_uri: str, tags: dict[str, str]) -> str:
+    """Register a logged model as a new version: alias `candidate`, tag `bridge.stage=None`."""
+    version = mlflow.register_model(model_uri, model_name, tags={**tags, "bridge.stage": "None"}).version
+    client.set_registered_model_alias(model_name, CANDIDATE_ALIAS, version)
+    return str(version)
