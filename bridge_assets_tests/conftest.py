@@ -23,6 +23,10 @@ LAKE_VARIABLES = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
+    # MLflow's set_tracking_uri exports this, so one test's store would leak into the next.
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "BRIDGE_MLFLOW_ARTIFACTS",
 )
 
 

@@ -97,8 +97,8 @@ class PriceNet(nn.Module):
         for size in hidden:
             layers += [nn.Linear(width, size), nn.ReLU()]
             width = size
-        self.output = nn.Linear(width, 1)
         self.body = nn.Sequential(*layers)
+        self.output = nn.Linear(width, 1)
         self.skip = nn.Linear(n_inputs, 1) if linear_skip else None
         if self.skip is not None:  # the residual network starts as "no change"
             nn.init.zeros_(self.output.weight)
@@ -120,7 +120,7 @@ class TrainedModel:
     target_mean: float
     target_std: float
     state_dict: dict[str, torch.Tensor]
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float | None]] = field(default_factory=list)  # epoch 0: before training
     best_epoch: int = 0
 
     def network(self) -> PriceNet:
@@ -212,7 +212,7 @@ def train_model(train_rows: pl.DataFrame, validation_rows: pl.DataFrame, config:
 
     best_loss, best_epoch = validation_loss(), 0
     best_state = copy.deepcopy(net.state_dict())
-    history = [{"epoch": 0, "train_loss": float("nan"), "val_loss": best_loss}]
+    history: list[dict[str, float | None]] = [{"epoch": 0, "train_loss": None, "val_loss": best_loss}]
     for epoch in range(1, config.max_epochs + 1):
         order = torch.randperm(len(features), generator=generator)
         total = 0.0

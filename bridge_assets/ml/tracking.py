@@ -22,7 +22,6 @@ from importlib import metadata
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.entities import Metric
 from mlflow.models import ModelSignature
@@ -66,16 +65,16 @@ class MlflowSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MlflowSettings:
         """Embedded default: SQLite store and artifacts under BRIDGE_HOME (in the bucket when the
-        lake is on S3); `MLFLOW_TRACKING_URI` selects a server, which then owns the artifacts."""
+        lake is on S3); an http(s) `MLFLOW_TRACKING_URI` is a server, which owns the artifacts."""
         home = bridge_home(env)
-        remote = env.get("MLFLOW_TRACKING_URI")
+        tracking_uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
         artifacts = env.get("BRIDGE_MLFLOW_ARTIFACTS") or None
-        if not remote and not artifacts:
+        if not artifacts and not tracking_uri.startswith(("http://", "https://")):
             bucket = env.get("BRIDGE_S3_BUCKET")
             prefix = env.get("BRIDGE_S3_PREFIX", DEFAULT_PREFIX).strip("/")
             artifacts = f"s3://{bucket}/{prefix}/mlflow" if bucket else (home / "mlflow" / "artifacts").as_uri()
         return cls(
-            tracking_uri=remote or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+            tracking_uri=tracking_uri,
             artifact_location=artifacts,
             experiment=env.get("BRIDGE_MLFLOW_EXPERIMENT", DEFAULT_EXPERIMENT),
             model_name=env.get("BRIDGE_MODEL_NAME", DEFAULT_MODEL_NAME),
@@ -190,7 +189,7 @@ def _log_candidate(
             Metric(key, value, 0, step=int(h["epoch"]))
             for h in candidate.model.history
             for key, value in (("train_loss", h["train_loss"]), ("val_loss", h["val_loss"]))
-            if np.isfinite(value)
+            if value is not None
         ]
         for start in range(0, len(epochs), 900):
             client.log_batch(run_id, metrics=epochs[start : start + 900])
