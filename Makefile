@@ -7,7 +7,7 @@ export BRIDGE_HOME ?= $(CURDIR)/.bridge
 export DAGSTER_HOME ?= $(BRIDGE_HOME)/dagster
 export WHYLOGS_NO_ANALYTICS := True
 
-.PHONY: install demo dev test bench lock clean
+.PHONY: install demo dev mlflow test bench lock clean
 
 install: $(VENV)/.installed
 
@@ -26,11 +26,16 @@ demo: install $(DAGSTER_HOME)
 dev: install $(DAGSTER_HOME)
 	$(BIN)/dagster dev -w workspace.yaml
 
+mlflow: install
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(BRIDGE_HOME)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
 test: install
 	$(BIN)/python -m pytest -q
 
 bench: install
 	$(BIN)/python bench/features.py --rows 1000000
+	$(BIN)/python bench/train.py --rows 200000
+	$(BIN)/python bench/quality.py
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.new && mv constraints.new constraints.txt

@@ -1,4 +1,4 @@
-"""`bridge` command line: land simulated batches and labels, inspect feature versions.
+"""`bridge` command line: land simulated batches and labels, inspect features, train.
 
 Talks to the store configured by the environment (see the README's configuration table),
 without Dagster: the landing sensor notices what it lands.
@@ -84,6 +84,24 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from bridge_assets.core.training import preset
+    from bridge_assets.ml.round import run_round
+    from bridge_assets.ml.tracking import MlflowSettings, log_round
+
+    features = FeatureStore(StorageSettings.from_env().open())
+    version = args.feature_version or (features.latest() or sys.exit("no feature version yet")).version
+    overrides = {"max_epochs": args.max_epochs} if args.max_epochs else {}
+    result = run_round(features.scan(version).collect(), [preset(p, **overrides) for p in args.preset], args.split)
+    record = log_round(MlflowSettings.from_env(), result, feature_version=version)
+    for candidate in result.candidates:
+        print(f"{candidate.config.name:>12}: " + "  ".join(f"{k}={v:,.4g}" for k, v in candidate.metrics.items()))
+    for name, scores in result.baselines.items():
+        print(f"{name:>12}: " + "  ".join(f"{k}={v:,.4g}" for k, v in scores.items()))
+    print(f"registered {record.model_uri} ({record.best_name}) as candidate")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bridge", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,11 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--version", help="version id (default: latest)")
     features.add_argument("--sql", help="DuckDB SQL over the view `features`")
     features.set_defaults(run=_features)
+    train = commands.add_parser("train", help="train a round on a feature version and log it to MLflow")
+    train.add_argument("--preset", action="append", help="repeatable (default: default and reference)")
+    train.add_argument("--split", choices=("hash", "reference"), default="hash")
+    train.add_argument("--feature-version", help="default: latest")
+    train.add_argument("--max-epochs", type=int)
+    train.set_defaults(run=_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train" and not args.preset:
+        args.preset = ["default", "reference"]
     try:
         return args.run(args)
     except (ValueError, FileExistsError, FileNotFoundError, KeyError) as error:

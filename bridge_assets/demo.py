@@ -1,9 +1,10 @@
 """`make demo`: the main job, run through Dagster on the same DAGSTER_HOME as `make dev`.
 
 Lands the real data and a simulated batch (with some corrupt rows and oddly-cased
-categories), registers both as raw partitions, materializes them and the feature table with
-`dagster asset materialize`, and prints what was produced, read back from storage. Running it
-again lands nothing new and materializes only what is missing.
+categories), registers both as raw partitions, materializes them, the feature table and a
+training round (a candidate model in MLflow) with `dagster asset materialize`, and prints what
+was produced, read back from storage and MLflow. Running it again lands nothing new; it
+trains a new round each time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.ml.tracking import CANDIDATE_ALIAS, MlflowSettings
 
 DEMO_BATCH = "demo-sim-s7"
 DEMO_ROWS = 20_000
@@ -32,6 +34,24 @@ def _materialize(select: str, partition: str | None = None) -> None:
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
         raise SystemExit(f"materializing {select} failed")
+
+
+def _print_candidate() -> None:
+    """The registered candidate and its metrics next to the baselines', read back from MLflow."""
+    settings = MlflowSettings.from_env()
+    client = settings.activate()
+    version = client.get_model_version_by_alias(settings.model_name, CANDIDATE_ALIAS)
+    run = client.get_run(version.tags["bridge.run_id"])
+    metrics = run.data.metrics
+    print(f"\ncandidate model: models:/{settings.model_name}/{version.version} (alias {CANDIDATE_ALIAS}, "
+          f"config {run.info.run_name}, feature version {version.tags['bridge.feature_version']})")
+    print(f"  MLflow store: {settings.tracking_uri}")
+    print(f"  {'':<22}{'val RMSE':>12}{'val R²':>9}{'test RMSE':>12}{'test R²':>9}")
+    for label, prefix in ((run.info.run_name, ""), ("baseline: linear", "linear_"), ("baseline: log-linear", "log_linear_")):
+        print(
+            f"  {label:<22}{metrics[prefix + 'val_rmse']:>12,.0f}{metrics[prefix + 'val_r2']:>9.4f}"
+            f"{metrics[prefix + 'test_rmse']:>12,.0f}{metrics[prefix + 'test_r2']:>9.4f}"
+        )
 
 
 def main() -> None:
@@ -56,6 +76,7 @@ def main() -> None:
         if batch_id not in done:
             _materialize("raw_housing", batch_id)
     _materialize("housing_features")
+    _materialize("candidate_model")
 
     features = FeatureStore(store)
     latest = features.latest()
@@ -75,6 +96,7 @@ def main() -> None:
         "WHERE reference_split IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"
     )
     print(f"  reference split of the real data (DuckDB): {dict(reference.fetchall())}")
+    _print_candidate()
     print("\nopen the UI with `make dev` (http://127.0.0.1:3000) to see these runs and their metadata")
 
 

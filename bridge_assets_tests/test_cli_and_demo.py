@@ -64,3 +64,6 @@ def test_demo_materializes_through_dagster_into_the_ui_instance(tmp_path: Path, 
     rerun = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert rerun.returncode == 0 and "landed" not in rerun.stdout.split("feature table")[0]
     assert f"latest: {version}" in rerun.stdout  # unchanged inputs, same version
+    assert "candidate model: models:/housing-price/1 " in demo.stdout
+    assert "candidate model: models:/housing-price/2 " in rerun.stdout  # every run trains a round
+    assert "baseline: log-linear" in demo.stdout

@@ -28,6 +28,7 @@ def test_core_imports_without_dagster_or_ray():
         "import sys\n"
         "import bridge_assets.core.contract, bridge_assets.core.features, bridge_assets.core.simulator\n"
         "import bridge_assets.lake.feature_store, bridge_assets.lake.settings\n"
+        "import bridge_assets.core.training, bridge_assets.core.pyfunc, bridge_assets.ml.round, bridge_assets.ml.tracking\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('dagster', 'ray', 'bridge_assets.definitions')]\n"
         "assert not bad, bad\n"
     )
@@ -40,7 +41,8 @@ def test_asset_graph_shape():
         from bridge_assets.definitions import defs
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"simulated_batch", "raw_housing", "housing_features"}
+    assert keys == {"simulated_batch", "raw_housing", "housing_features", "candidate_model"}
+    assert graph.get(dg.AssetKey("candidate_model")).parent_keys == {dg.AssetKey("housing_features")}
     assert graph.get(dg.AssetKey("housing_features")).parent_keys == {dg.AssetKey("raw_housing")}
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {"schema", "no_nulls", "row_count", "split_proportions", "quarantine_rate"}

@@ -197,3 +197,32 @@ def test_a_round_logs_to_an_mlflow_server_with_s3_artifacts(
     assert any(k.endswith("weights.pth") for k in keys) and any(k.endswith("MLmodel") for k in keys)
     pyfunc = mlflow.pyfunc.load_model(metadata["model_uri"])  # downloaded through the server's proxy
     assert pyfunc.predict(pd.DataFrame([ODD_CASE_REQUEST]))[0] > 0
+
+
+def test_docker_launcher_runs_the_training_module_in_the_configured_image(store: ObjectStore, monkeypatch):
+    """No Docker engine here: the container start is intercepted at dagster-docker's client,
+    after bridge has chosen the client, image, command, environment and extras."""
+    from types import SimpleNamespace
+
+    from dagster_docker import PipesDockerClient
+
+    prepare_features(store)
+    monkeypatch.setenv("BRIDGE_TRAINING_LAUNCHER", "docker")
+    monkeypatch.setenv("BRIDGE_TRAINING_IMAGE", "registry.example/bridge:1.2")
+    calls: list[dict] = []
+
+    def start_container(self, **kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(get_materialize_result=lambda: dg.MaterializeResult(metadata={"launched": True}))
+
+    monkeypatch.setattr(PipesDockerClient, "run", start_container)
+    _, metadata = train_through_dagster({"ops": {"candidate_model": {"config": {"presets": ["reference"], "split": "reference"}}}})
+    (call,) = calls
+    assert metadata == {"launched": True}
+    assert call["image"] == "registry.example/bridge:1.2"
+    assert call["command"] == ["python", "-m", "bridge_assets.ml.pipes_train"]
+    assert call["extras"]["split"] == "reference" and [c["name"] for c in call["extras"]["configs"]] == ["reference"]
+    assert {"BRIDGE_LAKE_ROOT", "MLFLOW_TRACKING_URI", "BRIDGE_MODEL_NAME"} <= set(call["env"])
+    if "BRIDGE_S3_BUCKET" in os.environ:
+        assert call["env"]["BRIDGE_S3_BUCKET"] == os.environ["BRIDGE_S3_BUCKET"]
+        assert call["env"]["AWS_SECRET_ACCESS_KEY"] == os.environ["AWS_SECRET_ACCESS_KEY"]
