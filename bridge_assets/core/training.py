@@ -83,7 +83,7 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
-def preset(name: str, **overrides: Any) -> TrainConfig:
+def preset(name: str, /, **overrides: Any) -> TrainConfig:
     """A named preset, with any fields replaced."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
