@@ -188,6 +188,7 @@ def test_a_round_logs_to_an_mlflow_server_with_s3_artifacts(
     prepare_features(store)
     _, metadata = train_through_dagster({"ops": {"candidate_model": {"config": {"max_epochs": 20}}}})
     assert metadata["mlflow_run"].startswith(f"{mlflow_server}/#/experiments/")
+    assert metadata["mlflow_model_version"] == f"{mlflow_server}/#/models/housing-price/versions/{metadata['model_version']}"
 
     client = MlflowSettings.from_env().activate()
     assert str(client.get_model_version_by_alias("housing-price", CANDIDATE_ALIAS).version) == metadata["model_version"]

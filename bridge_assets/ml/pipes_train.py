@@ -42,6 +42,7 @@ def materialization_metadata(result: RoundResult, record: RoundRecord, settings:
     best = result.best
     curve = base64.b64encode(loss_curve_png(best)).decode()
     url = settings.run_url(record.experiment_id, record.best_run_id)
+    version_url = settings.model_version_url(record.model_version)
     return {
         "model_uri": record.model_uri,
         "model_version": record.model_version,
@@ -53,6 +54,7 @@ def materialization_metadata(result: RoundResult, record: RoundRecord, settings:
         "mlflow_parent_run_id": record.parent_run_id,
         "mlflow_run_id": record.best_run_id,
         "mlflow_run": {"raw_value": url, "type": "url"} if url else settings.tracking_uri,
+        "mlflow_model_version": {"raw_value": version_url, "type": "url"} if version_url else record.model_uri,
         **{f"best_{k}": v for k, v in best.metrics.items()},
         "metrics": {"raw_value": metrics_table(result), "type": "md"},
         "loss_curve": {"raw_value": f"![loss curve](data:image/png;base64,{curve})", "type": "md"},

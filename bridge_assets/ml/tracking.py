@@ -105,11 +105,17 @@ class MlflowSettings:
         mlflow.set_experiment(self.experiment)
         return client
 
-    def run_url(self, experiment_id: str, run_id: str) -> str | None:
-        """A browser link when the store is an MLflow server."""
+    def _ui(self, path: str) -> str | None:
+        """A browser link when the store is an MLflow server (`make mlflow` serves local ones)."""
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+            return f"{self.tracking_uri.rstrip('/')}/#/{path}"
         return None
+
+    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+        return self._ui(f"experiments/{experiment_id}/runs/{run_id}")
+
+    def model_version_url(self, version: str) -> str | None:
+        return self._ui(f"models/{self.model_name}/versions/{version}")
 
 
 def git_lineage(root: Path = PROJECT_ROOT) -> dict[str, str]:
