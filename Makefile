@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 export BRIDGE_HOME ?= $(CURDIR)/.bridge
 export DAGSTER_HOME ?= $(BRIDGE_HOME)/dagster
 export WHYLOGS_NO_ANALYTICS := True
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install demo dev mlflow test bench lock clean
+.PHONY: install demo dev mlflow serve stop test bench lock clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +30,12 @@ dev: install $(DAGSTER_HOME)
 
 mlflow: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(BRIDGE_HOME)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+serve: install
+	$(BIN)/python -m serving.deploy
+
+stop: install
+	$(BIN)/python -m serving.deploy stop
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -10,6 +10,8 @@ import argparse
 import sys
 from datetime import UTC, datetime
 
+from mlflow.exceptions import MlflowException
+
 from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import land_batch, land_seed, release_labels
@@ -102,6 +104,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _promote(args: argparse.Namespace) -> int:
+    from bridge_assets.ml.tracking import MlflowSettings, promote_to_production
+
+    settings = MlflowSettings.from_env()
+    previous = promote_to_production(settings.activate(), settings.model_name, args.version)
+    print(f"{settings.model_name} v{args.version} is Production (previous: {previous or 'none'}); "
+          "deploy it with `make serve` or by materializing production_deployment")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bridge", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--feature-version", help="default: latest")
     train.add_argument("--max-epochs", type=int)
     train.set_defaults(run=_train)
+
+    promote = commands.add_parser("promote", help="mark a registered model version Production")
+    promote.add_argument("version")
+    promote.set_defaults(run=_promote)
     return parser
 
 
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         args.preset = ["default", "reference"]
     try:
         return args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError, KeyError) as error:
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError, MlflowException) as error:
         print(f"bridge: {error}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,7 @@ Secrets reach Dagster only as `dg.EnvVar`, so they never appear in run config, t
 
 import os
 import sys
+from dataclasses import asdict
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from dagster_docker import PipesDockerClient
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
+from serving.deploy import ServingSettings
 from bridge_assets.ml.tracking import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PROJECT_ROOT, MlflowSettings
 
 
@@ -140,3 +142,26 @@ def training_launcher(env: Mapping[str, str] = os.environ) -> TrainingLauncher:
         kind=env.get("BRIDGE_TRAINING_LAUNCHER", "subprocess"),  # type: ignore[arg-type]
         image=env.get("BRIDGE_TRAINING_IMAGE", "bridge:latest"),
     )
+
+
+class RayServing(dg.ConfigurableResource):
+    """Where the prediction service runs: a local detached Ray by default, or `ray_address`."""
+
+    ray_address: str | None = None
+    ray_port: int = 6390
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    ray_temp_dir: str = "/tmp/bridge-ray"
+    unit: str = "GBP(£)"
+    max_batch_records: int = 10_000
+    max_body_bytes: int = 1_048_576
+    log_flush_seconds: float = 10.0
+
+    def settings(self) -> ServingSettings:
+        return ServingSettings(**self.model_dump())
+
+
+def ray_serving(env: Mapping[str, str] = os.environ) -> RayServing:
+    settings = ServingSettings.from_env(env)
+    return RayServing(**asdict(settings))

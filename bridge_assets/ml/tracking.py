@@ -37,6 +37,7 @@ from bridge_assets.ml.round import Candidate, RoundResult
 DEFAULT_EXPERIMENT = "bridge-housing"
 DEFAULT_MODEL_NAME = "housing-price"
 CANDIDATE_ALIAS = "candidate"
+PRODUCTION_ALIAS = "production"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _MODEL_REQUIREMENTS = ("torch", "polars", "numpy", "pandas", "pyarrow", "mlflow")
 # `area` is "any": MLflow refuses int64 for a double column, and clients send both 1200 and
@@ -207,17 +208,21 @@ def _log_candidate(
         curve = workdir / f"{config.name}-loss_curve.png"
         curve.write_bytes(loss_curve_png(candidate))
         mlflow.log_artifact(str(curve))
-        example = load_seed_data().select(FEATURES).head(3).to_pandas()
-        logged = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(core_package.__file__).parent / "pyfunc_entry.py"),
-            artifacts={"weights": str(files["weights"]), "model": str(files["model"])},
-            code_paths=[str(_code_snapshot(workdir / f"{config.name}-code"))],
-            signature=MODEL_SIGNATURE,
-            input_example=example,
-            pip_requirements=_requirements(),
-        )
+        logged = log_pyfunc(files["weights"], files["model"], workdir / f"{config.name}-code")
     return run_id, logged.model_uri
+
+
+def log_pyfunc(weights: Path, description: Path, workdir: Path) -> mlflow.models.model.ModelInfo:
+    """Log a saved `TrainedModel` as the pyfunc `model` of the active run."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(core_package.__file__).parent / "pyfunc_entry.py"),
+        artifacts={"weights": str(weights), "model": str(description)},
+        code_paths=[str(_code_snapshot(workdir))],
+        signature=MODEL_SIGNATURE,
+        input_example=load_seed_data().select(FEATURES).head(3).to_pandas(),
+        pip_requirements=_requirements(),
+    )
 
 
 def log_round(
@@ -263,3 +268,18 @@ def register_candidate(client: MlflowClient, model_name: str, model_uri: str, ta
     version = mlflow.register_model(model_uri, model_name, tags={**tags, "bridge.stage": "None"}).version
     client.set_registered_model_alias(model_name, CANDIDATE_ALIAS, version)
     return str(version)
+
+
+def promote_to_production(client: MlflowClient, model_name: str, version: str) -> str | None:
+    """Point the `production` alias at `version` (tag `bridge.stage=Production`); the version
+    it pointed at before is tagged `Archived`. Returns that previous version, if any."""
+    client.get_model_version(model_name, version)  # fails clearly for an unknown version
+    try:
+        previous: str | None = str(client.get_model_version_by_alias(model_name, PRODUCTION_ALIAS).version)
+    except mlflow.exceptions.MlflowException:
+        previous = None
+    client.set_registered_model_alias(model_name, PRODUCTION_ALIAS, version)
+    client.set_model_version_tag(model_name, version, "bridge.stage", "Production")
+    if previous and previous != str(version):
+        client.set_model_version_tag(model_name, previous, "bridge.stage", "Archived")
+    return previous

@@ -1,0 +1,308 @@
+"""The prediction service over real HTTP against a real Ray Serve (started once per module).
+
+Versions are trained and registered in a real MLflow store, marked Production, and deployed by
+materializing `production_deployment`; interaction logs are read back from the lake (local,
+and moto's S3 over HTTP).
+"""
+
+import json
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pandas as pd
+import polars as pl
+import pytest
+
+from bridge_assets.core.contract import FEATURES, validate
+from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.training import preset
+from bridge_assets.definitions import build_defs
+from bridge_assets.lake.feature_store import FeatureStore, build_features
+from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
+from bridge_assets.lake.raw import validate_batch
+from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.ml.round import run_round
+from bridge_assets.ml.tracking import MlflowSettings, log_pyfunc, log_round, promote_to_production
+from bridge_assets_tests.conftest import LAKE_VARIABLES, s3_environment
+from serving.deploy import deploy, stop_serving
+from serving.interactions import read_interactions
+
+REFERENCE_REQUEST = {
+    "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
+    "airconditioning": "yes", "prefarea": "no", "furnishingstatus": "furnished",
+    "area": 1200, "bedrooms": 3, "bathrooms": 2, "stories": 2, "parking": 1,
+}  # fmt: skip
+MAX_BATCH = 50
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def call(url: str, path: str, body: object = None, headers: dict | None = None, raw: bytes | None = None):
+    """(status, JSON body, headers) of one HTTP request; 4xx/5xx are answers, not exceptions."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(
+        f"{url}{path}", data=data, method="POST" if data is not None else "GET",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.load(reply), reply.headers
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null"), error.headers
+
+
+def deploy_through_dagster() -> dg.ExecuteInProcessResult:
+    job = build_defs().resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        return job.execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey("production_deployment")], raise_on_error=False
+        )
+
+
+@pytest.fixture(scope="module")
+def service(moto_endpoint: str):
+    """Two registered versions, v1 Production and live in Ray Serve on free ports."""
+    home = Path(tempfile.mkdtemp(prefix="bridge-serve-test-"))
+    env = {
+        "BRIDGE_HOME": str(home / "home"),
+        "BRIDGE_RAY_PORT": str(_free_port()),
+        "BRIDGE_SERVE_PORT": str(_free_port()),
+        "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-{uuid.uuid4().hex[:6]}",  # short: Ray's socket paths
+        "BRIDGE_SERVE_MAX_BATCH": str(MAX_BATCH),
+        "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "1",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name in LAKE_VARIABLES:
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        store = StorageSettings.from_env().open()
+        land_seed(store)
+        land_batch(store, "sim-serve", HousingSimulator.fit().generate(2000, seed=8, batch_id="sim-serve"))
+        for batch in landed_batches(store):
+            validate_batch(store, batch)
+        version = build_features(store).version
+        rows = FeatureStore(store).scan(version).collect()
+        settings = MlflowSettings.from_env()
+        client = settings.activate()
+        rounds = [run_round(rows, [preset("reference", max_epochs=15, seed=seed)]) for seed in (1, 2)]
+        versions = [log_round(settings, r, feature_version=version.version).model_version for r in rounds]
+        promote_to_production(client, settings.model_name, versions[0])
+        deployed = deploy_through_dagster()
+        assert deployed.success, deployed.all_events
+        (event,) = deployed.get_asset_materialization_events()
+        metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+        url = metadata["endpoint"].removesuffix("/predict")
+        yield SimpleNamespace(
+            url=url, env=env, store=store, client=client, settings=settings, versions=versions,
+            rounds=rounds, metadata=metadata, patch=patch, moto=moto_endpoint,
+        )  # fmt: skip
+        stop_serving()
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(env["BRIDGE_RAY_TMPDIR"], ignore_errors=True)
+
+
+def test_deployment_metadata_names_the_version_and_probe(service):
+    assert service.metadata["model_version"] == service.versions[0]
+    assert service.metadata["probe_rows"] == 545 and service.metadata["probe_latency_ms"] > 0
+
+
+def test_reference_payload_and_health_reply_as_the_reference(service):
+    status, body, headers = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Request-ID": "req-1"})
+    assert status == 200 and headers["X-Request-ID"] == "req-1"
+    assert body["status"] == 200 and body["message"] == "House price prediction successful"
+    response = body["response"]
+    assert response["unit"] == "GBP(£)" and response["prediction"] > 0
+    assert (response["model_name"], response["model_version"]) == ("housing-price", service.versions[0])
+    assert call(service.url, "/health")[:2] == (200, {"status": 200, "message": "success", "response": None})
+    first, second = (call(service.url, "/predict", REFERENCE_REQUEST)[2]["X-Request-ID"] for _ in range(2))
+    assert first and second and first != second  # generated when not sent
+
+
+def test_yes_no_and_furnishing_in_any_case(service):
+    _, canonical, _ = call(service.url, "/predict", REFERENCE_REQUEST)
+    odd = {**REFERENCE_REQUEST, "mainroad": "YES", "guestroom": " No ", "basement": "Yes", "furnishingstatus": "FURNISHED "}
+    status, body, _ = call(service.url, "/predict", odd)
+    assert status == 200 and body["response"]["prediction"] == canonical["response"]["prediction"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("bedrooms", 10), ("stories", 5), ("mainroad", "Y"), ("furnishingstatus", "partly")]
+)
+def test_invalid_fields_are_422_naming_the_field(service, field, value):
+    status, body, _ = call(service.url, "/predict", {**REFERENCE_REQUEST, field: value})
+    assert status == 422
+    assert [d["loc"] for d in body["detail"]] == [["body", field]] and field in body["message"]
+
+
+def test_missing_field_and_broken_json_are_422(service):
+    status, body, _ = call(service.url, "/predict", {k: v for k, v in REFERENCE_REQUEST.items() if k != "area"})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "area"]
+    assert call(service.url, "/predict", raw=b"{not json")[0] == 422
+
+
+def test_bodies_over_the_limit_are_413(service):
+    status, body, _ = call(service.url, "/predict", raw=b" " * (1_048_576 + 10))
+    assert status == 413 and "larger than 1048576" in body["message"]
+
+
+def test_batch_endpoint_matches_single_predictions_and_enforces_its_limit(service):
+    records = [REFERENCE_REQUEST, {**REFERENCE_REQUEST, "area": 5000, "stories": 3}]
+    status, body, _ = call(service.url, "/predict/batch", {"records": records})
+    singles = [call(service.url, "/predict", r)[1]["response"]["prediction"] for r in records]
+    assert status == 200 and body["response"]["predictions"] == pytest.approx(singles, rel=1e-12)
+    status, body, _ = call(service.url, "/predict/batch", {"records": [REFERENCE_REQUEST] * (MAX_BATCH + 1)})
+    assert status == 413 and f"at most {MAX_BATCH}" in body["message"]
+    status, body, _ = call(service.url, "/predict/batch", {"records": [REFERENCE_REQUEST, {**REFERENCE_REQUEST, "bedrooms": 12}]})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "records", 1, "bedrooms"]
+
+
+def test_all_four_mlflow_scoring_shapes(service):
+    records = [REFERENCE_REQUEST, {**REFERENCE_REQUEST, "area": 7420, "bedrooms": 4}]
+    columns = list(REFERENCE_REQUEST)
+    shapes = {
+        "dataframe_split": {"columns": columns, "data": [[r[c] for c in columns] for r in records]},
+        "dataframe_records": records,
+        "instances": records,
+        "inputs": {c: [r[c] for r in records] for c in columns},
+    }
+    expected = call(service.url, "/predict/batch", {"records": records})[1]["response"]["predictions"]
+    for key, data in shapes.items():
+        status, body, _ = call(service.url, "/invocations", {key: data})
+        assert status == 200 and body["predictions"] == pytest.approx(expected, rel=1e-12), key
+    status, body, _ = call(service.url, "/invocations", {"dataframe_records": records, "inputs": {}})
+    assert status == 400 and body["error_code"] == "BAD_REQUEST" and "exactly one" in body["message"]
+    status, body, _ = call(service.url, "/invocations", {"dataframe_records": [{**REFERENCE_REQUEST, "stories": 5}]})
+    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE" and "stories outside 1-4" in body["message"]
+
+
+def test_parity_training_contract_pyfunc_and_http(service):
+    raw = {**REFERENCE_REQUEST, "mainroad": " Yes", "airconditioning": "NO"}
+    model = service.rounds[0].best.model
+    through_training = model.predict(validate(pl.DataFrame([raw]).with_columns(pl.lit("r").alias("row_id")), require_target=False).valid)[0]
+    pyfunc = mlflow.pyfunc.load_model(f"models:/housing-price/{service.versions[0]}").predict(pd.DataFrame([raw]))[0]
+    over_http = call(service.url, "/predict", raw)[1]["response"]["prediction"]
+    assert pyfunc == pytest.approx(through_training, rel=1e-6)
+    assert over_http == pytest.approx(pyfunc, rel=1e-6)
+
+
+def _logged(store, request_ids: set[str], expected: int, timeout: float = 60.0) -> pl.DataFrame:
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = read_interactions(store).filter(pl.col("request_id").is_in(list(request_ids)))
+        if logs.height >= expected or time.monotonic() > deadline:
+            return logs
+        time.sleep(0.5)
+
+
+def _traffic(url: str, tag: str) -> tuple[set[str], int]:
+    """Known traffic: 5 predictions, 2 rejections, a batch of 3, invocations of 4 rows."""
+    ids = [f"{tag}-{i}" for i in range(9)]
+    for i in range(5):
+        assert call(url, "/predict", {**REFERENCE_REQUEST, "area": 1000 + i}, {"X-Request-ID": ids[i]})[0] == 200
+    assert call(url, "/predict", {**REFERENCE_REQUEST, "bedrooms": 10}, {"X-Request-ID": ids[5]})[0] == 422
+    assert call(url, "/predict", raw=b" " * 2_000_000, headers={"X-Request-ID": ids[6]})[0] == 413
+    assert call(url, "/predict/batch", {"records": [REFERENCE_REQUEST] * 3}, {"X-Request-ID": ids[7]})[0] == 200
+    assert call(url, "/invocations", {"dataframe_records": [REFERENCE_REQUEST] * 4}, {"X-Request-ID": ids[8]})[0] == 200
+    return set(ids), 5 + 2 + 3 + 4
+
+
+def test_interaction_records_equal_what_was_sent(service):
+    ids, expected = _traffic(service.url, f"local-{uuid.uuid4().hex[:6]}")
+    logs = _logged(service.store, ids, expected)
+    assert logs.height == expected
+    by_status = dict(logs.group_by("status").len().iter_rows())
+    assert by_status == {200: 12, 422: 1, 413: 1}
+    assert logs.filter(pl.col("status") != 200)["prediction"].null_count() == 2
+    batch = logs.filter(pl.col("endpoint") == "/predict/batch").sort("row_index")
+    assert batch["row_index"].to_list() == [0, 1, 2] and batch["request_id"].n_unique() == 1
+    ok = logs.filter(pl.col("status") == 200)
+    assert set(ok["model_version"]) == {service.versions[0]} and ok["area"].null_count() == 0
+    keys = [k for k in service.store.list("interactions/") if k.endswith(".parquet")]
+    assert keys and all("/date=" in k and "/hour=" in k for k in keys)
+
+
+def test_redeploy_under_load_fails_no_request(service):
+    failures: list[object] = []
+    versions_seen: set[str] = set()
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                status, body, _ = call(service.url, "/predict", REFERENCE_REQUEST)
+                if status != 200:
+                    failures.append((status, body))
+                else:
+                    versions_seen.add(body["response"]["model_version"])
+            except Exception as error:  # noqa: BLE001 - a refused connection is a failure too
+                failures.append(error)
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        time.sleep(1)
+        promote_to_production(service.client, "housing-price", service.versions[1])
+        result = deploy_through_dagster()
+        time.sleep(2)
+    finally:
+        stop.set()
+        sender.join()
+    assert result.success
+    assert failures == []
+    assert versions_seen == set(service.versions)
+
+
+def test_a_version_failing_inside_the_replica_leaves_the_old_one_serving(service, tmp_path):
+    source = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/housing-price/{service.versions[1]}")) / "artifacts"
+    (tmp_path / "weights.pth").write_bytes(b"not a torch file")
+    shutil.copy(source / "model.json", tmp_path / "model.json")
+    with mlflow.start_run(run_name="broken"):
+        info = log_pyfunc(tmp_path / "weights.pth", tmp_path / "model.json", tmp_path / "code")
+    broken = str(mlflow.register_model(info.model_uri, "housing-price").version)
+
+    promote_to_production(service.client, "housing-price", broken)
+    refused = deploy_through_dagster()  # the asset's probe refuses it, naming why
+    assert not refused.success
+    failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert "refused to deploy" in message and "does not load" in message
+
+    with pytest.raises(RuntimeError, match="failed"):
+        deploy("housing-price", broken, None)  # past the probe: Serve's replicas fail to start
+    status, body, _ = call(service.url, "/predict", REFERENCE_REQUEST)
+    assert status == 200 and body["response"]["model_version"] == service.versions[1]
+    promote_to_production(service.client, "housing-price", service.versions[1])
+
+
+def test_interaction_logs_reach_s3(service, tmp_path):
+    s3_env = s3_environment(service.moto, tmp_path / "s3-home")
+    s3_env.pop("BRIDGE_HOME")
+    for name, value in s3_env.items():
+        service.patch.setenv(name, value)
+    try:
+        url = deploy("housing-price", service.versions[1], "production")  # same version, logs to the bucket
+        ids, expected = _traffic(url, f"s3-{uuid.uuid4().hex[:6]}")
+        s3_store = StorageSettings.from_env().open()
+        logs = _logged(s3_store, ids, expected)
+        assert s3_store.uri("interactions/").startswith("s3://bridge-test-")
+        assert logs.height == expected and dict(logs.group_by("status").len().iter_rows()) == {200: 12, 422: 1, 413: 1}
+        assert np.all(logs.filter(pl.col("status") == 200)["prediction"].to_numpy() > 0)
+    finally:
+        for name in s3_env:
+            service.patch.delenv(name, raising=False)

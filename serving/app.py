@@ -1,0 +1,377 @@
+"""The Ray Serve application: a FastAPI ingress around one registered model version.
+
+Endpoints (OpenAPI at /docs):
+- `POST /predict` — the BridgeAI request and reply, plus `model_name`/`model_version`;
+- `GET /health` — exactly the reference's reply;
+- `POST /predict/batch` — `{"records": [...]}`, up to `max_batch_records` rows;
+- `POST /invocations` — MLflow's scoring protocol (`dataframe_split`, `dataframe_records`,
+  `instances`, `inputs`) with MLflow's `{"predictions": …}` and `{"error_code", "message"}`;
+- `GET /model` — name, version, alias, run id, feature version.
+
+Every request gets an id (the client's `X-Request-ID`, else a new one), echoed in the reply
+and written with the interaction record. Client errors are 4xx naming the field (422), or 413
+for bodies over `max_body_bytes`; a failing model is a 503, logged.
+"""
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import polars as pl
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from ray import serve
+
+from bridge_assets.core.contract import COUNT_BOUNDS, FEATURES
+from bridge_assets.core.pyfunc import InvalidInput
+from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.ml.tracking import MlflowSettings
+from serving.interactions import InteractionLogger, record
+from serving.model import ServedModel
+
+log = logging.getLogger("bridge.serving")
+REQUEST_ID = "X-Request-ID"
+
+
+def _normalised(value: Any) -> Any:
+    """The contract's one spelling of a category: stripped and lower-cased."""
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+YesNo = Annotated[Literal["yes", "no"], BeforeValidator(_normalised)]
+Furnishing = Annotated[Literal["furnished", "semi-furnished", "unfurnished"], BeforeValidator(_normalised)]
+
+
+def _count(name: str) -> Any:
+    low, high = COUNT_BOUNDS[name]
+    return Field(ge=low, le=high, description=f"{low}–{high}")
+
+
+class HouseFeatures(BaseModel):
+    """One house, as the BridgeAI clients send it (yes/no in any case)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
+                "airconditioning": "yes", "prefarea": "no", "furnishingstatus": "furnished",
+                "area": 1200, "bedrooms": 3, "bathrooms": 2, "stories": 2, "parking": 1,
+            }  # fmt: skip
+        }
+    )
+    mainroad: YesNo
+    guestroom: YesNo
+    basement: YesNo
+    hotwaterheating: YesNo
+    airconditioning: YesNo
+    prefarea: YesNo
+    furnishingstatus: Furnishing
+    area: float = Field(gt=0, allow_inf_nan=False)
+    bedrooms: int = _count("bedrooms")
+    bathrooms: int = _count("bathrooms")
+    stories: int = _count("stories")
+    parking: int = _count("parking")
+
+
+class BatchRequest(BaseModel):
+    records: list[HouseFeatures] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What a replica needs; passed as the deployment's init argument."""
+
+    model_name: str
+    model_version: str
+    alias: str | None
+    environment: dict[str, str]  # lake + MLflow variables (StorageSettings/MlflowSettings.to_env)
+    variant: str = "production"
+    unit: str = "GBP(£)"
+    max_batch_records: int = 10_000
+    max_body_bytes: int = 1_048_576
+    log_flush_seconds: float = 10.0
+    log_flush_rows: int = 5_000
+    log_max_buffered: int = 200_000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+api = FastAPI(
+    title="bridge house-price prediction",
+    description="BridgeAI-compatible prediction API served by Ray Serve.",
+    version="1",
+)
+
+
+def _request_id(request: Request) -> str:
+    return request.headers.get(REQUEST_ID) or uuid.uuid4().hex
+
+
+def _reply(body: dict[str, Any], status: int, request_id: str) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers={REQUEST_ID: request_id})
+
+
+def _service(app: Any) -> "PredictionService | None":
+    """This replica's service, for the app-level hooks. Serve ships the ingress class by value
+    (a module global set in one copy is not seen by the other), so it lives on the app's state."""
+    return getattr(app.state, "service", None)
+
+
+def _log_rejection(request: Request, status: int, error: str, features: Any = None) -> None:
+    service = _service(request.app)
+    if service is not None:
+        service.log_interactions(
+            _request_id(request), request.url.path, status, request.state.started, [features], error=error
+        )
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class LimitBody:
+    """ASGI middleware: 413 for bodies over the limit, by header or as they stream in."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        service = _service(scope["app"]) if "app" in scope else None
+        limit = service.settings.max_body_bytes if service else 1_048_576
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        request = Request(scope)
+        request.state.started = time.perf_counter()
+        if declared is not None and int(declared) > limit:
+            return await self._too_large(scope, receive, send, limit)
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except BodyTooLarge:
+            await self._too_large(scope, receive, send, limit)
+
+    async def _too_large(self, scope: dict, receive: Any, send: Any, limit: int) -> None:
+        request = Request(scope)
+        request.state.started = time.perf_counter()
+        message = f"request body larger than {limit} bytes"
+        _log_rejection(request, 413, message)
+        response = _reply({"status": 413, "message": message, "response": None}, 413, _request_id(request))
+        await response(scope, receive, send)
+
+
+api.add_middleware(LimitBody)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 naming every field at fault (FastAPI's `detail` list), recorded as an interaction."""
+    detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in error.errors()]
+    fields = sorted({".".join(str(p) for p in e["loc"][1:]) for e in detail})
+    message = f"invalid input: {', '.join(fields)}"
+    body = getattr(error, "body", None)
+    _log_rejection(request, 422, message, body if isinstance(body, dict) else None)
+    return _reply({"status": 422, "message": message, "detail": detail, "response": None}, 422, _request_id(request))
+
+
+SCORING_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+def scoring_frame(payload: Any) -> pl.DataFrame:
+    """Rows from an MLflow scoring request; exactly one of the four input keys."""
+    if not isinstance(payload, dict):
+        raise ValueError("the request body must be a JSON object")
+    keys = [k for k in SCORING_KEYS if k in payload]
+    if len(keys) != 1:
+        raise ValueError(f"the request must have exactly one of {', '.join(SCORING_KEYS)}; got {keys or 'none'}")
+    data = payload[keys[0]]
+    if keys[0] == "dataframe_split":
+        if not isinstance(data, dict) or "columns" not in data or "data" not in data:
+            raise ValueError("dataframe_split needs 'columns' and 'data'")
+        records = [dict(zip(data["columns"], row, strict=True)) for row in data["data"]]
+    elif isinstance(data, dict):  # inputs/instances as columns: {"area": [...], ...}
+        lengths = {len(v) if isinstance(v, list) else 1 for v in data.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"{keys[0]}: every column needs the same number of values")
+        records = [dict(zip(data, values, strict=True)) for values in zip(*(v if isinstance(v, list) else [v] for v in data.values()), strict=True)]
+    elif isinstance(data, list) and all(isinstance(r, dict) for r in data):
+        records = data
+    else:
+        raise ValueError(f"{keys[0]} must be a list of records or an object of columns")
+    if not records:
+        raise ValueError(f"{keys[0]} holds no rows")
+    missing = sorted({f for r in records for f in FEATURES if f not in r})
+    if missing:
+        raise KeyError(f"missing field(s): {', '.join(missing)}")
+    return pl.DataFrame([{f: r[f] for f in FEATURES} for r in records], schema_overrides={"area": pl.Float64}, strict=False)
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.25},
+    max_ongoing_requests=32,
+    health_check_period_s=5,
+    graceful_shutdown_timeout_s=30,
+    max_surge_percent=100,
+    max_constructor_retry_count=2,
+)
+@serve.ingress(api)
+class PredictionService:
+    """One model version behind the BridgeAI API, logging every interaction."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        os.environ.update(settings.environment)
+        self.settings = settings
+        client = MlflowSettings.from_env().activate()
+        self.model = ServedModel.load(client, settings.model_name, settings.model_version, settings.alias)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (unit use)
+            replica = uuid.uuid4().hex[:8]
+        self.interactions = InteractionLogger(
+            StorageSettings.from_env().open,
+            replica,
+            flush_rows=settings.log_flush_rows,
+            flush_seconds=settings.log_flush_seconds,
+            max_buffered=settings.log_max_buffered,
+        )
+        api.state.service = self
+
+    def __del__(self) -> None:  # Serve calls this on graceful shutdown: flush what is buffered
+        interactions = getattr(self, "interactions", None)
+        if interactions is not None:
+            log.info("interaction log on shutdown: %s", interactions.close())
+
+    def check_health(self) -> None:
+        if self.model.net is None:
+            raise RuntimeError("model not loaded")
+
+    def log_interactions(
+        self,
+        request_id: str,
+        endpoint: str,
+        status: int,
+        started: float,
+        rows: list[dict[str, Any] | None],
+        predictions: list[float] | None = None,
+        error: str | None = None,
+    ) -> None:
+        latency = (time.perf_counter() - started) * 1000
+        self.interactions.log(
+            [
+                record(
+                    request_id=request_id,
+                    row_index=index,
+                    endpoint=endpoint,
+                    status=status,
+                    model_name=self.model.name,
+                    model_version=self.model.version,
+                    variant=self.settings.variant,
+                    latency_ms=latency,
+                    features=row,
+                    prediction=predictions[index] if predictions else None,
+                    error=error,
+                )
+                for index, row in enumerate(rows)
+            ]
+        )
+
+    def _predict(self, rows: list[dict[str, Any]]) -> list[float]:
+        """Predictions through the version's own contract, preprocessing and network."""
+        return self.model.predict(pl.DataFrame(rows, schema_overrides={"area": pl.Float64})).tolist()
+
+    def _model_failure(self, request: Request, request_id: str, endpoint: str, rows: list, error: Exception) -> JSONResponse:
+        log.exception("model failure on %s (request %s)", endpoint, request_id)
+        message = f"model unavailable: {type(error).__name__}"
+        self.log_interactions(request_id, endpoint, 503, request.state.started, rows, error=message)
+        return _reply({"status": 503, "message": message, "response": None}, 503, request_id)
+
+    @api.get("/health")
+    def health(self) -> dict[str, Any]:
+        return {"status": 200, "message": "success", "response": None}
+
+    @api.get("/model")
+    def model_info(self) -> dict[str, Any]:
+        return {"status": 200, "message": "success", "response": {**self.model.info(), "variant": self.settings.variant}}
+
+    @api.post("/predict")
+    def predict(self, features: HouseFeatures, request: Request) -> JSONResponse:
+        request_id = _request_id(request)
+        row = features.model_dump()
+        try:
+            (prediction,) = self._predict([row])
+        except Exception as error:  # noqa: BLE001 - any model error is a 503, never a 500
+            return self._model_failure(request, request_id, "/predict", [row], error)
+        self.log_interactions(request_id, "/predict", 200, request.state.started, [row], [prediction])
+        response = {
+            "prediction": prediction,
+            "unit": self.settings.unit,
+            "model_name": self.model.name,
+            "model_version": self.model.version,
+        }
+        return _reply({"status": 200, "message": "House price prediction successful", "response": response}, 200, request_id)
+
+    @api.post("/predict/batch")
+    def predict_batch(self, batch: BatchRequest, request: Request) -> JSONResponse:
+        request_id = _request_id(request)
+        rows = [r.model_dump() for r in batch.records]
+        if len(rows) > self.settings.max_batch_records:
+            message = f"records: at most {self.settings.max_batch_records} per request, got {len(rows)}"
+            self.log_interactions(request_id, "/predict/batch", 413, request.state.started, [None], error=message)
+            return _reply({"status": 413, "message": message, "response": None}, 413, request_id)
+        try:
+            predictions = self._predict(rows)
+        except Exception as error:  # noqa: BLE001
+            return self._model_failure(request, request_id, "/predict/batch", rows, error)
+        self.log_interactions(request_id, "/predict/batch", 200, request.state.started, rows, predictions)
+        response = {
+            "predictions": predictions,
+            "unit": self.settings.unit,
+            "model_name": self.model.name,
+            "model_version": self.model.version,
+        }
+        return _reply({"status": 200, "message": "House price prediction successful", "response": response}, 200, request_id)
+
+    @api.post("/invocations")
+    async def invocations(self, request: Request) -> JSONResponse:
+        """MLflow's scoring protocol, over the same model and contract."""
+        request_id = _request_id(request)
+        try:
+            payload = json.loads(await request.body())
+            frame = scoring_frame(payload)
+        except (ValueError, TypeError, KeyError) as error:
+            message = str(error)
+            self.log_interactions(request_id, "/invocations", 400, request.state.started, [None], error=message)
+            return _reply({"error_code": "BAD_REQUEST", "message": message}, 400, request_id)
+        rows = frame.to_dicts()
+        if len(rows) > self.settings.max_batch_records:
+            message = f"at most {self.settings.max_batch_records} rows per request, got {len(rows)}"
+            self.log_interactions(request_id, "/invocations", 413, request.state.started, [None], error=message)
+            return _reply({"error_code": "BAD_REQUEST", "message": message}, 413, request_id)
+        try:
+            predictions = self.model.predict(frame).tolist()
+        except InvalidInput as error:
+            self.log_interactions(request_id, "/invocations", 400, request.state.started, rows, error=str(error))
+            return _reply({"error_code": "INVALID_PARAMETER_VALUE", "message": str(error)}, 400, request_id)
+        except Exception as error:  # noqa: BLE001
+            return self._model_failure(request, request_id, "/invocations", rows, error)
+        self.log_interactions(request_id, "/invocations", 200, request.state.started, rows, predictions)
+        return _reply({"predictions": predictions}, 200, request_id)
+
+
+def application(settings: ServiceSettings, replicas: int = 1) -> serve.Application:
+    return PredictionService.options(num_replicas=replicas).bind(settings)
