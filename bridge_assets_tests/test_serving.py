@@ -306,3 +306,13 @@ def test_interaction_logs_reach_s3(service, tmp_path):
     finally:
         for name in s3_env:
             service.patch.delenv(name, raising=False)
+
+
+def test_a_clean_stop_flushes_every_buffered_record(service):
+    service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "600")  # only the shutdown flush can write
+    url = deploy("housing-price", service.versions[1], "production")
+    ids, expected = _traffic(url, f"stop-{uuid.uuid4().hex[:6]}")
+    time.sleep(2)
+    assert read_interactions(service.store).filter(pl.col("request_id").is_in(list(ids))).is_empty()
+    stop_serving()
+    assert _logged(service.store, ids, expected, timeout=5).height == expected
