@@ -2,41 +2,55 @@
 
 Lands the real data and a simulated batch (with some corrupt rows and oddly-cased
 categories), registers both as raw partitions, materializes them, the feature table and a
-training round (a candidate model in MLflow) with `dagster asset materialize`, and prints what
-was produced, read back from storage and MLflow. Running it again lands nothing new; it
-trains a new round each time.
+training round (a candidate model in MLflow) with `dagster asset materialize`, promotes the
+candidate (`promote_model` job), deploys it into Ray Serve (`production_deployment`), sends a
+few requests, and stops Serve and Ray again, printing what was produced, read back from
+storage and MLflow. Running it again lands nothing new; it trains a new round each time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import urllib.error
+import urllib.request
 
 import dagster as dg
+import polars as pl
 
+from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.tracking import CANDIDATE_ALIAS, MlflowSettings
+from serving.deploy import ServingSettings, stop_serving
+from serving.interactions import read_interactions
 
 DEMO_BATCH = "demo-sim-s7"
 DEMO_ROWS = 20_000
 
 
-def _materialize(select: str, partition: str | None = None) -> None:
-    command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "bridge_assets.definitions"]
-    command += ["--select", select] + (["--partition", partition] if partition else [])
-    print(f"$ dagster asset materialize --select {select}" + (f" --partition {partition}" if partition else ""))
+def _dagster(*args: str) -> None:
+    """Run a `dagster` command against this code location and DAGSTER_HOME."""
+    print(f"$ dagster {' '.join(args)}")
+    command = [sys.executable, "-m", "dagster", *args[:2], "-m", "bridge_assets.definitions", *args[2:]]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
-        raise SystemExit(f"materializing {select} failed")
+        raise SystemExit(f"`dagster {' '.join(args)}` failed")
 
 
-def _print_candidate() -> None:
+def _materialize(select: str, partition: str | None = None) -> None:
+    _dagster("asset", "materialize", "--select", select, *(["--partition", partition] if partition else []))
+
+
+def _print_candidate() -> str:
     """The registered candidate and its metrics next to the baselines', read back from MLflow."""
     settings = MlflowSettings.from_env()
     client = settings.activate()
@@ -52,6 +66,44 @@ def _print_candidate() -> None:
             f"  {label:<22}{metrics[prefix + 'val_rmse']:>12,.0f}{metrics[prefix + 'val_r2']:>9.4f}"
             f"{metrics[prefix + 'test_rmse']:>12,.0f}{metrics[prefix + 'test_r2']:>9.4f}"
         )
+    return str(version.version)
+
+
+def _serve(store: ObjectStore, version: str) -> None:
+    """Promote the candidate, deploy it into Ray Serve, send requests, stop what was started."""
+    print()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="promote-") as config:
+        json.dump({"ops": {"set_production_alias": {"config": {"version": version}}}}, config)  # JSON is YAML
+        config.flush()
+        _dagster("job", "execute", "-j", "promote_model", "-c", config.name)
+    _materialize("production_deployment")
+    url = ServingSettings.from_env().url
+    requests = HousingSimulator.fit().generate(5, seed=99, batch_id="demo-traffic")
+    traffic = next(iter(requests))
+    sent = [*traffic["row_id"], "demo-bad"]
+    try:
+        print(f"\nPOST {url}/predict (simulated houses; X-Request-ID = row_id):")
+        for row in traffic.iter_rows(named=True):
+            body = {name: row[name] for name in FEATURES}
+            reply = _post(f"{url}/predict", body, row["row_id"])
+            print(f"  {row['row_id']}: predicted {reply['response']['prediction']:>12,.0f}   actual {row['price']:>12,.0f}")
+        bad = _post(f"{url}/predict", {**{name: traffic.row(0, named=True)[name] for name in FEATURES}, "bedrooms": 10}, "demo-bad")
+        print(f"  an invalid request (bedrooms 10) → {bad['status']}: {bad['message']}")
+    finally:
+        stop_serving()
+    logged = read_interactions(store).filter(pl.col("request_id").is_in(sent))
+    print(f"stopped Serve and the local Ray; {logged.height} interaction records in {store.uri('interactions/')}")
+
+
+def _post(url: str, body: dict, request_id: str) -> dict:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json", "X-Request-ID": request_id}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return json.load(reply)
+    except urllib.error.HTTPError as error:
+        return json.loads(error.read())
 
 
 def main() -> None:
@@ -96,7 +148,8 @@ def main() -> None:
         "WHERE reference_split IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"
     )
     print(f"  reference split of the real data (DuckDB): {dict(reference.fetchall())}")
-    _print_candidate()
+    version = _print_candidate()
+    _serve(store, version)
     print("\nopen the UI with `make dev` (http://127.0.0.1:3000) to see these runs and their metadata")
 
 

@@ -67,3 +67,5 @@ def test_demo_materializes_through_dagster_into_the_ui_instance(tmp_path: Path, 
     assert "candidate model: models:/housing-price/1 " in demo.stdout
     assert "candidate model: models:/housing-price/2 " in rerun.stdout  # every run trains a round
     assert "baseline: log-linear" in demo.stdout
+    assert "an invalid request (bedrooms 10) → 422: invalid input: bedrooms" in demo.stdout
+    assert "stopped Serve and the local Ray; 6 interaction records" in demo.stdout

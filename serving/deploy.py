@@ -130,8 +130,11 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> None:
     if settings.ray_address or local_ray_running(settings):
         from ray import serve
 
+        import ray
+
         connect(settings)
         serve.shutdown()
+        ray.shutdown()  # disconnect before the cluster goes, so its logs don't reach this process
     if not settings.ray_address:
         stop_local_ray()
 
