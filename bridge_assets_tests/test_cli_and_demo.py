@@ -1,6 +1,7 @@
 """The `bridge` CLI and `make demo`'s job, run as the user runs them: in subprocesses."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,11 @@ def test_demo_materializes_through_dagster_into_the_ui_instance(tmp_path: Path, 
     dagster_home.mkdir(parents=True)
     (dagster_home / "dagster.yaml").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_"))}
-    env.update(BRIDGE_HOME=str(home), DAGSTER_HOME=str(dagster_home))
+    env.update(BRIDGE_HOME=str(home), DAGSTER_HOME=str(dagster_home), BRIDGE_RAY_TMPDIR=f"/tmp/bridge-ray-{os.getpid()}")
+    for name in ("BRIDGE_RAY_PORT", "BRIDGE_SERVE_PORT"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            env[name] = str(sock.getsockname()[1])
     demo = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "reference split of the real data (DuckDB): {'train': 348, 'test': 109, 'validation': 88}" in demo.stdout

@@ -291,8 +291,10 @@ class PredictionService:
         )
 
     def _predict(self, rows: list[dict[str, Any]]) -> list[float]:
-        """Predictions through the version's own contract, preprocessing and network."""
-        return self.model.predict(pl.DataFrame(rows, schema_overrides={"area": pl.Float64})).tolist()
+        """Predictions for rows `HouseFeatures` validated, through the version's preprocessing
+        and network (the contract's checks already held: bounds and levels are the contract's)."""
+        frame = pl.DataFrame(rows, schema_overrides={"area": pl.Float64})
+        return self.model.predict(frame, checked=True).tolist()
 
     def _model_failure(self, request: Request, request_id: str, endpoint: str, rows: list, error: Exception) -> JSONResponse:
         log.exception("model failure on %s (request %s)", endpoint, request_id)
@@ -308,12 +310,17 @@ class PredictionService:
     def model_info(self) -> dict[str, Any]:
         return {"status": 200, "message": "success", "response": {**self.model.info(), "variant": self.settings.variant}}
 
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def _predict_batched(self, rows: list[dict[str, Any]]) -> list[float]:
+        """Concurrent single-row requests encoded and predicted together (one Polars pass)."""
+        return self._predict(rows)
+
     @api.post("/predict")
-    def predict(self, features: HouseFeatures, request: Request) -> JSONResponse:
+    async def predict(self, features: HouseFeatures, request: Request) -> JSONResponse:
         request_id = _request_id(request)
         row = features.model_dump()
         try:
-            (prediction,) = self._predict([row])
+            prediction = await self._predict_batched(row)
         except Exception as error:  # noqa: BLE001 - any model error is a 503, never a 500
             return self._model_failure(request, request_id, "/predict", [row], error)
         self.log_interactions(request_id, "/predict", 200, request.state.started, [row], [prediction])

@@ -51,6 +51,7 @@ class ServingSettings:
     max_batch_records: int = 10_000
     max_body_bytes: int = 1_048_576
     log_flush_seconds: float = 10.0
+    haproxy: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
@@ -65,6 +66,7 @@ class ServingSettings:
             max_batch_records=int(env.get("BRIDGE_SERVE_MAX_BATCH", "10000")),
             max_body_bytes=int(env.get("BRIDGE_SERVE_MAX_BODY", str(1_048_576))),
             log_flush_seconds=float(env.get("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "10")),
+            haproxy=env.get("BRIDGE_SERVE_HAPROXY", "1") == "1",
         )
 
     def to_env(self) -> dict[str, str]:
@@ -78,6 +80,7 @@ class ServingSettings:
             "BRIDGE_SERVE_MAX_BATCH": str(self.max_batch_records),
             "BRIDGE_SERVE_MAX_BODY": str(self.max_body_bytes),
             "BRIDGE_SERVE_LOG_FLUSH_SECONDS": str(self.log_flush_seconds),
+            "BRIDGE_SERVE_HAPROXY": "1" if self.haproxy else "0",
         }
         return env | ({"RAY_ADDRESS": self.ray_address} if self.ray_address else {})
 
@@ -87,9 +90,13 @@ class ServingSettings:
         return f"http://{host}:{self.port}"
 
 
-def _ray_env() -> dict[str, str]:
-    # Local single-user cluster: no token auth, no usage stats; workers import this project.
-    return {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0"}
+def _ray_env(settings: ServingSettings | None = None) -> dict[str, str]:
+    """Local single-user cluster: no token auth, no usage stats; optionally Serve's HAProxy
+    ingress (`BRIDGE_SERVE_HAPROXY=1`), which must be set when the cluster starts."""
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0"}
+    if settings is not None and settings.haproxy:
+        env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    return env
 
 
 def _local_address(settings: ServingSettings) -> str:
@@ -115,7 +122,7 @@ def start_local_ray(settings: ServingSettings) -> str:
         "--num-cpus", str(os.cpu_count() or 2), "--include-dashboard=false", "--disable-usage-stats",
         "--object-store-memory", str(512 * 1024 * 1024), "--temp-dir", settings.ray_temp_dir,
     ]  # fmt: skip
-    subprocess.run(command, env=_ray_env(), check=True, capture_output=True, timeout=180)
+    subprocess.run(command, env=_ray_env(settings), check=True, capture_output=True, timeout=180)
     return address
 
 

@@ -157,6 +157,7 @@ class RayServing(dg.ConfigurableResource):
     max_batch_records: int = 10_000
     max_body_bytes: int = 1_048_576
     log_flush_seconds: float = 10.0
+    haproxy: bool = True
 
     def settings(self) -> ServingSettings:
         return ServingSettings(**self.model_dump())

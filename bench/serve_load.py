@@ -1,0 +1,172 @@
+"""Benchmark: bridge's Ray Serve `/predict` against `mlflow models serve` of the same version.
+
+    python bench/serve_load.py [--seconds 8] [--rounds 2] [--python-proxy]
+
+Trains and registers one model version in a temporary lake and MLflow store, deploys it into
+Ray Serve (interaction logging on, as in production) and serves the same version with
+`mlflow models serve`. One closed-loop load generator (the same client for both, keep-alive
+HTTP connections, one thread per concurrent client) then alternates fixed-duration rounds
+between the two at concurrency 1 and 16. It prints req/s, p50 and p99 for each, and the
+throughput ratio at concurrency 16 last. Goal: at least 5x `mlflow models serve` at
+concurrency 16, and p50 under 5 ms at concurrency 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REQUEST = {
+    "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
+    "airconditioning": "yes", "prefarea": "no", "furnishingstatus": "furnished",
+    "area": 1200, "bedrooms": 3, "bathrooms": 2, "stories": 2, "parking": 1,
+}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare(home: Path) -> tuple[str, str]:
+    """A registered version trained on the real data; returns (model name, version)."""
+    from bridge_assets.core.training import preset
+    from bridge_assets.lake.feature_store import FeatureStore, build_features
+    from bridge_assets.lake.landing import land_seed, landed_batches
+    from bridge_assets.lake.raw import validate_batch
+    from bridge_assets.lake.settings import StorageSettings
+    from bridge_assets.ml.round import run_round
+    from bridge_assets.ml.tracking import MlflowSettings, log_round, promote_to_production
+
+    store = StorageSettings.from_env().open()
+    land_seed(store)
+    validate_batch(store, landed_batches(store)[0])
+    version = build_features(store).version
+    result = run_round(FeatureStore(store).scan(version).collect(), [preset("default")])
+    settings = MlflowSettings.from_env()
+    record = log_round(settings, result, feature_version=version.version)
+    promote_to_production(settings.activate(), settings.model_name, record.model_version)
+    return settings.model_name, record.model_version
+
+
+def start_mlflow_serve(name: str, version: str, port: int, log: Path) -> subprocess.Popen:
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}  # it execs uvicorn from PATH
+    command = [f"{bin_dir}/mlflow", "models", "serve", "-m", f"models:/{name}/{version}", "--env-manager", "local",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
+                return process
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"mlflow models serve did not start: {log.read_text()[-2000:]}")
+
+
+def load(port: int, path: str, body: bytes, concurrency: int, seconds: float) -> tuple[int, list[float], int]:
+    """Closed loop: each client sends its next request when the previous answers."""
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    errors = [0] * concurrency
+    stop = time.monotonic() + seconds
+
+    def client(index: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"Content-Type": "application/json"}
+        while time.monotonic() < stop:
+            started = time.perf_counter()
+            try:
+                connection.request("POST", path, body, headers)
+                reply = connection.getresponse()
+                reply.read()
+                ok = reply.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            latencies[index].append(time.perf_counter() - started)
+            errors[index] += 0 if ok else 1
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    flat = [x for per_client in latencies for x in per_client]
+    return len(flat), flat, sum(errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="duration of one round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per target and concurrency")
+    parser.add_argument("--python-proxy", action="store_true", help="Serve's default Python proxy instead of HAProxy")
+    args = parser.parse_args()
+
+    home = Path(tempfile.mkdtemp(prefix="bridge-serve-bench-"))
+    os.environ.update({
+        "BRIDGE_HOME": str(home), "BRIDGE_RAY_PORT": str(free_port()), "BRIDGE_SERVE_PORT": str(free_port()),
+        "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-bench-{os.getpid()}", "BRIDGE_SERVE_HAPROXY": "0" if args.python_proxy else "1",
+    })  # fmt: skip
+    for name in ("MLFLOW_TRACKING_URI", "BRIDGE_S3_BUCKET", "RAY_ADDRESS"):
+        os.environ.pop(name, None)
+    from serving.deploy import ServingSettings, deploy, stop_serving
+
+    name, version = prepare(home)
+    serve_port = ServingSettings.from_env().port
+    mlflow_port = free_port()
+    mlflow_server = start_mlflow_serve(name, version, mlflow_port, home / "mlflow-serve.log")
+    try:
+        deploy(name, version, "production")
+        targets = {
+            "ray serve /predict": (serve_port, "/predict", json.dumps(REQUEST).encode()),
+            "mlflow models serve /invocations": (
+                mlflow_port, "/invocations", json.dumps({"dataframe_records": [REQUEST]}).encode()
+            ),
+        }
+        for target, (port, path, body) in targets.items():  # warm up both
+            load(port, path, body, 4, 1.0)
+        results: dict[tuple[str, int], list] = {}
+        for _ in range(args.rounds):
+            for concurrency in (1, 16):
+                for target, (port, path, body) in targets.items():
+                    count, latencies, errors = load(port, path, body, concurrency, args.seconds)
+                    totals = results.setdefault((target, concurrency), [0, [], 0, 0.0])
+                    totals[0] += count
+                    totals[1].extend(latencies)
+                    totals[2] += errors
+                    totals[3] += args.seconds
+        proxy = "default Python proxy" if args.python_proxy else "HAProxy ingress"
+        print(f"model {name} v{version}; Ray Serve with the {proxy}, interaction logging on; "
+              f"{args.rounds} rounds x {args.seconds:.0f} s per cell, alternating")
+        throughput = {}
+        for (target, concurrency), (count, latencies, errors, seconds) in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            throughput[(target, concurrency)] = count / seconds
+            p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+            print(f"{target:<34} c={concurrency:<3} {count / seconds:>8,.0f} req/s   p50 {p50:6.1f} ms   p99 {p99:7.1f} ms   errors {errors}")
+        ratio = throughput[("ray serve /predict", 16)] / throughput[("mlflow models serve /invocations", 16)]
+        print(f"throughput ratio at concurrency 16 (ray serve / mlflow models serve): {ratio:.1f}x")
+    finally:
+        mlflow_server.terminate()
+        mlflow_server.wait(timeout=30)
+        stop_serving()
+
+
+if __name__ == "__main__":
+    main()
