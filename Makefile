@@ -44,6 +44,8 @@ bench: install
 	$(BIN)/python bench/features.py --rows 1000000
 	$(BIN)/python bench/train.py --rows 200000
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/simulate.py --rows 10000000
+	$(BIN)/python bench/serve_load.py
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.new && mv constraints.new constraints.txt

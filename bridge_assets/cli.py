@@ -26,7 +26,7 @@ def _pairs(values: list[str]) -> dict[str, float]:
         try:
             parsed[name] = float(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected name=number, got {item!r}") from None
+            raise ValueError(f"expected name=number, got {item!r}") from None
     return parsed
 
 

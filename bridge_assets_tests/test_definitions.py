@@ -41,11 +41,12 @@ def test_asset_graph_shape():
         from bridge_assets.definitions import defs
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"simulated_batch", "raw_housing", "housing_features", "candidate_model"}
+    assert keys == {"simulated_batch", "raw_housing", "housing_features", "candidate_model", "production_deployment"}
     assert graph.get(dg.AssetKey("candidate_model")).parent_keys == {dg.AssetKey("housing_features")}
     assert graph.get(dg.AssetKey("housing_features")).parent_keys == {dg.AssetKey("raw_housing")}
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {"schema", "no_nulls", "row_count", "split_proportions", "quarantine_rate"}
+    assert defs.resolve_job_def("promote_model").name == "promote_model"
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["landed_batches_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
     assert sensors["bridge_automation"].default_status == dg.DefaultSensorStatus.RUNNING

@@ -48,3 +48,14 @@ def test_storage_down_keeps_answering_bounds_the_buffer_and_counts_drops():
     stats = logger.close(attempts=1)
     assert stats["written"] == 0
     assert stats["dropped"] == 40  # 15 over the bound while buffered, 25 unwritten at shutdown
+
+
+def test_rejected_requests_with_any_values_still_make_writable_records(tmp_path):
+    store = LocalStore(tmp_path)
+    logger = InteractionLogger(lambda: store, "replica-c", flush_rows=100, flush_seconds=60)
+    odd = {"area": float("nan"), "bedrooms": 1e20, "bathrooms": float("inf"), "stories": 10**30, "parking": True, "mainroad": 3}
+    logger.log([record(request_id="odd", endpoint="/predict", status=422, model_name="m", model_version="1",
+                       variant="production", latency_ms=1.0, features=odd, error="bad")])  # fmt: skip
+    assert logger.close()["written"] == 1
+    (row,) = read_interactions(store).select("area", "bedrooms", "bathrooms", "stories", "parking", "mainroad").rows()
+    assert row == (None,) * 6

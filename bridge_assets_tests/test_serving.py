@@ -150,6 +150,12 @@ def test_invalid_fields_are_422_naming_the_field(service, field, value):
     assert [d["loc"] for d in body["detail"]] == [["body", field]] and field in body["message"]
 
 
+def test_non_finite_numbers_are_422_not_a_server_error(service):
+    raw = json.dumps({**REFERENCE_REQUEST, "bedrooms": float("nan"), "area": float("inf")}).encode()
+    status, body, _ = call(service.url, "/predict", raw=raw)
+    assert status == 422 and {d["loc"][1] for d in body["detail"]} == {"bedrooms", "area"}
+
+
 def test_missing_field_and_broken_json_are_422(service):
     status, body, _ = call(service.url, "/predict", {k: v for k, v in REFERENCE_REQUEST.items() if k != "area"})
     assert status == 422 and body["detail"][0]["loc"] == ["body", "area"]
@@ -189,6 +195,9 @@ def test_all_four_mlflow_scoring_shapes(service):
     assert status == 400 and body["error_code"] == "BAD_REQUEST" and "exactly one" in body["message"]
     status, body, _ = call(service.url, "/invocations", {"dataframe_records": [{**REFERENCE_REQUEST, "stories": 5}]})
     assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE" and "stories outside 1-4" in body["message"]
+    for odd in ({"area": "abc"}, {"bedrooms": [1, 2]}):
+        status, body, _ = call(service.url, "/invocations", {"dataframe_records": [{**REFERENCE_REQUEST, **odd}]})
+        assert status == 400 and "error_code" in body, (odd, status, body)
 
 
 def test_parity_training_contract_pyfunc_and_http(service):

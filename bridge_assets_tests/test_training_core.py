@@ -96,3 +96,11 @@ def test_config_hash_changes_with_any_field():
     assert base.config_hash() != preset("default", learning_rate=0.004).config_hash()
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
+
+
+def test_a_round_refuses_two_configurations_with_one_name(splits):
+    from bridge_assets.ml.round import run_round
+
+    rows = pl.concat([splits["train"], splits["validation"], splits["test"]])
+    with pytest.raises(ValueError, match="unique"):
+        run_round(rows, [preset("default"), preset("default", hidden=(64, 32))])

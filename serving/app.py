@@ -13,12 +13,13 @@ and written with the interaction record. Client errors are 4xx naming the field 
 for bodies over `max_body_bytes`; a failing model is a 503, logged.
 """
 
+import asyncio
 import json
 import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import polars as pl
@@ -98,7 +99,6 @@ class ServiceSettings:
     log_flush_seconds: float = 10.0
     log_flush_rows: int = 5_000
     log_max_buffered: int = 200_000
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 api = FastAPI(
@@ -257,8 +257,9 @@ class PredictionService:
             log.info("interaction log on shutdown: %s", interactions.close())
 
     def check_health(self) -> None:
-        if self.model.net is None:
-            raise RuntimeError("model not loaded")
+        """Unhealthy (and replaced by Serve) if the interaction logger has died."""
+        if not self.interactions.alive:
+            raise RuntimeError("interaction logger thread is not running")
 
     def log_interactions(
         self,
@@ -296,6 +297,11 @@ class PredictionService:
         frame = pl.DataFrame(rows, schema_overrides={"area": pl.Float64})
         return self.model.predict(frame, checked=True).tolist()
 
+    def _prediction_reply(self, request_id: str, **result: Any) -> JSONResponse:
+        """The reference's success body, with the model that answered."""
+        response = {**result, "unit": self.settings.unit, "model_name": self.model.name, "model_version": self.model.version}
+        return _reply({"status": 200, "message": "House price prediction successful", "response": response}, 200, request_id)
+
     def _model_failure(self, request: Request, request_id: str, endpoint: str, rows: list, error: Exception) -> JSONResponse:
         log.exception("model failure on %s (request %s)", endpoint, request_id)
         message = f"model unavailable: {type(error).__name__}"
@@ -324,13 +330,7 @@ class PredictionService:
         except Exception as error:  # noqa: BLE001 - any model error is a 503, never a 500
             return self._model_failure(request, request_id, "/predict", [row], error)
         self.log_interactions(request_id, "/predict", 200, request.state.started, [row], [prediction])
-        response = {
-            "prediction": prediction,
-            "unit": self.settings.unit,
-            "model_name": self.model.name,
-            "model_version": self.model.version,
-        }
-        return _reply({"status": 200, "message": "House price prediction successful", "response": response}, 200, request_id)
+        return self._prediction_reply(request_id, prediction=prediction)
 
     @api.post("/predict/batch")
     def predict_batch(self, batch: BatchRequest, request: Request) -> JSONResponse:
@@ -345,13 +345,7 @@ class PredictionService:
         except Exception as error:  # noqa: BLE001
             return self._model_failure(request, request_id, "/predict/batch", rows, error)
         self.log_interactions(request_id, "/predict/batch", 200, request.state.started, rows, predictions)
-        response = {
-            "predictions": predictions,
-            "unit": self.settings.unit,
-            "model_name": self.model.name,
-            "model_version": self.model.version,
-        }
-        return _reply({"status": 200, "message": "House price prediction successful", "response": response}, 200, request_id)
+        return self._prediction_reply(request_id, predictions=predictions)
 
     @api.post("/invocations")
     async def invocations(self, request: Request) -> JSONResponse:
@@ -360,7 +354,7 @@ class PredictionService:
         try:
             payload = json.loads(await request.body())
             frame = scoring_frame(payload)
-        except (ValueError, TypeError, KeyError) as error:
+        except (ValueError, TypeError, KeyError, pl.exceptions.PolarsError) as error:
             message = str(error)
             self.log_interactions(request_id, "/invocations", 400, request.state.started, [None], error=message)
             return _reply({"error_code": "BAD_REQUEST", "message": message}, 400, request_id)
@@ -370,7 +364,7 @@ class PredictionService:
             self.log_interactions(request_id, "/invocations", 413, request.state.started, [None], error=message)
             return _reply({"error_code": "BAD_REQUEST", "message": message}, 413, request_id)
         try:
-            predictions = self.model.predict(frame).tolist()
+            predictions = (await asyncio.to_thread(self.model.predict, frame)).tolist()  # keep /predict flowing
         except InvalidInput as error:
             self.log_interactions(request_id, "/invocations", 400, request.state.started, rows, error=str(error))
             return _reply({"error_code": "INVALID_PARAMETER_VALUE", "message": str(error)}, 400, request_id)

@@ -134,15 +134,15 @@ def stop_local_ray() -> None:
 def stop_serving(env: Mapping[str, str] = os.environ) -> None:
     """Shut Serve down gracefully (replicas flush their interaction logs), then the local Ray."""
     settings = ServingSettings.from_env(env)
-    if settings.ray_address or local_ray_running(settings):
-        from ray import serve
-
+    running_locally = not settings.ray_address and local_ray_running(settings)
+    if settings.ray_address or running_locally:
         import ray
+        from ray import serve
 
         connect(settings)
         serve.shutdown()
         ray.shutdown()  # disconnect before the cluster goes, so its logs don't reach this process
-    if not settings.ray_address:
+    if running_locally:
         stop_local_ray()
 
 

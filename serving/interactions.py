@@ -14,6 +14,7 @@ it the oldest are dropped and counted (`dropped`), never silently.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import uuid
 from collections.abc import Callable
@@ -76,15 +77,25 @@ def record(
         "error": error,
     }
     for name in FEATURE_COLUMNS:
-        value = (features or {}).get(name)
-        if name == "area":
-            value = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-        elif name in COUNT_FEATURES:
-            value = int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value == int(value) else None
-        else:
-            value = value if isinstance(value, str) else None
-        row[name] = value
+        row[name] = _fits(name, (features or {}).get(name))
     return row
+
+
+def _fits(name: str, value: Any) -> Any:
+    """`value` if it fits the column's type (rejected requests carry anything), else None."""
+    if name in COUNT_FEATURES:
+        number = _finite(value)
+        return int(number) if number is not None and number.is_integer() and abs(number) < 2**62 else None
+    if name == "area":
+        return _finite(value)
+    return value if isinstance(value, str) else None
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value) if abs(value) < 1e300 else math.inf
+    return number if math.isfinite(number) else None
 
 
 class InteractionLogger:
@@ -115,6 +126,10 @@ class InteractionLogger:
         self._thread = threading.Thread(target=self._run, name="interaction-logger", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def log(self, records: list[dict[str, Any]]) -> None:
         """Queue records (never blocks on storage)."""
         with self._lock:
@@ -138,34 +153,40 @@ class InteractionLogger:
             self.flush()
 
     def flush(self) -> int:
-        """Write what is buffered; on failure put it back (bounded) and count the error."""
+        """Write what is buffered, one file per hour partition; what could not be written goes
+        back (bounded) and the error is counted."""
         with self._flush_lock:
             with self._lock:
                 batch, self._buffer = self._buffer, []
-            if not batch:
-                return 0
-            try:
-                self._write(batch)
-            except Exception:  # storage down: keep the records, bounded, and say so
-                log.exception("writing %d interaction records failed; keeping them buffered", len(batch))
-                with self._lock:
-                    self.stats["flush_errors"] += 1
-                    self._buffer = batch + self._buffer
-                    self._trim()
-                return 0
-            self.stats["written"] += len(batch)
-            return len(batch)
+            partitions: dict[str, list[dict[str, Any]]] = {}
+            for row in batch:
+                partitions.setdefault(row["timestamp"].strftime("date=%Y-%m-%d/hour=%H"), []).append(row)
+            written = 0
+            pending = list(partitions.items())
+            while pending:
+                partition, rows = pending[0]
+                try:
+                    self._write(partition, rows)
+                except Exception:  # storage down: keep the unwritten records, bounded, and say so
+                    unwritten = [row for _, group in pending for row in group]
+                    log.exception("writing %d interaction records failed; keeping them buffered", len(unwritten))
+                    with self._lock:
+                        self.stats["flush_errors"] += 1
+                        self._buffer = unwritten + self._buffer
+                        self._trim()
+                    break
+                written += len(rows)
+                pending.pop(0)
+            self.stats["written"] += written
+            return written
 
-    def _write(self, batch: list[dict[str, Any]]) -> None:
+    def _write(self, partition: str, rows: list[dict[str, Any]]) -> None:
         if self._store is None:
             self._store = self._open_store()
-        frame = pl.DataFrame(batch, schema=SCHEMA)
-        hours = frame.with_columns(pl.col("timestamp").dt.strftime("date=%Y-%m-%d/hour=%H").alias("__partition"))
-        for (partition,), rows in hours.group_by("__partition", maintain_order=True):
-            self._sequence += 1
-            key = f"{PREFIX}{partition}/{self.replica}-{self._sequence:06d}-{uuid.uuid4().hex[:8]}.parquet"
-            self._store.write_parquet(key, rows.drop("__partition"))
-            self.stats["files"] += 1
+        self._sequence += 1
+        key = f"{PREFIX}{partition}/{self.replica}-{self._sequence:06d}-{uuid.uuid4().hex[:8]}.parquet"
+        self._store.write_parquet(key, pl.DataFrame(rows, schema=SCHEMA))
+        self.stats["files"] += 1
 
     def close(self, attempts: int = 3) -> dict[str, int]:
         """Stop the thread and flush what is left (retrying); returns the final counts."""

@@ -7,6 +7,7 @@ while skipping pandas per request.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,9 @@ class ServedModel:
     @classmethod
     def load(cls, client: MlflowClient, name: str, version: str, alias: str | None = None) -> ServedModel:
         details = client.get_model_version(name, version)
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
-        files = local / "artifacts"
-        model = TrainedModel.load(files / "weights.pth", files / "model.json")
+        with tempfile.TemporaryDirectory(prefix="bridge-model-") as scratch:  # read fully, then gone
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts", dst_path=scratch))
+            model = TrainedModel.load(local / "weights.pth", local / "model.json")
         return cls(
             name=name,
             version=str(version),

@@ -28,7 +28,10 @@ def check_rows(frame: pl.DataFrame) -> pl.DataFrame:
     if missing:
         raise InvalidInput(f"missing field(s): {', '.join(missing)}")
     with_ids = frame.select(FEATURES).with_columns(pl.int_range(pl.len()).cast(pl.String).alias(ROW_ID))
-    checked = validate(with_ids, require_target=False)
+    try:
+        checked = validate(with_ids, require_target=False)
+    except pl.exceptions.PolarsError as error:  # e.g. a list where a number belongs
+        raise InvalidInput(f"unreadable field values: {error}") from error
     if checked.quarantined.height:
         problems = "; ".join(
             f"row {row_id}: {reason}" for row_id, reason in checked.quarantined.select(ROW_ID, "reason").iter_rows()

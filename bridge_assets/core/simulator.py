@@ -22,7 +22,6 @@ from scipy.special import ndtr, ndtri
 
 from bridge_assets.core.contract import (
     CATEGORICAL_FEATURES,
-    CATEGORY_LEVELS,
     COUNT_FEATURES,
     FEATURES,
     ROW_ID,

@@ -1,1 +1,1 @@
-"""Dagster definitions by domain: resources, landing, raw data, features."""
+"""Dagster definitions by domain: resources, landing, raw data, features, training, serving."""

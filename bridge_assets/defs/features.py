@@ -8,7 +8,7 @@ from bridge_assets.core.features import SPLIT_BOUNDS, SPLITS
 from bridge_assets.defs.metadata import markdown_preview, table_schema
 from bridge_assets.defs.raw import raw_housing
 from bridge_assets.defs.resources import LakeStorage
-from bridge_assets.lake.feature_store import build_features
+from bridge_assets.lake.feature_store import FeatureStore, build_features
 
 # Hash splits converge on 64/16/20; below this many rows their proportions are too noisy to judge.
 MIN_ROWS_FOR_PROPORTIONS = 500
@@ -52,7 +52,9 @@ def _checks(rows: pl.LazyFrame, schema: pl.Schema, counts: dict[str, int]) -> li
     deps=[raw_housing],
     group_name="lake",
     kinds={"polars", "duckdb", "parquet"},
-    automation_condition=dg.AutomationCondition.eager(),
+    # eager() waits for every dependency partition; one failed or pending raw batch must not
+    # hold back the feature table for all the others.
+    automation_condition=dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing()),
     check_specs=[dg.AssetCheckSpec(name, asset="housing_features", blocking=True) for name in CHECKS],
 )
 def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
@@ -62,15 +64,22 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
     delayed labels joined by `row_id`, a hash split per row, and the BridgeAI reference split
     on the real data. Query a version with `FeatureStore(store).connect(version)` (DuckDB).
     """
+    store = storage.open()
     try:
-        build = build_features(storage.open())
+        build = build_features(store, publish=False)
     except ValueError as error:
         raise dg.Failure(str(error)) from error
     version = build.version
-    features = storage.features()
+    features = FeatureStore(store)
     rows = features.scan(version)
     schema = rows.collect_schema()
     counts = version.rows_per_split
+    checks = _checks(rows, schema, counts)
+    blocking_failed = [c.check_name for c in checks if not c.passed and c.severity == dg.AssetCheckSeverity.ERROR]
+    if blocking_failed:  # the version stays unpublished: training keeps using the last good one
+        context.log.error(f"feature version {version.version} failed {blocking_failed}; LATEST not moved")
+    else:
+        features.publish(version)
     context.log.info(f"feature version {version.version}: +{build.added_batches} on top of {build.previous}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.version),
@@ -83,10 +92,11 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
             "added_batches": dg.MetadataValue.json(build.added_batches),
             "duplicates_dropped": build.duplicates_dropped,
             "rows_awaiting_label": build.awaiting_label,
-            "manifest": dg.MetadataValue.path(features.store.uri(f"{features.prefix}versions/{version.version}.json")),
+            "published": not blocking_failed,
+            "manifest": dg.MetadataValue.path(store.uri(f"{features.prefix}versions/{version.version}.json")),
             "dagster/column_schema": table_schema(schema).value,
             "dagster/row_count": version.rows,
             "preview": markdown_preview(rows.head(5).collect()),
         },
-        check_results=_checks(rows, schema, counts),
+        check_results=checks,
     )

@@ -1,6 +1,7 @@
 """Serving (steps 7–9): promote a version to Production, deploy it into Ray Serve."""
 
 import dagster as dg
+from mlflow.exceptions import MlflowException
 from pydantic import Field
 
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, RayServing
@@ -40,12 +41,13 @@ def production_deployment(
     the new ones are healthy.
     """
     from serving.deploy import deploy, probe
+    from serving.model import version_for_alias
 
     settings = mlflow_tracking.settings()
     client = settings.activate()
     try:
-        version = str(client.get_model_version_by_alias(settings.model_name, PRODUCTION_ALIAS).version)
-    except Exception as error:  # noqa: BLE001 - no Production version yet
+        version = version_for_alias(client, settings.model_name, PRODUCTION_ALIAS)
+    except MlflowException as error:  # no Production version yet
         raise dg.Failure(f"no version of {settings.model_name} is marked Production: run the promote_model job") from error
     try:
         checked = probe(client, settings.model_name, version, PRODUCTION_ALIAS)

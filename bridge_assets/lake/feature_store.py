@@ -127,8 +127,9 @@ class FeatureStore:
         counts = rows.group_by("split").len().sort("split")
         return Part(batch_id, key, sha, rows.height, dict(zip(counts["split"], counts["len"], strict=True)))
 
-    def commit(self, new_parts: list[Part], base: FeatureVersion | None = None) -> FeatureVersion:
-        """A version of `base`'s parts plus `new_parts`; the manifest is published last."""
+    def commit(self, new_parts: list[Part], base: FeatureVersion | None = None, *, publish: bool = True) -> FeatureVersion:
+        """A version of `base`'s parts plus `new_parts`, manifest written after the parts; with
+        `publish`, `LATEST` then points at it (else call `publish` once it has passed checks)."""
         parts = (base.parts if base else ()) + tuple(new_parts)
         version = version_id(parts)
         key = self._manifest_key(version)
@@ -137,8 +138,13 @@ class FeatureStore:
         else:
             result = FeatureVersion(self.table, version, parts)
             self.store.put_text(key, result.to_json())
-        self.store.put_text(f"{self.prefix}LATEST", version)
+        if publish:
+            self.publish(result)
         return result
+
+    def publish(self, version: FeatureVersion) -> None:
+        """Make `version` the latest (what training picks up unless it pins one)."""
+        self.store.put_text(f"{self.prefix}LATEST", version.version)
 
     def scan(self, version: str | FeatureVersion) -> pl.LazyFrame:
         """All rows of a version (lazily, straight from storage)."""
@@ -157,7 +163,7 @@ class FeatureStore:
         connection = duckdb.connect()
         if isinstance(self.store, LocalStore):
             paths = [self.store.uri(p.key) for p in pinned.parts]
-            connection.execute(f"CREATE VIEW features AS SELECT * FROM read_parquet({paths!r})")
+            connection.read_parquet(paths).create_view("features")
         else:
             connection.register("features", self.scan(pinned).collect().to_arrow())
         return connection
@@ -174,8 +180,9 @@ class FeatureBuild:
     awaiting_label: int
 
 
-def build_features(store: ObjectStore, table: str = DEFAULT_TABLE) -> FeatureBuild:
-    """Add a part for every validated batch not yet in the latest version, then commit.
+def build_features(store: ObjectStore, table: str = DEFAULT_TABLE, *, publish: bool = True) -> FeatureBuild:
+    """Add a part for every validated batch not yet in the latest version, then commit
+    (and, with `publish`, make it the latest).
 
     Old batches are never reprocessed; duplicates of rows in earlier parts are dropped from
     the new part. A batch whose rows all still await labels gets no part yet and is picked
@@ -208,5 +215,5 @@ def build_features(store: ObjectStore, table: str = DEFAULT_TABLE) -> FeatureBui
         earlier = new_rows if earlier is None else pl.concat([earlier, new_rows])
     if base is None and not parts:
         raise ValueError("no labelled, validated rows yet: land and validate a batch first")
-    version = features.commit(parts, base) if parts else base
+    version = features.commit(parts, base, publish=publish) if parts else base
     return FeatureBuild(version, base.version if base else None, added, duplicates, awaiting)

@@ -64,6 +64,9 @@ def run_round(features: pl.DataFrame, configs: list[TrainConfig], split: str = "
     """Train every configuration on the same rows; hyperparameters are chosen on validation only."""
     if not configs:
         raise ValueError("a training round needs at least one configuration")
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"configuration names must be unique within a round (runs are keyed by them): {names}")
     parts = split_rows(features, split)
     actual = {name: rows[TARGET].to_numpy() for name, rows in parts.items()}
     encode = Preprocessor.fit(parts["train"])

@@ -16,13 +16,13 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 from mlflow.entities import Metric
 from mlflow.models import ModelSignature
 from mlflow.types.schema import AnyType, ColSpec, Schema
@@ -73,7 +73,8 @@ class MlflowSettings:
         if not artifacts and not tracking_uri.startswith(("http://", "https://")):
             bucket = env.get("BRIDGE_S3_BUCKET")
             prefix = env.get("BRIDGE_S3_PREFIX", DEFAULT_PREFIX).strip("/")
-            artifacts = f"s3://{bucket}/{prefix}/mlflow" if bucket else (home / "mlflow" / "artifacts").as_uri()
+            key = f"{prefix}/mlflow" if prefix else "mlflow"
+            artifacts = f"s3://{bucket}/{key}" if bucket else (home / "mlflow" / "artifacts").as_uri()
         return cls(
             tracking_uri=tracking_uri,
             artifact_location=artifacts,
@@ -192,8 +193,9 @@ def _log_candidate(
     with mlflow.start_run(run_name=config.name, nested=True, tags={**tags, "bridge.config_hash": config.config_hash()}) as run:
         run_id = run.info.run_id
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
+        logged_at = int(time.time() * 1000)
         epochs = [
-            Metric(key, value, 0, step=int(h["epoch"]))
+            Metric(key, value, logged_at, step=int(h["epoch"]))
             for h in candidate.model.history
             for key, value in (("train_loss", h["train_loss"]), ("val_loss", h["val_loss"]))
             if value is not None
