@@ -1,7 +1,7 @@
 """The MLflow pyfunc form of a trained model: raw housing columns in, prices out.
 
 Logged with a copy of `bridge_assets.core` (MLflow `code_paths`), so a process that loads a
-version (`mlflow models serve`, a Ray replica) runs the code that version was trained with.
+version through MLflow (`mlflow models serve`) runs the code that version was trained with.
 Input is validated against the contract first: a bad row raises, naming the field.
 """
 
