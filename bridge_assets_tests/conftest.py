@@ -21,6 +21,7 @@ LAKE_VARIABLES = (
     "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     # MLflow's set_tracking_uri exports this, so one test's store would leak into the next.

@@ -55,6 +55,8 @@ def test_asset_graph_shape():
 def test_secrets_reach_dagster_only_as_env_vars():
     from bridge_assets.defs.resources import lake_storage
 
-    resource = lake_storage({"BRIDGE_S3_BUCKET": "b", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t"})
-    assert isinstance(resource.aws_secret_access_key, dg.EnvVar)
+    env = {"BRIDGE_S3_BUCKET": "b", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t0k"}
+    resource = lake_storage(env)
+    assert isinstance(resource.aws_secret_access_key, dg.EnvVar) and isinstance(resource.aws_session_token, dg.EnvVar)
+    assert "t0k" not in repr(resource.model_dump())
     assert "s3cr3t" not in repr(resource.model_dump())

@@ -30,6 +30,7 @@ class LakeStorage(dg.ConfigurableResource):
     region_name: str = DEFAULT_REGION
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
+    aws_session_token: str | None = None
 
     def settings(self) -> StorageSettings:
         return StorageSettings(
@@ -40,6 +41,7 @@ class LakeStorage(dg.ConfigurableResource):
             region=self.region_name,
             access_key_id=self.aws_access_key_id,
             secret_access_key=self.aws_secret_access_key,
+            session_token=self.aws_session_token,
         )
 
     def open(self) -> ObjectStore:
@@ -50,6 +52,7 @@ class LakeStorage(dg.ConfigurableResource):
                 region_name=self.region_name,
                 aws_access_key_id=self.aws_access_key_id,
                 aws_secret_access_key=self.aws_secret_access_key,
+                aws_session_token=self.aws_session_token,
             ).get_client()
         return self.settings().open(client)
 
@@ -76,6 +79,7 @@ def lake_storage(env: Mapping[str, str] = os.environ) -> LakeStorage:
         region_name=settings.region,
         aws_access_key_id=_env_or_none(env, "AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=_env_or_none(env, "AWS_SECRET_ACCESS_KEY"),
+        aws_session_token=_env_or_none(env, "AWS_SESSION_TOKEN"),
     )
 
 

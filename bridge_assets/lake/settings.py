@@ -35,6 +35,7 @@ class StorageSettings:
     region: str = DEFAULT_REGION
     access_key_id: str | None = None
     secret_access_key: str | None = None
+    session_token: str | None = None  # temporary credentials (SSO, assumed roles)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> StorageSettings:
@@ -46,6 +47,7 @@ class StorageSettings:
             region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
             access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
             secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -57,6 +59,7 @@ class StorageSettings:
             "AWS_ENDPOINT_URL_S3": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": self.access_key_id,
             "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_SESSION_TOKEN": self.session_token,
         }
         return env | {name: value for name, value in optional.items() if value}
 
@@ -73,6 +76,9 @@ class StorageSettings:
                 region_name=self.region,
                 aws_access_key_id=self.access_key_id,
                 aws_secret_access_key=self.secret_access_key,
+                aws_session_token=self.session_token,
             )
-        options = polars_s3_options(self.endpoint_url, self.region, self.access_key_id, self.secret_access_key)
+        options = polars_s3_options(
+            self.endpoint_url, self.region, self.access_key_id, self.secret_access_key, self.session_token
+        )
         return S3Store(client, self.s3_bucket, self.s3_prefix, options)

@@ -241,6 +241,7 @@ def polars_s3_options(
     region: str,
     access_key_id: str | None,
     secret_access_key: str | None,
+    session_token: str | None = None,
 ) -> dict[str, str]:
     """Polars/object_store options for the same endpoint and credentials as boto3."""
     options = {"aws_region": region}
@@ -251,4 +252,6 @@ def polars_s3_options(
     if access_key_id and secret_access_key:
         options["aws_access_key_id"] = access_key_id
         options["aws_secret_access_key"] = secret_access_key
+        if session_token:
+            options["aws_session_token"] = session_token
     return options
