@@ -5,6 +5,7 @@ materializing `production_deployment`; interaction logs are read back from the l
 and moto's S3 over HTTP).
 """
 
+import http.client
 import json
 import shutil
 import socket
@@ -165,6 +166,14 @@ def test_missing_field_and_broken_json_are_422(service):
 def test_bodies_over_the_limit_are_413(service):
     status, body, _ = call(service.url, "/predict", raw=b" " * (1_048_576 + 10))
     assert status == 413 and "larger than 1048576" in body["message"]
+    port = int(service.url.rsplit(":", 1)[1])
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # streamed, no Content-Length
+    connection.request(
+        "POST", "/predict", (b" " * 65_536 for _ in range(20)), {"Content-Type": "application/json"}, encode_chunked=True
+    )
+    reply = connection.getresponse()
+    assert reply.status == 413 and "larger than 1048576" in json.load(reply)["message"]
+    connection.close()
 
 
 def test_batch_endpoint_matches_single_predictions_and_enforces_its_limit(service):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import polars as pl
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -130,8 +130,8 @@ def _log_rejection(request: Request, status: int, error: str, features: Any = No
         )
 
 
-class BodyTooLarge(Exception):
-    pass
+def _too_large_message(limit: int) -> str:
+    return f"request body larger than {limit} bytes"
 
 
 class LimitBody:
@@ -157,25 +157,30 @@ class LimitBody:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > limit:
-                raise BodyTooLarge()
+            if received > limit:  # FastAPI passes HTTPExceptions raised while reading through
+                raise HTTPException(status_code=413, detail=_too_large_message(limit))
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except BodyTooLarge:
-            await self._too_large(scope, receive, send, limit)
+        await self.app(scope, limited_receive, send)
 
     async def _too_large(self, scope: dict, receive: Any, send: Any, limit: int) -> None:
         request = Request(scope)
         request.state.started = time.perf_counter()
-        message = f"request body larger than {limit} bytes"
+        message = _too_large_message(limit)
         _log_rejection(request, 413, message)
         response = _reply({"status": 413, "message": message, "response": None}, 413, _request_id(request))
         await response(scope, receive, send)
 
 
 api.add_middleware(LimitBody)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Errors raised as HTTPException (a streamed body over the limit): reference body, logged."""
+    message = str(error.detail)
+    _log_rejection(request, error.status_code, message)
+    return _reply({"status": error.status_code, "message": message, "response": None}, error.status_code, _request_id(request))
 
 
 @api.exception_handler(RequestValidationError)
