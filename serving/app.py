@@ -149,7 +149,7 @@ class LimitBody:
         declared = headers.get(b"content-length")
         request = Request(scope)
         request.state.started = time.perf_counter()
-        if declared is not None and int(declared) > limit:
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await self._too_large(scope, receive, send, limit)
         received = 0
 
