@@ -50,6 +50,7 @@ def test_asset_graph_shape():
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["landed_batches_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
     assert sensors["bridge_automation"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensors["landed_labels_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_secrets_reach_dagster_only_as_env_vars():

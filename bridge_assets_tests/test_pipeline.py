@@ -107,3 +107,31 @@ def test_simulated_batch_asset_lands_a_batch_with_run_config(store: ObjectStore)
         assert metadata(result)["rows"] == 1500
     landed = store.scan_parquet(["landing/batches/ui-batch/data.parquet"]).collect()
     assert landed.height == 1500 and "price" not in landed.columns
+
+
+def test_withheld_labels_join_the_features_when_they_land(store: ObjectStore):
+    from bridge_assets.defs.features import landed_labels_sensor
+    from bridge_assets.lake.landing import release_labels
+
+    land_seed(store)
+    land_batch(store, "sim-late", HousingSimulator.fit().generate(1000, seed=4, batch_id="sim-late"), withhold_labels=True)
+    with dg.instance_for_test() as instance:
+        first = tick(instance, None)
+        for request in first.run_requests:
+            materialize(instance, "raw_housing", request.partition_key)
+        before = metadata(materialize(instance, "housing_features"))
+        assert before["rows_awaiting_label"] == 1000 and before["batches"] == ["housing-seed"]
+
+        defs = build_defs()
+        context = dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources)
+        assert not landed_labels_sensor(context).run_requests  # nothing landed yet
+        release_labels(store, "sim-late")
+        result = landed_labels_sensor(dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources))
+        assert len(result.run_requests) == 1
+        again = dg.build_sensor_context(instance=instance, cursor=result.cursor, definitions=defs, resources=defs.resources)
+        assert not landed_labels_sensor(again).run_requests  # each label object once
+
+        after = metadata(materialize(instance, "housing_features"))
+        assert after["added_batches"] == ["sim-late"] and after["rows"] == before["rows"] + 1000 - after["duplicates_dropped"]
+        prices = FeatureStore(store).scan(after["version"]).filter(pl.col("batch_id") == "sim-late").collect()["price"]
+        assert prices.null_count() == 0 and prices.len() == after["rows"] - before["rows"]

@@ -1,5 +1,7 @@
 """Features (steps 15–17): the versioned housing feature table and its checks."""
 
+import json
+
 import dagster as dg
 import polars as pl
 
@@ -9,6 +11,7 @@ from bridge_assets.defs.metadata import markdown_preview, table_schema
 from bridge_assets.defs.raw import raw_housing
 from bridge_assets.defs.resources import LakeStorage
 from bridge_assets.lake.feature_store import FeatureStore, build_features
+from bridge_assets.lake.landing import LABELS_PREFIX
 
 # Hash splits converge on 64/16/20; below this many rows their proportions are too noisy to judge.
 MIN_ROWS_FOR_PROPORTIONS = 500
@@ -99,4 +102,21 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
             "preview": markdown_preview(rows.head(5).collect()),
         },
         check_results=checks,
+    )
+
+
+@dg.sensor(target=[housing_features], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
+def landed_labels_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
+    """Requests a feature-table update when ground truth lands for a batch (delayed labels).
+
+    Batches landed without prices get their feature part only once their labels are there;
+    new label objects are requested once each (the cursor holds those already seen).
+    """
+    seen: set[str] = set(json.loads(context.cursor)) if context.cursor else set()
+    landed = [k for k in storage.open().list(LABELS_PREFIX) if k.endswith("/labels.parquet")]
+    new = sorted(set(landed) - seen)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"labels:{','.join(new)}")] if new else [],
+        cursor=json.dumps(sorted(seen | set(landed))),
+        skip_reason=None if new else f"no new labels ({len(landed)} landed)",
     )
