@@ -182,10 +182,16 @@ def _tensor(matrix: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
 
 
-def train_model(train_rows: pl.DataFrame, validation_rows: pl.DataFrame, config: TrainConfig) -> TrainedModel:
-    """Fit preprocessing on the training rows, then train with early stopping on validation."""
+def train_model(
+    train_rows: pl.DataFrame,
+    validation_rows: pl.DataFrame,
+    config: TrainConfig,
+    preprocessor: Preprocessor | None = None,
+) -> TrainedModel:
+    """Fit preprocessing on the training rows (or take one already fitted on them), then train
+    with early stopping on validation."""
     torch.manual_seed(config.seed)
-    preprocessor = Preprocessor.fit(train_rows)
+    preprocessor = preprocessor or Preprocessor.fit(train_rows)
     x_train = preprocessor.transform(train_rows)
     x_val = preprocessor.transform(validation_rows)
     y_train = train_rows[TARGET].to_numpy().astype(np.float64)

@@ -13,7 +13,6 @@ import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_docker import PipesDockerClient
 
-from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
 from serving.deploy import ServingSettings
@@ -55,9 +54,6 @@ class LakeStorage(dg.ConfigurableResource):
                 aws_session_token=self.aws_session_token,
             ).get_client()
         return self.settings().open(client)
-
-    def features(self) -> FeatureStore:
-        return FeatureStore(self.open())
 
 
 def _env_or_none(env: Mapping[str, str], *names: str) -> dg.EnvVar | None:

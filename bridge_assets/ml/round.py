@@ -76,7 +76,8 @@ def run_round(features: pl.DataFrame, configs: list[TrainConfig], split: str = "
         linear = LinearModel.fit(encoded["train"], actual["train"], log_target=log_target)
         baselines[name] = _scores(actual, {s: linear.predict(encoded[s]) for s in parts})
     candidates = []
-    for config in configs:
-        model = train_model(parts["train"], parts["validation"], config)
-        candidates.append(Candidate(config, model, _scores(actual, {s: model.predict(parts[s]) for s in parts})))
+    for config in configs:  # one preprocessing fit and encoding serve the baselines and every config
+        model = train_model(parts["train"], parts["validation"], config, preprocessor=encode)
+        predictions = {s: model.predict_encoded(encoded[s]) for s in parts}
+        candidates.append(Candidate(config, model, _scores(actual, predictions)))
     return RoundResult(candidates, baselines, split, {name: rows.height for name, rows in parts.items()})
