@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -30,6 +28,7 @@ from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.tracking import PRODUCTION_ALIAS, MlflowSettings
+from serving.cluster import ClusterSettings, local_ray_running, ray_env, start_local_ray, stop_local_ray
 from serving.model import ServedModel, version_for_alias
 
 APP_NAME = "bridge"
@@ -49,7 +48,7 @@ class ServingSettings:
     ray_temp_dir: str
     unit: str = "GBP(£)"
     max_batch_records: int = 10_000
-    max_body_bytes: int = 1_048_576
+    max_body_bytes: int = 4 * 1_048_576  # 10,000 records (the batch limit) fit; see serving.app
     log_flush_seconds: float = 10.0
     haproxy: bool = True
 
@@ -64,7 +63,7 @@ class ServingSettings:
             ray_temp_dir=env.get("BRIDGE_RAY_TMPDIR", "/tmp/bridge-ray"),
             unit=env.get("BRIDGE_PRICE_UNIT", "GBP(£)"),
             max_batch_records=int(env.get("BRIDGE_SERVE_MAX_BATCH", "10000")),
-            max_body_bytes=int(env.get("BRIDGE_SERVE_MAX_BODY", str(1_048_576))),
+            max_body_bytes=int(env.get("BRIDGE_SERVE_MAX_BODY", str(4 * 1_048_576))),
             log_flush_seconds=float(env.get("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "10")),
             haproxy=env.get("BRIDGE_SERVE_HAPROXY", "1") == "1",
         )
@@ -90,51 +89,11 @@ class ServingSettings:
         return f"http://{host}:{self.port}"
 
 
-def _ray_env(settings: ServingSettings | None = None) -> dict[str, str]:
-    """Local single-user cluster: no token auth, no usage stats; optionally Serve's HAProxy
-    ingress (`BRIDGE_SERVE_HAPROXY=1`), which must be set when the cluster starts."""
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0"}
-    if settings is not None and settings.haproxy:
-        env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-    return env
-
-
-def _local_address(settings: ServingSettings) -> str:
-    return f"127.0.0.1:{settings.ray_port}"
-
-
-def local_ray_running(settings: ServingSettings) -> bool:
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    done = subprocess.run(
-        [ray, "status", "--address", _local_address(settings)], env=_ray_env(), capture_output=True, timeout=60
-    )
-    return done.returncode == 0
-
-
-def start_local_ray(settings: ServingSettings) -> str:
-    """Start (or find) the detached local Ray head that outlives Dagster runs; its address."""
-    address = _local_address(settings)
-    if local_ray_running(settings):
-        return address
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    command = [
-        ray, "start", "--head", "--port", str(settings.ray_port), "--node-ip-address", "127.0.0.1",
-        "--num-cpus", str(os.cpu_count() or 2), "--include-dashboard=false", "--disable-usage-stats",
-        "--object-store-memory", str(512 * 1024 * 1024), "--temp-dir", settings.ray_temp_dir,
-    ]  # fmt: skip
-    subprocess.run(command, env=_ray_env(settings), check=True, capture_output=True, timeout=180)
-    return address
-
-
-def stop_local_ray() -> None:
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    subprocess.run([ray, "stop", "--force"], env=_ray_env(), capture_output=True, timeout=120)
-
-
 def stop_serving(env: Mapping[str, str] = os.environ) -> None:
     """Shut Serve down gracefully (replicas flush their interaction logs), then the local Ray."""
     settings = ServingSettings.from_env(env)
-    running_locally = not settings.ray_address and local_ray_running(settings)
+    cluster = ClusterSettings.from_env(env)
+    running_locally = not settings.ray_address and local_ray_running(cluster)
     if settings.ray_address or running_locally:
         import ray
         from ray import serve
@@ -142,8 +101,8 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> None:
         connect(settings)
         serve.shutdown()
         ray.shutdown()  # disconnect before the cluster goes, so its logs don't reach this process
-    if running_locally:
-        stop_local_ray()
+    if not settings.ray_address:
+        stop_local_ray(cluster)
 
 
 def connect(settings: ServingSettings) -> None:
@@ -152,8 +111,8 @@ def connect(settings: ServingSettings) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.update({k: v for k, v in _ray_env().items() if k.startswith("RAY_")})
-    address = settings.ray_address or start_local_ray(settings)
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    address = settings.ray_address or start_local_ray(ClusterSettings.from_env(settings.to_env()))
     ray.init(address=address, log_to_driver=False, namespace="bridge")
 
 
