@@ -4,8 +4,8 @@ One parent run per round, one nested run per configuration. Each run logs hyperp
 per-epoch losses, metrics next to both linear baselines, the weights (.pth), the model as a
 pyfunc over raw housing columns (signature, input example, the core's code), and lineage tags.
 The round's best run is registered as a new version of the model, marked as a candidate: the
-reference's stage "None". MLflow 3 deprecates registry stages, so the mark is the alias
-`candidate` plus the version tag `bridge.stage=None`.
+reference's stage "None" (alias `candidate`, tag `bridge.stage=None`, an audit record); stages
+and their trail live in `bridge_assets.ml.registry`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from mlflow.tracking import MlflowClient
 import bridge_assets.core as core_package
 from bridge_assets.core.contract import COUNT_FEATURES, FEATURES
 from bridge_assets.core.simulator import load_seed_data
-from bridge_assets.lake.settings import DEFAULT_PREFIX, bridge_home
+from bridge_assets.lake.settings import DEFAULT_PREFIX, StorageSettings, bridge_home
+from bridge_assets.lake.storage import ObjectStore
+# The aliases and `promote_to_production` moved to the registry; imported here for older callers.
+from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Registry, promote_to_production  # noqa: F401
 from bridge_assets.ml.round import Candidate, RoundResult
 
 DEFAULT_EXPERIMENT = "bridge-housing"
 DEFAULT_MODEL_NAME = "housing-price"
-CANDIDATE_ALIAS = "candidate"
-PRODUCTION_ALIAS = "production"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 _MODEL_REQUIREMENTS = ("torch", "polars", "numpy", "pandas", "pyarrow", "mlflow")
 # `area` is "any": MLflow refuses int64 for a double column, and clients send both 1200 and
@@ -233,6 +234,7 @@ def log_round(
     *,
     feature_version: str,
     dagster_run_id: str | None = None,
+    store: ObjectStore | None = None,
 ) -> RoundRecord:
     """Log a round as parent + nested runs and register its best model as a candidate."""
     client = settings.activate()
@@ -261,27 +263,14 @@ def log_round(
         settings.model_name,
         model_uris[best.config.name],
         {**tags, "bridge.config_hash": best.config.config_hash(), "bridge.run_id": run_ids[best.config.name]},
+        store,
     )
     return RoundRecord(experiment_id, parent_id, run_ids, best.config.name, run_ids[best.config.name], settings.model_name, version)
 
 
-def register_candidate(client: MlflowClient, model_name: str, model_uri: str, tags: dict[str, str]) -> str:
-    """Register a logged model as a new version: alias `candidate`, tag `bridge.stage=None`."""
-    version = mlflow.register_model(model_uri, model_name, tags={**tags, "bridge.stage": "None"}).version
-    client.set_registered_model_alias(model_name, CANDIDATE_ALIAS, version)
-    return str(version)
-
-
-def promote_to_production(client: MlflowClient, model_name: str, version: str) -> str | None:
-    """Point the `production` alias at `version` (tag `bridge.stage=Production`); the version
-    it pointed at before is tagged `Archived`. Returns that previous version, if any."""
-    client.get_model_version(model_name, version)  # fails clearly for an unknown version
-    try:
-        previous: str | None = str(client.get_model_version_by_alias(model_name, PRODUCTION_ALIAS).version)
-    except mlflow.exceptions.MlflowException:
-        previous = None
-    client.set_registered_model_alias(model_name, PRODUCTION_ALIAS, version)
-    client.set_model_version_tag(model_name, version, "bridge.stage", "Production")
-    if previous and previous != str(version):
-        client.set_model_version_tag(model_name, previous, "bridge.stage", "Archived")
-    return previous
+def register_candidate(
+    client: MlflowClient, model_name: str, model_uri: str, tags: dict[str, str], store: ObjectStore | None = None
+) -> str:
+    """Register a logged model as a new version: alias `candidate`, tag `bridge.stage=None`, and
+    a `register` record in the audit trail of the lake (`store`, else the environment's)."""
+    return Registry(client, model_name, store or StorageSettings.from_env().open()).register(model_uri, tags)
