@@ -1,16 +1,30 @@
-"""Shared fixtures: a real S3 endpoint (moto's server over HTTP) and a lake per test."""
+"""Shared fixtures: a real S3 endpoint (moto's server over HTTP), a lake per test, and one real
+Ray Serve prediction service for the session."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.training import preset
+from bridge_assets.lake.feature_store import FeatureStore, build_features
+from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
+from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.ml.round import run_round
+from bridge_assets.ml.tracking import MlflowSettings, log_round, promote_to_production
+from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port
+from serving.deploy import stop_serving
 from bridge_assets.lake.storage import ObjectStore
 
 LAKE_VARIABLES = (
@@ -81,3 +95,71 @@ def lake_env(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest
 @pytest.fixture
 def store(lake_env: dict[str, str]) -> ObjectStore:
     return StorageSettings.from_env(lake_env).open()
+
+
+@pytest.fixture(scope="session")
+def serving_session(moto_endpoint: str) -> Iterator[SimpleNamespace]:
+    """Two registered versions, v1 Production and live in Ray Serve on free ports.
+
+    One Ray for the whole test session (it takes ~30 s to start here). Its environment is
+    applied only while a test uses it (the `service` fixture), so other tests never see it;
+    tests that move the `production` alias or redeploy put the service back as they found it.
+    """
+    home = Path(tempfile.mkdtemp(prefix="bridge-serve-test-"))
+    env = {
+        "BRIDGE_HOME": str(home / "home"),
+        "BRIDGE_RAY_PORT": str(free_port()),
+        "BRIDGE_SERVE_PORT": str(free_port()),
+        "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-{uuid.uuid4().hex[:6]}",  # short: Ray's socket paths
+        "BRIDGE_SERVE_MAX_BATCH": str(MAX_BATCH),
+        "BRIDGE_SERVE_MAX_BODY": str(MAX_BODY),
+        "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "1",
+    }
+    with _environment(env):
+        store = StorageSettings.from_env().open()
+        land_seed(store)
+        land_batch(store, "sim-serve", HousingSimulator.fit().generate(2000, seed=8, batch_id="sim-serve"))
+        for batch in landed_batches(store):
+            validate_batch(store, batch)
+        version = build_features(store).version
+        rows = FeatureStore(store).scan(version).collect()
+        settings = MlflowSettings.from_env()
+        client = settings.activate()
+        rounds = [run_round(rows, [preset("reference", max_epochs=15, seed=seed)]) for seed in (1, 2)]
+        versions = [log_round(settings, r, feature_version=version.version).model_version for r in rounds]
+        promote_to_production(client, settings.model_name, versions[0])
+        deployed = deploy_through_dagster()
+        assert deployed.success, deployed.all_events
+        (event,) = deployed.get_asset_materialization_events()
+        metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+    yield SimpleNamespace(
+        url=metadata["endpoint"].removesuffix("/predict"), env=env, store=store, client=client, settings=settings,
+        versions=versions, rounds=rounds, metadata=metadata, moto=moto_endpoint,
+    )  # fmt: skip
+    with _environment(env):
+        stop_serving()
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(env["BRIDGE_RAY_TMPDIR"], ignore_errors=True)
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[pytest.MonkeyPatch]:
+    """`env` in this process (and no lake variable of the caller's) inside the block."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in LAKE_VARIABLES:
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        yield patch
+
+
+@pytest.fixture
+def service(serving_session: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+    """The session's prediction service with its environment applied for this test (`patch`
+    sets more variables, undone after the test)."""
+    for name in LAKE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in serving_session.env.items():
+        monkeypatch.setenv(name, value)
+    serving_session.settings.activate()  # MLflow's process-wide tracking URI, for mlflow.* calls
+    return SimpleNamespace(**vars(serving_session), patch=monkeypatch)

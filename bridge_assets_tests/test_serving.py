@@ -1,4 +1,4 @@
-"""The prediction service over real HTTP against a real Ray Serve (started once per module).
+"""The prediction service over real HTTP against the session's real Ray Serve (`service` fixture).
 
 Versions are trained and registered in a real MLflow store, marked Production, and deployed by
 materializing `production_deployment`; interaction logs are read back from the lake (local,
@@ -8,114 +8,24 @@ and moto's S3 over HTTP).
 import http.client
 import json
 import shutil
-import socket
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
-import dagster as dg
 import mlflow
 import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
 
-from bridge_assets.core.contract import FEATURES, validate
-from bridge_assets.core.simulator import HousingSimulator
-from bridge_assets.core.training import preset
-from bridge_assets.definitions import build_defs
-from bridge_assets.lake.feature_store import FeatureStore, build_features
-from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
-from bridge_assets.lake.raw import validate_batch
+from bridge_assets.core.contract import validate
 from bridge_assets.lake.settings import StorageSettings
-from bridge_assets.ml.round import run_round
-from bridge_assets.ml.tracking import MlflowSettings, log_pyfunc, log_round, promote_to_production
-from bridge_assets_tests.conftest import LAKE_VARIABLES, s3_environment
-from serving.deploy import deploy, stop_serving
+from bridge_assets.ml.tracking import log_pyfunc, promote_to_production
+from bridge_assets_tests.conftest import s3_environment
+from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, deploy_through_dagster
+from serving.deploy import ServingSettings, deploy, stop_serving
 from serving.interactions import read_interactions
-
-REFERENCE_REQUEST = {
-    "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
-    "airconditioning": "yes", "prefarea": "no", "furnishingstatus": "furnished",
-    "area": 1200, "bedrooms": 3, "bathrooms": 2, "stories": 2, "parking": 1,
-}  # fmt: skip
-MAX_BATCH = 50
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def call(url: str, path: str, body: object = None, headers: dict | None = None, raw: bytes | None = None):
-    """(status, JSON body, headers) of one HTTP request; 4xx/5xx are answers, not exceptions."""
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(
-        f"{url}{path}", data=data, method="POST" if data is not None else "GET",
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.load(reply), reply.headers
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null"), error.headers
-
-
-def deploy_through_dagster() -> dg.ExecuteInProcessResult:
-    job = build_defs().resolve_implicit_global_asset_job_def()
-    with dg.instance_for_test() as instance:
-        return job.execute_in_process(
-            instance=instance, asset_selection=[dg.AssetKey("production_deployment")], raise_on_error=False
-        )
-
-
-@pytest.fixture(scope="module")
-def service(moto_endpoint: str):
-    """Two registered versions, v1 Production and live in Ray Serve on free ports."""
-    home = Path(tempfile.mkdtemp(prefix="bridge-serve-test-"))
-    env = {
-        "BRIDGE_HOME": str(home / "home"),
-        "BRIDGE_RAY_PORT": str(_free_port()),
-        "BRIDGE_SERVE_PORT": str(_free_port()),
-        "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-{uuid.uuid4().hex[:6]}",  # short: Ray's socket paths
-        "BRIDGE_SERVE_MAX_BATCH": str(MAX_BATCH),
-        "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "1",
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        for name in LAKE_VARIABLES:
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        store = StorageSettings.from_env().open()
-        land_seed(store)
-        land_batch(store, "sim-serve", HousingSimulator.fit().generate(2000, seed=8, batch_id="sim-serve"))
-        for batch in landed_batches(store):
-            validate_batch(store, batch)
-        version = build_features(store).version
-        rows = FeatureStore(store).scan(version).collect()
-        settings = MlflowSettings.from_env()
-        client = settings.activate()
-        rounds = [run_round(rows, [preset("reference", max_epochs=15, seed=seed)]) for seed in (1, 2)]
-        versions = [log_round(settings, r, feature_version=version.version).model_version for r in rounds]
-        promote_to_production(client, settings.model_name, versions[0])
-        deployed = deploy_through_dagster()
-        assert deployed.success, deployed.all_events
-        (event,) = deployed.get_asset_materialization_events()
-        metadata = {k: v.value for k, v in event.materialization.metadata.items()}
-        url = metadata["endpoint"].removesuffix("/predict")
-        yield SimpleNamespace(
-            url=url, env=env, store=store, client=client, settings=settings, versions=versions,
-            rounds=rounds, metadata=metadata, patch=patch, moto=moto_endpoint,
-        )  # fmt: skip
-        stop_serving()
-    shutil.rmtree(home, ignore_errors=True)
-    shutil.rmtree(env["BRIDGE_RAY_TMPDIR"], ignore_errors=True)
 
 
 def test_deployment_metadata_names_the_version_and_probe(service):
@@ -125,14 +35,17 @@ def test_deployment_metadata_names_the_version_and_probe(service):
 
 def test_reference_payload_and_health_reply_as_the_reference(service):
     status, body, headers = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Request-ID": "req-1"})
-    assert status == 200 and headers["X-Request-ID"] == "req-1"
+    assert status == 200 and headers.get_all("X-Request-ID") == ["req-1"]  # once, not twice
     assert body["status"] == 200 and body["message"] == "House price prediction successful"
     response = body["response"]
     assert response["unit"] == "GBP(£)" and response["prediction"] > 0
     assert (response["model_name"], response["model_version"]) == ("housing-price", service.versions[0])
     assert call(service.url, "/health")[:2] == (200, {"status": 200, "message": "success", "response": None})
-    first, second = (call(service.url, "/predict", REFERENCE_REQUEST)[2]["X-Request-ID"] for _ in range(2))
-    assert first and second and first != second  # generated when not sent
+    first, second = (call(service.url, "/predict", REFERENCE_REQUEST)[2].get_all("X-Request-ID") for _ in range(2))
+    assert len(first) == len(second) == 1 and first != second  # generated when not sent
+    for path, body in (("/predict/batch", {"records": [REFERENCE_REQUEST]}), ("/invocations", {"inputs": [REFERENCE_REQUEST]})):
+        assert call(service.url, path, body, {"X-Request-ID": "req-2"})[2].get_all("X-Request-ID") == ["req-2"], path
+    assert call(service.url, "/predict", {}, {"X-Request-ID": "req-3"})[2].get_all("X-Request-ID") == ["req-3"]
 
 
 def test_yes_no_and_furnishing_in_any_case(service):
@@ -157,23 +70,55 @@ def test_non_finite_numbers_are_422_not_a_server_error(service):
     assert status == 422 and {d["loc"][1] for d in body["detail"]} == {"bedrooms", "area"}
 
 
-def test_missing_field_and_broken_json_are_422(service):
-    status, body, _ = call(service.url, "/predict", {k: v for k, v in REFERENCE_REQUEST.items() if k != "area"})
-    assert status == 422 and body["detail"][0]["loc"] == ["body", "area"]
-    assert call(service.url, "/predict", raw=b"{not json")[0] == 422
-
-
-def test_bodies_over_the_limit_are_413(service):
-    status, body, _ = call(service.url, "/predict", raw=b" " * (1_048_576 + 10))
-    assert status == 413 and "larger than 1048576" in body["message"]
-    port = int(service.url.rsplit(":", 1)[1])
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # streamed, no Content-Length
-    connection.request(
-        "POST", "/predict", (b" " * 65_536 for _ in range(20)), {"Content-Type": "application/json"}, encode_chunked=True
-    )
+def _post_without_content_type(url: str, path: str, body: bytes) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=30)
+    connection.request("POST", path, body, {})
     reply = connection.getresponse()
-    assert reply.status == 413 and "larger than 1048576" in json.load(reply)["message"]
+    answer = reply.status, json.load(reply)
     connection.close()
+    return answer
+
+
+def test_missing_field_broken_json_and_content_type_say_what_is_wrong(service):
+    status, body, _ = call(service.url, "/predict", {k: v for k, v in REFERENCE_REQUEST.items() if k != "area"})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "area"] and body["message"] == "invalid input: area"
+    status, body, _ = call(service.url, "/predict", raw=b"{not json")
+    assert status == 422 and body["message"].startswith("body is not valid JSON: Expecting property name")
+    status, body, _ = call(service.url, "/invocations", raw=b"{not json")
+    assert status == 400 and body["error_code"] == "BAD_REQUEST" and body["message"].startswith("body is not valid JSON")
+    status, body = _post_without_content_type(service.url, "/predict", json.dumps(REFERENCE_REQUEST).encode())
+    assert (status, body["message"]) == (415, "Content-Type must be application/json (none sent)")
+    status, body, _ = call(service.url, "/invocations", {"inputs": [REFERENCE_REQUEST]}, {"Content-Type": "text/csv"})
+    assert status == 415 and body == {"error_code": "BAD_REQUEST", "message": "Content-Type must be application/json (got 'text/csv')"}
+
+
+def test_default_limits_agree_a_full_batch_of_the_widest_houses_fits_the_body_limit():
+    widest = {**{f: " Yes " for f in ("mainroad", "guestroom", "basement", "hotwaterheating", "airconditioning", "prefarea")},
+              "furnishingstatus": "semi-furnished", "area": 12345.678901234567, "bedrooms": 6, "bathrooms": 4,
+              "stories": 4, "parking": 3}  # fmt: skip
+    defaults = ServingSettings.from_env({})
+    full_batch = {"records": [widest] * defaults.max_batch_records}
+    assert defaults.max_batch_records == 10_000
+    assert len(json.dumps(full_batch, indent=2).encode()) <= defaults.max_body_bytes
+
+
+def test_bodies_over_the_limit_are_413_naming_both_limits_in_the_endpoints_shape(service):
+    both_limits = f"larger than {MAX_BODY} bytes (BRIDGE_SERVE_MAX_BODY); a batch holds at most {MAX_BATCH} records"
+    status, body, _ = call(service.url, "/predict", raw=b" " * (MAX_BODY + 10))
+    assert status == 413 and both_limits in body["message"] and body["response"] is None
+    status, body, _ = call(service.url, "/invocations", raw=b" " * (MAX_BODY + 10))
+    assert status == 413 and body["error_code"] == "REQUEST_LIMIT_EXCEEDED" and both_limits in body["message"]
+    assert set(body) == {"error_code", "message"}
+    port = int(service.url.rsplit(":", 1)[1])
+    for path in ("/predict", "/invocations"):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # streamed, no Content-Length
+        chunks = (b" " * 65_536 for _ in range(MAX_BODY // 65_536 + 2))
+        connection.request("POST", path, chunks, {"Content-Type": "application/json"}, encode_chunked=True)
+        reply = connection.getresponse()
+        body = json.load(reply)
+        assert reply.status == 413 and both_limits in body["message"], (path, body)
+        assert ("error_code" in body) == (path == "/invocations")
+        connection.close()
 
 
 def test_batch_endpoint_matches_single_predictions_and_enforces_its_limit(service):
@@ -182,7 +127,7 @@ def test_batch_endpoint_matches_single_predictions_and_enforces_its_limit(servic
     singles = [call(service.url, "/predict", r)[1]["response"]["prediction"] for r in records]
     assert status == 200 and body["response"]["predictions"] == pytest.approx(singles, rel=1e-12)
     status, body, _ = call(service.url, "/predict/batch", {"records": [REFERENCE_REQUEST] * (MAX_BATCH + 1)})
-    assert status == 413 and f"at most {MAX_BATCH}" in body["message"]
+    assert status == 413 and f"at most {MAX_BATCH} per request" in body["message"] and f"{MAX_BODY} bytes" in body["message"]
     status, body, _ = call(service.url, "/predict/batch", {"records": [REFERENCE_REQUEST, {**REFERENCE_REQUEST, "bedrooms": 12}]})
     assert status == 422 and body["detail"][0]["loc"] == ["body", "records", 1, "bedrooms"]
 
@@ -234,7 +179,7 @@ def _traffic(url: str, tag: str) -> tuple[set[str], int]:
     for i in range(5):
         assert call(url, "/predict", {**REFERENCE_REQUEST, "area": 1000 + i}, {"X-Request-ID": ids[i]})[0] == 200
     assert call(url, "/predict", {**REFERENCE_REQUEST, "bedrooms": 10}, {"X-Request-ID": ids[5]})[0] == 422
-    assert call(url, "/predict", raw=b" " * 2_000_000, headers={"X-Request-ID": ids[6]})[0] == 413
+    assert call(url, "/predict", raw=b" " * (MAX_BODY + 1), headers={"X-Request-ID": ids[6]})[0] == 413
     assert call(url, "/predict/batch", {"records": [REFERENCE_REQUEST] * 3}, {"X-Request-ID": ids[7]})[0] == 200
     assert call(url, "/invocations", {"dataframe_records": [REFERENCE_REQUEST] * 4}, {"X-Request-ID": ids[8]})[0] == 200
     return set(ids), 5 + 2 + 3 + 4
@@ -334,3 +279,5 @@ def test_a_clean_stop_flushes_every_buffered_record(service):
     assert read_interactions(service.store).filter(pl.col("request_id").is_in(list(ids))).is_empty()
     stop_serving()
     assert _logged(service.store, ids, expected, timeout=5).height == expected
+    service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", service.env["BRIDGE_SERVE_LOG_FLUSH_SECONDS"])
+    assert deploy("housing-price", service.versions[1], "production") == service.url  # for later tests

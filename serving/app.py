@@ -8,9 +8,11 @@ Endpoints (OpenAPI at /docs):
   `instances`, `inputs`) with MLflow's `{"predictions": …}` and `{"error_code", "message"}`;
 - `GET /model` — name, version, alias, run id, feature version.
 
-Every request gets an id (the client's `X-Request-ID`, else a new one), echoed in the reply
-and written with the interaction record. Client errors are 4xx naming the field (422), or 413
-for bodies over `max_body_bytes`; a failing model is a 503, logged.
+Every request gets an id (the client's `X-Request-ID`, else Serve's), echoed once in the reply
+(by Serve) and written with the interaction record. Client errors are 4xx naming what is wrong:
+422 naming the field or the JSON error, 415 without a JSON content type, 413 over the body or
+batch limit (naming both); a failing model is a 503, logged. `/invocations` answers errors in
+MLflow's `{"error_code", "message"}` shape.
 """
 
 import asyncio
@@ -38,6 +40,9 @@ from serving.model import ServedModel
 
 log = logging.getLogger("bridge.serving")
 REQUEST_ID = "X-Request-ID"
+DEFAULT_MAX_BATCH = 10_000
+DEFAULT_MAX_BODY = 4 * 1_048_576  # 10,000 records of the widest house, even indented, fit (tested)
+MLFLOW_ENDPOINT = "/invocations"
 
 
 def _normalised(value: Any) -> Any:
@@ -94,8 +99,8 @@ class ServiceSettings:
     environment: dict[str, str]  # lake + MLflow variables (StorageSettings/MlflowSettings.to_env)
     variant: str = "production"
     unit: str = "GBP(£)"
-    max_batch_records: int = 10_000
-    max_body_bytes: int = 1_048_576
+    max_batch_records: int = DEFAULT_MAX_BATCH
+    max_body_bytes: int = DEFAULT_MAX_BODY
     log_flush_seconds: float = 10.0
     log_flush_rows: int = 5_000
     log_max_buffered: int = 200_000
@@ -109,11 +114,23 @@ api = FastAPI(
 
 
 def _request_id(request: Request) -> str:
+    """The client's `X-Request-ID`, else the one Serve's proxy assigned (Serve echoes it in the
+    reply, so the app never sets the header itself)."""
     return request.headers.get(REQUEST_ID) or uuid.uuid4().hex
 
 
-def _reply(body: dict[str, Any], status: int, request_id: str) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers={REQUEST_ID: request_id})
+def _reply(body: dict[str, Any], status: int) -> JSONResponse:
+    return JSONResponse(body, status_code=status)
+
+
+MLFLOW_ERROR_CODES = {413: "REQUEST_LIMIT_EXCEEDED", 422: "BAD_REQUEST", 503: "TEMPORARILY_UNAVAILABLE"}
+
+
+def _error_reply(path: str, status: int, message: str, **extra: Any) -> JSONResponse:
+    """An error in the endpoint's own shape: MLflow's for `/invocations`, the reference's else."""
+    if path == MLFLOW_ENDPOINT:
+        return _reply({"error_code": MLFLOW_ERROR_CODES.get(status, "BAD_REQUEST"), "message": message}, status)
+    return _reply({"status": status, "message": message, **extra, "response": None}, status)
 
 
 def _service(app: Any) -> "PredictionService | None":
@@ -130,12 +147,37 @@ def _log_rejection(request: Request, status: int, error: str, features: Any = No
         )
 
 
-def _too_large_message(limit: int) -> str:
-    return f"request body larger than {limit} bytes"
+def _limits(app: Any) -> tuple[int, int]:
+    service = _service(app)
+    settings = service.settings if service else None
+    return (settings.max_body_bytes, settings.max_batch_records) if settings else (DEFAULT_MAX_BODY, DEFAULT_MAX_BATCH)
+
+
+def _too_large_message(max_body: int, max_records: int) -> str:
+    return (
+        f"request body larger than {max_body} bytes (BRIDGE_SERVE_MAX_BODY); "
+        f"a batch holds at most {max_records} records (BRIDGE_SERVE_MAX_BATCH)"
+    )
+
+
+def _too_many_message(count: int, max_body: int, max_records: int) -> str:
+    return (
+        f"records: at most {max_records} per request (BRIDGE_SERVE_MAX_BATCH), got {count}; "
+        f"bodies up to {max_body} bytes (BRIDGE_SERVE_MAX_BODY)"
+    )
+
+
+def _not_json(scope: dict) -> str | None:
+    """Why a POST's declared content type is not JSON, or None if it is."""
+    declared = dict(scope.get("headers") or []).get(b"content-type", b"").decode("latin-1")
+    if declared.split(";")[0].strip().lower() == "application/json":
+        return None
+    return f"Content-Type must be application/json (got {declared!r})" if declared else "Content-Type must be application/json (none sent)"
 
 
 class LimitBody:
-    """ASGI middleware: 413 for bodies over the limit, by header or as they stream in."""
+    """ASGI middleware: 415 for a POST that is not JSON; 413 for bodies over the limit, by header
+    or as they stream in."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -143,33 +185,30 @@ class LimitBody:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        service = _service(scope["app"]) if "app" in scope else None
-        limit = service.settings.max_body_bytes if service else 1_048_576
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
+        max_body, max_records = _limits(scope["app"]) if "app" in scope else (DEFAULT_MAX_BODY, DEFAULT_MAX_BATCH)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
         request = Request(scope)
         request.state.started = time.perf_counter()
-        if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await self._too_large(scope, receive, send, limit)
+        if scope["method"] == "POST" and (wrong_type := _not_json(scope)):
+            return await self._refuse(scope, receive, send, 415, wrong_type)
+        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
+            return await self._refuse(scope, receive, send, 413, _too_large_message(max_body, max_records))
         received = 0
 
         async def limited_receive() -> dict:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > limit:  # FastAPI passes HTTPExceptions raised while reading through
-                raise HTTPException(status_code=413, detail=_too_large_message(limit))
+            if received > max_body:  # FastAPI passes HTTPExceptions raised while reading through
+                raise HTTPException(status_code=413, detail=_too_large_message(max_body, max_records))
             return message
 
         await self.app(scope, limited_receive, send)
 
-    async def _too_large(self, scope: dict, receive: Any, send: Any, limit: int) -> None:
+    async def _refuse(self, scope: dict, receive: Any, send: Any, status: int, message: str) -> None:
         request = Request(scope)
-        request.state.started = time.perf_counter()
-        message = _too_large_message(limit)
-        _log_rejection(request, 413, message)
-        response = _reply({"status": 413, "message": message, "response": None}, 413, _request_id(request))
-        await response(scope, receive, send)
+        _log_rejection(request, status, message)
+        await _error_reply(request.url.path, status, message)(scope, receive, send)
 
 
 api.add_middleware(LimitBody)
@@ -177,21 +216,30 @@ api.add_middleware(LimitBody)
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    """Errors raised as HTTPException (a streamed body over the limit): reference body, logged."""
+    """Errors raised as HTTPException (a streamed body over the limit): the endpoint's shape, logged."""
     message = str(error.detail)
     _log_rejection(request, error.status_code, message)
-    return _reply({"status": error.status_code, "message": message, "response": None}, error.status_code, _request_id(request))
+    return _error_reply(request.url.path, error.status_code, message)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    """What is wrong, in words: the JSON syntax error, or the fields at fault."""
+    broken = next((e for e in errors if e["type"] == "json_invalid"), None)
+    if broken is not None:
+        position = broken["loc"][-1]
+        return f"body is not valid JSON: {broken.get('ctx', {}).get('error', broken['msg'])} at character {position}"
+    fields = sorted({".".join(str(p) for p in e["loc"][1:]) or "body" for e in errors})
+    return f"invalid input: {', '.join(fields)}"
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
     """422 naming every field at fault (FastAPI's `detail` list), recorded as an interaction."""
     detail = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in error.errors()]
-    fields = sorted({".".join(str(p) for p in e["loc"][1:]) for e in detail})
-    message = f"invalid input: {', '.join(fields)}"
+    message = _validation_message(list(error.errors()))
     body = getattr(error, "body", None)
     _log_rejection(request, 422, message, body if isinstance(body, dict) else None)
-    return _reply({"status": 422, "message": message, "detail": detail, "response": None}, 422, _request_id(request))
+    return _error_reply(request.url.path, 422, message, detail=detail)
 
 
 SCORING_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -305,13 +353,13 @@ class PredictionService:
     def _prediction_reply(self, request_id: str, **result: Any) -> JSONResponse:
         """The reference's success body, with the model that answered."""
         response = {**result, "unit": self.settings.unit, "model_name": self.model.name, "model_version": self.model.version}
-        return _reply({"status": 200, "message": "House price prediction successful", "response": response}, 200, request_id)
+        return _reply({"status": 200, "message": "House price prediction successful", "response": response}, 200)
 
     def _model_failure(self, request: Request, request_id: str, endpoint: str, rows: list, error: Exception) -> JSONResponse:
         log.exception("model failure on %s (request %s)", endpoint, request_id)
         message = f"model unavailable: {type(error).__name__}"
         self.log_interactions(request_id, endpoint, 503, request.state.started, rows, error=message)
-        return _reply({"status": 503, "message": message, "response": None}, 503, request_id)
+        return _error_reply(endpoint, 503, message)
 
     @api.get("/health")
     def health(self) -> dict[str, Any]:
@@ -342,9 +390,9 @@ class PredictionService:
         request_id = _request_id(request)
         rows = [r.model_dump() for r in batch.records]
         if len(rows) > self.settings.max_batch_records:
-            message = f"records: at most {self.settings.max_batch_records} per request, got {len(rows)}"
+            message = _too_many_message(len(rows), self.settings.max_body_bytes, self.settings.max_batch_records)
             self.log_interactions(request_id, "/predict/batch", 413, request.state.started, [None], error=message)
-            return _reply({"status": 413, "message": message, "response": None}, 413, request_id)
+            return _error_reply("/predict/batch", 413, message)
         try:
             predictions = self._predict(rows)
         except Exception as error:  # noqa: BLE001
@@ -357,26 +405,29 @@ class PredictionService:
         """MLflow's scoring protocol, over the same model and contract."""
         request_id = _request_id(request)
         try:
-            payload = json.loads(await request.body())
+            try:
+                payload = json.loads(await request.body())
+            except json.JSONDecodeError as error:
+                raise ValueError(f"body is not valid JSON: {error}") from error
             frame = scoring_frame(payload)
         except (ValueError, TypeError, KeyError, pl.exceptions.PolarsError) as error:
             message = str(error)
             self.log_interactions(request_id, "/invocations", 400, request.state.started, [None], error=message)
-            return _reply({"error_code": "BAD_REQUEST", "message": message}, 400, request_id)
+            return _reply({"error_code": "BAD_REQUEST", "message": message}, 400)
         rows = frame.to_dicts()
         if len(rows) > self.settings.max_batch_records:
-            message = f"at most {self.settings.max_batch_records} rows per request, got {len(rows)}"
+            message = _too_many_message(len(rows), self.settings.max_body_bytes, self.settings.max_batch_records)
             self.log_interactions(request_id, "/invocations", 413, request.state.started, [None], error=message)
-            return _reply({"error_code": "BAD_REQUEST", "message": message}, 413, request_id)
+            return _error_reply("/invocations", 413, message)
         try:
             predictions = (await asyncio.to_thread(self.model.predict, frame)).tolist()  # keep /predict flowing
         except InvalidInput as error:
             self.log_interactions(request_id, "/invocations", 400, request.state.started, rows, error=str(error))
-            return _reply({"error_code": "INVALID_PARAMETER_VALUE", "message": str(error)}, 400, request_id)
+            return _reply({"error_code": "INVALID_PARAMETER_VALUE", "message": str(error)}, 400)
         except Exception as error:  # noqa: BLE001
             return self._model_failure(request, request_id, "/invocations", rows, error)
         self.log_interactions(request_id, "/invocations", 200, request.state.started, rows, predictions)
-        return _reply({"predictions": predictions}, 200, request_id)
+        return _reply({"predictions": predictions}, 200)
 
 
 def application(settings: ServiceSettings, replicas: int = 1) -> serve.Application:

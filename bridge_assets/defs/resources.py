@@ -155,7 +155,7 @@ class RayServing(dg.ConfigurableResource):
     ray_temp_dir: str = "/tmp/bridge-ray"
     unit: str = "GBP(£)"
     max_batch_records: int = 10_000
-    max_body_bytes: int = 1_048_576
+    max_body_bytes: int = 4 * 1_048_576
     log_flush_seconds: float = 10.0
     haproxy: bool = True
 
