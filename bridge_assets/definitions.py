@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from bridge_assets.defs.features import housing_features, landed_labels_sensor
+from bridge_assets.defs.features import feature_backlog_sensor, housing_features
 from bridge_assets.defs.landing import simulated_batch
 from bridge_assets.defs.raw import landed_batches_sensor, raw_housing
 from bridge_assets.defs.resources import lake_storage, mlflow_tracking, ray_serving, training_launcher
@@ -31,7 +31,7 @@ def build_defs(env: Mapping[str, str] = os.environ) -> dg.Definitions:
     return dg.Definitions(
         assets=[simulated_batch, raw_housing, housing_features, candidate_model, production_deployment],
         jobs=[promote_model],
-        sensors=[landed_batches_sensor, landed_labels_sensor, automation_sensor],
+        sensors=[landed_batches_sensor, feature_backlog_sensor, automation_sensor],
         resources={
             "storage": lake_storage(env),
             "mlflow_tracking": mlflow_tracking(env),

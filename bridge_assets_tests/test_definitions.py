@@ -45,12 +45,12 @@ def test_asset_graph_shape():
     assert graph.get(dg.AssetKey("candidate_model")).parent_keys == {dg.AssetKey("housing_features")}
     assert graph.get(dg.AssetKey("housing_features")).parent_keys == {dg.AssetKey("raw_housing")}
     checks = {key.name for key in graph.asset_check_keys}
-    assert checks == {"schema", "no_nulls", "row_count", "split_proportions", "quarantine_rate"}
+    assert checks == {"schema", "no_nulls", "row_count", "split_proportions", "batches_add_rows", "quarantine_rate"}
     assert defs.resolve_job_def("promote_model").name == "promote_model"
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["landed_batches_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
     assert sensors["bridge_automation"].default_status == dg.DefaultSensorStatus.RUNNING
-    assert sensors["landed_labels_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensors["feature_backlog_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
 
 
 def test_secrets_reach_dagster_only_as_env_vars():

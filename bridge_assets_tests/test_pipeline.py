@@ -9,10 +9,11 @@ import pytest
 
 from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.definitions import build_defs
+from bridge_assets.defs.features import feature_backlog_sensor
 from bridge_assets.defs.raw import landed_batches_sensor, raw_batches
 from bridge_assets.lake.feature_store import FeatureStore
-from bridge_assets.lake.landing import land_batch, land_seed
-from bridge_assets.lake.raw import quarantine_key
+from bridge_assets.lake.landing import land_batch, land_seed, release_labels
+from bridge_assets.lake.raw import quarantine_key, valid_key
 from bridge_assets.lake.storage import ObjectStore
 
 
@@ -70,7 +71,7 @@ def test_batches_flow_from_landing_to_a_versioned_feature_table(store: ObjectSto
         feature_meta = metadata(features_run)
         assert feature_meta["rows"] == 545 + 4000 - corrupted - feature_meta["duplicates_dropped"]
         assert all(e.passed for e in features_run.get_asset_check_evaluations())
-        assert len(features_run.get_asset_check_evaluations()) == 4
+        assert len(features_run.get_asset_check_evaluations()) == 5
         version = FeatureStore(store).load(feature_meta["version"])
         assert version.batch_ids == ["housing-seed", "sim-dirty"]
         rows = FeatureStore(store).scan(version).collect()
@@ -109,29 +110,86 @@ def test_simulated_batch_asset_lands_a_batch_with_run_config(store: ObjectStore)
     assert landed.height == 1500 and "price" not in landed.columns
 
 
-def test_withheld_labels_join_the_features_when_they_land(store: ObjectStore):
-    from bridge_assets.defs.features import landed_labels_sensor
-    from bridge_assets.lake.landing import release_labels
+def backlog_tick(instance: dg.DagsterInstance) -> dg.SensorResult:
+    """One evaluation of the feature backlog sensor."""
+    defs = build_defs()
+    context = dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources)
+    return feature_backlog_sensor(context)
 
+
+def test_withheld_labels_join_the_features_when_they_land(store: ObjectStore):
     land_seed(store)
     land_batch(store, "sim-late", HousingSimulator.fit().generate(1000, seed=4, batch_id="sim-late"), withhold_labels=True)
     with dg.instance_for_test() as instance:
         first = tick(instance, None)
         for request in first.run_requests:
             materialize(instance, "raw_housing", request.partition_key)
+        assert len(backlog_tick(instance).run_requests) == 1  # both batches validated, no version yet
         before = metadata(materialize(instance, "housing_features"))
         assert before["rows_awaiting_label"] == 1000 and before["batches"] == ["housing-seed"]
 
-        defs = build_defs()
-        context = dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources)
-        assert not landed_labels_sensor(context).run_requests  # nothing landed yet
+        assert not backlog_tick(instance).run_requests  # sim-late waits for labels: nothing to do
         release_labels(store, "sim-late")
-        result = landed_labels_sensor(dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources))
-        assert len(result.run_requests) == 1
-        again = dg.build_sensor_context(instance=instance, cursor=result.cursor, definitions=defs, resources=defs.resources)
-        assert not landed_labels_sensor(again).run_requests  # each label object once
+        assert len(backlog_tick(instance).run_requests) == 1
 
         after = metadata(materialize(instance, "housing_features"))
         assert after["added_batches"] == ["sim-late"] and after["rows"] == before["rows"] + 1000 - after["duplicates_dropped"]
         prices = FeatureStore(store).scan(after["version"]).filter(pl.col("batch_id") == "sim-late").collect()["price"]
         assert prices.null_count() == 0 and prices.len() == after["rows"] - before["rows"]
+        assert not backlog_tick(instance).run_requests  # held now
+
+
+def test_a_batch_validated_during_a_feature_run_is_requested_afterwards(store: ObjectStore):
+    """The interleaving a user hit: a feature run that started before raw batch B finished
+    completes without B, and its materialization is recorded after B's. Eager automation then
+    saw nothing new; the backlog rule still sees B missing from the table."""
+    land_seed(store)
+    land_simulated(store, "sim-b", 800)
+    with dg.instance_for_test() as instance:
+        tick(instance, None)
+        materialize(instance, "raw_housing", "housing-seed")
+        materialize(instance, "raw_housing", "sim-b")  # B validated and materialized first ...
+        hidden = store.get_bytes(valid_key("sim-b"))
+        store.delete(valid_key("sim-b"))  # ... but the feature run had listed the batches before
+        interleaved = metadata(materialize(instance, "housing_features"))
+        store.put_bytes(valid_key("sim-b"), hidden)
+        assert interleaved["batches"] == ["housing-seed"]
+        features_event = instance.get_latest_materialization_event(dg.AssetKey("housing_features"))
+        raw_event = instance.get_latest_materialization_event(dg.AssetKey("raw_housing"))
+        assert features_event.timestamp > raw_event.timestamp  # the order that fooled eager()
+
+        (request,) = backlog_tick(instance).run_requests
+        assert "sim-b" in request.tags["bridge/backlog"]
+        assert backlog_tick(instance).run_requests[0].run_key == request.run_key  # same state, same key
+        healed = metadata(materialize(instance, "housing_features"))
+        assert healed["added_batches"] == ["sim-b"]
+        assert not backlog_tick(instance).run_requests
+
+
+def test_no_request_while_a_feature_run_is_in_progress(store: ObjectStore):
+    land_seed(store)
+    with dg.instance_for_test() as instance:
+        tick(instance, None)
+        materialize(instance, "raw_housing", "housing-seed")
+        job = build_defs().resolve_implicit_global_asset_job_def()
+        run = instance.create_run_for_job(
+            job, asset_selection=frozenset({dg.AssetKey("housing_features")}), status=dg.DagsterRunStatus.STARTED
+        )
+        skipped = backlog_tick(instance)
+        assert not skipped.run_requests and run.run_id in skipped.skip_reason.skip_message
+
+
+def test_a_batch_of_duplicates_is_said_loudly_and_not_requested_forever(store: ObjectStore):
+    land_seed(store)
+    land_simulated(store, "sim-1-first", 600)
+    land_simulated(store, "sim-2-again", 600)  # the same seed and knobs: the same rows
+    with dg.instance_for_test() as instance:
+        for request in tick(instance, None).run_requests:
+            materialize(instance, "raw_housing", request.partition_key)
+        result = materialize(instance, "housing_features")
+        meta = metadata(result)
+        assert meta["batches_adding_no_rows"] == ["sim-2-again"] and meta["rows_added_per_batch"]["sim-2-again"] == 0
+        check = next(c for c in result.get_asset_check_evaluations() if c.check_name == "batches_add_rows")
+        assert check.passed is False and check.severity == dg.AssetCheckSeverity.WARN
+        assert result.success and meta["published"]  # a warning, not a blocked version
+        assert not backlog_tick(instance).run_requests  # held by the ledger: no endless re-requests

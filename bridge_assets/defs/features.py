@@ -1,5 +1,6 @@
 """Features (steps 15–17): the versioned housing feature table and its checks."""
 
+import hashlib
 import json
 
 import dagster as dg
@@ -10,8 +11,7 @@ from bridge_assets.core.features import SPLIT_BOUNDS, SPLITS
 from bridge_assets.defs.metadata import markdown_preview, table_schema
 from bridge_assets.defs.raw import raw_housing
 from bridge_assets.defs.resources import LakeStorage
-from bridge_assets.lake.feature_store import FeatureStore, build_features
-from bridge_assets.lake.landing import LABELS_PREFIX
+from bridge_assets.lake.feature_store import FeatureBuild, FeatureStore, build_features, feature_backlog
 
 # Hash splits converge on 64/16/20; below this many rows their proportions are too noisy to judge.
 MIN_ROWS_FOR_PROPORTIONS = 500
@@ -19,6 +19,13 @@ SPLIT_TOLERANCE = 0.05
 EXPECTED_SHARE = dict(zip(SPLITS, (SPLIT_BOUNDS[0], SPLIT_BOUNDS[1] - SPLIT_BOUNDS[0], 1 - SPLIT_BOUNDS[1])))
 EXPECTED_SCHEMA = pl.Schema({**SCHEMA, "batch_id": pl.String(), "split": pl.String(), "reference_split": pl.String()})
 CHECKS = ("schema", "no_nulls", "row_count", "split_proportions")
+ADDS_ROWS_CHECK = "batches_add_rows"
+IN_PROGRESS = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
 def _checks(rows: pl.LazyFrame, schema: pl.Schema, counts: dict[str, int]) -> list[dg.AssetCheckResult]:
@@ -51,14 +58,30 @@ def _checks(rows: pl.LazyFrame, schema: pl.Schema, counts: dict[str, int]) -> li
     ]
 
 
+def _adds_rows_check(build: FeatureBuild) -> dg.AssetCheckResult:
+    """Warns about batches that added no row: every labelled row was already in the table."""
+    nothing = build.batches_adding_nothing
+    return dg.AssetCheckResult(
+        check_name=ADDS_ROWS_CHECK,
+        passed=not nothing,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "batches_adding_no_rows": dg.MetadataValue.json(nothing),
+            "hint": "a repeated simulator seed lands the same rows again; use a new seed",
+        },
+    )
+
+
 @dg.asset(
     deps=[raw_housing],
     group_name="lake",
     kinds={"polars", "duckdb", "parquet"},
-    # eager() waits for every dependency partition; one failed or pending raw batch must not
-    # hold back the feature table for all the others.
-    automation_condition=dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing()),
-    check_specs=[dg.AssetCheckSpec(name, asset="housing_features", blocking=True) for name in CHECKS],
+    # No automation condition: `feature_backlog_sensor` requests a run while any validated
+    # batch is missing from the table, which also covers runs that interleave.
+    check_specs=[
+        *(dg.AssetCheckSpec(name, asset="housing_features", blocking=True) for name in CHECKS),
+        dg.AssetCheckSpec(ADDS_ROWS_CHECK, asset="housing_features", description="every new batch adds rows"),
+    ],
 )
 def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """Versioned feature table: each validated batch becomes an immutable, content-hashed part.
@@ -83,6 +106,8 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
         context.log.error(f"feature version {version.version} failed {blocking_failed}; LATEST not moved")
     else:
         features.publish(version)
+    if build.batches_adding_nothing:
+        context.log.warning(f"batches adding no rows (all duplicates): {build.batches_adding_nothing}")
     context.log.info(f"feature version {version.version}: +{build.added_batches} on top of {build.previous}")
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version.version),
@@ -93,6 +118,8 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
             "rows_per_split": dg.MetadataValue.json(counts),
             "batches": dg.MetadataValue.json(version.batch_ids),
             "added_batches": dg.MetadataValue.json(build.added_batches),
+            "batches_adding_no_rows": dg.MetadataValue.json(build.batches_adding_nothing),
+            "rows_added_per_batch": dg.MetadataValue.json({o.batch_id: o.rows_added for o in build.outcomes}),
             "duplicates_dropped": build.duplicates_dropped,
             "rows_awaiting_label": build.awaiting_label,
             "published": not blocking_failed,
@@ -101,22 +128,34 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
             "dagster/row_count": version.rows,
             "preview": markdown_preview(rows.head(5).collect()),
         },
-        check_results=checks,
+        check_results=[*checks, _adds_rows_check(build)],
     )
 
 
 @dg.sensor(target=[housing_features], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
-def landed_labels_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
-    """Requests a feature-table update when ground truth lands for a batch (delayed labels).
+def feature_backlog_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
+    """Requests a feature-table run while a validated batch is missing from the latest version.
 
-    Batches landed without prices get their feature part only once their labels are there;
-    new label objects are requested once each (the cursor holds those already seen).
+    The rule is the table's own state (`feature_backlog`), not "a parent was updated since the
+    last run": a run that started before a raw batch finished, or labels that land later, leave
+    that batch in the backlog and the next tick requests it. The run key is the backlog and the
+    version it builds on, so an unchanged state is never requested twice (a run whose blocking
+    checks failed is not repeated in a loop); no request while a feature run is in progress.
     """
-    seen: set[str] = set(json.loads(context.cursor)) if context.cursor else set()
-    landed = [k for k in storage.open().list(LABELS_PREFIX) if k.endswith("/labels.parquet")]
-    new = sorted(set(landed) - seen)
+    store = storage.open()
+    backlog = feature_backlog(store)
+    if not backlog:
+        return dg.SensorResult(skip_reason="every validated batch is in the latest feature version")
+    running = [
+        run.run_id
+        for run in context.instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS))
+        if run.asset_selection and housing_features.key in run.asset_selection
+    ]
+    if running:
+        return dg.SensorResult(skip_reason=f"backlog {backlog} waits for feature run {running[0]}")
+    latest = FeatureStore(store).latest()
+    state = json.dumps({"latest": latest.version if latest else None, "backlog": backlog}, sort_keys=True)
+    run_key = f"features-{hashlib.sha256(state.encode()).hexdigest()[:16]}"
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"labels:{','.join(new)}")] if new else [],
-        cursor=json.dumps(sorted(seen | set(landed))),
-        skip_reason=None if new else f"no new labels ({len(landed)} landed)",
+        run_requests=[dg.RunRequest(run_key=run_key, tags={"bridge/backlog": ",".join(backlog)[:200]})],
     )

@@ -5,6 +5,12 @@ Layout under `features/<table>/`:
     parts/<sha256>.parquet      one per batch, named by the hash of its bytes, never rewritten
     versions/<version>.json     manifest: the ordered parts, row counts per split, contract
     LATEST                      the newest version id (a pointer, replaced atomically)
+    ledger/<batch_id>.json      why a validated batch has no part: every row a duplicate,
+                                or every row still awaiting its label
+
+A validated batch is *held* by the table when the latest version has its part or the ledger
+says it adds nothing; every other validated batch is *backlog* (`feature_backlog`), which
+the feature sensor turns into a run however runs interleave.
 
 A version id is a hash of its parts, so unchanged inputs give the same version, and a version's
 parts never change, so reading a pinned version later returns identical bytes. A commit writes
@@ -26,7 +32,7 @@ import polars as pl
 from bridge_assets.core.contract import CONTRACT_VERSION
 from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS
-from bridge_assets.lake.landing import read_labels
+from bridge_assets.lake.landing import labels_key, read_labels
 from bridge_assets.lake.raw import valid_key, validated_batch_ids
 from bridge_assets.lake.storage import LocalStore, ObjectStore
 
@@ -170,14 +176,79 @@ class FeatureStore:
 
 
 @dataclass(frozen=True)
+class BatchOutcome:
+    """What one build did with one validated batch."""
+
+    batch_id: str
+    rows_added: int
+    duplicates_dropped: int
+    awaiting_label: int
+
+    @property
+    def status(self) -> str:
+        if self.rows_added:
+            return "added"
+        return "awaiting_labels" if self.awaiting_label else "no_new_rows"
+
+
+@dataclass(frozen=True)
 class FeatureBuild:
     """The outcome of bringing the feature table up to date with the raw zone."""
 
     version: FeatureVersion
     previous: str | None
-    added_batches: list[str]
-    duplicates_dropped: int
-    awaiting_label: int
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+
+    @property
+    def added_batches(self) -> list[str]:
+        return [o.batch_id for o in self.outcomes if o.status == "added"]
+
+    @property
+    def batches_adding_nothing(self) -> list[str]:
+        """Batches whose every labelled row was already in the table (e.g. a repeated seed)."""
+        return [o.batch_id for o in self.outcomes if o.status == "no_new_rows"]
+
+    @property
+    def duplicates_dropped(self) -> int:
+        return sum(o.duplicates_dropped for o in self.outcomes)
+
+    @property
+    def awaiting_label(self) -> int:
+        return sum(o.awaiting_label for o in self.outcomes)
+
+
+LEDGER_SCHEMA_VERSION = 1
+
+
+def _ledger_key(table: str, batch_id: str) -> str:
+    return f"features/{table}/ledger/{batch_id}.json"
+
+
+def _ledger(store: ObjectStore, table: str) -> dict[str, dict]:
+    prefix = f"features/{table}/ledger/"
+    return {
+        key.removeprefix(prefix).removesuffix(".json"): json.loads(store.get_text(key))
+        for key in store.list(prefix)
+        if key.endswith(".json")
+    }
+
+
+def _needs_build(batch_id: str, entry: dict | None, store: ObjectStore) -> bool:
+    """A batch without a part needs a build unless its last one added nothing for good (all
+    duplicates) or it still awaits labels that have not landed since."""
+    if entry is None:
+        return True
+    if entry["status"] == "no_new_rows":
+        return False
+    return store.exists(labels_key(batch_id)) and not entry.get("labels_landed", False)
+
+
+def feature_backlog(store: ObjectStore, table: str = DEFAULT_TABLE) -> list[str]:
+    """Validated batches the latest version does not hold yet (see the module docstring)."""
+    latest = FeatureStore(store, table).latest()
+    held = set(latest.batch_ids) if latest else set()
+    ledger = _ledger(store, table)
+    return [b for b in validated_batch_ids(store) if b not in held and _needs_build(b, ledger.get(b), store)]
 
 
 def build_features(store: ObjectStore, table: str = DEFAULT_TABLE, *, publish: bool = True) -> FeatureBuild:
@@ -190,30 +261,30 @@ def build_features(store: ObjectStore, table: str = DEFAULT_TABLE, *, publish: b
     """
     features = FeatureStore(store, table)
     base = features.latest()
-    done = set(base.batch_ids) if base else set()
     earlier = features.scan(base) if base and base.parts else None
     parts: list[Part] = []
-    added: list[str] = []
-    duplicates = awaiting = 0
-    for batch_id in validated_batch_ids(store):
-        if batch_id in done:
-            continue
+    outcomes: list[BatchOutcome] = []
+    for batch_id in feature_backlog(store, table):
+        labels = read_labels(store, batch_id)
         prepared = prepare_batch(
             store.scan_parquet([valid_key(batch_id)]).collect(),
             batch_id,
             earlier=earlier,
-            labels=read_labels(store, batch_id),
+            labels=labels,
             reference_rows=SEED_ROWS if batch_id == SEED_BATCH_ID else None,
         )
-        duplicates += prepared.duplicates_dropped
-        awaiting += prepared.awaiting_label
+        outcome = BatchOutcome(batch_id, prepared.rows.height, prepared.duplicates_dropped, prepared.awaiting_label)
+        outcomes.append(outcome)
         if prepared.rows.is_empty():
+            entry = {**asdict(outcome), "status": outcome.status, "labels_landed": labels is not None}
+            store.put_text(_ledger_key(table, batch_id), json.dumps({"schema_version": LEDGER_SCHEMA_VERSION, **entry}))
             continue
         parts.append(features.write_part(batch_id, prepared.rows))
-        added.append(batch_id)
         new_rows = prepared.rows.lazy()
         earlier = new_rows if earlier is None else pl.concat([earlier, new_rows])
     if base is None and not parts:
-        raise ValueError("no labelled, validated rows yet: land and validate a batch first")
+        raise ValueError(
+            f"no labelled, validated rows yet in {store.uri('raw/valid/')}: land and validate a batch first"
+        )
     version = features.commit(parts, base, publish=publish) if parts else base
-    return FeatureBuild(version, base.version if base else None, added, duplicates, awaiting)
+    return FeatureBuild(version, base.version if base else None, outcomes)
