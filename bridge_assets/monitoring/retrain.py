@@ -1,0 +1,90 @@
+"""Retraining on what was seen (step 21): labelled traffic back into the lake, and the policy.
+
+Labelled traffic (interaction rows joined to released labels) lands as an ordinary raw batch
+(`landing/batches/feedback-<window>[-n]/`), so it passes the same contract and quarantine
+as any batch and the next feature version contains it. A retrain then pins that version.
+
+Policy (`BRIDGE_RETRAIN_POLICY`): `manual` alerts (failed check with the reason, optional
+webhook) and leaves a ready retraining job to launch; `automatic` requests one training
+round. Never a storm: at most one open retrain, and a cool-down between requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from dataclasses import dataclass
+
+import polars as pl
+
+from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
+from bridge_assets.lake.landing import LandedBatch, land_batch, landed_batches, read_batch
+from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.monitoring.settings import RetrainPolicy
+
+FEEDBACK_BATCH_PREFIX = "feedback-"
+log = logging.getLogger("bridge.monitoring")
+
+
+def feedback_rows(joined: pl.DataFrame) -> pl.DataFrame:
+    """Batch rows from labelled traffic: a stable row id per served row, features, true price."""
+    row_index = pl.col("row_index").cast(pl.String) if "row_index" in joined.columns else pl.lit("0")
+    return joined.select(
+        (pl.lit("fb-") + pl.col("request_id").cast(pl.String) + pl.lit("-") + row_index).alias(ROW_ID),
+        *(pl.col(c) for c in FEATURES),
+        pl.col(TARGET).cast(pl.Float64),
+    ).unique(ROW_ID, keep="first", maintain_order=True)
+
+
+def land_feedback_batch(store: ObjectStore, window: str, joined: pl.DataFrame) -> tuple[LandedBatch | None, int]:
+    """Land the window's labelled rows not landed before as a new raw batch; (None, 0) if none."""
+    rows = feedback_rows(joined)
+    base = f"{FEEDBACK_BATCH_PREFIX}{window}"
+    earlier = [b for b in landed_batches(store) if b.batch_id == base or b.batch_id.startswith(f"{base}-")]
+    if earlier:
+        seen = pl.concat([read_batch(store, b).select(pl.col(ROW_ID).cast(pl.String)) for b in earlier])
+        rows = rows.join(seen, on=ROW_ID, how="anti")
+    if rows.is_empty():
+        return None, 0
+    batch_id = base if not earlier else f"{base}-{len(earlier) + 1}"
+    batch, count = land_batch(store, batch_id, [rows])
+    return batch, count
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    action: str  # "request" (automatic), "alert" (manual) or "skip"
+    reason: str
+
+
+def decide_retrain(
+    policy: RetrainPolicy,
+    alarms: list[str],
+    *,
+    open_retrains: int,
+    seconds_since_last_request: float | None,
+    cooldown_seconds: int,
+) -> RetrainDecision:
+    """What the loop does about a window's alarms, by policy, without storms."""
+    if not alarms:
+        return RetrainDecision("skip", "no alarms")
+    reason = "; ".join(alarms)
+    if policy == "manual":
+        return RetrainDecision("alert", reason)
+    if open_retrains:
+        return RetrainDecision("skip", f"a retrain is already open ({open_retrains}); not requesting another")
+    if seconds_since_last_request is not None and seconds_since_last_request < cooldown_seconds:
+        return RetrainDecision("skip", f"cool-down: last retrain requested {seconds_since_last_request:.0f}s ago (< {cooldown_seconds}s)")
+    return RetrainDecision("request", reason)
+
+
+def post_alert(url: str, payload: dict, timeout: float = 5.0) -> bool:
+    """POST the alert as JSON; a failing webhook is logged, never fatal to monitoring."""
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - configured URL
+            return 200 <= response.status < 300
+    except OSError as error:
+        log.warning("alert webhook %s failed: %s", url.split("?")[0], error)
+        return False
