@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# The same .env every entry point reads (plain KEY=value lines; values there win, as in dagster dev).
+-include .env
 export BRIDGE_HOME ?= $(CURDIR)/.bridge
 export DAGSTER_HOME ?= $(BRIDGE_HOME)/dagster
 export WHYLOGS_NO_ANALYTICS := True
@@ -35,7 +37,7 @@ serve: install
 	$(BIN)/python -m serving.deploy
 
 stop: install
-	$(BIN)/python -m serving.deploy stop
+	$(BIN)/python -m serving.cluster stop
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -26,7 +26,7 @@ from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
-from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.tracking import CANDIDATE_ALIAS, MlflowSettings
 from serving.deploy import ServingSettings, stop_serving
@@ -107,6 +107,7 @@ def _post(url: str, body: dict, request_id: str) -> dict:
 
 
 def main() -> None:
+    load_environment()
     store = StorageSettings.from_env().open()
     print(f"storage: {store!r}   DAGSTER_HOME: {os.environ.get('DAGSTER_HOME')}")
     if land_seed(store):

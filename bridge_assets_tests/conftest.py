@@ -3,6 +3,7 @@ Ray Serve prediction service for the session."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import uuid
@@ -26,6 +27,9 @@ from bridge_assets.ml.tracking import MlflowSettings, log_round, promote_to_prod
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port
 from serving.deploy import stop_serving
 from bridge_assets.lake.storage import ObjectStore
+
+# Tests never read a developer's `.env` (it could point them at a real lake or bucket).
+os.environ["BRIDGE_ENV_FILE"] = ""
 
 LAKE_VARIABLES = (
     "BRIDGE_HOME",

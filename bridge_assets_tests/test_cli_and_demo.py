@@ -1,15 +1,20 @@
 """The `bridge` CLI and `make demo`'s job, run as the user runs them: in subprocesses."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
-from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.lake.feature_store import build_features
+from bridge_assets.lake.landing import land_seed, landed_batches
+from bridge_assets.lake.raw import validate_batch
+from bridge_assets.lake.settings import PROJECT_ROOT, StorageSettings, bridge_home
 
 
 def bridge(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -34,6 +39,72 @@ def test_cli_lands_batches_and_withheld_labels_from_another_process(lake_env):
 
     again = bridge(lake_env, "simulate", "--rows", "10", "--batch-id", "cli-b", "--quiet")
     assert again.returncode == 2 and "already landed" in again.stderr
+
+
+def test_simulate_draws_a_new_seed_and_warns_when_it_repeats_a_batch(lake_env):
+    first, second = (bridge(lake_env, "simulate", "--rows", "500", "--quiet") for _ in range(2))
+    seeds = [out.stdout.split("(seed ")[1].split(")")[0] for out in (first, second)]
+    assert first.returncode == second.returncode == 0 and seeds[0] != seeds[1]  # new rows by default
+    assert "WARNING" not in first.stderr + second.stderr
+
+    repeat = bridge(lake_env, "simulate", "--rows", "500", "--seed", seeds[0], "--batch-id", "again", "--quiet")
+    assert repeat.returncode == 0 and "WARNING: batch again repeats the rows of sim-" in repeat.stderr
+    store = StorageSettings.from_env(lake_env).open()
+    recorded = json.loads(store.get_text("landing/batches/again/simulation.json"))
+    assert recorded["recipe"]["seed"] == int(seeds[0]) and recorded["rows"] == 500
+
+
+def test_release_labels_twice_is_refused_with_the_place(lake_env):
+    assert bridge(lake_env, "simulate", "--rows", "50", "--batch-id", "twice", "--withhold-labels", "--quiet").returncode == 0
+    assert bridge(lake_env, "release-labels", "twice").returncode == 0
+    again = bridge(lake_env, "release-labels", "twice")
+    assert again.returncode == 2 and "already landed" in again.stderr and "labels/twice/labels.parquet" in again.stderr
+
+
+def test_features_command_lists_newest_first_describes_and_reports_sql_errors(lake_env):
+    store = StorageSettings.from_env(lake_env).open()
+    empty = bridge(lake_env, "features")
+    assert empty.returncode == 1 and store.uri("features/housing/") in empty.stderr  # names where it looked
+    land_seed(store)
+    validate_batch(store, landed_batches(store)[0])
+    first = build_features(store).version
+    time.sleep(1.1)  # created_at has second resolution
+    assert bridge(lake_env, "simulate", "--rows", "300", "--batch-id", "zz-later", "--quiet").returncode == 0
+    validate_batch(store, next(b for b in landed_batches(store) if b.batch_id == "zz-later"))
+    newer = build_features(store).version
+
+    listed = bridge(lake_env, "features").stdout.splitlines()
+    assert [line[2:].split()[0] for line in listed] == [newer.version, first.version] and listed[0].startswith("*")
+    described = bridge(lake_env, "features", "--version", first.version)
+    assert described.returncode == 0 and f"rows {first.rows}" in described.stdout and "part housing-seed" in described.stdout
+    typo = bridge(lake_env, "features", "--sql", "SELEC count(*) FROM features")
+    assert typo.returncode == 2 and len(typo.stderr.strip().splitlines()) == 1 and "syntax error" in typo.stderr
+    counted = bridge(lake_env, "features", "--version", first.version, "--sql", "SELECT count(*) AS n FROM features")
+    assert counted.returncode == 0 and str(first.rows) in counted.stdout
+
+
+def test_home_is_anchored_to_the_project_not_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bridge_home({}) == PROJECT_ROOT / ".bridge"
+    assert bridge_home({"BRIDGE_HOME": "~/elsewhere"}) == Path.home() / "elsewhere"
+
+
+def test_every_entry_point_reads_the_same_env_file(tmp_path):
+    home = tmp_path / "from-dotenv"
+    dotenv = tmp_path / "project.env"
+    dotenv.write_text(f"BRIDGE_HOME={home}\nBRIDGE_MODEL_NAME=from-dotenv-model\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_", "DAGSTER_HOME", "MLFLOW_"))}
+    env["BRIDGE_ENV_FILE"] = str(dotenv)
+    run = lambda *args: subprocess.run(args, env=env, capture_output=True, text=True, cwd=tmp_path)  # noqa: E731
+    listed = run(sys.executable, "-m", "bridge_assets.cli", "features")
+    assert listed.returncode == 1 and str(home / "lake") in listed.stderr  # the CLI read BRIDGE_HOME from .env
+    code = "from bridge_assets.lake.settings import load_environment; load_environment(); import os; " \
+           "from bridge_assets.ml.tracking import MlflowSettings; print(MlflowSettings.from_env().model_name, os.environ['DAGSTER_HOME'])"
+    shown = run(sys.executable, "-c", code)
+    assert shown.stdout.split() == ["from-dotenv-model", str(home / "dagster")]  # what serving.deploy and the demo call
+    runs = run(sys.executable, "-m", "bridge_assets.cli", "dagster", "run", "list")
+    assert runs.returncode == 0 and f"DAGSTER_HOME={home / 'dagster'}" in runs.stderr, runs.stderr[-2000:]
+    assert (home / "dagster" / "dagster.yaml").is_file()
 
 
 def test_cli_rejects_bad_drift_with_a_message(lake_env):

@@ -79,6 +79,8 @@ def test_a_round_through_pipes_registers_a_reproducible_candidate(store: ObjectS
     assert metadata["feature_version"] == feature_version
     assert metadata["model_uri"] == f"models:/housing-price/{metadata['model_version']}"
     assert "baseline: log_linear" in metadata["metrics"] and "data:image/png;base64," in metadata["loss_curve"]
+    run_link = f"http://127.0.0.1:5000/#/experiments/{client.get_run(metadata['mlflow_run_id']).info.experiment_id}/runs/"
+    assert metadata["mlflow_run"] == run_link + metadata["mlflow_run_id"]  # `make mlflow`'s UI, not a sqlite: URI
 
     # MLflow: one parent run, a nested run per preset, with lineage and per-epoch losses.
     parent = client.get_run(metadata["mlflow_parent_run_id"])

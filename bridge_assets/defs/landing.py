@@ -1,21 +1,20 @@
 """Landing: the simulator as an asset, so a batch can be landed from the Dagster UI."""
 
-from datetime import UTC, datetime
 from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
-from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.core.simulator import Drift
 from bridge_assets.defs.resources import LakeStorage
-from bridge_assets.lake.landing import land_batch
+from bridge_assets.lake.landing import Simulation, land_simulated
 
 
 class SimulationConfig(dg.Config):
     """A simulated batch: size, seed, drift and corruption (see `bridge_assets.core.simulator`)."""
 
     rows: int = Field(default=10_000, ge=1, description="rows in the batch")
-    seed: int = Field(default=0, description="random seed; same seed and knobs, same rows")
+    seed: int | None = Field(default=None, description="default: a new random seed; same seed and knobs, same rows")
     batch_id: str | None = Field(default=None, description="default: sim-<UTC time>-s<seed>")
     format: Literal["parquet", "csv"] = "parquet"
     corrupt_fraction: float = Field(default=0.0, ge=0, le=1, description="rows given one contract violation")
@@ -43,22 +42,20 @@ def simulated_batch(
 ) -> dg.MaterializeResult:
     """Lands one batch of simulated housing rows (step 22); the landing sensor picks it up."""
     store = storage.open()
-    batch_id = config.batch_id or f"sim-{datetime.now(UTC):%Y%m%dT%H%M%S}-s{config.seed}"
-    blocks = HousingSimulator.fit().generate(
-        config.rows,
-        seed=config.seed,
-        batch_id=batch_id,
-        drift=config.drift(),
-        corrupt_fraction=config.corrupt_fraction,
-        case_noise=config.case_noise,
-    )
-    batch, rows = land_batch(store, batch_id, blocks, fmt=config.format, withhold_labels=config.withhold_labels)
-    context.log.info(f"landed {rows} rows as {store.uri(batch.key)}")
+    knobs = {"corrupt_fraction": config.corrupt_fraction, "case_noise": config.case_noise}
+    seed = {"seed": config.seed} if config.seed is not None else {}
+    simulation = Simulation(config.rows, drift=config.drift(), withhold_labels=config.withhold_labels, **knobs, **seed)
+    landed = land_simulated(store, simulation, config.batch_id, fmt=config.format)
+    context.log.info(f"landed {landed.rows} rows as {store.uri(landed.batch.key)} (seed {simulation.seed})")
+    if landed.warning():
+        context.log.warning(landed.warning())
     return dg.MaterializeResult(
         metadata={
-            "batch_id": batch_id,
-            "rows": rows,
-            "uri": dg.MetadataValue.path(store.uri(batch.key)),
+            "batch_id": landed.batch.batch_id,
+            "rows": landed.rows,
+            "seed": simulation.seed,
+            "repeats_batches": dg.MetadataValue.json(landed.repeats),
+            "uri": dg.MetadataValue.path(store.uri(landed.batch.key)),
             "labels_withheld": config.withhold_labels,
             "config": dg.MetadataValue.json(config.model_dump()),
         }

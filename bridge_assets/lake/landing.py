@@ -3,6 +3,7 @@
 Layout (keys relative to the store root, identical on disk and on S3):
 
     landing/batches/<batch_id>/data.csv | data.parquet   one batch, published atomically
+    landing/batches/<batch_id>/simulation.json          how the simulator made it (seed, knobs)
     landing/labels/<batch_id>/labels.parquet             ground truth landed later: row_id, price
     simulator/withheld-labels/<batch_id>.parquet         the simulator's labels not yet released
 
@@ -13,16 +14,19 @@ as ground truth arriving after the predictions were made.
 
 from __future__ import annotations
 
+import json
 import re
+import secrets
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 import polars as pl
 import pyarrow.parquet as pq
 
 from bridge_assets.core.contract import ROW_ID, TARGET
-from bridge_assets.core.simulator import SEED_BATCH_ID, load_seed_data
+from bridge_assets.core.simulator import SEED_BATCH_ID, Drift, HousingSimulator, load_seed_data
 from bridge_assets.lake.storage import ObjectStore
 
 BATCHES_PREFIX = "landing/batches/"
@@ -111,6 +115,77 @@ def land_batch(
     return LandedBatch(batch_id, key), rows
 
 
+@dataclass(frozen=True)
+class Simulation:
+    """Everything that determines a simulated batch's rows; same values, same rows."""
+
+    rows: int
+    seed: int = field(default_factory=lambda: secrets.randbelow(2**31))  # new rows unless asked
+    drift: Drift = field(default_factory=Drift)
+    corrupt_fraction: float = 0.0
+    case_noise: float = 0.0
+    withhold_labels: bool = False
+
+    def default_batch_id(self) -> str:
+        return f"sim-{datetime.now(UTC):%Y%m%dT%H%M%S}-s{self.seed}"
+
+    def recipe(self) -> dict:
+        """The knobs that decide the rows (labels withheld or not does not change them)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("rows", "withhold_labels")}
+
+
+@dataclass(frozen=True)
+class SimulatedLanding:
+    batch: LandedBatch
+    rows: int
+    simulation: Simulation
+    repeats: list[str]  # earlier batches made with the same seed and knobs: their rows again
+
+    def warning(self) -> str | None:
+        if not self.repeats:
+            return None
+        return (
+            f"batch {self.batch.batch_id} repeats the rows of {', '.join(self.repeats)} (same seed "
+            f"{self.simulation.seed} and knobs): they are duplicates and will add nothing to the feature "
+            "table; leave the seed out for new rows"
+        )
+
+
+def simulation_key(batch_id: str) -> str:
+    return f"{BATCHES_PREFIX}{check_batch_id(batch_id)}/simulation.json"
+
+
+def land_simulated(
+    store: ObjectStore,
+    simulation: Simulation,
+    batch_id: str | None = None,
+    *,
+    fmt: BatchFormat = "parquet",
+    on_block: Callable[[int], None] | None = None,
+) -> SimulatedLanding:
+    """Generate and land a simulated batch, recording its seed and knobs beside it, and name
+    the earlier batches it repeats (the CLI and the asset say so loudly)."""
+    batch_id = batch_id or simulation.default_batch_id()
+    blocks = HousingSimulator.fit().generate(
+        simulation.rows,
+        seed=simulation.seed,
+        batch_id=batch_id,
+        drift=simulation.drift,
+        corrupt_fraction=simulation.corrupt_fraction,
+        case_noise=simulation.case_noise,
+    )
+    recipe = simulation.recipe()
+    repeats = [
+        key.split("/")[2]
+        for key in store.list(BATCHES_PREFIX)
+        if key.endswith("/simulation.json") and json.loads(store.get_text(key)).get("recipe") == recipe
+    ]
+    batch, rows = land_batch(store, batch_id, blocks, fmt=fmt, withhold_labels=simulation.withhold_labels, on_block=on_block)
+    record = {"schema_version": 1, "rows": rows, "withhold_labels": simulation.withhold_labels, "recipe": recipe}
+    store.put_text(simulation_key(batch_id), json.dumps(record, sort_keys=True))
+    return SimulatedLanding(batch, rows, simulation, sorted(set(repeats) - {batch_id}))
+
+
 def release_labels(store: ObjectStore, batch_id: str) -> str:
     """Land the withheld ground truth of a simulated batch (labels arriving late)."""
     held = f"{WITHHELD_PREFIX}{check_batch_id(batch_id)}.parquet"
@@ -120,8 +195,10 @@ def release_labels(store: ObjectStore, batch_id: str) -> str:
 
 
 def land_labels(store: ObjectStore, batch_id: str, labels: pl.DataFrame) -> str:
-    """Land ground truth for a batch: one row per `row_id` with its `price`."""
+    """Land ground truth for a batch: one row per `row_id` with its `price` (once: immutable)."""
     key = labels_key(batch_id)
+    if store.exists(key):
+        raise FileExistsError(f"labels for batch {batch_id!r} have already landed at {store.uri(key)}; labels are immutable")
     store.write_parquet(key, labels.select(pl.col(ROW_ID).cast(pl.String), pl.col(TARGET).cast(pl.Float64)))
     return key
 

@@ -17,11 +17,48 @@ from bridge_assets.lake.storage import LocalStore, ObjectStore, S3Store, polars_
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_PREFIX = "bridge"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _is_checkout(root: Path) -> bool:
+    """True when bridge runs from its source tree (an editable install), not site-packages."""
+    return (root / "pyproject.toml").is_file() and (root / "bridge_assets").is_dir()
 
 
 def bridge_home(env: Mapping[str, str] = os.environ) -> Path:
-    """Root of all local state (lake, Dagster home, MLflow store); default `./.bridge`."""
-    return Path(env.get("BRIDGE_HOME", ".bridge")).resolve()
+    """Root of all local state (lake, Dagster home, MLflow store).
+
+    `BRIDGE_HOME` if set; else `.bridge` in the project's checkout, wherever the command is
+    run from (a notebook in another folder sees the same lake as `make dev`); else `~/.bridge`.
+    """
+    if env.get("BRIDGE_HOME"):
+        return Path(env["BRIDGE_HOME"]).expanduser().resolve()
+    return (PROJECT_ROOT if _is_checkout(PROJECT_ROOT) else Path.home()) / ".bridge"
+
+
+def env_file(env: Mapping[str, str] = os.environ) -> Path | None:
+    """The `.env` every entry point reads: `BRIDGE_ENV_FILE` (empty: none), else the project's."""
+    if "BRIDGE_ENV_FILE" in env:
+        return Path(env["BRIDGE_ENV_FILE"]).expanduser() if env["BRIDGE_ENV_FILE"] else None
+    return PROJECT_ROOT / ".env" if _is_checkout(PROJECT_ROOT) else None
+
+
+def load_environment() -> dict[str, str]:
+    """Apply the `.env` file to this process, then default `DAGSTER_HOME` to `BRIDGE_HOME/dagster`.
+
+    One rule for every entry point (CLI, `make serve`, the demo, `dagster dev` through the
+    Makefile): values in `.env` win over the shell, as `dagster dev` applies them. Returns what
+    the file set.
+    """
+    from dotenv import dotenv_values
+
+    path = env_file()
+    loaded = {k: v for k, v in dotenv_values(path).items() if v is not None} if path and path.is_file() else {}
+    os.environ.update(loaded)
+    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(bridge_home() / "dagster")))
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    (dagster_home / "dagster.yaml").touch(exist_ok=True)
+    return loaded
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 import bridge_assets.core as core_package
 from bridge_assets.core.contract import COUNT_FEATURES, FEATURES
 from bridge_assets.core.simulator import load_seed_data
-from bridge_assets.lake.settings import DEFAULT_PREFIX, StorageSettings, bridge_home
+from bridge_assets.lake.settings import DEFAULT_PREFIX, PROJECT_ROOT, StorageSettings, bridge_home
 from bridge_assets.lake.storage import ObjectStore
 # The aliases and `promote_to_production` moved to the registry; imported here for older callers.
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Registry, promote_to_production  # noqa: F401
@@ -39,7 +39,7 @@ from bridge_assets.ml.round import Candidate, RoundResult
 
 DEFAULT_EXPERIMENT = "bridge-housing"
 DEFAULT_MODEL_NAME = "housing-price"
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_UI_URL = "http://127.0.0.1:5000"  # `make mlflow` over the embedded store
 _MODEL_REQUIREMENTS = ("torch", "polars", "numpy", "pandas", "pyarrow", "mlflow")
 # `area` is "any": MLflow refuses int64 for a double column, and clients send both 1200 and
 # 1200.5; the pyfunc's contract check then rejects anything that is not a positive number.
@@ -108,16 +108,23 @@ class MlflowSettings:
         mlflow.set_experiment(self.experiment)
         return client
 
-    def _ui(self, path: str) -> str | None:
-        """A browser link when the store is an MLflow server (`make mlflow` serves local ones)."""
+    @property
+    def ui_url(self) -> str:
+        """Where a browser sees this store: the server itself, or `make mlflow`'s UI for a local
+        store (`BRIDGE_MLFLOW_UI_URL` overrides both)."""
+        if os.environ.get("BRIDGE_MLFLOW_UI_URL"):
+            return os.environ["BRIDGE_MLFLOW_UI_URL"].rstrip("/")
         if self.tracking_uri.startswith(("http://", "https://")):
-            return f"{self.tracking_uri.rstrip('/')}/#/{path}"
-        return None
+            return self.tracking_uri.rstrip("/")
+        return LOCAL_UI_URL
 
-    def run_url(self, experiment_id: str, run_id: str) -> str | None:
+    def _ui(self, path: str) -> str:
+        return f"{self.ui_url}/#/{path}"
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
         return self._ui(f"experiments/{experiment_id}/runs/{run_id}")
 
-    def model_version_url(self, version: str) -> str | None:
+    def model_version_url(self, version: str) -> str:
         return self._ui(f"models/{self.model_name}/versions/{version}")
 
 
