@@ -1,38 +1,133 @@
-"""The life of this instance's local Ray: start it detached, find its processes, stop only them.
+"""The life of this instance's local Ray: start it detached on its own ports, stop only it.
 
 Several bridge instances (a `make serve`, the test suite, a second checkout) share one host, so
 nothing here may touch another instance's Ray: `ray stop --force` ends every Ray on the host and
-is never used. An instance is identified by its Ray temp dir (`BRIDGE_RAY_TMPDIR`): its
-processes are the ones whose command line or open files point into it, whose `RAY_NODE_ID` is
-one of the node ids recorded under it, or that run in the process session its `ray start`
-opened — and their descendants.
+is never used. An instance is identified by its Ray temp dir (`BRIDGE_RAY_TMPDIR`); its
+processes are the ones in the process session its `ray start` opened, whose command line or open
+files point into the temp dir, or whose `RAY_NODE_ID` is a node started under it — and their
+descendants. That finds them too after Ray was half-killed (orphaned workers, GCS, HAProxy).
+
+Every port is derived per instance and per node from two base ports (see `NodePorts`), checked
+free before Ray starts, and recorded with the session id in `<temp dir>/bridge-instance.json`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
 
 DEFAULT_RAY_PORT = 6390
+DEFAULT_SERVE_PORT = 8000
 DEFAULT_RAY_TEMP_DIR = "/tmp/bridge-ray"
+STATE_FILE = "bridge-instance.json"
+RAY_PORTS_PER_NODE = 200  # see NodePorts
+
+
+class ClusterError(RuntimeError):
+    """The local Ray cannot be started or used as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    """Every port one Ray node of an instance listens on (node 0 is the head).
+
+    Ray's ports are a block of 200 from `BRIDGE_RAY_PORT` (node i starts at base + 200 i): the
+    GCS at +0, Ray's named ports at +1..+8, Serve's direct-ingress replica ports at +10..+49
+    (HTTP) and +50..+89 (gRPC), the autoscaler's and dashboard's metrics at +90 and +91,
+    worker ports at +100..+199. Serve's ingress ports follow
+    `BRIDGE_SERVE_PORT` S: HTTP S, HAProxy stats S+404, HAProxy metrics S+1101, fallback proxy
+    S+500 — Ray's defaults (8000, 8404, 9101, 8500) for the default instance — +10 per node.
+    """
+
+    ray_base: int
+    serve_http: int
+    haproxy_stats: int
+    haproxy_metrics: int
+    fallback_proxy: int
+
+    @classmethod
+    def derive(cls, ray_port: int, serve_port: int, index: int = 0, env: Mapping[str, str] = os.environ) -> NodePorts:
+        offset = 10 * index
+        return cls(
+            ray_base=ray_port + RAY_PORTS_PER_NODE * index,
+            serve_http=serve_port + offset,
+            haproxy_stats=int(env.get("RAY_SERVE_HAPROXY_STATS_PORT") or serve_port + 404) + offset,
+            haproxy_metrics=int(env.get("RAY_SERVE_HAPROXY_METRICS_PORT") or serve_port + 1101) + offset,
+            fallback_proxy=serve_port + 500 + offset,
+        )
+
+    def ray_named(self, head: bool) -> dict[str, int]:
+        """`ray start` options naming a port (the GCS, client server and dashboard only on the head)."""
+        named = {
+            "--object-manager-port": self.ray_base + 1,
+            "--node-manager-port": self.ray_base + 2,
+            "--metrics-export-port": self.ray_base + 3,
+            "--dashboard-agent-grpc-port": self.ray_base + 4,
+            "--dashboard-agent-listen-port": self.ray_base + 5,
+            "--runtime-env-agent-port": self.ray_base + 6,
+        }
+        if head:
+            named |= {"--port": self.ray_base, "--ray-client-server-port": self.ray_base + 7, "--dashboard-port": self.ray_base + 8}
+        return named
+
+    def ray_env(self, head: bool) -> dict[str, str]:
+        """Ray's ports that only its environment sets (head-only daemons' metrics)."""
+        return {"AUTOSCALER_METRIC_PORT": str(self.ray_base + 90), "DASHBOARD_METRIC_PORT": str(self.ray_base + 91)} if head else {}
+
+    @property
+    def worker_range(self) -> range:
+        return range(self.ray_base + 100, self.ray_base + RAY_PORTS_PER_NODE)
+
+    @property
+    def ingress_http_range(self) -> range:
+        return range(self.ray_base + 10, self.ray_base + 50)
+
+    @property
+    def ingress_grpc_range(self) -> range:
+        return range(self.ray_base + 50, self.ray_base + 90)
+
+    def serve_env(self, head: bool) -> dict[str, str]:
+        """Serve reads these in its actors on the node: they go into `ray start`'s environment."""
+        env = {
+            "RAY_SERVE_HAPROXY_STATS_PORT": self.haproxy_stats,
+            "RAY_SERVE_HAPROXY_METRICS_PORT": self.haproxy_metrics,
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": self.fallback_proxy,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": self.ingress_http_range.start,
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": self.ingress_http_range.stop - 1,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": self.ingress_grpc_range.start,
+            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": self.ingress_grpc_range.stop - 1,
+        } | ({} if head else {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": self.serve_http})
+        return {name: str(port) for name, port in env.items()}
+
+    def all(self, head: bool) -> list[int]:
+        ray = [*self.ray_named(head).values(), *map(int, self.ray_env(head).values()), *self.worker_range,
+               *self.ingress_http_range, *self.ingress_grpc_range]  # fmt: skip
+        return sorted({*ray, self.serve_http, self.haproxy_stats, self.haproxy_metrics, self.fallback_proxy})
 
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """Where this instance's Ray runs; `address` set means an external cluster we only use."""
+    """This instance's Ray; `address` set means an external cluster that we use but never stop."""
 
-    address: str | None
-    ray_port: int
-    temp_dir: str
+    address: str | None = None
+    ray_port: int = DEFAULT_RAY_PORT
+    temp_dir: str = DEFAULT_RAY_TEMP_DIR
+    serve_host: str = "127.0.0.1"
+    serve_port: int = DEFAULT_SERVE_PORT
     haproxy: bool = True
+    num_cpus: int = field(default_factory=lambda: os.cpu_count() or 2)
+    object_store_mb: int = 512
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ClusterSettings:
@@ -40,12 +135,30 @@ class ClusterSettings:
             address=env.get("RAY_ADDRESS") or None,
             ray_port=int(env.get("BRIDGE_RAY_PORT", DEFAULT_RAY_PORT)),
             temp_dir=os.path.abspath(env.get("BRIDGE_RAY_TMPDIR", DEFAULT_RAY_TEMP_DIR)),
+            serve_host=env.get("BRIDGE_SERVE_HOST", "127.0.0.1"),
+            serve_port=int(env.get("BRIDGE_SERVE_PORT", DEFAULT_SERVE_PORT)),
             haproxy=env.get("BRIDGE_SERVE_HAPROXY", "1") == "1",
+            num_cpus=int(env.get("BRIDGE_RAY_NUM_CPUS") or os.cpu_count() or 2),
+            object_store_mb=int(env.get("BRIDGE_RAY_OBJECT_STORE_MB", "512")),
         )
 
     @property
     def local_address(self) -> str:
         return f"127.0.0.1:{self.ray_port}"
+
+    def ports(self, index: int = 0) -> NodePorts:
+        return NodePorts.derive(self.ray_port, self.serve_port, index)
+
+    @property
+    def state_file(self) -> Path:
+        return Path(self.temp_dir) / STATE_FILE
+
+    def state(self) -> dict | None:
+        """What `start_local_ray` recorded about the running instance, if anything."""
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def ray_env(settings: ClusterSettings | None = None) -> dict[str, str]:
@@ -57,28 +170,42 @@ def ray_env(settings: ClusterSettings | None = None) -> dict[str, str]:
     return env
 
 
+def _node_env(settings: ClusterSettings, index: int) -> dict[str, str]:
+    """`ray start`'s environment for node `index`: its Serve ports, HAProxy's files in our temp dir."""
+    haproxy = Path(settings.temp_dir) / "haproxy"
+    files = {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": haproxy / "haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": haproxy / "admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": haproxy,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": haproxy / "server-state",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": haproxy / "metrics.sock",
+    }
+    ports = settings.ports(index)
+    return ray_env(settings) | ports.ray_env(index == 0) | ports.serve_env(index == 0) | {k: str(v) for k, v in files.items()}
+
+
 def _ray_cli() -> str:
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 
-def local_ray_running(settings: ClusterSettings) -> bool:
-    done = subprocess.run(
-        [_ray_cli(), "status", "--address", settings.local_address], env=ray_env(), capture_output=True, timeout=60
-    )
-    return done.returncode == 0
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_local_ray(settings: ClusterSettings) -> str:
-    """Start (or find) the detached local Ray head that outlives Dagster runs; its address."""
-    if local_ray_running(settings):
-        return settings.local_address
-    command = [
-        _ray_cli(), "start", "--head", "--port", str(settings.ray_port), "--node-ip-address", "127.0.0.1",
-        "--num-cpus", str(os.cpu_count() or 2), "--include-dashboard=false", "--disable-usage-stats",
-        "--object-store-memory", str(512 * 1024 * 1024), "--temp-dir", settings.temp_dir,
-    ]  # fmt: skip
-    subprocess.run(command, env=ray_env(settings), check=True, capture_output=True, timeout=180)
-    return settings.local_address
+def _port_holders(ports: Iterable[int]) -> dict[int, str]:
+    """Ports of `ports` that something listens on, with who if this user may see it."""
+    wanted = set(ports)
+    holders = {}
+    for connection in psutil.net_connections(kind="inet"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr.port in wanted:
+            try:
+                who = f"pid {connection.pid} ({psutil.Process(connection.pid).name()})" if connection.pid else "another user"
+            except psutil.NoSuchProcess:
+                who = "a process that just ended"
+            holders[connection.laddr.port] = who
+    return holders
 
 
 def _node_ids(temp_dir: str) -> set[str]:
@@ -93,25 +220,34 @@ def _points_into(text: str, temp_dir: str) -> bool:
     return text == temp_dir or f"{temp_dir}/" in text or text.endswith(f"={temp_dir}")
 
 
-def _is_ours(process: psutil.Process, temp_dir: str, node_ids: set[str]) -> bool:
+def _is_ours(process: psutil.Process, temp_dir: str, node_ids: set[str], sessions: dict[int, float]) -> bool:
     """Whether `process` belongs to the Ray under `temp_dir` (see the module docstring)."""
     try:
+        started = sessions.get(os.getsid(process.pid))
+        if started is not None and process.create_time() >= started - 1:  # not a recycled session id
+            return True
         if any(_points_into(arg, temp_dir) or any(node in arg for node in node_ids) for arg in process.cmdline()):
             return True
         if process.environ().get("RAY_NODE_ID") in node_ids:
             return True
-        return any(_points_into(opened.path, temp_dir) for opened in process.open_files())
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        # a driver (a notebook, a Dagster run) keeps its own log open there: it is not ours to end
+        return any(
+            _points_into(opened.path, temp_dir) and not Path(opened.path).name.startswith("python-core-driver")
+            for opened in process.open_files()
+        )
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ProcessLookupError):
         return False
 
 
 def instance_processes(settings: ClusterSettings) -> list[psutil.Process]:
     """Every live process of this instance's Ray, including orphans of a half-killed one."""
     node_ids = _node_ids(settings.temp_dir)
+    state = settings.state() or {}
+    sessions = {node["sid"]: node["started_at"] for node in state.get("nodes", [])}
     spared = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter():
-        if process.pid not in spared and _is_ours(process, settings.temp_dir, node_ids):
+        if process.pid not in spared and _is_ours(process, settings.temp_dir, node_ids, sessions):
             found[process.pid] = process
     for process in list(found.values()):
         try:
@@ -121,7 +257,121 @@ def instance_processes(settings: ClusterSettings) -> list[psutil.Process]:
     return list(found.values())
 
 
-def terminate(processes: Iterable[psutil.Process], grace_seconds: float = 10.0) -> list[psutil.Process]:
+def _healthy(settings: ClusterSettings, processes: list[psutil.Process]) -> bool:
+    """The GCS answers on our port and a raylet of ours lives (else the remains are debris)."""
+    names = set()
+    for process in processes:
+        try:
+            names.add(process.name())
+        except psutil.NoSuchProcess:
+            continue
+    return {"gcs_server", "raylet"} <= names and _listening(settings.ray_port)
+
+
+def local_ray_running(settings: ClusterSettings) -> bool:
+    return _healthy(settings, instance_processes(settings))
+
+
+def check_compatible(settings: ClusterSettings) -> None:
+    """Refuse settings the running instance cannot take without a restart (never apply half).
+
+    Ray fixes its ports, temp dir and Serve's ingress mode when it starts, and Serve keeps its
+    HTTP port while it runs: changing them means `make stop` first.
+    """
+    state = settings.state()
+    if state is None or not local_ray_running(settings):
+        return
+    running = {"BRIDGE_RAY_PORT": state["ray_port"], "BRIDGE_SERVE_PORT": state["serve_port"],
+               "BRIDGE_SERVE_HOST": state["serve_host"], "BRIDGE_SERVE_HAPROXY": "1" if state["haproxy"] else "0"}  # fmt: skip
+    asked = {"BRIDGE_RAY_PORT": settings.ray_port, "BRIDGE_SERVE_PORT": settings.serve_port,
+             "BRIDGE_SERVE_HOST": settings.serve_host, "BRIDGE_SERVE_HAPROXY": "1" if settings.haproxy else "0"}  # fmt: skip
+    changed = [f"{name}={asked[name]} (running: {running[name]})" for name in running if running[name] != asked[name]]
+    if changed:
+        raise ClusterError(
+            f"the bridge instance in {settings.temp_dir} already runs Serve on "
+            f"{state['serve_host']}:{state['serve_port']} (Ray on 127.0.0.1:{state['ray_port']}); it cannot change "
+            f"{', '.join(changed)} while running. Run `make stop` first, then start again with the new settings "
+            f"(or use another BRIDGE_RAY_TMPDIR, BRIDGE_RAY_PORT and BRIDGE_SERVE_PORT for a second instance)."
+        )
+
+
+def start_local_ray(settings: ClusterSettings) -> str:
+    """Start (or find) this instance's detached local Ray head; its address.
+
+    `ray start` runs in a new process session (setsid), so its daemons are in no caller's
+    process group: Ctrl-C on `make serve` / `make dev`, or a signal to a Dagster run or a test
+    harness, does not reach them. Remains of a half-killed instance are stopped first.
+    """
+    check_compatible(settings)
+    processes = instance_processes(settings)
+    if _healthy(settings, processes):
+        return settings.local_address
+    if processes:
+        _clean_up(settings, processes)
+    busy = _port_holders(settings.ports(0).all(head=True))
+    if busy:
+        raise ClusterError(
+            f"cannot start Ray for {settings.temp_dir}: port(s) in use: "
+            + ", ".join(f"{port} by {who}" for port, who in sorted(busy.items()))
+            + ". Pick other BRIDGE_RAY_PORT (a block of 200 ports) / BRIDGE_SERVE_PORT, or stop what holds them."
+        )
+    Path(settings.temp_dir).mkdir(parents=True, exist_ok=True)
+    sid, started_at = _ray_start(settings, 0, ["--head", "--include-dashboard=false"])
+    record = {k: v for k, v in asdict(settings).items() if k != "address"} | {"nodes": [_node_record(settings, 0, sid, started_at)]}
+    _write_state(settings, record)
+    return settings.local_address
+
+
+def start_local_node(settings: ClusterSettings, index: int, num_cpus: int = 1) -> None:
+    """Add worker node `index` (≥ 1) on this host to the instance's head, on its own ports."""
+    busy = _port_holders(settings.ports(index).all(head=False))
+    if busy:
+        raise ClusterError(f"cannot start Ray node {index}: port(s) in use: {sorted(busy)}")
+    sid, started_at = _ray_start(settings, index, ["--address", settings.local_address], num_cpus=num_cpus)
+    record = settings.state() or {}
+    _write_state(settings, record | {"nodes": [*record.get("nodes", []), _node_record(settings, index, sid, started_at)]})
+
+
+def _ray_start(settings: ClusterSettings, index: int, role: list[str], num_cpus: int | None = None) -> tuple[int, float]:
+    ports = settings.ports(index)
+    named = [str(arg) for option, port in ports.ray_named(head=index == 0).items() for arg in (option, port)]
+    command = [
+        _ray_cli(), "start", *role, *named, "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+        "--min-worker-port", str(ports.worker_range.start), "--max-worker-port", str(ports.worker_range.stop - 1),
+        "--num-cpus", str(num_cpus or settings.num_cpus), "--object-store-memory", str(settings.object_store_mb * 1024 * 1024),
+        "--temp-dir", settings.temp_dir,
+    ]  # fmt: skip
+    started_at = time.time()
+    starter = subprocess.Popen(
+        command, env=_node_env(settings, index), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    output, _ = starter.communicate(timeout=180)
+    if starter.returncode != 0:
+        raise ClusterError(f"`ray start` failed for {settings.temp_dir}:\n{output.decode(errors='replace')[-3000:]}")
+    return starter.pid, started_at
+
+
+def _node_record(settings: ClusterSettings, index: int, sid: int, started_at: float) -> dict:
+    ports = settings.ports(index)
+    return {"index": index, "sid": sid, "started_at": started_at, "ports": asdict(ports),
+            "ray_ports": ports.ray_named(head=index == 0),
+            "worker_ports": [ports.worker_range.start, ports.worker_range.stop - 1], "serve_env": ports.serve_env(index == 0)}  # fmt: skip
+
+
+def _write_state(settings: ClusterSettings, record: dict) -> None:
+    partial = settings.state_file.with_suffix(".partial")
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(settings.state_file)
+
+
+def instance_ports(settings: ClusterSettings) -> list[int]:
+    """Every port this instance's nodes were given (from the state file, else derived for the head)."""
+    state = settings.state() or {}
+    indexes = [node["index"] for node in state.get("nodes", [])] or [0]
+    return sorted({port for index in indexes for port in settings.ports(index).all(head=index == 0)})
+
+
+def terminate(processes: Iterable[psutil.Process], grace_seconds: float = 5.0) -> list[psutil.Process]:
     """SIGTERM, then SIGKILL what is left after `grace_seconds`; the processes that were alive."""
     alive = []
     for process in processes:
@@ -140,6 +390,185 @@ def terminate(processes: Iterable[psutil.Process], grace_seconds: float = 10.0) 
     return alive
 
 
-def stop_local_ray(settings: ClusterSettings) -> list[psutil.Process]:
-    """Stop only this instance's Ray processes (never `ray stop --force`); those it stopped."""
-    return terminate(instance_processes(settings))
+def _clean_up(settings: ClusterSettings, processes: list[psutil.Process]) -> list[psutil.Process]:
+    """End `processes` and whatever of ours appears meanwhile, then remove our folders."""
+    node_ids = _node_ids(settings.temp_dir)
+    stopped = terminate(processes)
+    for _ in range(3):  # a dying raylet may still have forked a worker
+        late = instance_processes(settings)
+        if not late:
+            break
+        stopped += terminate(late, grace_seconds=2.0)
+    for node_id in node_ids:  # HAProxy's default folders, used by instances started before ours moved them
+        shutil.rmtree(Path("/tmp/haproxy-serve") / node_id, ignore_errors=True)
+    shutil.rmtree(settings.temp_dir, ignore_errors=True)
+    return stopped
+
+
+@dataclass(frozen=True)
+class StopReport:
+    """What `stop_instance` did, said truthfully."""
+
+    stopped_pids: list[int]
+    left_pids: list[int]
+    busy_ports: dict[int, str]
+    serve: str
+    sweep: str
+
+    @property
+    def clean(self) -> bool:
+        return not self.left_pids and not self.busy_ports
+
+    def message(self, settings: ClusterSettings) -> str:
+        if not self.clean:
+            return (
+                f"NOT fully stopped ({settings.temp_dir}): still running pids {self.left_pids}; "
+                f"ports still in use: {self.busy_ports}"
+            )
+        if not self.stopped_pids:
+            return f"nothing was running for {settings.temp_dir} (Ray port {settings.ray_port}); nothing to stop"
+        return (
+            f"stopped the local Ray of {settings.temp_dir}: Serve {self.serve}; spools: {self.sweep}; "
+            f"{len(self.stopped_pids)} processes ended, its ports are free and its temporary folders removed"
+        )
+
+
+def connect(settings: ClusterSettings) -> None:
+    """Connect this process to the serving cluster, starting the local one if needed."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
+    address = settings.address or start_local_ray(settings)
+    ray.init(address=address, log_to_driver=False, namespace="bridge")
+
+
+def start_serve(settings: ClusterSettings) -> None:
+    """Start Serve's HTTP ingress on the configured host and port (connect first).
+
+    Serve ignores new HTTP options while it runs (it only logs a warning), so a running Serve
+    on another address is refused instead of being redeployed behind the old port.
+    """
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is not None:
+        running = (client.http_config.host, client.http_config.port)
+        if running != (settings.serve_host, settings.serve_port):
+            raise ClusterError(
+                f"Serve already runs on {running[0]}:{running[1]}; it cannot move to "
+                f"{settings.serve_host}:{settings.serve_port} (BRIDGE_SERVE_HOST/BRIDGE_SERVE_PORT) while running. "
+                "Run `make stop` first, then start again with the new port."
+            )
+        return
+    serve.start(http_options={"host": settings.serve_host, "port": settings.serve_port})
+    state = settings.state()
+    if state is not None and not settings.address:
+        _write_state(settings, state | {"serve_host": settings.serve_host, "serve_port": settings.serve_port})
+
+
+SERVE_NOT_RUNNING = 3  # exit code of `python -m serving.cluster shutdown-serve` when there was no Serve
+
+
+def shutdown_serve(settings: ClusterSettings, timeout: float = 120.0) -> str:
+    """Shut Serve down gracefully so replicas flush; what happened, for the stop report.
+
+    Done in a child process unless this one is already connected to this cluster: a driver
+    that connects to a half-dead GCS can hang, and Ray then ends the whole process.
+    """
+    import ray
+
+    address = settings.address or settings.local_address
+    if ray.is_initialized() and ray.get_runtime_context().gcs_address.endswith(":" + address.rsplit(":", 1)[-1]):
+        try:
+            return _shutdown_connected_serve()
+        finally:
+            ray.shutdown()  # disconnect before the cluster goes, or Ray ends this process with it
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "serving.cluster", "shutdown-serve", address],
+            env=ray_env(), capture_output=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return f"did not shut down within {timeout:.0f} s (replicas were killed without a flush)"
+    if done.returncode == 0:
+        return "shut down gracefully (replicas flushed)"
+    if done.returncode == SERVE_NOT_RUNNING:
+        return "was not running"
+    return f"failed to shut down gracefully: {done.stderr.decode(errors='replace').strip().splitlines()[-1:]}"
+
+
+def _shutdown_connected_serve() -> str:
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        return "was not running"
+    serve.shutdown()
+    return "shut down gracefully (replicas flushed)"
+
+
+def _sweep_spools(env: Mapping[str, str]) -> str:
+    """Publish spooled interaction records of dead replicas to the lake (idempotent); what it did."""
+    try:
+        from serving.spool import sweep_spools  # type: ignore[attr-defined]
+    except ImportError:
+        return "no spool sweep available"
+    try:
+        return str(sweep_spools(env=env))
+    except Exception as error:  # noqa: BLE001 - the stop goes on; the records stay for the next sweep
+        return f"sweep failed, the spools stay for the next sweep ({type(error).__name__}: {error})"
+
+
+def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
+    """Stop what this instance started: Serve gracefully, the spool sweep, then its processes.
+
+    Never `ray stop --force`. Works on a half-killed Ray too (processes found by session, temp
+    dir and node ids). An external cluster (`RAY_ADDRESS`) only has Serve shut down.
+    """
+    settings = ClusterSettings.from_env(env)
+    if settings.address:
+        return StopReport([], [], {}, shutdown_serve(settings), _sweep_spools(env))
+    processes = instance_processes(settings)
+    if not processes:
+        shutil.rmtree(settings.temp_dir, ignore_errors=True)
+        return StopReport([], [], {}, "was not running", "not needed")
+    serve = shutdown_serve(settings) if _healthy(settings, processes) else "was unreachable (Ray half-dead; no graceful flush)"
+    sweep = _sweep_spools(env)
+    ports = instance_ports(settings)
+    stopped = _clean_up(settings, instance_processes(settings) or processes)
+    left = [process.pid for process in stopped if _alive(process)]
+    return StopReport(sorted(p.pid for p in stopped), left, _port_holders(ports), serve, sweep)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def main(argv: list[str]) -> int:
+    """`python -m serving.cluster stop` (what `make stop` runs; imports nothing heavy)."""
+    if argv[:1] == ["shutdown-serve"]:
+        import ray
+
+        ray.init(address=argv[1], log_to_driver=False, namespace="bridge")
+        outcome = _shutdown_connected_serve()
+        ray.shutdown()
+        return 0 if outcome.startswith("shut down") else SERVE_NOT_RUNNING
+    if argv == ["stop"]:
+        from bridge_assets.lake.settings import load_environment
+
+        load_environment()  # the same `.env` as every other entry point
+        report = stop_serving()
+        print(report.message(ClusterSettings.from_env()))
+        return 0 if report.clean else 1
+    print("usage: python -m serving.cluster stop", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

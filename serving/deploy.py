@@ -19,17 +19,19 @@ import sys
 import time
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import load_seed_data
-from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.ml.tracking import PRODUCTION_ALIAS, MlflowSettings
-from serving.cluster import ClusterSettings, local_ray_running, ray_env, start_local_ray, stop_local_ray
+from serving.cluster import ClusterError, ClusterSettings, check_compatible, connect, start_serve, stop_serving
+from serving.cluster import main as cluster_main
 from serving.model import ServedModel, version_for_alias
+from serving.spool import spool_directory
 
 APP_NAME = "bridge"
 DEFAULT_HTTP_PORT = 8000
@@ -89,33 +91,6 @@ class ServingSettings:
         return f"http://{host}:{self.port}"
 
 
-def stop_serving(env: Mapping[str, str] = os.environ) -> None:
-    """Shut Serve down gracefully (replicas flush their interaction logs), then the local Ray."""
-    settings = ServingSettings.from_env(env)
-    cluster = ClusterSettings.from_env(env)
-    running_locally = not settings.ray_address and local_ray_running(cluster)
-    if settings.ray_address or running_locally:
-        import ray
-        from ray import serve
-
-        connect(settings)
-        serve.shutdown()
-        ray.shutdown()  # disconnect before the cluster goes, so its logs don't reach this process
-    if not settings.ray_address:
-        stop_local_ray(cluster)
-
-
-def connect(settings: ServingSettings) -> None:
-    """Connect this process to the serving cluster, starting the local one if needed."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.update({k: v for k, v in ray_env().items() if k.startswith("RAY_")})
-    address = settings.ray_address or start_local_ray(ClusterSettings.from_env(settings.to_env()))
-    ray.init(address=address, log_to_driver=False, namespace="bridge")
-
-
 @dataclass(frozen=True)
 class Probe:
     """A version loaded and exercised outside Serve."""
@@ -141,37 +116,93 @@ def probe(client: object, model_name: str, version: str, alias: str | None) -> P
     return Probe(served, rows.height, latency_ms)
 
 
-def deploy(model_name: str, version: str, alias: str | None = None, *, env: Mapping[str, str] = os.environ) -> str:
-    """Roll Serve over to `version` (old replicas serve until new ones are healthy); its URL."""
+SECRET_VARIABLES = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "BRIDGE_API_KEYS"})
+CREDENTIAL_FILE_VARIABLES = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_PROFILE")
+
+
+def replica_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """What replicas receive in their init arguments, which Ray stores: locations, never secrets.
+    Credentials reach replicas from the Ray node's environment (inherited from `ray start`) or
+    from the credentials file named here."""
+    variables = {**StorageSettings.from_env(env).to_env(), **MlflowSettings.from_env(env).to_env()}
+    variables |= {name: env[name] for name in CREDENTIAL_FILE_VARIABLES if env.get(name)}
+    return {name: value for name, value in variables.items() if name not in SECRET_VARIABLES}
+
+
+def deploy(
+    model_name: str,
+    version: str,
+    alias: str | None = None,
+    *,
+    env: Mapping[str, str] = os.environ,
+    staging_version: str | None = None,
+    staging_weight: float = 0.0,
+    salt: str = "bridge",
+) -> str:
+    """Roll Serve over to `version` (old replicas serve until new ones are healthy), with
+    `staging_version` beside it for `staging_weight` of clients if given; its URL.
+
+    A new weight is a rolling redeploy (no request fails; both models reload). Ending an
+    experiment first sets the weight to 0 and only then removes the staging deployment, so no
+    ingress still routing to it outlives it.
+    """
     from ray import serve
 
     from serving.app import ServiceSettings, application
+    from serving.router import ExperimentConfig
 
     settings = ServingSettings.from_env(env)
-    connect(settings)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    cluster = ClusterSettings.from_env(env)
+    connect(cluster)
+    start_serve(cluster)
+    everywhere = {**os.environ, **env}  # the spool and key file: also when `env` holds only the resources' variables
+    versions = {"production": version} | ({"staging": staging_version} if staging_version else {})
     service = ServiceSettings(
         model_name=model_name,
-        model_version=version,
+        versions=versions,
         alias=alias,
-        environment={**StorageSettings.from_env(env).to_env(), **MlflowSettings.from_env(env).to_env()},
+        environment=replica_environment(env),
+        spool_dir=str(spool_directory(everywhere)),
+        experiment=ExperimentConfig(salt, staging_weight if staging_version else 0.0),
+        api_keys_file=everywhere.get("BRIDGE_API_KEYS_FILE") or None,
         unit=settings.unit,
         max_batch_records=settings.max_batch_records,
         max_body_bytes=settings.max_body_bytes,
         log_flush_seconds=settings.log_flush_seconds,
     )
+    running_staging = _served_versions().get("staging")
+    if staging_version is None and running_staging is not None:
+        draining = replace(service, versions={**versions, "staging": running_staging}, experiment=ExperimentConfig(salt, 0.0))
+        serve.run(application(draining, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
     serve.run(application(service, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
-    wait_until_serving(settings.url, version)
+    wait_until_serving(settings.url, version, headers=_api_key_header(everywhere))
     return settings.url
 
 
-def wait_until_serving(url: str, version: str, timeout: float = 180.0) -> None:
+def _served_versions() -> dict[str, str]:
+    """The versions the running application serves, by variant ({} when none runs)."""
+    from ray import serve
+
+    try:
+        return serve.get_app_handle(APP_NAME).served_versions.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - no application (yet), or one from before variants
+        return {}
+
+
+def _api_key_header(env: Mapping[str, str]) -> dict[str, str]:
+    from serving.guards import load_api_keys
+
+    keys = load_api_keys(env, env.get("BRIDGE_API_KEYS_FILE") or None)
+    return {"X-API-Key": keys[0].decode()} if keys else {}
+
+
+def wait_until_serving(url: str, version: str, timeout: float = 180.0, headers: Mapping[str, str] | None = None) -> None:
     """Block until `url` answers with `version` (raise TimeoutError otherwise)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/model", timeout=5) as reply:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}/model", headers=dict(headers or {})), timeout=5) as reply:
                 served = json.load(reply)["response"]["model_version"]
             if served == version:
                 return
@@ -190,15 +221,18 @@ def production_version(env: Mapping[str, str] = os.environ) -> tuple[object, str
 
 
 def main() -> None:
-    """`python -m serving.deploy [stop]`: deploy the Production version (or stop Ray)."""
+    """`python -m serving.deploy [stop]`: deploy the Production version (or stop this instance)."""
+    load_environment()
     if sys.argv[1:] == ["stop"]:
-        stop_serving()
-        print("stopped Serve (interaction logs flushed) and the local Ray")
-        return
-    client, name, version = production_version()
-    checked = probe(client, name, version, PRODUCTION_ALIAS)
-    print(f"probed {name} v{version}: {checked.rows} real rows, one-row latency {checked.latency_ms:.1f} ms")
-    url = deploy(name, version, PRODUCTION_ALIAS)
+        sys.exit(cluster_main(["stop"]))
+    try:
+        check_compatible(ClusterSettings.from_env())  # before loading anything: a running instance may refuse these
+        client, name, version = production_version()
+        checked = probe(client, name, version, PRODUCTION_ALIAS)
+        print(f"probed {name} v{version}: {checked.rows} real rows, one-row latency {checked.latency_ms:.1f} ms")
+        url = deploy(name, version, PRODUCTION_ALIAS)
+    except ClusterError as error:
+        sys.exit(f"refused: {error}")
     print(f"serving {name} v{version} at {url} (docs: {url}/docs); stop with `make stop`")
 
 

@@ -1,0 +1,246 @@
+"""Two bridge instances side by side on one host: own ports, detached from their starter, a
+refused port change, and a stop that leaves nothing behind — also after a half-kill.
+
+One module, two small Ray heads (1 CPU, 80 MB object store) started in parallel once, plus one
+worker node on the first: the tests below run in file order on them and end by stopping both.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from serving.cluster import ClusterSettings, NodePorts, instance_ports, instance_processes, stop_serving
+
+# Connects to the instance named by the environment exactly as `deploy()` does (the path a
+# `production_deployment` run under `make dev` takes), serves a tiny app, then waits.
+STARTER = textwrap.dedent(
+    """
+    import os, sys, time
+    from ray import serve
+    from serving.cluster import ClusterSettings, connect, start_local_node, start_serve
+
+    settings = ClusterSettings.from_env()
+    connect(settings)
+    if os.environ.get("TEST_WORKER_NODE") == "1":
+        start_local_node(settings, 1, num_cpus=1)
+    start_serve(settings)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.1})
+    class Name:
+        async def __call__(self, request):
+            return os.environ["TEST_INSTANCE"]
+
+    serve.run(Name.bind(), name="name", route_prefix="/", blocking=False)
+    print("ready", flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _instance_env(name: str, taken: set[int]) -> dict[str, str]:
+    """Ports below 30000 (clear of Ray's default worker, ingress and ephemeral ranges), all free."""
+    while True:
+        ray_port, serve_port = 20_000 + 200 * random.randrange(25), random.randrange(25_000, 26_400)
+        settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
+        ports = {p for index in (0, 1) for p in settings.ports(index).all(head=index == 0)}
+        if not ports & taken and all(_free(port) for port in ports):
+            taken |= ports
+            break
+    return {
+        "BRIDGE_RAY_PORT": str(ray_port),
+        "BRIDGE_SERVE_PORT": str(serve_port),
+        "BRIDGE_RAY_TMPDIR": f"/tmp/brt-{uuid.uuid4().hex[:6]}",  # short: Ray's and HAProxy's socket paths
+        "BRIDGE_RAY_NUM_CPUS": "1",
+        "BRIDGE_RAY_OBJECT_STORE_MB": "80",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",  # a graceful stop here needs no 30 s drain
+        "TEST_INSTANCE": name,
+    }
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.read().decode()
+
+
+def _listeners(pids: set[int]) -> list[psutil._common.sconn]:
+    return [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+
+
+def _session_processes(sid: int) -> set[int]:
+    """Processes in a session, found without the code under test."""
+    found = set()
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                found.add(process.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def instances() -> Iterator[dict[str, SimpleNamespace]]:
+    taken: set[int] = set()
+    made = {}
+    for name, worker_node in (("alpha", True), ("beta", False)):
+        env = {**os.environ, **_instance_env(name, taken), "TEST_WORKER_NODE": "1" if worker_node else "0"}
+        starter = subprocess.Popen(
+            [sys.executable, "-c", STARTER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,  # its own group, so the test can signal that group alone
+        )  # fmt: skip
+        made[name] = SimpleNamespace(name=name, env=env, starter=starter, settings=ClusterSettings.from_env(env))
+    try:
+        for instance in made.values():
+            line = instance.starter.stdout.readline()
+            assert line.strip() == "ready", instance.starter.stderr.read()[-3000:]
+            instance.url = f"http://127.0.0.1:{instance.settings.serve_port}"
+            instance.state = instance.settings.state()
+            instance.sids = [node["sid"] for node in instance.state["nodes"]]
+            instance.pids = set().union(*(_session_processes(sid) for sid in instance.sids))
+        yield made
+    finally:
+        for instance in made.values():
+            if instance.starter.poll() is None:
+                os.killpg(instance.starter.pid, signal.SIGKILL)
+            stop_serving(instance.env)
+            for pid in getattr(instance, "pids", ()):  # only what this test started
+                try:
+                    psutil.Process(pid).kill()
+                except psutil.NoSuchProcess:
+                    continue
+            shutil.rmtree(instance.settings.temp_dir, ignore_errors=True)
+
+
+def test_ports_are_derived_per_instance_and_node() -> None:
+    default = NodePorts.derive(6390, 8000, env={})
+    assert (default.serve_http, default.haproxy_stats, default.haproxy_metrics, default.fallback_proxy) == (8000, 8404, 9101, 8500)
+    second = NodePorts.derive(6590 + 200, 8100, env={})
+    assert not set(default.all(head=True)) & set(second.all(head=True))
+    worker = NodePorts.derive(6390, 8000, 1, env={})
+    assert not set(default.all(head=True)) & set(worker.all(head=False))
+    assert worker.serve_env(head=False)["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] == "8010"
+    assert "RAY_SERVE_WORKER_PROXY_HTTP_PORT" not in default.serve_env(head=True)
+
+
+def test_two_instances_serve_side_by_side_on_their_own_ports(instances: dict[str, SimpleNamespace]) -> None:
+    alpha, beta = instances["alpha"], instances["beta"]
+    assert _get(alpha.url) == "alpha" and _get(beta.url) == "beta"
+    assert len(alpha.state["nodes"]) == 2 and len(beta.state["nodes"]) == 1
+    for this, other in ((alpha, beta), (beta, alpha)):
+        listening = {c.laddr.port for c in _listeners(this.pids)}
+        key = [this.settings.ray_port, this.settings.serve_port, *(NodePorts(**node["ports"]).haproxy_stats for node in this.state["nodes"])]
+        assert set(key) <= listening, f"{this.name}: {sorted(set(key) - listening)} not held by its processes"
+        assert not listening & set(instance_ports(other.settings)), f"{this.name} listens on {other.name}'s ports"
+    # the worker node's HAProxy took that node's own ports, not the head's
+    worker = NodePorts(**alpha.state["nodes"][1]["ports"])
+    assert {worker.serve_http, worker.haproxy_stats} <= {c.laddr.port for c in _listeners(alpha.pids)}
+
+
+def test_bridge_listeners_bind_loopback(instances: dict[str, SimpleNamespace]) -> None:
+    for instance in instances.values():
+        serve_http = [c for c in _listeners(instance.pids) if c.laddr.port == instance.settings.serve_port]
+        assert serve_http and {c.laddr.ip for c in serve_http} == {"127.0.0.1"}, serve_http
+
+
+def test_signal_to_the_starting_group_does_not_reach_ray(instances: dict[str, SimpleNamespace]) -> None:
+    daemons = {pid for instance in instances.values() for pid in instance.pids if _name(pid) in ("gcs_server", "raylet", "haproxy")}
+    assert len(daemons) >= 7  # per instance a GCS and HAProxy per node, a raylet per node
+    for instance in instances.values():
+        group = os.getpgid(instance.starter.pid)
+        os.killpg(group, signal.SIGTERM)  # what Ctrl-C / a service manager / a harness does
+        instance.starter.wait(timeout=30)
+        assert not [pid for pid in instance.pids if _pgid(pid) == group]
+    for instance in instances.values():
+        assert _get(instance.url) == instance.name
+    assert all(psutil.pid_exists(pid) for pid in daemons)
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
+def _name(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).name()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def test_changing_the_serve_port_while_running_is_refused_up_front(instances: dict[str, SimpleNamespace]) -> None:
+    alpha = instances["alpha"]
+    new_port = alpha.settings.serve_port + 7
+    done = subprocess.run(
+        [sys.executable, "-m", "serving.deploy"], env={**alpha.env, "BRIDGE_SERVE_PORT": str(new_port)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"already runs Serve on 127.0.0.1:{alpha.settings.serve_port}" in done.stderr, done.stderr
+    assert "make stop" in done.stderr and "Traceback" not in done.stderr
+    assert _get(alpha.url) == "alpha" and _free(new_port)
+
+
+def _stop(instance: SimpleNamespace) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cluster", "stop"], env=instance.env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _assert_nothing_left(instance: SimpleNamespace) -> None:
+    assert not [pid for pid in instance.pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not set().union(*(_session_processes(sid) for sid in instance.sids))
+    ports = set(instance_ports(instance.settings))
+    # closed connections may linger in TIME_WAIT (the kernel's, no process's): anything else is a leak
+    held = [c for c in psutil.net_connections(kind="inet") if c.laddr.port in ports and c.status != psutil.CONN_TIME_WAIT]
+    assert not held, f"{instance.name}: ports still held: {held}"
+    assert not Path(instance.settings.temp_dir).exists()
+
+
+def test_stop_after_a_half_kill_leaves_nothing(instances: dict[str, SimpleNamespace]) -> None:
+    beta = instances["beta"]
+    (raylet,) = [p for p in instance_processes(beta.settings) if p.name() == "raylet"]
+    assert any(psutil.Process(pid).name() == "haproxy" for pid in beta.pids if psutil.pid_exists(pid))
+    raylet.kill()
+    raylet.wait(timeout=30)
+    done = _stop(beta)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.startswith("stopped the local Ray") and "was unreachable" in done.stdout
+    _assert_nothing_left(beta)
+
+
+def test_stop_is_graceful_then_complete_and_says_so(instances: dict[str, SimpleNamespace]) -> None:
+    alpha = instances["alpha"]
+    done = _stop(alpha)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Serve shut down gracefully" in done.stdout, done.stdout
+    _assert_nothing_left(alpha)
+    again = _stop(alpha)
+    assert again.returncode == 0 and again.stdout.startswith("nothing was running"), again.stdout
