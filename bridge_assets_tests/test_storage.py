@@ -71,3 +71,83 @@ def test_an_empty_batch_lands_nothing(store: ObjectStore):
     with pytest.raises(ValueError, match="no rows"):
         land_batch(store, "empty", [])
     assert landed_batches(store) == [] and store.list("") == []
+
+
+def test_an_exclusive_write_never_replaces_an_object(store: ObjectStore):
+    store.put_bytes("claims/one", b"first", exclusive=True)
+    with pytest.raises(FileExistsError, match="claims/one"):
+        store.put_bytes("claims/one", b"second", exclusive=True)
+    assert store.get_bytes("claims/one") == b"first" and store.list("claims/") == ["claims/one"]
+
+
+def test_of_two_concurrent_landers_of_one_batch_exactly_one_wins(store: ObjectStore):
+    """Both pass the "not landed yet" check; the slower one must lose at publish, and its
+    withheld labels must not replace the winner's. Made deterministic by letting the second
+    lander run to the end while the first is still producing its rows."""
+    from bridge_assets.core.simulator import HousingSimulator
+    from bridge_assets.lake.landing import land_batch, landed_batches, release_labels
+
+    simulator = HousingSimulator.fit()
+    winner = pl.concat(simulator.generate(300, seed=2, batch_id="race"))
+
+    def slow_blocks():
+        yield pl.concat(simulator.generate(300, seed=1, batch_id="race"))
+        land_batch(store, "race", [winner], withhold_labels=True)  # the other lander, meanwhile
+
+    with pytest.raises(FileExistsError, match="already landed"):
+        land_batch(store, "race", slow_blocks(), withhold_labels=True)
+    (landed,) = landed_batches(store)
+    assert store.scan_parquet([landed.key]).collect()["row_id"].to_list() == winner["row_id"].to_list()
+    release_labels(store, "race")
+    labels = store.scan_parquet(["landing/labels/race/labels.parquet"]).collect()
+    assert labels["price"].to_list() == winner["price"].to_list()  # the winner's prices, not the loser's
+
+
+PUBLISH_SLOWLY = """
+import sys, time
+from bridge_assets.lake.settings import StorageSettings
+store = StorageSettings.from_env().open()
+publish = store._publish
+def announced(key, path):
+    print("publishing", flush=True)
+    publish(key, path)
+    print("published", flush=True)
+store._publish = announced
+store.put_bytes(sys.argv[1], b"new" * 10_000_000)
+time.sleep(120)
+"""
+
+
+def test_a_writer_killed_during_the_upload_leaves_old_or_new_never_part(store: ObjectStore, lake_env):
+    store.put_text("zone/big.bin", "old")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PUBLISH_SLOWLY, "zone/big.bin"], stdout=subprocess.PIPE, text=True, env={**os.environ, **lake_env}
+    )
+    try:
+        assert writer.stdout.readline().strip() == "publishing"
+    finally:
+        writer.send_signal(signal.SIGKILL)  # during the 30 MB upload (on S3) or the rename (on disk)
+        writer.wait()
+    assert store.get_bytes("zone/big.bin") in (b"old", b"new" * 10_000_000)
+    assert store.list("zone/") == ["zone/big.bin"]
+
+
+def test_a_sweep_removes_what_killed_writers_left_and_nothing_else(store: ObjectStore, lake_env):
+    from bridge_assets.lake.storage import LocalStore
+
+    store.put_text("zone/object.bin", "old")
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITE_HALF_THEN_HANG, "zone/object.bin"], stdout=subprocess.PIPE, text=True, env={**os.environ, **lake_env}
+    )
+    try:
+        assert writer.stdout.readline().strip() == "half written"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    removed = store.sweep_temporaries(older_than_seconds=0)
+    if isinstance(store, LocalStore):
+        assert len(removed) == 1 and "/zone/.tmp-" in removed[0]  # the dead writer's temporary, in place
+    else:
+        assert removed == []  # S3 never holds an unfinished upload as an object
+    assert store.list("zone/") == ["zone/object.bin"] and store.get_text("zone/object.bin") == "old"
+    assert store.sweep_temporaries(older_than_seconds=0) == []

@@ -14,6 +14,7 @@ as ground truth arriving after the predictions were made.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import secrets
@@ -82,36 +83,48 @@ def land_batch(
     """Stream blocks of rows into one batch object; returns it and the row count.
 
     With `withhold_labels`, the batch lands without `price`; the prices are kept aside under
-    `simulator/withheld-labels/` until `release_labels` lands them.
+    `simulator/withheld-labels/` until `release_labels` lands them. Of two landers of one batch
+    id exactly one wins (exclusive writes); the other gets FileExistsError.
     """
     key = batch_key(batch_id, fmt)
     if any(b.batch_id == batch_id for b in landed_batches(store)):
         raise FileExistsError(f"batch {batch_id!r} has already landed; batches are immutable")
     rows = 0
     withheld: list[pl.DataFrame] = []
-    with store.staging_path(key) as path:
-        writer: pq.ParquetWriter | None = None
-        with path.open("wb") as handle:
-            for index, block in enumerate(blocks):
-                if withhold_labels:
-                    withheld.append(block.select(ROW_ID, TARGET))
-                    block = block.drop(TARGET)
-                if fmt == "csv":
-                    block.write_csv(handle, include_header=index == 0)
-                else:
-                    table = block.to_arrow()
-                    if writer is None:
-                        writer = pq.ParquetWriter(handle, table.schema, compression="zstd")
-                    writer.write_table(table)
-                rows += block.height
-                if on_block:
-                    on_block(block.height)
-            if writer is not None:
-                writer.close()
-            if rows == 0:  # raising inside the block publishes nothing
-                raise ValueError(f"batch {batch_id!r} has no rows; nothing landed")
-            if withhold_labels:  # kept before the batch is published, so they are never lost
-                store.write_parquet(f"{WITHHELD_PREFIX}{batch_id}.parquet", pl.concat(withheld))
+    kept_withheld = False
+    try:
+        with store.staging_path(key, exclusive=True) as path:
+            writer: pq.ParquetWriter | None = None
+            with path.open("wb") as handle:
+                for index, block in enumerate(blocks):
+                    if withhold_labels:
+                        withheld.append(block.select(ROW_ID, TARGET))
+                        block = block.drop(TARGET)
+                    if fmt == "csv":
+                        block.write_csv(handle, include_header=index == 0)
+                    else:
+                        table = block.to_arrow()
+                        if writer is None:
+                            writer = pq.ParquetWriter(handle, table.schema, compression="zstd")
+                        writer.write_table(table)
+                    rows += block.height
+                    if on_block:
+                        on_block(block.height)
+                if writer is not None:
+                    writer.close()
+                if rows == 0:  # raising inside the block publishes nothing
+                    raise ValueError(f"batch {batch_id!r} has no rows; nothing landed")
+                if withhold_labels:  # kept before the batch is published, so they are never lost
+                    _keep_withheld(store, batch_id, pl.concat(withheld))
+                    kept_withheld = True
+    except StaleWithheldLabels:
+        if not store.exists(key):
+            raise
+        raise FileExistsError(f"batch {batch_id!r} has already landed; batches are immutable") from None
+    except FileExistsError:  # another lander published this batch first: ours never existed
+        if kept_withheld:
+            store.delete(f"{WITHHELD_PREFIX}{batch_id}.parquet")
+        raise FileExistsError(f"batch {batch_id!r} has already landed; batches are immutable") from None
     return LandedBatch(batch_id, key), rows
 
 
@@ -184,6 +197,24 @@ def land_simulated(
     record = {"schema_version": 1, "rows": rows, "withhold_labels": simulation.withhold_labels, "recipe": recipe}
     store.put_text(simulation_key(batch_id), json.dumps(record, sort_keys=True))
     return SimulatedLanding(batch, rows, simulation, sorted(set(repeats) - {batch_id}))
+
+
+class StaleWithheldLabels(FileExistsError):
+    """Withheld labels exist for a batch that has not landed (a concurrent or a dead lander)."""
+
+
+def _keep_withheld(store: ObjectStore, batch_id: str, labels: pl.DataFrame) -> None:
+    """Exclusive, so a losing concurrent lander cannot replace the winner's labels."""
+    key = f"{WITHHELD_PREFIX}{batch_id}.parquet"
+    buffer = io.BytesIO()
+    labels.write_parquet(buffer)
+    try:
+        store.put_bytes(key, buffer.getvalue(), exclusive=True)
+    except FileExistsError:
+        raise StaleWithheldLabels(
+            f"withheld labels for batch {batch_id!r} already exist at {store.uri(key)}: another lander is landing "
+            "it, or an earlier attempt died before publishing (then delete that object and retry)"
+        ) from None
 
 
 def release_labels(store: ObjectStore, batch_id: str) -> str:

@@ -2,8 +2,10 @@
 
 Every write is atomic: data goes to a temporary place first and is published in one step
 (a rename on disk, a completed upload on S3), so a reader never sees a half-written object,
-also when the writing process is killed. Keys are '/'-separated and relative to the store's
-root (the local folder, or `s3://bucket/prefix`).
+also when the writing process is killed. An exclusive write publishes only if the key does not
+exist yet — a hard link on disk, a conditional PUT (`If-None-Match: *`) on S3 — so of two
+concurrent writers of one key exactly one wins. Keys are '/'-separated and relative to the
+store's root (the local folder, or `s3://bucket/prefix`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -36,6 +39,10 @@ class ObjectStore(ABC):
         """Atomically make `local_file`'s bytes the content of `key`."""
 
     @abstractmethod
+    def _publish_exclusive(self, key: str, local_file: Path) -> None:
+        """Like `_publish`, but raise FileExistsError if `key` exists (one writer wins)."""
+
+    @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
 
     @abstractmethod
@@ -58,20 +65,20 @@ class ObjectStore(ABC):
         return None
 
     @contextmanager
-    def writer(self, key: str) -> Iterator[IO[bytes]]:
+    def writer(self, key: str, *, exclusive: bool = False) -> Iterator[IO[bytes]]:
         """Write `key` through a file object; published only if the block completes."""
-        with self._staging(key) as (handle, _path):
+        with self._staging(key, exclusive) as (handle, _path):
             yield handle
 
     @contextmanager
-    def staging_path(self, key: str) -> Iterator[Path]:
+    def staging_path(self, key: str, *, exclusive: bool = False) -> Iterator[Path]:
         """A local path to write `key` to (e.g. with a Parquet writer); published on success."""
-        with self._staging(key) as (handle, path):
+        with self._staging(key, exclusive) as (handle, path):
             handle.close()
             yield path
 
     @contextmanager
-    def _staging(self, key: str) -> Iterator[tuple[IO[bytes], Path]]:
+    def _staging(self, key: str, exclusive: bool = False) -> Iterator[tuple[IO[bytes], Path]]:
         directory = self._staging_dir(key)
         directory.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f"{_TEMP_MARK}{uuid.uuid4().hex[:8]}-", dir=directory)
@@ -81,16 +88,24 @@ class ObjectStore(ABC):
                 yield handle, path
             with path.open("rb+") as handle:
                 os.fsync(handle.fileno())
-            self._publish(key, path)
+            (self._publish_exclusive if exclusive else self._publish)(key, path)
         finally:
             path.unlink(missing_ok=True)
 
     def _staging_dir(self, key: str) -> Path:
         return Path(tempfile.gettempdir())
 
-    def put_bytes(self, key: str, data: bytes) -> None:
-        with self.writer(key) as handle:
+    def put_bytes(self, key: str, data: bytes, *, exclusive: bool = False) -> None:
+        with self.writer(key, exclusive=exclusive) as handle:
             handle.write(data)
+
+    def sweep_temporaries(self, older_than_seconds: float = 3600.0) -> list[str]:
+        """Remove temporaries that writers killed mid-write left behind; the paths removed.
+
+        Only the local store has them (on S3 an unfinished upload is never an object); age
+        protects writers still at work.
+        """
+        return []
 
     def put_text(self, key: str, text: str) -> None:
         self.put_bytes(key, text.encode())
@@ -137,6 +152,21 @@ class LocalStore(ObjectStore):
 
     def _publish(self, key: str, local_file: Path) -> None:
         os.replace(local_file, self._path(key))
+
+    def _publish_exclusive(self, key: str, local_file: Path) -> None:
+        try:
+            os.link(local_file, self._path(key))  # atomic, and fails if the key exists
+        except FileExistsError:
+            raise FileExistsError(f"{self._path(key)} already exists") from None
+
+    def sweep_temporaries(self, older_than_seconds: float = 3600.0) -> list[str]:
+        cutoff = time.time() - older_than_seconds
+        removed = []
+        for path in self.root.rglob(f"{_TEMP_MARK}*") if self.root.is_dir() else []:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink(missing_ok=True)
+                removed.append(str(path))
+        return removed
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -199,6 +229,19 @@ class S3Store(ObjectStore):
         # A single PUT or a completed multipart upload is what makes the object visible;
         # a killed upload leaves nothing readers can see.
         self.client.upload_file(str(local_file), self.bucket, self._key(key))
+
+    def _publish_exclusive(self, key: str, local_file: Path) -> None:
+        # One conditional PUT (objects up to 5 GB). Real S3 evaluates If-None-Match atomically:
+        # of concurrent writers exactly one gets 200, the others 412 (or 409 while one is in flight).
+        from botocore.exceptions import ClientError
+
+        try:
+            with local_file.open("rb") as body:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                raise FileExistsError(f"{self.uri(key)} already exists") from error
+            raise
 
     def get_bytes(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
