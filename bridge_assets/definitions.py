@@ -10,9 +10,10 @@ import dagster as dg
 
 from bridge_assets.defs.features import feature_backlog_sensor, housing_features
 from bridge_assets.defs.landing import simulated_batch
+from bridge_assets.defs.promotion import approve_model, staged_model
 from bridge_assets.defs.raw import landed_batches_sensor, raw_housing
-from bridge_assets.defs.resources import lake_storage, mlflow_tracking, ray_serving, training_launcher
-from bridge_assets.defs.serving import production_deployment, promote_model
+from bridge_assets.defs.resources import lake_storage, mlflow_tracking, promotion_policy, ray_serving, training_launcher
+from bridge_assets.defs.serving import production_deployment, promote_model, rollback_model
 from bridge_assets.defs.training import candidate_model
 
 # Dagster's default automation sensor starts stopped; ours runs, so new raw partitions flow
@@ -29,14 +30,15 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 def build_defs(env: Mapping[str, str] = os.environ) -> dg.Definitions:
     """The whole code location, its resources wired to the environment `env`."""
     return dg.Definitions(
-        assets=[simulated_batch, raw_housing, housing_features, candidate_model, production_deployment],
-        jobs=[promote_model],
+        assets=[simulated_batch, raw_housing, housing_features, candidate_model, staged_model, production_deployment],
+        jobs=[promote_model, rollback_model, approve_model],
         sensors=[landed_batches_sensor, feature_backlog_sensor, automation_sensor],
         resources={
             "storage": lake_storage(env),
             "mlflow_tracking": mlflow_tracking(env),
             "training": training_launcher(env),
             "serving": ray_serving(env),
+            "promotion": promotion_policy(env),
         },
     )
 

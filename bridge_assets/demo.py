@@ -70,10 +70,13 @@ def _print_candidate() -> str:
 
 
 def _serve(store: ObjectStore, version: str) -> None:
-    """Promote the candidate, deploy it into Ray Serve, send requests, stop what was started."""
+    """Gate the candidate into Staging, promote it, deploy it into Ray Serve, send requests,
+    stop what was started."""
     print()
+    _materialize("staged_model")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="promote-") as config:
-        json.dump({"ops": {"set_production_alias": {"config": {"version": version}}}}, config)  # JSON is YAML
+        promotion = {"version": version, "override_reason": "make demo: no A/B experiment in the demo yet", "actor": "make demo"}
+        json.dump({"ops": {"set_production_alias": {"config": promotion}}}, config)  # JSON is YAML
         config.flush()
         _dagster("job", "execute", "-j", "promote_model", "-c", config.name)
     _materialize("production_deployment")

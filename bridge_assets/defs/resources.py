@@ -16,6 +16,7 @@ from dagster_docker import PipesDockerClient
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
 from serving.deploy import ServingSettings
+from bridge_assets.ml.gates import PromotionSettings
 from bridge_assets.ml.tracking import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PROJECT_ROOT, MlflowSettings
 
 
@@ -166,3 +167,28 @@ class RayServing(dg.ConfigurableResource):
 def ray_serving(env: Mapping[str, str] = os.environ) -> RayServing:
     settings = ServingSettings.from_env(env)
     return RayServing(**asdict(settings))
+
+
+class PromotionPolicy(dg.ConfigurableResource):
+    """Gate tolerances and budgets, the A/B test's parameters and the sign-off rule."""
+
+    baseline_tolerance: float
+    champion_tolerance: float
+    slice_tolerance: float
+    slice_min_rows: int
+    latency_p99_ms: float
+    latency_calls: int
+    probe_max_area: float
+    require_approval: bool
+    approvers: list[str]
+    ab_min_effect: float
+    ab_alpha: float
+    ab_power: float
+
+    def settings(self) -> PromotionSettings:
+        return PromotionSettings(**{**self.model_dump(), "approvers": tuple(self.approvers)})
+
+
+def promotion_policy(env: Mapping[str, str] = os.environ) -> PromotionPolicy:
+    settings = PromotionSettings.from_env(env)
+    return PromotionPolicy(**{**asdict(settings), "approvers": list(settings.approvers)})

@@ -1,30 +1,73 @@
-"""Serving (steps 7–9): promote a version to Production, deploy it into Ray Serve."""
+"""Serving (steps 6–9): Staging → Production with evidence, rollback, deploy into Ray Serve."""
 
 import dagster as dg
-from mlflow.exceptions import MlflowException
 from pydantic import Field
 
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, RayServing
 from bridge_assets.defs.training import candidate_model
-from bridge_assets.ml.tracking import PRODUCTION_ALIAS, promote_to_production
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
+
+
+def open_registry(storage: LakeStorage, mlflow_tracking: MlflowTracking, actor: str | None = None) -> Registry:
+    """The registry of the configured model, recording into the configured lake."""
+    settings = mlflow_tracking.settings()
+    return Registry(settings.activate(), settings.model_name, storage.open(), actor)
+
+
+def _actor(context: dg.OpExecutionContext, configured: str) -> str:
+    return configured or f"dagster run {context.run_id[:8]}"
 
 
 class PromotionConfig(dg.Config):
-    version: str = Field(description="registered model version to mark Production")
+    version: str = Field(default="", description="version to promote (default: the one in Staging)")
+    override_reason: str = Field(default="", description="promote without a 'promote' A/B verdict, for this reason (recorded)")
+    actor: str = Field(default="", description="who asks (recorded; default: this run)")
 
 
 @dg.op
-def set_production_alias(context: dg.OpExecutionContext, config: PromotionConfig, mlflow_tracking: MlflowTracking) -> str:
-    """Point the `production` alias at a version (the previous one is tagged Archived)."""
-    settings = mlflow_tracking.settings()
-    previous = promote_to_production(settings.activate(), settings.model_name, config.version)
-    context.log.info(f"{settings.model_name} v{config.version} is Production (was: {previous or 'none'})")
-    return config.version
+def set_production_alias(
+    context: dg.OpExecutionContext, config: PromotionConfig, storage: LakeStorage, mlflow_tracking: MlflowTracking
+) -> str:
+    """Staging → Production: needs a 'promote' A/B verdict, no Production yet, or an override
+    reason; the previous Production version is archived. Recorded in the audit trail."""
+    registry = open_registry(storage, mlflow_tracking, _actor(context, config.actor))
+    try:
+        previous = registry.promote_staging(config.version or None, override_reason=config.override_reason or None)
+    except ValueError as error:
+        raise dg.Failure(f"promotion refused: {error}") from error
+    version = registry.version_for(PRODUCTION_ALIAS) or config.version
+    context.log.info(f"{registry.model_name} v{version} is Production (was: {previous or 'none'})")
+    return version
 
 
-@dg.job(description="Operator action: mark a registered model version Production.")
+@dg.job(description="Operator action: move the Staging version to Production (with evidence or an override reason).")
 def promote_model() -> None:
     set_production_alias()
+
+
+class RollbackConfig(dg.Config):
+    reason: str = Field(description="why Production goes back (recorded)")
+    actor: str = Field(default="", description="who asks (recorded; default: this run)")
+
+
+@dg.op
+def restore_previous_production(
+    context: dg.OpExecutionContext, config: RollbackConfig, storage: LakeStorage, mlflow_tracking: MlflowTracking
+) -> str:
+    """Point Production back at the version it had before (from the audit trail); recorded.
+    The registry sensor then brings the service in line."""
+    registry = open_registry(storage, mlflow_tracking, _actor(context, config.actor))
+    try:
+        current, restored = registry.rollback(config.reason)
+    except ValueError as error:
+        raise dg.Failure(f"rollback refused: {error}") from error
+    context.log.info(f"{registry.model_name}: Production rolled back from v{current} to v{restored}")
+    return restored
+
+
+@dg.job(description="Operator action: point Production back at the previous version.")
+def rollback_model() -> None:
+    restore_previous_production()
 
 
 @dg.asset(deps=[candidate_model], group_name="serving", kinds={"ray", "fastapi"})
@@ -41,14 +84,13 @@ def production_deployment(
     the new ones are healthy.
     """
     from serving.deploy import deploy, probe
-    from serving.model import version_for_alias
 
     settings = mlflow_tracking.settings()
-    client = settings.activate()
-    try:
-        version = version_for_alias(client, settings.model_name, PRODUCTION_ALIAS)
-    except MlflowException as error:  # no Production version yet
-        raise dg.Failure(f"no version of {settings.model_name} is marked Production: run the promote_model job") from error
+    registry = open_registry(storage, mlflow_tracking)
+    client = registry.client
+    version = registry.version_for(PRODUCTION_ALIAS)
+    if version is None:
+        raise dg.Failure(f"no version of {settings.model_name} is marked Production: run the promote_model job")
     try:
         checked = probe(client, settings.model_name, version, PRODUCTION_ALIAS)
     except ValueError as error:

@@ -14,19 +14,17 @@ from __future__ import annotations
 import getpass
 import json
 import os
-import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from bridge_assets.lake.storage import LocalStore, ObjectStore, S3Store
+from bridge_assets.lake.storage import ObjectStore
 
 CANDIDATE_ALIAS = "candidate"
 STAGING_ALIAS = "staging"
@@ -86,36 +84,9 @@ def current_actor(env: Mapping[str, str] = os.environ) -> str:
 
 
 def create_exclusive(store: ObjectStore, key: str, data: bytes) -> None:
-    """Write `key` only if it does not exist (FileExistsError otherwise), atomically.
-
-    On disk the bytes are written and synced under a temporary name, then hard-linked to the
-    key (`os.link` fails if the key exists); on S3 a conditional PUT (`If-None-Match: *`).
-    """
-    if isinstance(store, LocalStore):
-        target = Path(store.uri(key))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=".tmp-audit-", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.link(temporary, target)
-        finally:
-            os.unlink(temporary)
-        return
-    if isinstance(store, S3Store):
-        from botocore.exceptions import ClientError
-
-        full_key = f"{store.prefix}/{key}" if store.prefix else key
-        try:
-            store.client.put_object(Bucket=store.bucket, Key=full_key, Body=data, IfNoneMatch="*")
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                raise FileExistsError(f"{store.uri(key)} already exists") from error
-            raise
-        return
-    raise TypeError(f"no exclusive create for {type(store).__name__}")
+    """Write `key` only if it does not exist (FileExistsError otherwise), atomically: a hard link
+    on disk, a conditional PUT (`If-None-Match: *`) on S3 (see `ObjectStore`)."""
+    store.put_bytes(key, data, exclusive=True)
 
 
 def write_audit(store: ObjectStore, record: AuditRecord) -> AuditRecord:
