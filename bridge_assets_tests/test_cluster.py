@@ -72,10 +72,12 @@ def _instance_env(name: str, taken: set[int]) -> dict[str, str]:
         if not ports & taken and all(_free(port) for port in ports):
             taken |= ports
             break
+    tag = uuid.uuid4().hex[:6]
     return {
         "BRIDGE_RAY_PORT": str(ray_port),
         "BRIDGE_SERVE_PORT": str(serve_port),
-        "BRIDGE_RAY_TMPDIR": f"/tmp/brt-{uuid.uuid4().hex[:6]}",  # short: Ray's and HAProxy's socket paths
+        "BRIDGE_RAY_TMPDIR": f"/tmp/brt-{tag}",  # short: Ray's and HAProxy's socket paths
+        "BRIDGE_HOME": f"/tmp/brt-{tag}-home",  # the spools `make stop` sweeps
         "BRIDGE_RAY_NUM_CPUS": "1",
         "BRIDGE_RAY_OBJECT_STORE_MB": "80",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",  # a graceful stop here needs no 30 s drain
@@ -123,6 +125,8 @@ def instances() -> Iterator[dict[str, SimpleNamespace]]:
             instance.state = instance.settings.state()
             instance.sids = [node["sid"] for node in instance.state["nodes"]]
             instance.pids = set().union(*(_session_processes(sid) for sid in instance.sids))
+            session = Path(instance.settings.temp_dir) / "session_latest"
+            instance.node_ids = {path.name.rsplit("_", 1)[1] for path in session.glob("*_port_*")} or {"?"}
         yield made
     finally:
         for instance in made.values():
@@ -135,6 +139,7 @@ def instances() -> Iterator[dict[str, SimpleNamespace]]:
                 except psutil.NoSuchProcess:
                     continue
             shutil.rmtree(instance.settings.temp_dir, ignore_errors=True)
+            shutil.rmtree(instance.env["BRIDGE_HOME"], ignore_errors=True)
 
 
 def test_ports_are_derived_per_instance_and_node() -> None:
@@ -221,7 +226,8 @@ def _assert_nothing_left(instance: SimpleNamespace) -> None:
     # closed connections may linger in TIME_WAIT (the kernel's, no process's): anything else is a leak
     held = [c for c in psutil.net_connections(kind="inet") if c.laddr.port in ports and c.status != psutil.CONN_TIME_WAIT]
     assert not held, f"{instance.name}: ports still held: {held}"
-    assert not Path(instance.settings.temp_dir).exists()
+    assert not Path(instance.settings.temp_dir).exists()  # with HAProxy's config, sockets and server state
+    assert not [node for node in instance.node_ids if (Path("/tmp/haproxy-serve") / node).exists()]
 
 
 def test_stop_after_a_half_kill_leaves_nothing(instances: dict[str, SimpleNamespace]) -> None:
@@ -240,7 +246,7 @@ def test_stop_is_graceful_then_complete_and_says_so(instances: dict[str, SimpleN
     alpha = instances["alpha"]
     done = _stop(alpha)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "Serve shut down gracefully" in done.stdout, done.stdout
+    assert "Serve shut down gracefully" in done.stdout and "records of dead replicas published" in done.stdout, done.stdout
     _assert_nothing_left(alpha)
     again = _stop(alpha)
     assert again.returncode == 0 and again.stdout.startswith("nothing was running"), again.stdout

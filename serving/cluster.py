@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -257,19 +257,15 @@ def instance_processes(settings: ClusterSettings) -> list[psutil.Process]:
     return list(found.values())
 
 
-def _healthy(settings: ClusterSettings, processes: list[psutil.Process]) -> bool:
-    """The GCS answers on our port and a raylet of ours lives (else the remains are debris)."""
+def _healthy(ray_port: int, processes: list[psutil.Process]) -> bool:
+    """The GCS answers on `ray_port` and a raylet of ours lives (else the remains are debris)."""
     names = set()
     for process in processes:
         try:
             names.add(process.name())
         except psutil.NoSuchProcess:
             continue
-    return {"gcs_server", "raylet"} <= names and _listening(settings.ray_port)
-
-
-def local_ray_running(settings: ClusterSettings) -> bool:
-    return _healthy(settings, instance_processes(settings))
+    return {"gcs_server", "raylet"} <= names and _listening(ray_port)
 
 
 def check_compatible(settings: ClusterSettings) -> None:
@@ -279,7 +275,7 @@ def check_compatible(settings: ClusterSettings) -> None:
     HTTP port while it runs: changing them means `make stop` first.
     """
     state = settings.state()
-    if state is None or not local_ray_running(settings):
+    if state is None or not _healthy(state["ray_port"], instance_processes(settings)):
         return
     running = {"BRIDGE_RAY_PORT": state["ray_port"], "BRIDGE_SERVE_PORT": state["serve_port"],
                "BRIDGE_SERVE_HOST": state["serve_host"], "BRIDGE_SERVE_HAPROXY": "1" if state["haproxy"] else "0"}  # fmt: skip
@@ -304,7 +300,7 @@ def start_local_ray(settings: ClusterSettings) -> str:
     """
     check_compatible(settings)
     processes = instance_processes(settings)
-    if _healthy(settings, processes):
+    if _healthy(settings.ray_port, processes):
         return settings.local_address
     if processes:
         _clean_up(settings, processes)
@@ -407,13 +403,14 @@ def _clean_up(settings: ClusterSettings, processes: list[psutil.Process]) -> lis
 
 @dataclass(frozen=True)
 class StopReport:
-    """What `stop_instance` did, said truthfully."""
+    """What `stop_serving` did, said truthfully."""
 
     stopped_pids: list[int]
     left_pids: list[int]
     busy_ports: dict[int, str]
     serve: str
     sweep: str
+    external_address: str | None = None
 
     @property
     def clean(self) -> bool:
@@ -425,8 +422,10 @@ class StopReport:
                 f"NOT fully stopped ({settings.temp_dir}): still running pids {self.left_pids}; "
                 f"ports still in use: {self.busy_ports}"
             )
+        if self.external_address:
+            return f"Serve on the cluster at {self.external_address} {self.serve}; spools: {self.sweep}; the cluster is not ours and keeps running"
         if not self.stopped_pids:
-            return f"nothing was running for {settings.temp_dir} (Ray port {settings.ray_port}); nothing to stop"
+            return f"nothing was running for {settings.temp_dir} (Ray port {settings.ray_port}); spools: {self.sweep}"
         return (
             f"stopped the local Ray of {settings.temp_dir}: Serve {self.serve}; spools: {self.sweep}; "
             f"{len(self.stopped_pids)} processes ended, its ports are free and its temporary folders removed"
@@ -511,15 +510,18 @@ def _shutdown_connected_serve() -> str:
 
 
 def _sweep_spools(env: Mapping[str, str]) -> str:
-    """Publish spooled interaction records of dead replicas to the lake (idempotent); what it did."""
+    """Publish the spooled interaction records of dead replicas to the lake (idempotent); what it did."""
     try:
-        from serving.spool import sweep_spools  # type: ignore[attr-defined]
-    except ImportError:
+        from serving.interactions import sweep
+    except ImportError:  # the write-ahead spool has not landed in this checkout
         return "no spool sweep available"
+    from bridge_assets.lake.settings import StorageSettings
+
     try:
-        return str(sweep_spools(env=env))
-    except Exception as error:  # noqa: BLE001 - the stop goes on; the records stay for the next sweep
+        published = sweep(StorageSettings.from_env(env).open(), env)
+    except Exception as error:  # noqa: BLE001 - the stop goes on; the spools stay for the next sweep
         return f"sweep failed, the spools stay for the next sweep ({type(error).__name__}: {error})"
+    return f"{published.records} records of dead replicas published"
 
 
 def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
@@ -530,12 +532,15 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
     """
     settings = ClusterSettings.from_env(env)
     if settings.address:
-        return StopReport([], [], {}, shutdown_serve(settings), _sweep_spools(env))
+        return StopReport([], [], {}, shutdown_serve(settings), _sweep_spools(env), external_address=settings.address)
+    state = settings.state()
+    if state is not None:  # the instance in this temp dir, whatever the ports in the environment say now
+        settings = replace(settings, ray_port=state["ray_port"], serve_port=state["serve_port"])
     processes = instance_processes(settings)
-    if not processes:
+    if not processes:  # still publish what replicas of a crashed instance left behind
         shutil.rmtree(settings.temp_dir, ignore_errors=True)
-        return StopReport([], [], {}, "was not running", "not needed")
-    serve = shutdown_serve(settings) if _healthy(settings, processes) else "was unreachable (Ray half-dead; no graceful flush)"
+        return StopReport([], [], {}, "was not running", _sweep_spools(env))
+    serve = shutdown_serve(settings) if _healthy(settings.ray_port, processes) else "was unreachable (Ray half-dead; no graceful flush)"
     sweep = _sweep_spools(env)
     ports = instance_ports(settings)
     stopped = _clean_up(settings, instance_processes(settings) or processes)

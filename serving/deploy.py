@@ -28,14 +28,13 @@ from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.ml.tracking import PRODUCTION_ALIAS, MlflowSettings
-from serving.cluster import ClusterError, ClusterSettings, check_compatible, connect, start_serve, stop_serving
+from serving.cluster import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings, check_compatible, connect
+from serving.cluster import start_serve, stop_serving
 from serving.cluster import main as cluster_main
 from serving.model import ServedModel, version_for_alias
 from serving.spool import spool_directory
 
 APP_NAME = "bridge"
-DEFAULT_HTTP_PORT = 8000
-DEFAULT_RAY_PORT = 6390
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ class ServingSettings:
             ray_address=env.get("RAY_ADDRESS") or None,
             ray_port=int(env.get("BRIDGE_RAY_PORT", DEFAULT_RAY_PORT)),
             host=env.get("BRIDGE_SERVE_HOST", "127.0.0.1"),
-            port=int(env.get("BRIDGE_SERVE_PORT", DEFAULT_HTTP_PORT)),
+            port=int(env.get("BRIDGE_SERVE_PORT", DEFAULT_SERVE_PORT)),
             replicas=int(env.get("BRIDGE_SERVE_REPLICAS", "1")),
             ray_temp_dir=env.get("BRIDGE_RAY_TMPDIR", "/tmp/bridge-ray"),
             unit=env.get("BRIDGE_PRICE_UNIT", "GBP(£)"),
