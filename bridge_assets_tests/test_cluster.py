@@ -244,7 +244,17 @@ def test_stop_after_a_half_kill_leaves_nothing(instances: dict[str, SimpleNamesp
 
 def test_stop_is_graceful_then_complete_and_says_so(instances: dict[str, SimpleNamespace]) -> None:
     alpha = instances["alpha"]
-    done = _stop(alpha)
+    log = next(Path(alpha.settings.temp_dir).glob("session_2*/logs/raylet.out"))
+    bystanders = [  # not Ray's: a shell of this instance, someone reading its log
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], env=alpha.env),
+        subprocess.Popen(["tail", "-f", str(log)], stdout=subprocess.DEVNULL),
+    ]
+    try:
+        done = _stop(alpha)
+        assert [b.poll() for b in bystanders] == [None, None]
+    finally:
+        for bystander in bystanders:
+            bystander.kill()
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Serve shut down gracefully" in done.stdout and "records of dead replicas published" in done.stdout, done.stdout
     _assert_nothing_left(alpha)

@@ -3,12 +3,14 @@
 Several bridge instances (a `make serve`, the test suite, a second checkout) share one host, so
 nothing here may touch another instance's Ray: `ray stop --force` ends every Ray on the host and
 is never used. An instance is identified by its Ray temp dir (`BRIDGE_RAY_TMPDIR`); its
-processes are the ones in the process session its `ray start` opened, whose command line or open
-files point into the temp dir, or whose `RAY_NODE_ID` is a node started under it — and their
-descendants. That finds them too after Ray was half-killed (orphaned workers, GCS, HAProxy).
+processes are the ones that inherited `BRIDGE_RAY_INSTANCE=<temp dir>` from its `ray start`,
+run a node started under it (`RAY_NODE_ID`), name the temp dir in a `--option=` or write into
+it — and their descendants. That finds them too after Ray was half-killed (orphaned workers,
+GCS, HAProxy), and also the processes of an instance started before the marker existed.
 
-Every port is derived per instance and per node from two base ports (see `NodePorts`), checked
-free before Ray starts, and recorded with the session id in `<temp dir>/bridge-instance.json`.
+`ray start` runs in its own process session, so signals to whoever started it miss Ray. Every
+port is derived per instance and per node from two base ports (see `NodePorts`), checked free
+before Ray starts, and recorded with the session ids in `<temp dir>/bridge-instance.json`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DEFAULT_RAY_PORT = 6390
 DEFAULT_SERVE_PORT = 8000
 DEFAULT_RAY_TEMP_DIR = "/tmp/bridge-ray"
 STATE_FILE = "bridge-instance.json"
+INSTANCE_MARKER = "BRIDGE_RAY_INSTANCE"  # in the environment of every process our `ray start` begets
 RAY_PORTS_PER_NODE = 200  # see NodePorts
 
 
@@ -181,7 +184,8 @@ def _node_env(settings: ClusterSettings, index: int) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": haproxy / "metrics.sock",
     }
     ports = settings.ports(index)
-    return ray_env(settings) | ports.ray_env(index == 0) | ports.serve_env(index == 0) | {k: str(v) for k, v in files.items()}
+    own = {INSTANCE_MARKER: settings.temp_dir} | {k: str(v) for k, v in files.items()}
+    return ray_env(settings) | ports.ray_env(index == 0) | ports.serve_env(index == 0) | own
 
 
 def _ray_cli() -> str:
@@ -217,37 +221,39 @@ def _node_ids(temp_dir: str) -> set[str]:
 
 
 def _points_into(text: str, temp_dir: str) -> bool:
-    return text == temp_dir or f"{temp_dir}/" in text or text.endswith(f"={temp_dir}")
+    return text == temp_dir or text.startswith(f"{temp_dir}/")
 
 
-def _is_ours(process: psutil.Process, temp_dir: str, node_ids: set[str], sessions: dict[int, float]) -> bool:
-    """Whether `process` belongs to the Ray under `temp_dir` (see the module docstring)."""
+def _is_ours(process: psutil.Process, temp_dir: str, node_ids: set[str]) -> bool:
+    """Whether `process` belongs to the Ray under `temp_dir` (see the module docstring).
+
+    Narrow on purpose: a shell with `BRIDGE_RAY_TMPDIR` set, a `tail -f` of a Ray log or a
+    notebook connected as a driver must survive `make stop`.
+    """
     try:
-        started = sessions.get(os.getsid(process.pid))
-        if started is not None and process.create_time() >= started - 1:  # not a recycled session id
+        environ = process.environ()
+        if environ.get(INSTANCE_MARKER) == temp_dir or environ.get("RAY_NODE_ID") in node_ids:
             return True
-        if any(_points_into(arg, temp_dir) or any(node in arg for node in node_ids) for arg in process.cmdline()):
-            return True
-        if process.environ().get("RAY_NODE_ID") in node_ids:
-            return True
-        # a driver (a notebook, a Dagster run) keeps its own log open there: it is not ours to end
+        for arg in process.cmdline():  # Ray's daemons name their folders as --option=value
+            option, _, value = arg.partition("=")
+            if (option.startswith("--") and _points_into(value, temp_dir)) or any(node in arg for node in node_ids):
+                return True
         return any(
-            _points_into(opened.path, temp_dir) and not Path(opened.path).name.startswith("python-core-driver")
+            opened.mode != "r" and _points_into(opened.path, temp_dir)
+            and not Path(opened.path).name.startswith("python-core-driver")  # a driver's own log
             for opened in process.open_files()
-        )
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ProcessLookupError):
+        )  # fmt: skip
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
 
 def instance_processes(settings: ClusterSettings) -> list[psutil.Process]:
     """Every live process of this instance's Ray, including orphans of a half-killed one."""
     node_ids = _node_ids(settings.temp_dir)
-    state = settings.state() or {}
-    sessions = {node["sid"]: node["started_at"] for node in state.get("nodes", [])}
     spared = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter():
-        if process.pid not in spared and _is_ours(process, settings.temp_dir, node_ids, sessions):
+        if process.pid not in spared and _is_ours(process, settings.temp_dir, node_ids):
             found[process.pid] = process
     for process in list(found.values()):
         try:
