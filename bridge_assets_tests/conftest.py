@@ -25,6 +25,7 @@ from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.round import run_round
 from bridge_assets.ml.tracking import MlflowSettings, log_round, promote_to_production
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port
+from serving.cluster import pick_free_ports
 from serving.deploy import stop_serving
 from bridge_assets.lake.storage import ObjectStore
 
@@ -110,10 +111,11 @@ def serving_session(moto_endpoint: str) -> Iterator[SimpleNamespace]:
     tests that move the `production` alias or redeploy put the service back as they found it.
     """
     home = Path(tempfile.mkdtemp(prefix="bridge-serve-test-"))
+    ray_port, serve_port = pick_free_ports()  # every port Ray and Serve derive from these is free
     env = {
         "BRIDGE_HOME": str(home / "home"),
-        "BRIDGE_RAY_PORT": str(free_port()),
-        "BRIDGE_SERVE_PORT": str(free_port()),
+        "BRIDGE_RAY_PORT": str(ray_port),
+        "BRIDGE_SERVE_PORT": str(serve_port),
         "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-{uuid.uuid4().hex[:6]}",  # short: Ray's socket paths
         "BRIDGE_SERVE_MAX_BATCH": str(MAX_BATCH),
         "BRIDGE_SERVE_MAX_BODY": str(MAX_BODY),

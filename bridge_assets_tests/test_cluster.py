@@ -8,7 +8,6 @@ worker node on the first: the tests below run in file order on them and end by s
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
@@ -25,7 +24,9 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from serving.cluster import ClusterSettings, NodePorts, instance_ports, instance_processes, stop_serving
+from serving.cluster import (
+    ClusterError, ClusterSettings, NodePorts, instance_ports, instance_processes, pick_free_ports, start_local_ray, stop_serving,
+)  # fmt: skip
 
 # Connects to the instance named by the environment exactly as `deploy()` does (the path a
 # `production_deployment` run under `make dev` takes), serves a tiny app, then waits.
@@ -64,14 +65,9 @@ def _free(port: int) -> bool:
 
 
 def _instance_env(name: str, taken: set[int]) -> dict[str, str]:
-    """Ports below 30000 (clear of Ray's default worker, ingress and ephemeral ranges), all free."""
-    while True:
-        ray_port, serve_port = 20_000 + 200 * random.randrange(25), random.randrange(25_000, 26_400)
-        settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
-        ports = {p for index in (0, 1) for p in settings.ports(index).all(head=index == 0)}
-        if not ports & taken and all(_free(port) for port in ports):
-            taken |= ports
-            break
+    ray_port, serve_port = pick_free_ports(nodes=2, avoid=taken)
+    settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
+    taken |= {port for index in (0, 1) for port in settings.ports(index).all(head=index == 0)}
     tag = uuid.uuid4().hex[:6]
     return {
         "BRIDGE_RAY_PORT": str(ray_port),
@@ -108,8 +104,7 @@ def _session_processes(sid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def instances() -> Iterator[dict[str, SimpleNamespace]]:
-    taken: set[int] = set()
-    made = {}
+    made, taken = {}, set()
     for name, worker_node in (("alpha", True), ("beta", False)):
         env = {**os.environ, **_instance_env(name, taken), "TEST_WORKER_NODE": "1" if worker_node else "0"}
         starter = subprocess.Popen(
@@ -151,6 +146,13 @@ def test_ports_are_derived_per_instance_and_node() -> None:
     assert not set(default.all(head=True)) & set(worker.all(head=False))
     assert worker.serve_env(head=False)["RAY_SERVE_WORKER_PROXY_HTTP_PORT"] == "8010"
     assert "RAY_SERVE_WORKER_PROXY_HTTP_PORT" not in default.serve_env(head=True)
+
+
+def test_serve_ports_inside_the_ray_block_are_refused_naming_both_variables(tmp_path: Path) -> None:
+    clash = ClusterSettings(ray_port=21000, serve_port=21100, temp_dir=str(tmp_path / "ray"))
+    with pytest.raises(ClusterError, match=r"BRIDGE_SERVE_PORT=21100.*BRIDGE_RAY_PORT=21000"):
+        start_local_ray(clash)
+    assert not instance_processes(clash)
 
 
 def test_two_instances_serve_side_by_side_on_their_own_ports(instances: dict[str, SimpleNamespace]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -113,10 +114,13 @@ class NodePorts:
         } | ({} if head else {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": self.serve_http})
         return {name: str(port) for name, port in env.items()}
 
+    def serve_ports(self) -> list[int]:
+        return [self.serve_http, self.haproxy_stats, self.haproxy_metrics, self.fallback_proxy]
+
     def all(self, head: bool) -> list[int]:
         ray = [*self.ray_named(head).values(), *map(int, self.ray_env(head).values()), *self.worker_range,
                *self.ingress_http_range, *self.ingress_grpc_range]  # fmt: skip
-        return sorted({*ray, self.serve_http, self.haproxy_stats, self.haproxy_metrics, self.fallback_proxy})
+        return sorted({*ray, *self.serve_ports()})
 
 
 @dataclass(frozen=True)
@@ -310,7 +314,14 @@ def start_local_ray(settings: ClusterSettings) -> str:
         return settings.local_address
     if processes:
         _clean_up(settings, processes)
-    busy = _port_holders(settings.ports(0).all(head=True))
+    head = settings.ports(0)
+    inside = [port for port in head.serve_ports() if head.ray_base <= port < head.ray_base + RAY_PORTS_PER_NODE]
+    if inside:
+        raise ClusterError(
+            f"BRIDGE_SERVE_PORT={settings.serve_port} puts Serve's ports {inside} inside Ray's block "
+            f"{head.ray_base}..{head.ray_base + RAY_PORTS_PER_NODE - 1} (BRIDGE_RAY_PORT={settings.ray_port}): move one of them"
+        )
+    busy = _port_holders(head.all(head=True))
     if busy:
         raise ClusterError(
             f"cannot start Ray for {settings.temp_dir}: port(s) in use: "
@@ -364,6 +375,19 @@ def _write_state(settings: ClusterSettings, record: dict) -> None:
     partial = settings.state_file.with_suffix(".partial")
     partial.write_text(json.dumps(record, indent=2))
     partial.replace(settings.state_file)
+
+
+def pick_free_ports(nodes: int = 1, avoid: Iterable[int] = ()) -> tuple[int, int]:
+    """A `BRIDGE_RAY_PORT` and `BRIDGE_SERVE_PORT` whose derived ports (for `nodes` nodes) are
+    all free now and not in `avoid`: for tests and second instances. Below 30000, clear of Ray's default worker
+    range (10002-19999), Serve's default replica ranges (30000-31000, 40000-41000) and the
+    kernel's ephemeral ports (32768+)."""
+    while True:
+        ray_port, serve_port = 20_000 + RAY_PORTS_PER_NODE * random.randrange(26 - nodes), random.randrange(25_000, 26_400)
+        settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
+        ports = [port for index in range(nodes) for port in settings.ports(index).all(head=index == 0)]
+        if len(set(ports)) == len(ports) and not set(ports) & set(avoid) and not _port_holders(ports):
+            return ray_port, serve_port
 
 
 def instance_ports(settings: ClusterSettings) -> list[int]:
