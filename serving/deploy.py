@@ -151,7 +151,7 @@ def deploy(
     from serving.router import ExperimentConfig
 
     settings = ServingSettings.from_env(env)
-    cluster = ClusterSettings.from_env(env)
+    cluster = ClusterSettings.from_env({**os.environ, **env})  # BRIDGE_RAY_NUM_CPUS & co. reach Dagster runs too
     connect(cluster)
     start_serve(cluster)
     everywhere = {**os.environ, **env}  # the spool and key file: also when `env` holds only the resources' variables
