@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -154,6 +155,7 @@ class RoundRecord:
     best_run_id: str
     model_name: str
     model_version: str
+    new_version: bool = True  # False: an equal version existed, nothing was registered
 
     @property
     def model_uri(self) -> str:
@@ -265,14 +267,27 @@ def log_round(
         mlflow.set_tags({"bridge.best_config": best.config.name, "bridge.best_run_id": run_ids[best.config.name]})
         experiment_id = parent.info.experiment_id
         parent_id = parent.info.run_id
-    version = register_candidate(
-        client,
-        settings.model_name,
-        model_uris[best.config.name],
-        {**tags, "bridge.config_hash": best.config.config_hash(), "bridge.run_id": run_ids[best.config.name]},
-        store,
-    )
+    version_tags = {**tags, "bridge.config_hash": best.config.config_hash(), "bridge.run_id": run_ids[best.config.name]}
+    existing = equal_version(client, settings.model_name, version_tags)
+    if existing is not None:  # same data and configuration: nothing new to register
+        client.set_tag(parent_id, "bridge.registered", f"nothing new: equals version {existing}")
+        logging.getLogger("bridge.tracking").warning("nothing new registered: %s v%s has the same data and configuration", settings.model_name, existing)
+        return RoundRecord(experiment_id, parent_id, run_ids, best.config.name, run_ids[best.config.name], settings.model_name, existing, new_version=False)
+    version = register_candidate(client, settings.model_name, model_uris[best.config.name], version_tags, store)
     return RoundRecord(experiment_id, parent_id, run_ids, best.config.name, run_ids[best.config.name], settings.model_name, version)
+
+
+EQUALITY_TAGS = ("bridge.feature_version", "bridge.split", "bridge.config_hash")
+
+
+def equal_version(client: MlflowClient, model_name: str, tags: Mapping[str, str]) -> str | None:
+    """A registered version trained on the same data (feature version and split) with the same
+    configuration (its hash includes the seed): registering again would add a duplicate, e.g.
+    when a retrain is requested before any new data has reached the feature table."""
+    for version in client.search_model_versions(f"name='{model_name}'"):
+        if all(version.tags.get(k) == tags.get(k) for k in EQUALITY_TAGS):
+            return str(version.version)
+    return None
 
 
 def register_candidate(

@@ -1,0 +1,344 @@
+"""Monitoring (steps 11, 20, 21): profiles of live traffic, drift and decay per window, the
+reference per model version, labelled traffic back into the lake, and the retrain policy.
+
+Thin: everything is computed by `bridge_assets.monitoring`; these definitions decide when.
+- `interaction_logs_sensor` finds log objects without a profile and requests
+  `interaction_profiles` for them (profiling is idempotent per object, in the lake).
+- `monitor_windows_sensor` sees which windows gained members (a late object included) or
+  labels, registers the window partition and requests its profiles, labelled traffic and
+  report again.
+- `registered_versions_sensor` requests `model_reference` for each new registered version.
+- `retrain_sensor` applies `BRIDGE_RETRAIN_POLICY` to each new report's alarms.
+"""
+
+
+import base64
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import dagster as dg
+from pydantic import Field
+
+from bridge_assets.defs.resources import LakeStorage, MlflowTracking, _env_or_none
+from bridge_assets.defs.training import candidate_model
+from bridge_assets.lake.feature_store import FeatureStore
+from bridge_assets.lake.landing import landed_batches
+from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.monitoring.drift import DriftSettings
+from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, report_window, unprofiled_objects
+from bridge_assets.monitoring.profiles import WINDOWS_PREFIX, window_rows, window_slices, windows_with_members
+from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
+from bridge_assets.monitoring.report import summary_markdown
+from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX, decide_retrain, land_feedback_batch, post_alert
+from bridge_assets.monitoring.settings import MonitorSettings, drift_settings_from_json
+
+monitor_windows = dg.DynamicPartitionsDefinition(name="monitor_windows")
+model_versions = dg.DynamicPartitionsDefinition(name="model_versions")
+RETRAIN_TAG = "bridge/retrain"
+REASON_TAG = "bridge/retrain_reason"
+LABELS_PREFIX = "feedback/labels/"
+RETRY_SECONDS = 600  # a requested object still unprofiled after this long is requested again
+
+
+class Monitoring(dg.ConfigurableResource):
+    """Window length, drift/decay bars and the retrain policy (see the README's table)."""
+
+    window_seconds: int = 3600
+    drift_thresholds: str | None = None  # JSON, see bridge_assets.monitoring.settings
+    min_labels: int = 200
+    decay_tolerance: float = 0.10
+    retrain_policy: str = "manual"
+    retrain_cooldown_seconds: int = 3600
+    alert_webhook: str | None = None  # may carry a token: an EnvVar, never stored
+
+    def settings(self) -> MonitorSettings:
+        return MonitorSettings(
+            window_seconds=self.window_seconds,
+            drift=drift_settings_from_json(self.drift_thresholds) if self.drift_thresholds else DriftSettings(),
+            min_labels=self.min_labels,
+            decay_tolerance=self.decay_tolerance,
+            retrain_policy=self.retrain_policy,  # type: ignore[arg-type]
+            retrain_cooldown_seconds=self.retrain_cooldown_seconds,
+            alert_webhook=self.alert_webhook,
+        )
+
+
+def monitoring(env: Mapping[str, str] = os.environ) -> Monitoring:
+    settings = MonitorSettings.from_env(env)  # validates the values early
+    return Monitoring(
+        window_seconds=settings.window_seconds,
+        drift_thresholds=env.get("BRIDGE_DRIFT_THRESHOLDS") or None,
+        min_labels=settings.min_labels,
+        decay_tolerance=settings.decay_tolerance,
+        retrain_policy=settings.retrain_policy,
+        retrain_cooldown_seconds=settings.retrain_cooldown_seconds,
+        alert_webhook=_env_or_none(env, "BRIDGE_ALERT_WEBHOOK"),
+    )
+
+
+def _digest(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:16]
+
+
+class ProfileObjectsConfig(dg.Config):
+    objects: list[str] = Field(default_factory=list, description="log object keys; empty: every unprofiled object")
+
+
+@dg.asset(group_name="monitoring", kinds={"whylogs", "parquet"})
+def interaction_profiles(
+    context: dg.AssetExecutionContext, config: ProfileObjectsConfig, storage: LakeStorage, monitoring: Monitoring
+) -> dg.MaterializeResult:
+    """whylogs profiles of interaction-log objects, one per (window, model version, variant)
+    of each object, stored under a key derived from the object's key: done once per object."""
+    store = storage.open()
+    keys = config.objects or unprofiled_objects(store)
+    results = profile_objects(store, keys, monitoring.settings().window_seconds)
+    new = [r for r in results if not r.already_done]
+    context.log.info(f"profiled {len(new)} new log objects ({len(results) - len(new)} already done)")
+    return dg.MaterializeResult(
+        metadata={
+            "objects_profiled": len(new),
+            "objects_already_done": len(results) - len(new),
+            "predictions": sum(r.rows for r in new),
+            "rejected": sum(r.rejected for r in new),
+            "windows": dg.MetadataValue.json(sorted({w for r in new for w in r.windows})),
+        }
+    )
+
+
+@dg.sensor(target=[interaction_profiles], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=15)
+def interaction_logs_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
+    """Requests profiles for log objects that have none. The lake says what is done (an
+    object's profile index), the cursor what is already requested, so a restart or retry
+    never profiles an object twice and a failed run's objects are requested again later."""
+    requested: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
+    now = time.time()
+    pending = unprofiled_objects(storage.open())
+    new = [key for key in pending if now - requested.get(key, 0.0) > RETRY_SECONDS]
+    cursor = {key: requested[key] for key in pending if key in requested} | {key: now for key in new}
+    run_config = {"ops": {"interaction_profiles": {"config": {"objects": new}}}}
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"objects:{_digest(new)}:{int(now)}", run_config=run_config)] if new else [],
+        cursor=json.dumps(cursor),
+        skip_reason=None if new else f"no new interaction logs ({len(pending)} awaiting a running profile)",
+    )
+
+
+@dg.asset(partitions_def=monitor_windows, deps=[interaction_profiles], group_name="monitoring", kinds={"whylogs"})
+def window_profiles(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
+    """A window's traffic: object profiles merged per model version and variant; rejected
+    requests counted per reason."""
+    store = storage.open()
+    window = context.partition_key
+    slices = window_slices(store, window)
+    for part in slices:
+        if part.profile is not None:
+            store.put_bytes(f"monitoring/profiles/merged/{window}/{part.model_version}--{part.variant}.bin", part.profile.serialize())
+    table = ["| version | variant | predictions | rejected | objects |", "|---|---|---|---|---|"]
+    table += [f"| {s.model_version} | {s.variant} | {s.rows} | {json.dumps(s.rejected)} | {len(s.objects)} |" for s in slices]
+    return dg.MaterializeResult(
+        metadata={
+            "predictions": sum(s.rows for s in slices),
+            "rejected": sum(sum(s.rejected.values()) for s in slices),
+            "objects": len({o for s in slices for o in s.objects}),
+            "slices": dg.MetadataValue.md("\n".join(table)),
+        },
+        data_version=dg.DataVersion(_digest([f"{s.model_version}/{s.variant}/{s.rows}/{sorted(s.objects)}" for s in slices])),
+    )
+
+
+@dg.asset(partitions_def=monitor_windows, deps=[window_profiles], group_name="monitoring", kinds={"parquet"})
+def labelled_traffic(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
+    """A window's predictions whose labels have been released, landed as a raw batch
+    (`feedback-<window>`): through the same contract and quarantine, into the next feature
+    version, so a retrain learns from what was seen."""
+    store = storage.open()
+    window = context.partition_key
+    rows = window_rows(store, window)
+    joined = feedback_joiner(store)(rows) if rows.height else rows
+    batch, landed = land_feedback_batch(store, window, joined) if joined.height else (None, 0)
+    if batch:
+        context.log.info(f"landed {landed} labelled predictions as batch {batch.batch_id}")
+    return dg.MaterializeResult(
+        metadata={
+            "predictions": rows.height,
+            "labelled": joined.height,
+            "landed_rows": landed,
+            "batch_id": batch.batch_id if batch else "none",
+            "uri": dg.MetadataValue.path(store.uri(batch.key)) if batch else "none",
+        }
+    )
+
+
+def _alarm_check(name: str, alarms: list[str], metadata: dict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name=name, passed=not alarms, metadata={"alarms": dg.MetadataValue.json(alarms), **metadata}, description="; ".join(alarms)[:1000] or None
+    )
+
+
+REPORT_CHECKS = {
+    "no_feature_drift": "no feature crosses its drift threshold against the version's reference",
+    "no_prediction_drift": "the prediction distribution stays within its drift threshold",
+    "no_realised_decay": "live RMSE from feedback labels stays within the test RMSE plus tolerance",
+    "no_estimated_decay": "the label-free RMSE estimate stays within the test RMSE plus tolerance",
+}
+
+
+@dg.asset(
+    partitions_def=monitor_windows,
+    deps=[window_profiles, labelled_traffic],
+    group_name="monitoring",
+    kinds={"whylogs", "html"},
+    check_specs=[dg.AssetCheckSpec(name, asset="drift_report", description=text) for name, text in REPORT_CHECKS.items()],
+)
+def drift_report(
+    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring
+) -> dg.MaterializeResult:
+    """Drift and decay of a window against each model version's reference: JSON and HTML in
+    the lake, summary and plots here, checks that fail when a threshold is crossed."""
+    store = storage.open()
+    settings = monitoring.settings()
+    report, keys = report_window(store, context.partition_key, settings, mlflow_tracking.model_name)
+    feature_alarms = [a for a in report.alarms if "feature drift" in a]
+    prediction_alarms = [a for a in report.alarms if "prediction drift" in a]
+    realised = [a for a in report.alarms if "realised decay" in a]
+    estimated = [a for a in report.alarms if "estimated decay" in a]
+    if report.alarms and settings.alert_webhook:
+        post_alert(settings.alert_webhook, {"window": report.window, "alarms": report.alarms, "report": store.uri(keys["html"]), "policy": settings.retrain_policy})
+    plots = [
+        f"**v{part.model_version} / {part.variant} — {column}**\n\n![{column}](data:image/png;base64,{base64.b64encode(png).decode()})"
+        for part in report.slices
+        for column, png in part.plots.items()
+    ]
+    missing = [s.model_version for s in report.slices if s.reference is None]
+    return dg.MaterializeResult(
+        metadata={
+            "alarms": dg.MetadataValue.json(report.alarms),
+            "summary": dg.MetadataValue.md(summary_markdown(report)),
+            "plots": dg.MetadataValue.md("\n\n".join(plots) or "no reference yet"),
+            "report_json": dg.MetadataValue.path(store.uri(keys["json"])),
+            "report_html": dg.MetadataValue.path(store.uri(keys["html"])),
+            "versions_without_reference": dg.MetadataValue.json(missing),
+            "retrain_policy": settings.retrain_policy,
+            "retrain_how": dg.MetadataValue.md(
+                "Launch the `retrain_model` job (it pins the newest feature version, which holds this window's labelled traffic "
+                "once it has been validated)." if report.alarms else "nothing to do"
+            ),
+        },
+        check_results=[
+            _alarm_check("no_feature_drift", feature_alarms, {"report": dg.MetadataValue.path(store.uri(keys["html"]))}),
+            _alarm_check("no_prediction_drift", prediction_alarms, {}),
+            _alarm_check("no_realised_decay", realised, {}),
+            _alarm_check("no_estimated_decay", estimated, {}),
+        ],
+    )
+
+
+@dg.sensor(target=[window_profiles, labelled_traffic, drift_report], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
+def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
+    """(Re)requests a window when its members change (a late object too) or new labels land."""
+    store = storage.open()
+    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    labels = _digest([k for k in store.list(LABELS_PREFIX)])
+    current = {window: _digest([*members, labels]) for window, members in windows_with_members(store).items()}
+    changed = sorted(w for w, digest in current.items() if seen.get(w) != digest)
+    known = set(context.instance.get_dynamic_partitions(monitor_windows.name))
+    new_partitions = [w for w in changed if w not in known]
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=w, run_key=f"{w}:{current[w]}") for w in changed],
+        dynamic_partitions_requests=[monitor_windows.build_add_request(new_partitions)] if new_partitions else [],
+        cursor=json.dumps(current),
+        skip_reason=None if changed else f"no window changed ({len(current)} windows)",
+    )
+
+
+@dg.asset(partitions_def=model_versions, group_name="monitoring", kinds={"whylogs", "mlflow", "scikitlearn"})
+def model_reference(context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+    """A registered version's reference: training features and held-out predictions
+    (profile), held-out metrics and the loss estimator; in the lake and on its MLflow run."""
+    reference = make_reference_profile(storage.open(), mlflow_tracking.settings(), context.partition_key)
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": reference.version,
+            "feature_version": reference.feature_version,
+            "train_rows": reference.train_rows,
+            "heldout_rows": reference.heldout_rows,
+            "heldout_rmse": reference.metrics["rmse"],
+            "heldout_mae": reference.metrics["mae"],
+            "estimator_heldout_rmse": reference.estimator.heldout_rmse,
+        }
+    )
+
+
+@dg.sensor(target=[model_reference], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=60)
+def registered_versions_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.SensorResult:
+    """Requests a reference for each registered version that has none in the lake."""
+    store = storage.open()
+    settings = mlflow_tracking.settings()
+    have = {k.split("/")[3] for k in store.list(f"{REFERENCE_PREFIX}{settings.model_name}/") if k.endswith("/reference.json")}
+    missing = [v for v in registered_versions(settings) if v not in have]
+    known = set(context.instance.get_dynamic_partitions(model_versions.name))
+    add = [v for v in missing if v not in known]
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(partition_key=v, run_key=f"reference:{v}") for v in missing],
+        dynamic_partitions_requests=[model_versions.build_add_request(add)] if add else [],
+        skip_reason=None if missing else "every registered version has a reference",
+    )
+
+
+retrain_model = dg.define_asset_job(
+    "retrain_model",
+    selection=[candidate_model],
+    tags={RETRAIN_TAG: "manual"},
+    description="Ready retraining run (manual policy): a training round on the newest feature version.",
+)
+OPEN_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+
+
+def _feedback_pending(store: ObjectStore, window: str, included: set[str]) -> list[str]:
+    """Feedback batches of `window` landed but not yet in the feature version."""
+    return [b.batch_id for b in landed_batches(store) if b.batch_id.startswith(f"{FEEDBACK_BATCH_PREFIX}{window}") and b.batch_id not in included]
+
+
+@dg.sensor(target=[candidate_model], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
+def retrain_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, monitoring: Monitoring) -> dg.SensorResult:
+    """The retrain policy on each new drift report with alarms. `automatic`: one training
+    round, pinned to the newest feature version once it holds the window's labelled traffic,
+    reason as a run tag; never while another retrain is open or within the cool-down.
+    `manual`: nothing is launched (the report's checks failed and the webhook was called)."""
+    settings = monitoring.settings()
+    state = json.loads(context.cursor) if context.cursor else {"after": None, "last_request": None}
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=drift_report.key, after_storage_id=state["after"]), limit=100, ascending=True
+    ).records
+    if not records:
+        return dg.SensorResult(skip_reason="no new drift reports", cursor=json.dumps(state))
+    store = storage.open()
+    latest = FeatureStore(store).latest()
+    for record in records:
+        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
+        alarms = list(metadata["alarms"].value) if "alarms" in metadata else []
+        window = record.partition_key or ""
+        open_runs = len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: "automatic"}, statuses=OPEN_STATUSES)))
+        since = time.time() - state["last_request"] if state["last_request"] else None
+        decision = decide_retrain(settings.retrain_policy, alarms, open_retrains=open_runs, seconds_since_last_request=since, cooldown_seconds=settings.retrain_cooldown_seconds)
+        if decision.action == "request":
+            pending = _feedback_pending(store, window, set(latest.batch_ids) if latest else set())
+            if pending or latest is None:
+                return dg.SensorResult(skip_reason=f"waiting for labelled traffic {pending} to reach a feature version", cursor=json.dumps(state))
+            state = {"after": record.storage_id, "last_request": time.time()}
+            run_config = {"ops": {"candidate_model": {"config": {"feature_version": latest.version}}}}
+            tags = {RETRAIN_TAG: "automatic", REASON_TAG: decision.reason[:1000], "bridge/window": window, "bridge/feature_version": latest.version}
+            return dg.SensorResult(
+                run_requests=[dg.RunRequest(run_key=f"retrain:{record.storage_id}", run_config=run_config, tags=tags)], cursor=json.dumps(state)
+            )
+        state = {**state, "after": record.storage_id}
+        context.log.info(f"window {window}: {decision.action} ({decision.reason})")
+    return dg.SensorResult(skip_reason=f"{settings.retrain_policy} policy: {decision.action} ({decision.reason})"[:1000], cursor=json.dumps(state))
+
+
+MONITORING_ASSETS = [interaction_profiles, window_profiles, labelled_traffic, drift_report, model_reference]
+MONITORING_SENSORS = [interaction_logs_sensor, monitor_windows_sensor, registered_versions_sensor, retrain_sensor]

@@ -1,0 +1,224 @@
+"""The whole monitoring loop through real Dagster, MLflow and a lake: a registered version's
+reference, windows of plain, label-shifted and covariate-shifted traffic, feedback labels,
+labelled traffic landing as a feedback batch, and the retrain policy (automatic and manual)."""
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import dagster as dg
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+from bridge_assets.core.contract import FEATURES
+from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.definitions import build_defs
+from bridge_assets.defs.monitoring import (
+    REASON_TAG,
+    drift_report,
+    interaction_logs_sensor,
+    interaction_profiles,
+    labelled_traffic,
+    model_reference,
+    model_versions,
+    monitor_windows,
+    monitor_windows_sensor,
+    registered_versions_sensor,
+    retrain_sensor,
+    window_profiles,
+)
+from bridge_assets.defs.training import candidate_model
+from bridge_assets.core.training import preset
+from bridge_assets.lake.feature_store import FeatureStore, build_features
+from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
+from bridge_assets.lake.raw import validate_batch
+from bridge_assets.ml.round import run_round
+from bridge_assets.ml.tracking import MlflowSettings, log_round
+from bridge_assets.monitoring.profiles import window_id
+from bridge_assets.monitoring.whylogs_compat import deserialize
+from bridge_assets_tests.monitoring_support import log_traffic, window_frame
+from serving.interactions import InteractionLogger
+
+WINDOW = 30
+ROWS = 300
+T0 = datetime(2026, 11, 28, 10, 0, 1, tzinfo=UTC)
+ROUND = {"presets": ["default"], "max_epochs": 10}
+
+
+class RegisteredModel:
+    """The registered version's own pyfunc, as the prediction service would load it."""
+
+    def __init__(self, uri: str) -> None:
+        self.model = mlflow.pyfunc.load_model(uri)
+
+    def predict(self, frame: pl.DataFrame) -> np.ndarray:
+        return np.asarray(self.model.predict(frame.select(FEATURES).with_columns(pl.col(pl.Enum).cast(pl.String)).to_pandas()))
+
+
+class Webhook:
+    """A local endpoint that records the alerts posted to it."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def train(defs: dg.Definitions, instance: dg.DagsterInstance, config: dict, tags: dict | None = None) -> dict:
+    result = dg.materialize(
+        [candidate_model], instance=instance, resources=defs.resources,
+        run_config={"ops": {"candidate_model": {"config": config}}}, tags=tags or {},
+    )  # fmt: skip
+    assert result.success
+    return {k: v.value for k, v in result.asset_materializations_for_node("candidate_model")[0].metadata.items()}
+
+
+def tick(sensor, defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorResult:
+    result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources))
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def monitor(defs: dg.Definitions, instance: dg.DagsterInstance) -> dict[str, dg.ExecuteInProcessResult]:
+    """What the sensors would run: profiles of new objects, then each changed window."""
+    for request in tick(interaction_logs_sensor, defs, instance).run_requests:
+        assert dg.materialize([interaction_profiles], instance=instance, resources=defs.resources, run_config=request.run_config).success
+    runs = {}
+    for request in tick(monitor_windows_sensor, defs, instance).run_requests:
+        runs[request.partition_key] = dg.materialize(
+            [window_profiles, labelled_traffic, drift_report], instance=instance, resources=defs.resources, partition_key=request.partition_key
+        )
+    return runs
+
+
+def checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+
+
+def report(result: dg.ExecuteInProcessResult) -> dict:
+    return {k: v.value for k, v in result.asset_materializations_for_node("drift_report")[0].metadata.items()}
+
+
+@pytest.mark.parametrize("lake_env", ["local"], indirect=True)
+def test_drift_and_decay_are_caught_and_what_was_seen_is_retrained_on(lake_env, store, monkeypatch, tmp_path):
+    monkeypatch.setenv("BRIDGE_MONITOR_WINDOW_SECONDS", str(WINDOW))
+    monkeypatch.setenv("BRIDGE_MONITOR_MIN_LABELS", "100")
+    monkeypatch.setenv("BRIDGE_RETRAIN_POLICY", "automatic")
+    monkeypatch.setenv("BRIDGE_RETRAIN_COOLDOWN_SECONDS", "3600")
+    land_seed(store)
+    land_batch(store, "sim-train", HousingSimulator.fit().generate(1500, seed=5, batch_id="sim-train"))
+    for batch in landed_batches(store):
+        validate_batch(store, batch)
+    first_features = build_features(store).version.version
+    defs = build_defs()
+    settings = MlflowSettings.from_env()
+
+    with dg.instance_for_test() as instance:
+        assert train(defs, instance, ROUND)["model_version"] == "1"
+
+        # The registered version gets its reference (lake + MLflow artifact), read by stock whylogs.
+        (request,) = tick(registered_versions_sensor, defs, instance).run_requests
+        assert dg.materialize([model_reference], instance=instance, resources=defs.resources, partition_key=request.partition_key).success
+        assert tick(registered_versions_sensor, defs, instance).run_requests == []
+        client = settings.activate()
+        run_id = client.get_model_version(settings.model_name, "1").run_id
+        assert {a.path for a in client.list_artifacts(run_id, "monitoring")} == {"monitoring/profile.bin", "monitoring/reference.json"}
+        downloaded = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="monitoring/profile.bin", dst_path=str(tmp_path / "artifacts"))
+        profile = deserialize(open(downloaded, "rb").read())
+        assert profile.get_column("area").get_metric("counts").n.value > 500 and profile.get_column("prediction") is not None
+
+        # Traffic: a plain window, a label-shift window (prices up 60%, same houses) and a
+        # covariate-shift window (houses 40% larger); labels released for the first two.
+        model = RegisteredModel("models:/housing-price/1")
+        logger = InteractionLogger(lambda: store, "replica-a", spool_dir=tmp_path / "spool", flush_rows=10**6, flush_seconds=3600)
+        plain = log_traffic(logger, window_frame(ROWS, seed=51), model, T0, prefix="plain", seconds=20)
+        rising = log_traffic(logger, window_frame(ROWS, seed=52), model, T0 + timedelta(seconds=WINDOW), prefix="rising", seconds=20)
+        log_traffic(logger, window_frame(ROWS, seed=53, drift=Drift(area_factor=1.4)), model, T0 + timedelta(seconds=2 * WINDOW), prefix="large", seconds=20)
+        logger.close()
+        released = pl.concat([plain, rising.with_columns(pl.col("price") * 1.6)]).with_columns(pl.lit(datetime.now(UTC)).alias("released_at"))
+        store.write_parquet("feedback/labels/release-1.parquet", released)
+        windows = [window_id(T0 + timedelta(seconds=i * WINDOW), WINDOW) for i in range(3)]
+
+        runs = monitor(defs, instance)
+        assert sorted(runs) == windows and all(r.success for r in runs.values())
+        plain_run, rising_run, large_run = (runs[w] for w in windows)
+        assert checks(plain_run) == dict.fromkeys(("no_feature_drift", "no_prediction_drift", "no_realised_decay", "no_estimated_decay"), True)
+        # Label shift: caught through feedback, no covariate alarm.
+        assert checks(rising_run)["no_realised_decay"] is False
+        assert checks(rising_run)["no_feature_drift"] is True and checks(rising_run)["no_prediction_drift"] is True
+        # Covariate shift: flagged on the feature that moved, and only on it.
+        assert checks(large_run)["no_feature_drift"] is False
+        assert [a.split(" (")[0] for a in report(large_run)["alarms"] if "feature drift" in a] == ["v1/production: feature drift in area"]
+        saved = json.loads(store.get_text(f"monitoring/reports/{windows[1]}/report.json"))
+        assert saved["slices"][0]["realised"]["labels"] == ROWS and saved["slices"][0]["realised"]["verdict"]["decayed"]
+        assert store.exists(f"monitoring/reports/{windows[2]}/report.html") and store.exists(f"monitoring/reports/{windows[2]}/plots/1--production--area.png")
+        assert "data:image/png;base64," in report(large_run)["plots"] and "| 1 | production | area |" in report(large_run)["summary"]
+
+        # Labelled traffic landed as feedback batches (raw batches like any other) ...
+        landed = {b.batch_id for b in landed_batches(store) if b.batch_id.startswith("feedback-")}
+        assert landed == {f"feedback-{windows[0]}", f"feedback-{windows[1]}"}
+        # ... so the retrain waits until a feature version holds them,
+        waiting = tick(retrain_sensor, defs, instance)
+        assert waiting.run_requests == [] and "waiting for labelled traffic" in waiting.skip_reason.skip_message
+        for batch in landed_batches(store):
+            if batch.batch_id in landed:
+                assert validate_batch(store, batch).quarantined_rows == 0
+        seen_features = build_features(store).version
+        assert landed <= set(seen_features.batch_ids) and seen_features.version != first_features
+
+        # ... then requests exactly one round pinned to it, with the reason; no storm after.
+        requested = tick(retrain_sensor, defs, instance)
+        (retrain,) = requested.run_requests
+        assert retrain.run_config["ops"]["candidate_model"]["config"]["feature_version"] == seen_features.version
+        assert "realised decay" in retrain.tags[REASON_TAG]
+        assert tick(retrain_sensor, defs, instance, requested.cursor).run_requests == []  # cool-down, though a window still alarms
+        pinned = {**ROUND, **retrain.run_config["ops"]["candidate_model"]["config"]}
+        assert train(defs, instance, pinned, retrain.tags)["model_version"] == "2"
+        assert client.get_model_version(settings.model_name, "2").tags["bridge.feature_version"] == seen_features.version
+
+        # The same data and configuration again: nothing new is registered, and it says so.
+        rows = FeatureStore(store).scan(seen_features.version).collect()
+        config = preset("default", max_epochs=ROUND["max_epochs"])
+        again = log_round(settings, run_round(rows, [config]), feature_version=seen_features.version, store=store)
+        assert (again.model_version, again.new_version) == ("2", False)
+        assert sorted(str(v.version) for v in client.search_model_versions(f"name='{settings.model_name}'")) == ["1", "2"]
+        assert client.get_run(again.parent_run_id).data.tags["bridge.registered"] == "nothing new: equals version 2"
+
+    # Manual policy: the failed check, the webhook, and no training.
+    hook = Webhook()
+    try:
+        monkeypatch.setenv("BRIDGE_RETRAIN_POLICY", "manual")
+        monkeypatch.setenv("BRIDGE_ALERT_WEBHOOK", hook.url)
+        manual = build_defs()
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions(monitor_windows.name, [windows[1]])
+            result = dg.materialize([drift_report], instance=instance, resources=manual.resources, partition_key=windows[1])
+            assert checks(result)["no_realised_decay"] is False
+            assert len(hook.received) == 1 and hook.received[0]["policy"] == "manual"
+            assert any("realised decay" in a for a in hook.received[0]["alarms"])
+            decision = tick(retrain_sensor, manual, instance)
+            assert decision.run_requests == [] and "manual policy: alert" in decision.skip_reason.skip_message
+            assert instance.fetch_materializations(dg.AssetKey("candidate_model"), limit=1).records == []
+    finally:
+        hook.close()
+    assert model_versions.name == "model_versions"
