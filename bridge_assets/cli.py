@@ -33,20 +33,63 @@ def _simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     store = StorageSettings.from_env().open()
-    drift = Drift(
-        shift=_pairs(args.shift),
-        scale=_pairs(args.scale),
-        area_factor=args.area_factor,
-        price_factor=args.price_factor,
-        concept=_pairs(args.concept),
-    )
-    knobs = {"drift": drift, "corrupt_fraction": args.corrupt_fraction, "case_noise": args.case_noise}
+    knobs = {"drift": _drift(args), "corrupt_fraction": args.corrupt_fraction, "case_noise": args.case_noise}
     simulation = Simulation(args.rows, withhold_labels=args.withhold_labels, **knobs, **_given(seed=args.seed))
     with tqdm(total=args.rows, unit="rows", unit_scale=True, disable=args.quiet) as progress:
         landed = land_simulated(store, simulation, args.batch_id, fmt=args.format, on_block=progress.update)
     print(f"landed {landed.rows} rows as batch {landed.batch.batch_id} (seed {simulation.seed}): {store.uri(landed.batch.key)}")
     if landed.warning():
         print(f"WARNING: {landed.warning()}", file=sys.stderr)
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> Drift:
+    return Drift(
+        shift=_pairs(args.shift),
+        scale=_pairs(args.scale),
+        area_factor=args.area_factor,
+        price_factor=args.price_factor,
+        concept=_pairs(args.concept),
+    )
+
+
+def _add_drift_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--area-factor", type=float, default=1.0)
+    parser.add_argument("--price-factor", type=float, default=1.0, help="label shift")
+    parser.add_argument("--shift", nargs="*", default=[], metavar="FEATURE=SD", help="latent shift")
+    parser.add_argument("--scale", nargs="*", default=[], metavar="FEATURE=FACTOR", help="latent spread")
+    parser.add_argument("--concept", nargs="*", default=[], metavar="FEATURE=FACTOR", help="concept drift")
+
+
+def _traffic(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from bridge_assets.ml.traffic import send_traffic
+    from serving.deploy import ServingSettings
+
+    url = args.url or ServingSettings.from_env().url
+    store = StorageSettings.from_env().open()
+    total = max(1, round(args.rate * args.duration))
+    with tqdm(total=total, unit="req", disable=args.quiet) as progress:
+        result = send_traffic(
+            store, url, rate=args.rate, duration=args.duration, clients=args.clients, seed=args.seed,
+            drift=_drift(args), traffic_id=args.traffic_id, on_reply=progress.update,
+        )  # fmt: skip
+    print(f"traffic {result.traffic_id}: {result.sent} requests to {url}/predict, statuses {dict(result.statuses)}, "
+          f"variants {dict(result.variants)}")
+    for failure in result.failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+    print(f"true prices withheld at {store.uri(result.withheld_key)}; release them with "
+          f"`bridge release-feedback {result.traffic_id}`")
+    return 0 if result.ok == result.sent else 1
+
+
+def _release_feedback(args: argparse.Namespace) -> int:
+    from bridge_assets.lake.feedback import release_feedback
+
+    store = StorageSettings.from_env().open()
+    key, rows = release_feedback(store, args.traffic_id, args.fraction, args.seed)
+    print(f"released {rows} labels: {store.uri(key)}")
     return 0
 
 
@@ -183,15 +226,28 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--corrupt-fraction", type=float, default=0.0)
     simulate.add_argument("--case-noise", type=float, default=0.0)
     simulate.add_argument("--withhold-labels", action="store_true", help="land prices later (release-labels)")
-    simulate.add_argument("--area-factor", type=float, default=1.0)
-    simulate.add_argument("--price-factor", type=float, default=1.0, help="label shift")
-    simulate.add_argument("--shift", nargs="*", default=[], metavar="FEATURE=SD", help="latent shift")
-    simulate.add_argument("--scale", nargs="*", default=[], metavar="FEATURE=FACTOR", help="latent spread")
-    simulate.add_argument("--concept", nargs="*", default=[], metavar="FEATURE=FACTOR", help="concept drift")
+    _add_drift_arguments(simulate)
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.set_defaults(run=_simulate)
 
     commands.add_parser("land-seed", help="land the real housing data").set_defaults(run=_land_seed)
+
+    traffic = commands.add_parser("traffic", help="simulated clients sending houses to the service")
+    traffic.add_argument("--url", help="service URL (default: BRIDGE_SERVE_HOST/PORT)")
+    traffic.add_argument("--rate", type=float, default=20.0, help="requests per second")
+    traffic.add_argument("--duration", type=float, default=30.0, help="seconds")
+    traffic.add_argument("--clients", type=int, default=200, help="distinct X-Client-ID values")
+    traffic.add_argument("--seed", type=int, default=0)
+    traffic.add_argument("--traffic-id", help="default: traffic-<time>-s<seed>")
+    traffic.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_drift_arguments(traffic)
+    traffic.set_defaults(run=_traffic)
+
+    feedback = commands.add_parser("release-feedback", help="release the withheld true prices of a traffic run")
+    feedback.add_argument("traffic_id")
+    feedback.add_argument("--fraction", type=float, default=1.0, help="release a random share only")
+    feedback.add_argument("--seed", type=int, default=0)
+    feedback.set_defaults(run=_release_feedback)
 
     labels = commands.add_parser("release-labels", help="land a simulated batch's withheld labels")
     labels.add_argument("batch_id")
@@ -226,7 +282,35 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="print the registry's audit trail")
     history.add_argument("--version", help="only this model version")
     history.set_defaults(run=_history)
+    monitor = commands.add_parser("monitor", help="profile new interaction logs and report drift and decay per window")
+    monitor.add_argument("--window", action="append", default=[], help="window id (repeatable); default: the newest --last")
+    monitor.add_argument("--last", type=int, default=3, help="how many of the newest windows to report")
+    monitor.add_argument("--reference", action="append", default=[], help="first make the reference of this model version")
+    monitor.set_defaults(run=_monitor)
     return parser
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    """What the monitoring sensors do, once, from a shell; exit 1 when a window alarms."""
+    from bridge_assets.ml.tracking import MlflowSettings
+    from bridge_assets.monitoring.monitor import profile_objects, report_window, unprofiled_objects
+    from bridge_assets.monitoring.profiles import windows_with_members
+    from bridge_assets.monitoring.reference import make_reference_profile
+    from bridge_assets.monitoring.settings import MonitorSettings
+
+    store = StorageSettings.from_env().open()
+    settings, tracking = MonitorSettings.from_env(), MlflowSettings.from_env()
+    for version in args.reference:
+        reference = make_reference_profile(store, tracking, version)
+        print(f"reference of v{version}: held-out RMSE {reference.metrics['rmse']:,.0f} on {reference.heldout_rows} rows")
+    profiled = profile_objects(store, unprofiled_objects(store), settings.window_seconds)
+    print(f"profiled {len(profiled)} new interaction-log objects")
+    alarmed = False
+    for window in args.window or sorted(windows_with_members(store))[-args.last :]:
+        report, keys = report_window(store, window, settings, tracking.model_name)
+        alarmed |= bool(report.alarms)
+        print(f"{window}: {'; '.join(report.alarms) or 'no alarms'}\n  {store.uri(keys['html'])}")
+    return 1 if alarmed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,14 +87,13 @@ def world(tmp_path_factory):
         rows = FeatureStore(store).scan(version).collect()
         settings = MlflowSettings.from_env()
         client = settings.activate()
-        production, candidate = (
-            log_round(settings, run_round(rows, [preset("default", max_epochs=40, seed=seed)]), feature_version=version).model_version
-            for seed in (1, 2)
-        )
+        production = log_round(settings, run_round(rows, [preset("default", max_epochs=40)]), feature_version=version).model_version
         registry = Registry(client, settings.model_name, store, actor="tester")
         registry.set_production(production, reason="fixture")
-        artifacts = Path(mlflow.artifacts.download_artifacts(f"models:/{settings.model_name}/{candidate}/artifacts", dst_path=str(home / "a")))
-        yield SimpleNamespace(registry=registry, store=store, production=production, candidate=candidate, artifacts=artifacts, patch=patch, home=home)
+        artifacts = Path(mlflow.artifacts.download_artifacts(f"models:/{settings.model_name}/{production}/artifacts", dst_path=str(home / "a")))
+        world = SimpleNamespace(registry=registry, store=store, production=production, artifacts=artifacts, patch=patch, home=home)
+        world.candidate = register_pyfunc(world, HousingPyfunc())  # the same network: sound, as good as Production
+        yield world
 
 
 def register_pyfunc(world, model: HousingPyfunc, signature: ModelSignature = MODEL_SIGNATURE) -> str:
@@ -218,3 +217,35 @@ def test_staged_model_asset_reports_each_gate_as_a_blocking_check(world):
     metadata = materialization.materialization.metadata
     assert metadata["status"].value == "blocked" and "baseline:" in metadata["verdict"].value
     assert "gates_failed" in metadata["audit_trail"].value
+
+
+def test_an_alias_moved_outside_bridge_is_deployed_only_with_a_passing_gate_record(world):
+    client, name = world.registry.client, world.registry.model_name
+    defs = build_defs()
+    sensor = defs.get_sensor_def("registry_sensor")
+
+    def tick():
+        return sensor(dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources=defs.resources))
+
+    worse = register_pyfunc(world, MuchWorse())  # never evaluated: no passing gate record
+    client.set_registered_model_alias(name, PRODUCTION_ALIAS, worse)  # by hand, e.g. in the MLflow UI
+    refused = tick()
+    assert refused.run_requests == []
+    (check,) = refused.asset_events
+    assert check.check_name == "registry_authorised" and not check.passed
+    assert f"moved to v{worse} outside bridge" in check.description and "no passing gate record" in check.description
+    recorded = world.registry.history(worse)[-1]
+    assert recorded.action == "out_of_band" and recorded.evidence["deployable"] is False
+    tick()  # the same move is recorded once
+    assert [r.action for r in world.registry.history(worse)].count("out_of_band") == 1
+
+    sound = world.candidate
+    if world.registry.gate_record(sound) is None:  # when run alone
+        assert gates_of(world, sound)[0].report.passed
+    client.set_registered_model_alias(name, PRODUCTION_ALIAS, sound)
+    (request,) = tick().run_requests
+    assert request.run_key.startswith(f"{sound}/") and request.asset_selection in (None, [dg.AssetKey("production_deployment")])
+    assert world.registry.history(sound)[-1].evidence["deployable"] is True
+
+    client.set_registered_model_alias(name, PRODUCTION_ALIAS, world.production)  # back where bridge put it
+    assert world.registry.authorise(PRODUCTION_ALIAS).out_of_band is False

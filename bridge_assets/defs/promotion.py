@@ -8,21 +8,14 @@ from pydantic import Field
 
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy
-from bridge_assets.defs.serving import open_registry
+from bridge_assets.defs.serving import audit_markdown, open_registry
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
+from bridge_assets.lake.feedback import FeedbackJoin, join_feedback, read_feedback_labels
+from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.ml.experiment import evaluate_experiment, plots_markdown, record_verdict
 from bridge_assets.ml.gates import GATES, approve, run_gates
-from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry
-
-
-def audit_markdown(registry: Registry, limit: int = 30) -> dg.MetadataValue:
-    """The newest part of the registry's audit trail, for the UI."""
-    records = registry.history()[-limit:]
-    lines = ["| at (UTC) | version | action | from → to | by | reason |", "|---|---|---|---|---|---|"]
-    for r in records:
-        reason = r.reason.replace("|", "/").replace("\n", " ")[:200]
-        lines.append(f"| {r.at[:19]} | {r.version} | {r.action} | {r.from_stage or '-'} → {r.to_stage or '-'} | {r.actor} | {reason} |")
-    return dg.MetadataValue.md("\n".join(lines))
+from bridge_assets.ml.registry import CANDIDATE_ALIAS
 
 
 @dg.asset(
@@ -37,7 +30,7 @@ def staged_model(
     """The `candidate` version judged by every gate; `staging` points at it only if all pass
     (and, when sign-off is required, after an approval). A failed gate fails its check with
     the numbers and the run; the outcome is recorded in the audit trail either way."""
-    registry = open_registry(storage, mlflow_tracking, actor=f"dagster run {context.run_id[:8]}")
+    registry = open_registry(storage, mlflow_tracking, actor=f"dagster run {context.run.run_id[:8]}")
     version = registry.version_for(CANDIDATE_ALIAS)
     if version is None:
         raise dg.Failure(f"no version of {registry.model_name} is a candidate: materialize candidate_model first")
@@ -97,3 +90,64 @@ def sign_off(
 @dg.job(description="Human sign-off: a listed approver moves a version whose gates passed to Staging.")
 def approve_model() -> None:
     sign_off()
+
+
+def _feedback(store: ObjectStore) -> FeedbackJoin:
+    from serving.interactions import read_interactions
+
+    return join_feedback(read_interactions(store), read_feedback_labels(store, deduplicate=False))
+
+
+@dg.asset(group_name="promotion", kinds={"polars"})
+def feedback(storage: LakeStorage) -> dg.MaterializeResult:
+    """Released ground truth joined to logged predictions by request id: how much feedback
+    each variant and version has, labels released twice (counted once) and labels whose
+    request was never logged (counted, not dropped)."""
+    joined = _feedback(storage.open())
+    per_variant = joined.joined.group_by("variant", "model_version").len().sort("variant", "model_version")
+    return dg.MaterializeResult(
+        metadata={
+            "labels": joined.labels,
+            "matched": joined.matched,
+            "unmatched_labels": joined.unmatched_labels,
+            "duplicate_labels": joined.duplicate_labels,
+            "per_variant": dg.MetadataValue.md(
+                "| variant | version | labelled predictions |\n|---|---|---|\n"
+                + "\n".join(f"| {v} | {m} | {n} |" for v, m, n in per_variant.iter_rows())
+            ),
+        }
+    )
+
+
+@dg.asset(deps=[feedback], group_name="promotion", kinds={"scipy"})
+def ab_report(
+    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
+) -> dg.MaterializeResult:
+    """Staging against Production on delayed ground truth: per-variant MAE/RMSE with
+    intervals, Welch's t on per-client MAE, the sample size for the minimum effect, and the
+    verdict (promote / keep / inconclusive), recorded on the Staging version."""
+    registry = open_registry(storage, mlflow_tracking, actor=f"dagster run {context.run.run_id[:8]}")
+    joined = _feedback(registry.store)
+    evidence = evaluate_experiment(joined, registry, promotion.settings())
+    if evidence is None:
+        return dg.MaterializeResult(metadata={"verdict": "none", "reason": "no experiment: Production and Staging must both be set"})
+    record = record_verdict(registry, evidence, joined)
+    report = evidence.report
+    context.log.info(f"A/B v{evidence.staging_version} vs v{evidence.production_version}: {report.verdict} ({report.reason})")
+    return dg.MaterializeResult(
+        metadata={
+            "verdict": report.verdict,
+            "reason": report.reason,
+            "production_version": evidence.production_version,
+            "staging_version": evidence.staging_version,
+            "p_value": report.p_value,
+            "difference": report.difference,
+            "labels_production": report.production.labels,
+            "labels_staging": report.staging.labels,
+            "required_clients_per_arm": report.required_clients_per_arm,
+            "report": dg.MetadataValue.md(evidence.table()),
+            "plots": dg.MetadataValue.md(plots_markdown(evidence)),
+            "audit_record": record.key,
+        },
+        data_version=dg.DataVersion(f"{evidence.staging_version}/{report.verdict}/{report.production.labels + report.staging.labels}"),
+    )

@@ -184,6 +184,8 @@ class PromotionPolicy(dg.ConfigurableResource):
     ab_min_effect: float
     ab_alpha: float
     ab_power: float
+    ab_staging_weight: float
+    ab_salt: str
 
     def settings(self) -> PromotionSettings:
         return PromotionSettings(**{**self.model_dump(), "approvers": tuple(self.approvers)})

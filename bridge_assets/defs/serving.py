@@ -3,9 +3,9 @@
 import dagster as dg
 from pydantic import Field
 
-from bridge_assets.defs.resources import LakeStorage, MlflowTracking, RayServing
+from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
-from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
 
 
 def open_registry(storage: LakeStorage, mlflow_tracking: MlflowTracking, actor: str | None = None) -> Registry:
@@ -15,7 +15,7 @@ def open_registry(storage: LakeStorage, mlflow_tracking: MlflowTracking, actor: 
 
 
 def _actor(context: dg.OpExecutionContext, configured: str) -> str:
-    return configured or f"dagster run {context.run_id[:8]}"
+    return configured or f"dagster run {context.run.run_id[:8]}"
 
 
 class PromotionConfig(dg.Config):
@@ -70,44 +70,131 @@ def rollback_model() -> None:
     restore_previous_production()
 
 
-@dg.asset(deps=[candidate_model], group_name="serving", kinds={"ray", "fastapi"})
+AUTHORISED_CHECK = "registry_authorised"
+
+
+def audit_markdown(registry: Registry, limit: int = 30) -> dg.MetadataValue:
+    """The newest part of the registry's audit trail, for the UI."""
+    lines = ["| at (UTC) | version | action | from → to | by | reason |", "|---|---|---|---|---|---|"]
+    for r in registry.history()[-limit:]:
+        reason = r.reason.replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {r.at[:19]} | {r.version} | {r.action} | {r.from_stage or '-'} → {r.to_stage or '-'} | {r.actor} | {reason} |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+@dg.asset(
+    deps=[candidate_model],
+    group_name="serving",
+    kinds={"ray", "fastapi"},
+    check_specs=[dg.AssetCheckSpec(AUTHORISED_CHECK, asset="production_deployment",
+                                   description="the served versions were moved there by bridge, or passed their gates")],
+)  # fmt: skip
 def production_deployment(
     context: dg.AssetExecutionContext,
     storage: LakeStorage,
     mlflow_tracking: MlflowTracking,
     serving: RayServing,
+    promotion: PromotionPolicy,
 ) -> dg.MaterializeResult:
-    """The Production model version live in Ray Serve.
+    """The Production version live in Ray Serve, and the Staging version beside it for the
+    A/B experiment's share of clients (`BRIDGE_AB_STAGING_WEIGHT`).
 
-    The version is loaded and probed here first (refused with the reason if it does not load
-    or predicts nonsense on the real data); then Serve rolls over, old replicas serving until
-    the new ones are healthy.
+    Follows the registry: a version an alias points at is served only if bridge moved it
+    there, or, moved by hand, if it has a passing gate record (the move is recorded as out of
+    band). Each version is loaded and probed here first (refused with the reason if it does
+    not load or predicts nonsense on the real data); then Serve rolls over, old replicas
+    serving until the new ones are healthy.
     """
     from serving.deploy import deploy, probe
 
     settings = mlflow_tracking.settings()
-    registry = open_registry(storage, mlflow_tracking)
-    client = registry.client
-    version = registry.version_for(PRODUCTION_ALIAS)
-    if version is None:
+    registry = open_registry(storage, mlflow_tracking, actor="production_deployment")
+    production = registry.authorise(PRODUCTION_ALIAS)
+    if production.version is None:
         raise dg.Failure(f"no version of {settings.model_name} is marked Production: run the promote_model job")
+    if not production.allowed:
+        raise dg.Failure(f"refused to deploy: {production.reason}")
+    staging = registry.authorise(STAGING_ALIAS)
+    policy = promotion.settings()
+    staging_version = staging.version if staging.allowed and policy.ab_staging_weight > 0 else None
+    if staging_version == production.version:
+        staging_version = None
     try:
-        checked = probe(client, settings.model_name, version, PRODUCTION_ALIAS)
+        checked = probe(registry.client, settings.model_name, production.version, PRODUCTION_ALIAS)
+        if staging_version:
+            probe(registry.client, settings.model_name, staging_version, STAGING_ALIAS)
     except ValueError as error:
         raise dg.Failure(f"refused to deploy: {error}") from error
     env = {**storage.settings().to_env(), **settings.to_env(), **serving.settings().to_env()}
-    url = deploy(settings.model_name, version, PRODUCTION_ALIAS, env=env)
-    context.log.info(f"serving {settings.model_name} v{version} at {url}")
+    url = deploy(
+        settings.model_name, production.version, PRODUCTION_ALIAS, env=env,
+        staging_version=staging_version, staging_weight=policy.ab_staging_weight, salt=policy.ab_salt,
+    )  # fmt: skip
+    context.log.info(f"serving {settings.model_name} v{production.version} at {url}"
+                     + (f" with v{staging_version} for {policy.ab_staging_weight:.0%} of clients" if staging_version else ""))
+    staging_refused = staging.version is not None and not staging.allowed
     return dg.MaterializeResult(
         metadata={
             "endpoint": dg.MetadataValue.url(f"{url}/predict"),
             "docs": dg.MetadataValue.url(f"{url}/docs"),
             "model_name": settings.model_name,
-            "model_version": version,
+            "model_version": production.version,
+            "staging_version": staging_version or "none",
+            "staging_weight": policy.ab_staging_weight if staging_version else 0.0,
             "probe_rows": checked.rows,
             "probe_latency_ms": checked.latency_ms,
             "run_id": checked.model.run_id,
             "feature_version": checked.model.feature_version,
+            "audit_trail": audit_markdown(registry),
         },
-        data_version=dg.DataVersion(f"{settings.model_name}/{version}"),
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=AUTHORISED_CHECK,
+                passed=not staging_refused,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=staging.reason if staging_refused else production.reason,
+                metadata={"production": production.reason, "staging": staging.reason},
+            )
+        ],
+        data_version=dg.DataVersion(f"{settings.model_name}/{production.version}/{staging_version or '-'}"),
     )
+
+
+def _deployed(instance: dg.DagsterInstance) -> tuple[str | None, str | None]:
+    """(production, staging) versions of the latest production_deployment materialization."""
+    records = instance.fetch_materializations(production_deployment.key, limit=1).records
+    if not records:
+        return None, None
+    metadata = records[0].asset_materialization.metadata if records[0].asset_materialization else {}
+    staging = metadata["staging_version"].value if "staging_version" in metadata else "none"
+    return (metadata["model_version"].value if "model_version" in metadata else None), (None if staging == "none" else staging)
+
+
+@dg.sensor(target=[production_deployment], minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def registry_sensor(
+    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
+) -> dg.SensorResult | dg.SkipReason:
+    """Deployment follows the registry: when `production` or `staging` points elsewhere than
+    what is deployed, request `production_deployment`, unless the version was moved outside
+    bridge without a passing gate record; then the `registry_authorised` check fails with the
+    reason (recorded in the audit trail) and nothing is deployed."""
+    registry = open_registry(storage, mlflow_tracking, actor="registry_sensor")
+    production = registry.authorise(PRODUCTION_ALIAS)
+    if production.version is None:
+        return dg.SkipReason("no Production version yet")
+    staging = registry.authorise(STAGING_ALIAS)
+    wanted_staging = staging.version if staging.allowed and promotion.ab_staging_weight > 0 and staging.version != production.version else None
+    if (production.version, wanted_staging) == _deployed(context.instance):
+        return dg.SkipReason(f"the service is in line with the registry (v{production.version}, staging {wanted_staging or 'none'})")
+    moves = [r.key for r in registry.history() if r.to_stage in ("Production", "Staging")]
+    state = f"{production.version}/{wanted_staging or '-'}/{moves[-1] if moves else '-'}"
+    if context.cursor == state:
+        return dg.SkipReason(f"already handled {state}")
+    if not production.allowed:
+        refusal = dg.AssetCheckEvaluation(
+            asset_key=production_deployment.key, check_name=AUTHORISED_CHECK, passed=False,
+            severity=dg.AssetCheckSeverity.ERROR, metadata={"reason": production.reason, "version": production.version},
+            description=production.reason,
+        )  # fmt: skip
+        return dg.SensorResult(asset_events=[refusal], cursor=state)
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=state, tags={"bridge/registry_state": state})], cursor=state)

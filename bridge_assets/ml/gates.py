@@ -83,6 +83,8 @@ class PromotionSettings:
     ab_min_effect: float = 0.05
     ab_alpha: float = 0.05
     ab_power: float = 0.8
+    ab_staging_weight: float = 0.5  # share of clients the Staging version serves while both exist
+    ab_salt: str = "bridge"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> PromotionSettings:
@@ -103,6 +105,8 @@ class PromotionSettings:
             ab_min_effect=number("BRIDGE_AB_MIN_EFFECT", defaults.ab_min_effect),
             ab_alpha=number("BRIDGE_AB_ALPHA", defaults.ab_alpha),
             ab_power=number("BRIDGE_AB_POWER", defaults.ab_power),
+            ab_staging_weight=number("BRIDGE_AB_STAGING_WEIGHT", defaults.ab_staging_weight),
+            ab_salt=env.get("BRIDGE_AB_SALT") or defaults.ab_salt,
         )
 
 

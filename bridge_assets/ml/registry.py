@@ -105,6 +105,17 @@ def read_audit(store: ObjectStore, model_name: str | None = None, version: str |
     ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Authorisation:
+    """May the version behind an alias be deployed, and why."""
+
+    alias: str
+    version: str | None
+    allowed: bool
+    out_of_band: bool
+    reason: str
+
+
 class Registry:
     """Stages of one registered model: aliases, `bridge.stage` tags and the audit trail."""
 
@@ -178,6 +189,17 @@ class Registry:
         self.record("stage", version, from_stage=from_stage, to_stage=STAGING, reason=reason, evidence=evidence)
         return previous
 
+    def unstage(self, reason: str) -> str | None:
+        """End the experiment: `staging` is removed and its version goes back to stage None
+        (recorded). Returns that version, if any."""
+        version = self.version_for(STAGING_ALIAS)
+        if version is None:
+            return None
+        self.client.delete_registered_model_alias(self.model_name, STAGING_ALIAS)
+        self._set_stage(version, NONE)
+        self.record("unstage", version, from_stage=STAGING, to_stage=NONE, reason=reason)
+        return version
+
     def set_production(
         self, version: str, *, action: str = "promote", reason: str = "", evidence: Mapping[str, Any] | None = None
     ) -> str | None:
@@ -203,7 +225,7 @@ class Registry:
         the last entry is the current one, the one before it is where a rollback goes."""
         stack: list[str] = []
         for record in self.history():
-            if record.to_stage != PRODUCTION:
+            if record.to_stage != PRODUCTION or (record.action == "out_of_band" and not record.evidence.get("deployable")):
                 continue
             if record.action == "rollback" and len(stack) >= 2 and stack[-2] == record.version:
                 stack.pop()
@@ -237,6 +259,30 @@ class Registry:
         """The latest A/B verdict recorded for `version` as the staging variant."""
         verdicts = [r for r in self.history(version) if r.action == "ab_verdict"]
         return verdicts[-1] if verdicts else None
+
+    def authorise(self, alias: str) -> Authorisation:
+        """Whether the version behind `alias` may be served: moved there by bridge (the trail's
+        last move to that stage names it), or moved outside bridge but with a passing gate
+        record. An out-of-band move is recorded once."""
+        stage = PRODUCTION if alias == PRODUCTION_ALIAS else STAGING
+        version = self.version_for(alias)
+        if version is None:
+            return Authorisation(alias, None, True, False, f"no version behind `{alias}`")
+        moves = [r for r in self.history() if r.to_stage == stage and r.action != "out_of_band"]
+        if moves and moves[-1].version == version:
+            return Authorisation(alias, version, True, False, f"v{version} set by bridge ({moves[-1].action} by {moves[-1].actor})")
+        gates = self.gate_record(version)
+        passed = gates is not None and gates.action == "gates_passed"
+        reason = (
+            f"`{alias}` was moved to v{version} outside bridge; "
+            + (f"v{version} passed its gates ({gates.key}), so it may be served" if passed
+               else f"v{version} has no passing gate record ({gates.reason if gates else 'never evaluated'}): not deployed")
+        )  # fmt: skip
+        already = [r for r in self.history(version) if r.action == "out_of_band" and r.to_stage == stage]
+        if not already or (moves and already[-1].key < moves[-1].key):
+            self.record("out_of_band", version, from_stage=self.stage(version), to_stage=stage, reason=reason,
+                        evidence={"alias": alias, "gate_record": gates.key if gates else None, "deployable": passed})  # fmt: skip
+        return Authorisation(alias, version, passed, True, reason)
 
     def promote_staging(self, version: str | None = None, *, override_reason: str | None = None) -> str | None:
         """Staging → Production, only with evidence: the version is in Staging (its gates

@@ -1,0 +1,111 @@
+"""Simulated clients for the prediction service (`bridge traffic`): the A/B experiment's load.
+
+Houses come from the simulator (with its drift knobs); each is sent once to `/predict` by one
+of `clients` simulated clients (`X-Client-ID`, so the router's assignment is sticky per
+client) with `X-Request-ID` = its `row_id`. The true prices are withheld in the lake *before*
+anything is sent, to be released later as delayed ground truth (`bridge release-feedback`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+
+from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
+from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.lake.feedback import withhold_feedback
+from bridge_assets.lake.storage import ObjectStore
+
+
+@dataclass
+class TrafficResult:
+    """What was sent and how the service answered."""
+
+    traffic_id: str
+    withheld_key: str
+    sent: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    variants: Counter = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)  # transport errors, first few
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(200, 0)
+
+
+def client_ids(rows: int, clients: int, seed: int) -> list[str]:
+    """Which simulated client sends each row (uniformly at random, reproducible)."""
+    picks = np.random.default_rng([seed, 7]).integers(0, clients, rows)
+    return [f"client-{i:05d}" for i in picks]
+
+
+def _post(url: str, body: dict, headers: dict[str, str]) -> tuple[int, dict | None]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as error:
+        return error.code, None
+
+
+def send_traffic(
+    store: ObjectStore,
+    url: str,
+    *,
+    rate: float,
+    duration: float,
+    clients: int = 200,
+    seed: int = 0,
+    drift: Drift | None = None,
+    traffic_id: str | None = None,
+    concurrency: int = 8,
+    on_reply: Callable[[int], None] | None = None,
+) -> TrafficResult:
+    """Send `rate` houses a second for `duration` seconds (open loop: each request has its
+    due time) from `clients` clients; their prices are withheld under the traffic id."""
+    if rate <= 0 or duration <= 0 or clients < 1:
+        raise ValueError("rate and duration must be > 0 and clients ≥ 1")
+    traffic_id = traffic_id or f"traffic-{datetime.now(UTC):%Y%m%dT%H%M%S}-s{seed}"
+    count = max(1, math.ceil(rate * duration))
+    houses = pl.concat(HousingSimulator.fit().generate(count, seed=seed, batch_id=traffic_id, drift=drift))
+    result = TrafficResult(traffic_id, withhold_feedback(store, traffic_id, houses[ROW_ID].to_list(), houses[TARGET].to_list()))
+    senders = client_ids(count, clients, seed)
+    bodies = houses.select(FEATURES).with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String)).to_dicts()
+    lock = threading.Lock()
+    started = time.monotonic()
+
+    def send(index: int) -> None:
+        delay = started + index / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        headers = {"X-Client-ID": senders[index], "X-Request-ID": houses[ROW_ID][index]}
+        try:
+            status, reply = _post(f"{url.rstrip('/')}/predict", bodies[index], headers)
+        except OSError as error:
+            status, reply = 0, None
+            with lock:
+                if len(result.failures) < 5:
+                    result.failures.append(f"{type(error).__name__}: {error}")
+        with lock:
+            result.sent += 1
+            result.statuses[status] += 1
+            if reply and isinstance(reply.get("response"), dict):
+                result.variants[reply["response"].get("variant", "unknown")] += 1
+        if on_reply:
+            on_reply(1)
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(send, range(count)))
+    return result
