@@ -2,11 +2,11 @@
 (local and moto S3), sensors evaluated, assets materialized."""
 
 import json
-import os
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
+from bridge_assets.cli import main
 from bridge_assets.defs.monitoring import interaction_logs_sensor, interaction_profiles, monitor_windows, monitor_windows_sensor, monitoring, window_profiles
 from bridge_assets.defs.resources import lake_storage
 from bridge_assets.monitoring.profiles import OBJECTS_PREFIX, list_log_objects, window_id, window_slices
@@ -40,7 +40,7 @@ def tick_windows(instance, env: dict, cursor: str | None) -> tuple[list[str], st
     return windows, result.cursor
 
 
-def test_log_objects_are_profiled_once_across_a_restart_and_a_late_object_reopens_its_window(store, lake_env, tmp_path):
+def test_log_objects_are_profiled_once_across_a_restart_and_a_late_object_reopens_its_window(store, lake_env, tmp_path, monkeypatch):
     env = dict(lake_env)
     model = trained()[0]
     logger = InteractionLogger(lambda: store, "replica-a", spool_dir=tmp_path / "spool", flush_rows=10**6, flush_seconds=3600)
@@ -85,4 +85,9 @@ def test_log_objects_are_profiled_once_across_a_restart_and_a_late_object_reopen
         assert sum(s.rows for s in window_slices(store, first_window)) == 150
         indexes = [json.loads(store.get_text(k)) for k in store.list(OBJECTS_PREFIX) if k.endswith(".json")]
         assert sorted(i["key"] for i in indexes) == sorted(list_log_objects(store))  # each object exactly once
-        assert os.environ["BRIDGE_HOME"] == env["BRIDGE_HOME"]
+
+    # The same from a shell: `bridge monitor` reports a window (no reference yet: no alarms).
+    monkeypatch.setenv("BRIDGE_MONITOR_WINDOW_SECONDS", str(WINDOW))
+    assert main(["monitor", "--window", first_window]) == 0
+    saved = json.loads(store.get_text(f"monitoring/reports/{first_window}/report.json"))
+    assert saved["slices"][0]["rows"] == 150 and saved["slices"][0]["reference"] is None
