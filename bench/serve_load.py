@@ -1,6 +1,6 @@
 """Benchmark: bridge's Ray Serve `/predict` against `mlflow models serve` of the same version.
 
-    python bench/serve_load.py [--seconds 8] [--rounds 2] [--python-proxy]
+    python bench/serve_load.py [--seconds 8] [--rounds 2] [--python-proxy] [--ab]
 
 Trains and registers one model version in a temporary lake and MLflow store, deploys it into
 Ray Serve (interaction logging on, as in production) and serves the same version with
@@ -9,6 +9,11 @@ HTTP connections, one thread per concurrent client) then alternates fixed-durati
 between the two at concurrency 1 and 16. It prints req/s, p50 and p99 for each, and the
 throughput ratio at concurrency 16 last. Goal: at least 5x `mlflow models serve` at
 concurrency 16, and p50 under 5 ms at concurrency 1.
+
+Every request crosses the ingress (records, router) and one hop to the model's deployment;
+`--ab` serves the same version as a staging variant too, half the clients each, to price the
+experiment. The first line prints the write-ahead spool's cost per record on the request path
+(one JSON line appended to the replica's local file), measured in this process.
 """
 
 from __future__ import annotations
@@ -79,6 +84,24 @@ def start_mlflow_serve(name: str, version: str, port: int, log: Path) -> subproc
     raise RuntimeError(f"mlflow models serve did not start: {log.read_text()[-2000:]}")
 
 
+def spool_cost(records: int = 20_000) -> float:
+    """Microseconds per `InteractionLogger.log` of one record (the spool append), publishing off."""
+    from bridge_assets.lake.storage import LocalStore
+    from serving.interactions import InteractionLogger, record
+
+    with tempfile.TemporaryDirectory() as scratch:
+        logger = InteractionLogger(lambda: LocalStore(Path(scratch) / "lake"), "bench", spool_dir=Path(scratch) / "spool",
+                                   flush_rows=10**9, flush_seconds=3600)  # fmt: skip
+        rows = [record(request_id=f"r{i}", endpoint="/predict", status=200, model_name="m", model_version="1",
+                       variant="production", latency_ms=1.0, features=REQUEST, prediction=1.0) for i in range(records)]  # fmt: skip
+        started = time.perf_counter()
+        for row in rows:
+            logger.log([row])
+        elapsed = time.perf_counter() - started
+        logger.close()
+    return elapsed / records * 1e6
+
+
 def load(port: int, path: str, body: bytes, concurrency: int, seconds: float) -> tuple[int, list[float], int]:
     """Closed loop: each client sends its next request when the previous answers."""
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
@@ -87,7 +110,7 @@ def load(port: int, path: str, body: bytes, concurrency: int, seconds: float) ->
 
     def client(index: int) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "X-Client-ID": f"bench-client-{index}"}  # sticky under --ab
         while time.monotonic() < stop:
             started = time.perf_counter()
             try:
@@ -117,6 +140,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of one round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per target and concurrency")
     parser.add_argument("--python-proxy", action="store_true", help="Serve's default Python proxy instead of HAProxy")
+    parser.add_argument("--ab", action="store_true", help="also a staging variant (same version), weight 0.5")
     args = parser.parse_args()
 
     home = Path(tempfile.mkdtemp(prefix="bridge-serve-bench-"))
@@ -133,7 +157,7 @@ def main() -> None:
     mlflow_port = free_port()
     mlflow_server = start_mlflow_serve(name, version, mlflow_port, home / "mlflow-serve.log")
     try:
-        deploy(name, version, "production")
+        deploy(name, version, "production", **({"staging_version": version, "staging_weight": 0.5} if args.ab else {}))
         targets = {
             "ray serve /predict": (serve_port, "/predict", json.dumps(REQUEST).encode()),
             "mlflow models serve /invocations": (
@@ -153,7 +177,9 @@ def main() -> None:
                     totals[2] += errors
                     totals[3] += args.seconds
         proxy = "default Python proxy" if args.python_proxy else "HAProxy ingress"
-        print(f"model {name} v{version}; Ray Serve with the {proxy}, interaction logging on; "
+        experiment = "; A/B: production and staging, half the clients each" if args.ab else ""
+        print(f"interaction spool: {spool_cost():.1f} us per record appended on the request path")
+        print(f"model {name} v{version}; Ray Serve with the {proxy}, interaction logging on{experiment}; "
               f"{args.rounds} rounds x {args.seconds:.0f} s per cell, alternating")
         throughput = {}
         for (target, concurrency), (count, latencies, errors, seconds) in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):

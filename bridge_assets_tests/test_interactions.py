@@ -1,4 +1,5 @@
-"""The interaction logger on its own: batching into files, bounds and drop counting when storage fails."""
+"""The interaction logger on its own: batching into files, bounds and drop counting when storage
+fails (records wait in the spool for a sweep), odd values, and readers of older files."""
 
 import socket
 
@@ -6,7 +7,8 @@ import boto3
 import polars as pl
 
 from bridge_assets.lake.storage import LocalStore, S3Store
-from serving.interactions import InteractionLogger, read_interactions, record
+from serving.interactions import SCHEMA, InteractionLogger, lake_identity, read_interactions, record, sweep, write_spooled
+from serving.spool import sweep_spools
 
 
 def rows(count: int, tag: str) -> list[dict]:
@@ -14,25 +16,27 @@ def rows(count: int, tag: str) -> list[dict]:
         record(
             request_id=f"{tag}-{i}", endpoint="/predict", status=200, model_name="m", model_version="1",
             variant="production", latency_ms=1.0, features={"area": 1000.0 + i, "bedrooms": 3, "mainroad": "yes"},
-            prediction=1.0 + i,
+            prediction=1.0 + i, client_id="c", replica="r",
         )  # fmt: skip
         for i in range(count)
     ]
 
 
 def test_records_are_written_in_batches_not_per_request(tmp_path):
-    store = LocalStore(tmp_path)
-    logger = InteractionLogger(lambda: store, "replica-a", flush_rows=1000, flush_seconds=60)
+    store = LocalStore(tmp_path / "lake")
+    logger = InteractionLogger(lambda: store, "replica-a", spool_dir=tmp_path / "spool", flush_rows=1000, flush_seconds=60)
     for i in range(50):
         logger.log(rows(2, f"r{i}"))
     stats = logger.close()
-    assert stats == {"written": 100, "dropped": 0, "files": 1, "flush_errors": 0}
+    assert stats == {"written": 100, "dropped": 0, "files": 1, "flush_errors": 0, "swept": 0}
     logged = read_interactions(store)
     assert logged.height == 100 and logged["request_id"].n_unique() == 100
     assert logged.filter(pl.col("request_id") == "r7-1")["area"].item() == 1001.0
+    assert set(logged["schema_version"]) == {2} and set(logged["client_id"]) == {"c"}
+    assert list((tmp_path / "spool").iterdir()) == []  # all published: the spool is gone
 
 
-def test_storage_down_keeps_answering_bounds_the_buffer_and_counts_drops():
+def test_storage_down_keeps_answering_bounds_the_spool_and_leaves_the_rest_for_a_sweep(tmp_path):
     with socket.socket() as sock:  # a port nobody listens on: every write fails for real
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -40,22 +44,44 @@ def test_storage_down_keeps_answering_bounds_the_buffer_and_counts_drops():
         "s3", endpoint_url=dead, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="y",
         config=boto3.session.Config(retries={"max_attempts": 1}, connect_timeout=1),
     )  # fmt: skip
-    logger = InteractionLogger(lambda: S3Store(client, "down"), "replica-b", flush_rows=10, flush_seconds=60, max_buffered=25)
+    down = S3Store(client, "down")
+    logger = InteractionLogger(
+        lambda: down, "replica-b", spool_dir=tmp_path / "spool", flush_rows=1000, flush_seconds=60, max_buffered=25
+    )
     for i in range(4):
         logger.log(rows(10, f"b{i}"))  # returns at once, whatever storage does
     logger.flush()
     assert logger.stats["flush_errors"] >= 1 and logger.stats["written"] == 0
     stats = logger.close(attempts=1)
-    assert stats["written"] == 0
-    assert stats["dropped"] == 40  # 15 over the bound while buffered, 25 unwritten at shutdown
+    assert stats["written"] == 0 and stats["dropped"] == 15  # over the bound of 25, oldest first
+    up = LocalStore(tmp_path / "lake")
+    assert sweep(up, directory=tmp_path / "spool").records == 0  # another lake's spool: left alone
+    # Storage back: a sweep for that lake (here written to a store that works) publishes the 25 left.
+    assert sweep_spools(up, write_spooled, tmp_path / "spool", lake_identity(down)).records == 25
+    logged = read_interactions(LocalStore(tmp_path / "lake"))
+    assert sorted(logged["request_id"]) == sorted([f"b1-{i}" for i in range(5, 10)] + [f"b{j}-{i}" for j in (2, 3) for i in range(10)])
 
 
 def test_rejected_requests_with_any_values_still_make_writable_records(tmp_path):
     store = LocalStore(tmp_path)
-    logger = InteractionLogger(lambda: store, "replica-c", flush_rows=100, flush_seconds=60)
+    logger = InteractionLogger(lambda: store, "replica-c", spool_dir=tmp_path / "spool", flush_rows=100, flush_seconds=60)
     odd = {"area": float("nan"), "bedrooms": 1e20, "bathrooms": float("inf"), "stories": 10**30, "parking": True, "mainroad": 3}
     logger.log([record(request_id="odd", endpoint="/predict", status=422, model_name="m", model_version="1",
-                       variant="production", latency_ms=1.0, features=odd, error="bad")])  # fmt: skip
+                       variant="production", latency_ms=1.0, features=odd, error="bad", prediction=float("nan"))])  # fmt: skip
     assert logger.close()["written"] == 1
-    (row,) = read_interactions(store).select("area", "bedrooms", "bathrooms", "stories", "parking", "mainroad").rows()
-    assert row == (None,) * 6
+    (row,) = read_interactions(store).select("area", "bedrooms", "bathrooms", "stories", "parking", "mainroad", "prediction").rows()
+    assert row == (None,) * 7
+
+
+def test_files_written_before_the_schema_version_column_still_read(tmp_path):
+    store = LocalStore(tmp_path)
+    old_columns = [c for c in SCHEMA if c not in ("schema_version", "client_id", "replica")]
+    store.write_parquet("interactions/date=2026-01-01/hour=00/old.parquet", pl.DataFrame(rows(2, "old"), schema=SCHEMA).select(old_columns))
+    logger = InteractionLogger(lambda: store, "replica-d", spool_dir=tmp_path / "spool", flush_seconds=60)
+    logger.log(rows(3, "new"))
+    logger.close()
+    logged = read_interactions(store).sort("request_id")
+    assert logged.columns == list(SCHEMA) and logged.height == 5
+    assert logged["schema_version"].to_list() == [2, 2, 2, 1, 1]
+    assert logged.filter(pl.col("schema_version") == 1)["client_id"].null_count() == 2
+    assert lake_identity(store) == store.uri("interactions/")

@@ -7,7 +7,9 @@ and moto's S3 over HTTP).
 
 import http.client
 import json
+import os
 import shutil
+import signal
 import threading
 import time
 import uuid
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
+from ray import serve
 
 from bridge_assets.core.contract import validate
 from bridge_assets.lake.settings import StorageSettings
@@ -26,6 +29,7 @@ from bridge_assets_tests.conftest import s3_environment
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, deploy_through_dagster
 from serving.deploy import ServingSettings, deploy, stop_serving
 from serving.interactions import read_interactions
+from serving.router import assign
 
 
 def test_deployment_metadata_names_the_version_and_probe(service):
@@ -173,15 +177,16 @@ def _logged(store, request_ids: set[str], expected: int, timeout: float = 60.0) 
         time.sleep(0.5)
 
 
-def _traffic(url: str, tag: str) -> tuple[set[str], int]:
+def _traffic(url: str, tag: str, headers: dict | None = None) -> tuple[set[str], int]:
     """Known traffic: 5 predictions, 2 rejections, a batch of 3, invocations of 4 rows."""
     ids = [f"{tag}-{i}" for i in range(9)]
+    sent = [{"X-Request-ID": request_id, **(headers or {})} for request_id in ids]
     for i in range(5):
-        assert call(url, "/predict", {**REFERENCE_REQUEST, "area": 1000 + i}, {"X-Request-ID": ids[i]})[0] == 200
-    assert call(url, "/predict", {**REFERENCE_REQUEST, "bedrooms": 10}, {"X-Request-ID": ids[5]})[0] == 422
-    assert call(url, "/predict", raw=b" " * (MAX_BODY + 1), headers={"X-Request-ID": ids[6]})[0] == 413
-    assert call(url, "/predict/batch", {"records": [REFERENCE_REQUEST] * 3}, {"X-Request-ID": ids[7]})[0] == 200
-    assert call(url, "/invocations", {"dataframe_records": [REFERENCE_REQUEST] * 4}, {"X-Request-ID": ids[8]})[0] == 200
+        assert call(url, "/predict", {**REFERENCE_REQUEST, "area": 1000 + i}, sent[i])[0] == 200
+    assert call(url, "/predict", {**REFERENCE_REQUEST, "bedrooms": 10}, sent[5])[0] == 422
+    assert call(url, "/predict", raw=b" " * (MAX_BODY + 1), headers=sent[6])[0] == 413
+    assert call(url, "/predict/batch", {"records": [REFERENCE_REQUEST] * 3}, sent[7])[0] == 200
+    assert call(url, "/invocations", {"dataframe_records": [REFERENCE_REQUEST] * 4}, sent[8])[0] == 200
     return set(ids), 5 + 2 + 3 + 4
 
 
@@ -253,22 +258,118 @@ def test_a_version_failing_inside_the_replica_leaves_the_old_one_serving(service
     promote_to_production(service.client, "housing-price", service.versions[1])
 
 
-def test_interaction_logs_reach_s3(service, tmp_path):
+def _served(url: str, headers: dict | None = None) -> dict:
+    return call(url, "/model", headers=headers)[1]["response"]
+
+
+def _ray_stored_config() -> bytes:
+    """Everything Serve keeps in Ray's GCS key-value store (its checkpoints hold each
+    deployment's init arguments) and what `serve.status()` reports."""
+    from ray.experimental import internal_kv
+    from ray.serve._private.storage.kv_store import SERVE_INTERNAL_KV_NAMESPACE
+
+    keys = internal_kv._internal_kv_list("", namespace=SERVE_INTERNAL_KV_NAMESPACE)
+    stored = [internal_kv._internal_kv_get(k, namespace=SERVE_INTERNAL_KV_NAMESPACE) or b"" for k in keys]
+    return b"".join(stored) + str(serve.status()).encode()
+
+
+def _files_under(*roots: str | Path) -> bytes:
+    return b"".join(p.read_bytes() for root in roots for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def test_credentials_and_api_keys_never_reach_ray_logs_or_lake_and_logs_reach_s3(service, tmp_path):
+    """Fake credentials in the deploying process: replicas get them from a credentials file,
+    Ray stores only locations; with API keys on, a key is needed and never written anywhere."""
+    secret_id, secret_key, api_key = (f"FAKE{uuid.uuid4().hex.upper()}" for _ in range(3))
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"[default]\naws_access_key_id = {secret_id}\naws_secret_access_key = {secret_key}\n")
+    (tmp_path / "api-keys").write_text(f"{api_key}\n")
     s3_env = s3_environment(service.moto, tmp_path / "s3-home")
     s3_env.pop("BRIDGE_HOME")
+    s3_env |= {"AWS_ACCESS_KEY_ID": secret_id, "AWS_SECRET_ACCESS_KEY": secret_key,
+               "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "BRIDGE_API_KEYS_FILE": str(tmp_path / "api-keys")}  # fmt: skip
     for name, value in s3_env.items():
         service.patch.setenv(name, value)
+    version = _served(service.url)["model_version"]
     try:
-        url = deploy("housing-price", service.versions[1], "production")  # same version, logs to the bucket
-        ids, expected = _traffic(url, f"s3-{uuid.uuid4().hex[:6]}")
+        url = deploy("housing-price", version, "production")  # same version, logs to the bucket
+        status, body, _ = call(url, "/predict", REFERENCE_REQUEST)
+        assert status == 401 and body["message"].startswith("missing API key")
+        assert call(url, "/predict", REFERENCE_REQUEST, {"X-API-Key": "wrong"})[0] == 401
+        assert call(url, "/health")[0] == 200
+        ids, expected = _traffic(url, f"s3-{uuid.uuid4().hex[:6]}", {"Authorization": f"Bearer {api_key}"})
         s3_store = StorageSettings.from_env().open()
         logs = _logged(s3_store, ids, expected)
         assert s3_store.uri("interactions/").startswith("s3://bridge-test-")
         assert logs.height == expected and dict(logs.group_by("status").len().iter_rows()) == {200: 12, 422: 1, 413: 1}
         assert np.all(logs.filter(pl.col("status") == 200)["prediction"].to_numpy() > 0)
+        stored = _ray_stored_config()
+        assert s3_env["BRIDGE_S3_BUCKET"].encode() in stored  # the scan does see the replicas' init arguments
+        lake = b"".join(s3_store.get_bytes(k) for k in s3_store.list(""))
+        written = stored + lake + _files_under(service.env["BRIDGE_RAY_TMPDIR"], service.env["BRIDGE_HOME"])
+        for secret in (secret_id, secret_key, api_key):
+            assert secret.encode() not in written
     finally:
         for name in s3_env:
             service.patch.delenv(name, raising=False)
+        deploy("housing-price", version, "production")
+    assert call(service.url, "/predict", REFERENCE_REQUEST)[0] == 200  # keys off again, local lake
+
+
+def test_records_survive_a_killed_replica_exactly_once(service):
+    """Two ingress replicas under load, one SIGKILLed: every 2xx has exactly one record, none
+    twice. Publishing waits 10 minutes here, so the killed replica's records reach the lake
+    only through its spool, swept by a replica starting after it."""
+    version = _served(service.url)["model_version"]
+    service.patch.setenv("BRIDGE_SERVE_REPLICAS", "2")
+    service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "600")
+    deploy("housing-price", version, "production")
+    pids = set()
+    for _ in range(100):
+        pids.add(_served(service.url)["pid"])
+        if len(pids) == 2:
+            break
+    assert len(pids) == 2, pids
+    answered: dict[str, int] = {}
+    stop = threading.Event()
+    tag = f"kill-{uuid.uuid4().hex[:6]}"
+
+    def client(worker: int) -> None:
+        for i in range(10**6):
+            if stop.is_set():
+                return
+            request_id = f"{tag}-{worker}-{i}"
+            try:
+                answered[request_id] = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Request-ID": request_id})[0]
+            except Exception:  # noqa: BLE001 - refused before the app: the client counts it
+                answered[request_id] = -1
+
+    senders = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+    for sender in senders:
+        sender.start()
+    try:
+        time.sleep(3)
+        os.kill(min(pids), signal.SIGKILL)
+        time.sleep(3)
+    finally:
+        stop.set()
+        for sender in senders:
+            sender.join()
+        service.patch.setenv("BRIDGE_SERVE_REPLICAS", "1")
+        service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", service.env["BRIDGE_SERVE_LOG_FLUSH_SECONDS"])
+        deploy("housing-price", version, "production")  # graceful: the survivors publish on shutdown
+    ok = {request_id for request_id, status in answered.items() if 200 <= status < 300}
+    assert len(ok) > 100
+    deadline = time.monotonic() + 90
+    while True:  # the orphaned spool is published by a starting replica's first sweep
+        logs = read_interactions(service.store).filter(pl.col("request_id").str.starts_with(tag))
+        if ok <= set(logs["request_id"]) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    counts = dict(logs.group_by("request_id").len().iter_rows())
+    assert {request_id for request_id in ok if counts.get(request_id) != 1} == set()  # every 2xx exactly once
+    assert max(counts.values()) == 1  # nothing twice, whatever its status
+    assert logs.filter(pl.col("request_id").is_in(list(ok)))["status"].unique().to_list() == [200]
 
 
 def test_a_clean_stop_flushes_every_buffered_record(service):
@@ -281,3 +382,46 @@ def test_a_clean_stop_flushes_every_buffered_record(service):
     assert _logged(service.store, ids, expected, timeout=5).height == expected
     service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", service.env["BRIDGE_SERVE_LOG_FLUSH_SECONDS"])
     assert deploy("housing-price", service.versions[1], "production") == service.url  # for later tests
+
+
+def test_ab_both_variants_answer_sticky_recorded_and_ending_the_experiment_fails_no_request(service):
+    version = _served(service.url)["model_version"]
+    other = next(v for v in service.versions if v != version)
+    deploy("housing-price", version, "production", staging_version=other, staging_weight=0.5, salt="ab-test")
+    clients = [f"ab-{uuid.uuid4().hex[:6]}-{i}" for i in range(40)]
+    seen = {}
+    for client in clients:
+        status, body, headers = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": client, "X-Request-ID": client})
+        assert status == 200 and headers["X-Variant"] == body["response"]["variant"]
+        seen[client] = (body["response"]["variant"], body["response"]["model_version"])
+    assert {client: variant for client, (variant, _) in seen.items()} == {c: assign("ab-test", c, 0.5) for c in clients}
+    assert set(seen.values()) == {("production", version), ("staging", other)}
+    again = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": clients[0]})[1]["response"]
+    assert (again["variant"], again["model_version"]) == seen[clients[0]]  # sticky per client
+
+    failures: list[object] = []
+    stop = threading.Event()
+
+    def client_load() -> None:
+        for i in range(10**6):
+            if stop.is_set():
+                return
+            try:
+                status, body, _ = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": f"load-{i}"})
+                if status != 200:
+                    failures.append((status, body))
+            except Exception as error:  # noqa: BLE001 - a refused connection is a failure too
+                failures.append(error)
+
+    sender = threading.Thread(target=client_load)
+    sender.start()
+    try:
+        deploy("housing-price", version, "production")  # ends the experiment: weight 0 first, then staging goes
+    finally:
+        stop.set()
+        sender.join()
+    assert failures == []
+    assert {call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": c})[1]["response"]["variant"] for c in clients} == {"production"}
+    logs = _logged(service.store, set(clients), len(clients))
+    assert {r["request_id"]: (r["variant"], r["model_version"]) for r in logs.to_dicts()} == seen
+    assert logs["client_id"].to_list() == logs["request_id"].to_list()

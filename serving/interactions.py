@@ -1,33 +1,43 @@
 """Interaction logging (step 10): every request and response, to object storage as Parquet.
 
-Records are buffered in memory and written by a background thread — on size, on time and on
-shutdown — as one Parquet file per flush per replica:
+Each record is appended to the replica's local spool (`serving.spool`) before the reply is
+sent; a background thread publishes the spool to the lake — on size, on time and on shutdown
+— as one Parquet file per flush per replica and hour:
 
-    interactions/date=YYYY-MM-DD/hour=HH/<replica>-<sequence>-<uuid8>.parquet
+    interactions/date=YYYY-MM-DD/hour=HH/<spool file>-<first byte>-<end byte>.parquet
 
-One record per `/predict` request, per row of `/predict/batch` and `/invocations` requests
-(rows of one request share its `request_id`, with `row_index`), and per rejected request
-(its `status`, no prediction). If storage is down, records stay buffered up to a bound; past
-it the oldest are dropped and counted (`dropped`), never silently.
+so a record survives a killed replica (the next replica on the host, or `sweep`, publishes the
+orphaned spool) and is published exactly once. One record per `/predict` request, per row of
+`/predict/batch` and `/invocations` requests (rows of one request share its `request_id`, with
+`row_index`), and per refused or failed request (its `status`, no prediction). If storage is
+down, records stay in the spool up to a bound; past it the oldest are dropped and counted
+(`dropped`), never silently.
+
+Records carry `schema_version` (2; files written before the column existed read as 1).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import os
 import threading
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from bridge_assets.core.contract import CATEGORICAL_FEATURES, COUNT_FEATURES
 from bridge_assets.lake.storage import ObjectStore
+from serving.spool import Published, Spool, spool_directory, sweep_spools
 
 PREFIX = "interactions/"
+SCHEMA_VERSION = 2
 SCHEMA: dict[str, pl.DataType] = {
+    "schema_version": pl.Int16(),
     "request_id": pl.String(),
     "row_index": pl.Int32(),
     "timestamp": pl.Datetime("us", "UTC"),
@@ -39,6 +49,8 @@ SCHEMA: dict[str, pl.DataType] = {
     "latency_ms": pl.Float64(),
     "prediction": pl.Float64(),
     "error": pl.String(),
+    "client_id": pl.String(),
+    "replica": pl.String(),
     "area": pl.Float64(),
     **{name: pl.Int64() for name in COUNT_FEATURES},
     **{name: pl.String() for name in CATEGORICAL_FEATURES},
@@ -61,9 +73,12 @@ def record(
     error: str | None = None,
     row_index: int = 0,
     timestamp: datetime | None = None,
+    client_id: str | None = None,
+    replica: str | None = None,
 ) -> dict[str, Any]:
     """One interaction record; features are kept only where they fit their column type."""
     row: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
         "request_id": request_id,
         "row_index": row_index,
         "timestamp": timestamp or datetime.now(UTC),
@@ -73,8 +88,10 @@ def record(
         "model_version": model_version,
         "variant": variant,
         "latency_ms": latency_ms,
-        "prediction": prediction,
+        "prediction": _finite(prediction),
         "error": error,
+        "client_id": client_id,
+        "replica": replica,
     }
     for name in FEATURE_COLUMNS:
         row[name] = _fits(name, (features or {}).get(name))
@@ -98,31 +115,56 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def write_spooled(store: ObjectStore, stem: str, start: int, end: int, lines: bytes) -> int:
+    """Spooled lines as Parquet, one object per hour, named by spool and byte range (writing
+    the same range again replaces the same objects); the number of objects."""
+    wide = {name: pl.Int64() if dtype.is_integer() or name == "timestamp" else dtype for name, dtype in SCHEMA.items()}
+    frame = pl.read_ndjson(io.BytesIO(lines), schema=wide).cast(SCHEMA)  # its reader takes 64-bit integers only
+    partitions = frame.with_columns(pl.col("timestamp").dt.strftime("date=%Y-%m-%d/hour=%H").alias("partition")).partition_by(
+        "partition", maintain_order=True, as_dict=True, include_key=False
+    )
+    for (partition,), rows in partitions.items():
+        store.write_parquet(f"{PREFIX}{partition}/{stem}-{start:012d}-{end:012d}.parquet", rows)
+    return len(partitions)
+
+
+def lake_identity(store: ObjectStore) -> str:
+    """Names the lake a spool belongs to (a sweep publishes only its own lake's spools)."""
+    return store.uri(PREFIX)
+
+
+def sweep(store: ObjectStore, env: Mapping[str, str] = os.environ, directory: Path | None = None) -> Published:
+    """Publish the orphaned spools of dead replicas on this host that logged to `store`
+    (idempotent: for `make stop`, a Dagster sensor, or a starting replica)."""
+    return sweep_spools(store, write_spooled, directory or spool_directory(env), lake_identity(store))
+
+
 class InteractionLogger:
-    """Buffers records off the request path; a daemon thread writes them to the store."""
+    """Spools records on the request path; a daemon thread publishes them to the store."""
 
     def __init__(
         self,
         open_store: Callable[[], ObjectStore],
         replica: str,
         *,
+        spool_dir: Path,
         flush_rows: int = 5_000,
         flush_seconds: float = 10.0,
         max_buffered: int = 200_000,
+        rotate_bytes: int = 64 * 1_048_576,
     ) -> None:
-        self._open_store = open_store
-        self._store: ObjectStore | None = None
-        self.replica = replica.replace("/", "_")
+        self._store = open_store()  # no I/O: S3 clients connect on first use
+        self.spool = Spool(spool_dir, replica, lake_identity(self._store))
         self.flush_rows = flush_rows
         self.flush_seconds = flush_seconds
         self.max_buffered = max_buffered
-        self._buffer: list[dict[str, Any]] = []
+        self.rotate_bytes = rotate_bytes
+        self._unflushed = 0
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = threading.Event()
-        self._sequence = 0
-        self.stats = {"written": 0, "dropped": 0, "files": 0, "flush_errors": 0}
+        self.stats = {"written": 0, "dropped": 0, "files": 0, "flush_errors": 0, "swept": 0}
         self._thread = threading.Thread(target=self._run, name="interaction-logger", daemon=True)
         self._thread.start()
 
@@ -131,83 +173,76 @@ class InteractionLogger:
         return self._thread.is_alive()
 
     def log(self, records: list[dict[str, Any]]) -> None:
-        """Queue records (never blocks on storage)."""
+        """Spool records (a local append, never storage I/O) and wake the publisher when due."""
+        self.spool.append(records)
         with self._lock:
-            self._buffer.extend(records)
-            self._trim()
-            full = len(self._buffer) >= self.flush_rows
+            self._unflushed += len(records)
+            full = self._unflushed >= self.flush_rows
         if full:
             self._wake.set()
 
-    def _trim(self) -> None:
-        overflow = len(self._buffer) - self.max_buffered
-        if overflow > 0:
-            del self._buffer[:overflow]
-            self.stats["dropped"] += overflow
-            log.error("interaction buffer full: dropped %d oldest records (%d in total)", overflow, self.stats["dropped"])
-
     def _run(self) -> None:
+        self.sweep_orphans()
         while not self._closed.is_set():
             self._wake.wait(self.flush_seconds)
             self._wake.clear()
             self.flush()
 
+    def sweep_orphans(self) -> int:
+        """Publish spools of dead replicas on this host (this replica's own is locked)."""
+        try:
+            done = sweep_spools(self._store, write_spooled, self.spool.directory, self.spool.lake)
+        except Exception:  # storage down: the orphans wait for the next sweep
+            log.exception("sweeping orphaned interaction spools failed")
+            return 0
+        self.stats["swept"] += done.records
+        return done.records
+
     def flush(self) -> int:
-        """Write what is buffered, one file per hour partition; what could not be written goes
-        back (bounded) and the error is counted."""
+        """Publish what is spooled; on a storage error the records stay spooled (bounded) and
+        the error is counted."""
         with self._flush_lock:
             with self._lock:
-                batch, self._buffer = self._buffer, []
-            partitions: dict[str, list[dict[str, Any]]] = {}
-            for row in batch:
-                partitions.setdefault(row["timestamp"].strftime("date=%Y-%m-%d/hour=%H"), []).append(row)
-            written = 0
-            pending = list(partitions.items())
-            while pending:
-                partition, rows = pending[0]
-                try:
-                    self._write(partition, rows)
-                except Exception:  # storage down: keep the unwritten records, bounded, and say so
-                    unwritten = [row for _, group in pending for row in group]
-                    log.exception("writing %d interaction records failed; keeping them buffered", len(unwritten))
-                    with self._lock:
-                        self.stats["flush_errors"] += 1
-                        self._buffer = unwritten + self._buffer
-                        self._trim()
-                    break
-                written += len(rows)
-                pending.pop(0)
-            self.stats["written"] += written
-            return written
-
-    def _write(self, partition: str, rows: list[dict[str, Any]]) -> None:
-        if self._store is None:
-            self._store = self._open_store()
-        self._sequence += 1
-        key = f"{PREFIX}{partition}/{self.replica}-{self._sequence:06d}-{uuid.uuid4().hex[:8]}.parquet"
-        self._store.write_parquet(key, pl.DataFrame(rows, schema=SCHEMA))
-        self.stats["files"] += 1
+                self._unflushed = 0
+            done = Published()
+            try:
+                self.spool.publish(self._store, write_spooled, self.max_buffered, done)
+                self.spool.rotate(self.rotate_bytes)
+            except Exception:
+                log.exception("publishing interaction records failed; they stay spooled")
+                self.stats["flush_errors"] += 1
+            self.stats["written"] += done.records
+            self.stats["files"] += done.files
+            self.stats["dropped"] += done.dropped
+            return done.records
 
     def close(self, attempts: int = 3) -> dict[str, int]:
-        """Stop the thread and flush what is left (retrying); returns the final counts."""
+        """Stop the thread and publish what is left (retrying); what still fails stays in the
+        spool for the next sweep. Returns the final counts."""
         self._closed.set()
         self._wake.set()
         self._thread.join(timeout=self.flush_seconds + 5)
+        published = False
         for _ in range(attempts):
+            errors = self.stats["flush_errors"]
             self.flush()
-            if not self._buffer:
+            if self.stats["flush_errors"] == errors:
+                published = True
                 break
-        with self._lock:
-            if self._buffer:
-                self.stats["dropped"] += len(self._buffer)
-                log.error("shutting down with %d unwritten interaction records", len(self._buffer))
-                self._buffer = []
+        if not published:
+            log.error("interaction records left in %s for the next sweep", self.spool.path)
+        self.spool.close(published=published)
         return dict(self.stats)
 
 
 def read_interactions(store: ObjectStore) -> pl.DataFrame:
-    """Every logged interaction (for tests, monitoring and the demo)."""
+    """Every logged interaction (for tests, monitoring and the demo); files written before a
+    column existed read it as null (`schema_version` as 1)."""
     keys = [k for k in store.list(PREFIX) if k.endswith(".parquet")]
     if not keys:
         return pl.DataFrame(schema=SCHEMA)
-    return store.scan_parquet(keys).collect()
+    frame = pl.scan_parquet(
+        [store.uri(k) for k in keys], schema=SCHEMA, missing_columns="insert",
+        storage_options=store.polars_storage_options,
+    )  # fmt: skip
+    return frame.with_columns(pl.col("schema_version").fill_null(1)).collect()
