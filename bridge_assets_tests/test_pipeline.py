@@ -193,3 +193,27 @@ def test_a_batch_of_duplicates_is_said_loudly_and_not_requested_forever(store: O
         assert check.passed is False and check.severity == dg.AssetCheckSeverity.WARN
         assert result.success and meta["published"]  # a warning, not a blocked version
         assert not backlog_tick(instance).run_requests  # held by the ledger: no endless re-requests
+
+
+def test_latest_does_not_move_when_a_blocking_check_fails(store: ObjectStore):
+    """A validated part written by something that broke the contract (row ids lost): the
+    `no_nulls` check blocks, the version is kept but unpublished, training keeps the last good one."""
+    land_seed(store)
+    land_simulated(store, "sim-good", 500)
+    with dg.instance_for_test() as instance:
+        for request in tick(instance, None).run_requests:
+            materialize(instance, "raw_housing", request.partition_key)
+        good = metadata(materialize(instance, "housing_features"))["version"]
+        broken = store.scan_parquet([valid_key("sim-good")]).collect().head(50)
+        broken = broken.with_columns(pl.lit(None, dtype=pl.String).alias("row_id"), pl.col("area") + 1)
+        store.write_parquet(valid_key("sim-broken"), broken)
+        job = build_defs().resolve_implicit_global_asset_job_def()
+        result = job.execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey("housing_features")], raise_on_error=False
+        )
+        meta = metadata(result)
+        failed = {c.check_name for c in result.get_asset_check_evaluations() if not c.passed}
+        assert not result.success  # a blocking check failed: the run says so
+        assert failed == {"no_nulls"} and meta["published"] is False and meta["version"] != good
+        assert FeatureStore(store).latest().version == good
+        assert meta["version"] in FeatureStore(store).versions()  # kept for inspection, not served

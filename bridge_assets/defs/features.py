@@ -10,6 +10,7 @@ from bridge_assets.core.contract import FEATURES, SCHEMA, TARGET
 from bridge_assets.core.features import SPLIT_BOUNDS, SPLITS
 from bridge_assets.defs.metadata import markdown_preview, table_schema
 from bridge_assets.defs.raw import raw_housing
+from bridge_assets.defs.policies import STORAGE_RETRY
 from bridge_assets.defs.resources import LakeStorage
 from bridge_assets.lake.feature_store import FeatureBuild, FeatureStore, build_features, feature_backlog
 
@@ -82,6 +83,7 @@ def _adds_rows_check(build: FeatureBuild) -> dg.AssetCheckResult:
         *(dg.AssetCheckSpec(name, asset="housing_features", blocking=True) for name in CHECKS),
         dg.AssetCheckSpec(ADDS_ROWS_CHECK, asset="housing_features", description="every new batch adds rows"),
     ],
+    retry_policy=STORAGE_RETRY,
 )
 def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """Versioned feature table: each validated batch becomes an immutable, content-hashed part.

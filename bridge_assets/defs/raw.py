@@ -5,6 +5,7 @@ import json
 import dagster as dg
 
 from bridge_assets.defs.metadata import markdown_preview
+from bridge_assets.defs.policies import STORAGE_RETRY
 from bridge_assets.defs.resources import LakeStorage
 from bridge_assets.lake.landing import landed_batches
 from bridge_assets.lake.raw import validate_batch
@@ -18,6 +19,7 @@ MAX_QUARANTINE_RATE = 0.05
     group_name="lake",
     kinds={"polars"},
     check_specs=[dg.AssetCheckSpec("quarantine_rate", asset="raw_housing")],
+    retry_policy=STORAGE_RETRY,
 )
 def raw_housing(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """A landed batch validated against the housing contract; bad rows quarantined with reasons."""
