@@ -10,8 +10,14 @@ export DAGSTER_HOME ?= $(BRIDGE_HOME)/dagster
 export WHYLOGS_NO_ANALYTICS := True
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
+# `make stack` writes the production-shaped stack's environment here (deploy/stack.py); while it
+# exists, demo and serve apply it (BRIDGE_ENV_FILE, instead of .env) and so run on the stack.
+STACK_ENV := $(or $(BRIDGE_STACK_DIR),$(BRIDGE_HOME)/stack)/stack.env
+ifneq ($(wildcard $(STACK_ENV)),)
+demo serve: export BRIDGE_ENV_FILE := $(STACK_ENV)
+endif
 
-.PHONY: install demo dev mlflow serve stop test bench lock clean
+.PHONY: install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps
 
 install: $(VENV)/.installed
 
@@ -28,10 +34,18 @@ demo: install $(DAGSTER_HOME)
 	$(BIN)/python -m bridge_assets.demo
 
 dev: install $(DAGSTER_HOME)
+ifneq ($(wildcard $(STACK_ENV)),)
+	@echo "the stack runs Dagster's webserver and daemon: $$(sed -n 's/^BRIDGE_DAGSTER_URL=//p' $(STACK_ENV))"
+else
 	$(BIN)/dagster dev -w workspace.yaml
+endif
 
 mlflow: install
+ifneq ($(wildcard $(STACK_ENV)),)
+	@echo "the stack runs an MLflow server: $$(sed -n 's/^MLFLOW_TRACKING_URI=//p' $(STACK_ENV))"
+else
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(BRIDGE_HOME)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+endif
 
 serve: install
 	$(BIN)/python -m serving.deploy
@@ -39,7 +53,18 @@ serve: install
 stop: install
 	$(BIN)/python -m serving.cluster stop
 
-test: install
+# PostgreSQL from Debian for the stack and its tests (idempotent; needs root or sudo the first time).
+system-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; }
+
+stack: install system-deps
+	$(BIN)/python -m deploy.stack start
+
+stack-stop: install
+	$(BIN)/python -m deploy.stack stop
+
+test: install system-deps
 	$(BIN)/python -m pytest -q
 
 bench: install
