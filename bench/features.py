@@ -3,13 +3,15 @@
 Why: the feature path must stay cheap as the lake grows. The goal is that, at 10M rows, our
 pipeline turns a landed batch into the model-ready matrix at no less than 5x the reference's
 rows/s while using no more than half of its peak memory. The reference is what a typical
-BridgeAI-style project does: pandas `read_parquet`, `drop_duplicates`, `dropna`, lower/strip
-the categories, then a scikit-learn `ColumnTransformer` (median imputer + StandardScaler on the
-numerics, most-frequent imputer + OneHotEncoder on the categories).
+BridgeAI-style project does: pandas `read_parquet`, lower/strip the categories, drop the rows
+that break the contract (the same rules as ours, as boolean masks), `drop_duplicates`, then a
+scikit-learn `ColumnTransformer` (median imputer + StandardScaler on the numerics,
+most-frequent imputer + OneHotEncoder on the categories).
 
     python bench/features.py --rows 1000000
 
-The parent simulates N clean rows (`HousingSimulator`), lands them as one Parquet batch in a
+The parent simulates N rows as real batches arrive (`HousingSimulator`; by default 1% break the
+contract and 5% have oddly-cased categories), lands them as one Parquet batch in a
 temporary `LocalStore`, then runs each pipeline in its own process, one after the other, so that
 each process's peak RSS is its own. Each worker times its work from reading the landed file to
 the finished float64 matrix (writing the matrix out is not timed), and reports rows/s and peak
@@ -39,6 +41,8 @@ if str(REPO_ROOT) not in sys.path:  # the package is normally installed editable
 
 from bridge_assets.core.contract import (  # noqa: E402
     CATEGORICAL_FEATURES,
+    CATEGORY_LEVELS,
+    COUNT_BOUNDS,
     FEATURES,
     NUMERIC_FEATURES,
     ROW_ID,
@@ -111,10 +115,15 @@ def run_reference(path: Path) -> tuple[np.ndarray, list[str], Any, int]:
 
     frame = pd.read_parquet(path)
     rows_read = len(frame)
-    frame = frame.drop_duplicates(subset=[*FEATURES, TARGET])  # the 13 contract columns, not row_id
-    frame = frame.dropna(subset=[TARGET])
     for column in CATEGORICAL_FEATURES:
         frame[column] = frame[column].str.strip().str.lower()
+    valid = frame["area"].gt(0) & frame[TARGET].gt(0)  # NaN compares False: missing values go too
+    for column, (low, high) in COUNT_BOUNDS.items():
+        valid &= frame[column].between(low, high) & (frame[column] % 1 == 0)
+    for column, levels in CATEGORY_LEVELS.items():
+        valid &= frame[column].isin(levels)
+    frame = frame[valid]
+    frame = frame.drop_duplicates(subset=[*FEATURES, TARGET])  # the 13 contract columns, not row_id
     # Same split as ours: our hash of row_id (assign_split takes a Polars Series).
     train = (assign_split(pl.from_pandas(frame[ROW_ID])) == "train").to_numpy()
     transformer = ColumnTransformer(
@@ -204,15 +213,17 @@ def worker(kind: str, input_path: Path, out: Path, row_ids_out: Path | None) -> 
 # --------------------------------------------------------------------------------------------
 
 
-def land(rows: int, seed: int, root: Path) -> tuple[Path, float]:
-    """Simulate `rows` clean rows and land them as one Parquet batch; returns path and seconds."""
+def land(rows: int, seed: int, root: Path, corrupt: float, case_noise: float) -> tuple[Path, float]:
+    """Simulate `rows` rows and land them as one Parquet batch; returns path and seconds."""
     from bridge_assets.core.simulator import HousingSimulator
     from bridge_assets.lake.landing import land_batch
     from bridge_assets.lake.storage import LocalStore
 
     started = time.perf_counter()
     store = LocalStore(root / "lake")
-    blocks = HousingSimulator.fit().generate(rows, seed=seed, batch_id=BATCH_ID)
+    blocks = HousingSimulator.fit().generate(
+        rows, seed=seed, batch_id=BATCH_ID, corrupt_fraction=corrupt, case_noise=case_noise
+    )
     batch, landed = land_batch(store, BATCH_ID, blocks, fmt="parquet")
     if landed != rows:
         raise RuntimeError(f"landed {landed} rows, expected {rows}")
@@ -297,12 +308,13 @@ def _mib(kib: float) -> str:
     return f"{kib / 1024:,.1f} MiB"
 
 
-def parent(rows: int, seed: int, tmp_root: str | None) -> int:
+def parent(rows: int, seed: int, tmp_root: str | None, corrupt: float, case_noise: float) -> int:
     with tempfile.TemporaryDirectory(prefix="bridge-bench-", dir=tmp_root) as tmp:
         workdir = Path(tmp)
-        path, landing_seconds = land(rows, seed, workdir)
+        path, landing_seconds = land(rows, seed, workdir, corrupt, case_noise)
         print(
-            f"landed {rows:,} simulated rows (seed {seed}) as Parquet "
+            f"landed {rows:,} simulated rows (seed {seed}; {corrupt:.0%} breaking the contract, "
+            f"{case_noise:.0%} oddly cased) as Parquet "
             f"({path.stat().st_size / 2**20:,.1f} MiB) in {landing_seconds:.1f} s"
         )
         results = {kind: spawn(kind, path, workdir) for kind in WORKERS}
@@ -327,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows to simulate and land (default 1,000,000)")
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     parser.add_argument("--tmpdir", default=None, help="where to create the temporary lake (default: system temp)")
+    parser.add_argument("--corrupt-fraction", type=float, default=0.01, help="rows breaking the contract (default 0.01)")
+    parser.add_argument("--case-noise", type=float, default=0.05, help="rows with oddly-cased categories (default 0.05)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -340,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rows <= 0:
         parser.error("--rows must be positive")
-    return parent(args.rows, args.seed, args.tmpdir)
+    return parent(args.rows, args.seed, args.tmpdir, args.corrupt_fraction, args.case_noise)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Benchmark: training to the reference's validation RMSE, the BridgeAI loop vs our trainer.
 
 Why: retraining runs on every new batch, so the trainer must stay cheap as the lake grows. The
-goal is that, at 200k rows, our trainer reaches the reference's best validation RMSE (within
-1%) at least 5x faster than the reference loop takes. The reference is the BridgeAI training
+goal is that, at a few hundred thousand rows, our trainer reaches the reference's best
+validation RMSE (within 1%) at least 5x faster than the reference loop takes to reach it. The reference is the BridgeAI training
 loop: the 20→64→32→16→8→1 ReLU MLP on standardised raw price, MSE, Adam lr 0.01, batches of 64
 drawn row by row through a shuffled `DataLoader` over a `TensorDataset`, early stopping with
 patience 10 (here with best-weights tracking, which the original lacked).
 
-    python bench/train.py --rows 200000
+    python bench/train.py            # 300,000 rows, simulator seed 5
 
 One process, one data set: N simulated rows (`HousingSimulator`), validated by the contract and
 prepared as the feature pipeline does (`prepare_batch`: exact duplicates dropped, hash split on
@@ -20,9 +20,13 @@ and are scored on validation and test, RMSE on the price scale.
   training loop differs. It stops after `--reference-max-epochs` (default 50) if early stopping
   has not fired by then; the script says when that happened (the target is then the best RMSE
   it reached within the cap).
-- Ours: `train_model` itself, unchanged, with the fixed configuration `OURS` below.
-  `train_model` has no callbacks, so its whole wall time (including the `patience` epochs it
-  trains past its best one) is taken as its time to the target: an upper bound.
+- Ours, twice: `train_model` itself, unchanged, (a) with the reference's own batch size and
+  learning rate — what the training loop alone is worth — and (b) with the fixed configuration
+  `OURS` below, chosen on other data (seed 0, 20k and 200k rows) than this benchmark's default
+  (seed 5, 300k rows). `train_model` has no callbacks, so its whole wall time (including the
+  `patience` epochs it trains past its best one) is taken as its time to the target: an upper
+  bound. The headline compares that with the reference's time to its own best epoch (not its
+  whole run, which includes the patience epochs after it).
 
 Both timings include preprocessing (fitting the `Preprocessor`, encoding the train and
 validation rows, scaling the target) and exclude simulation, validation and scoring. Torch's
@@ -31,7 +35,7 @@ rows so that first-call costs fall on neither.
 
 Ours must reach the reference's best validation RMSE x 1.01 within ten times the reference's
 wall time, or the script says so and exits 1. The last line printed is the speed ratio
-(reference time / ours to the same validation RMSE).
+(reference's time to its best epoch / ours to the same validation RMSE).
 """
 
 from __future__ import annotations
@@ -207,8 +211,8 @@ def describe(config: TrainConfig) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=200_000, help="rows to simulate (default 200,000)")
-    parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    parser.add_argument("--rows", type=int, default=300_000, help="rows to simulate (default 300,000)")
+    parser.add_argument("--seed", type=int, default=5, help="simulator seed (default 5; OURS was chosen on seed 0)")
     parser.add_argument(
         "--reference-max-epochs",
         type=int,
@@ -246,6 +250,17 @@ def main(argv: list[str] | None = None) -> int:
         f"within {limit:.1f} s (10x the reference's time)"
     )
 
+    loop_alone = run_ours(splits, replace(REFERENCE, name="reference-settings", max_epochs=args.reference_max_epochs))
+    loop_first = _first_epoch_at(loop_alone.model, target)
+    print(
+        f"ours with the reference's batch {REFERENCE.batch_size} and lr {REFERENCE.learning_rate:g} (the loop alone): "
+        f"best val RMSE {loop_alone.metrics['val_rmse']:,.0f} at epoch {loop_alone.best_epoch} of {loop_alone.epochs}"
+        f"{f', first under the target at epoch {loop_first}' if loop_first is not None else ', never under the target'}; "
+        f"{loop_alone.seconds:.2f} s in all ({loop_alone.seconds / max(loop_alone.epochs, 1):.3f} s/epoch, "
+        f"reference {reference.seconds / max(reference.epochs, 1):.2f} s/epoch: "
+        f"{(reference.seconds / max(reference.epochs, 1)) / (loop_alone.seconds / max(loop_alone.epochs, 1)):.1f}x per epoch)"
+    )
+
     ours = run_ours(splits)
     first = _first_epoch_at(ours.model, target)
     print(
@@ -265,18 +280,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"TARGET NOT MET: ours did not reach the reference's validation RMSE within 10x its time ({why})")
         print(
-            "speed ratio (reference time / ours to the same validation RMSE): "
+            "speed ratio (reference's time to its best epoch / ours to the same validation RMSE): "
             f"not reached (ours {ours.seconds:.1f} s, reference {reference.seconds:.1f} s)"
         )
         return 1
     print(
         f"target met: ours {ours.metrics['val_rmse']:,.0f} <= {target:,.0f} in {ours.seconds:.2f} s "
-        f"(whole train_model run, an upper bound on its time to the target); "
-        f"against the reference's time to its best epoch only: {reference.seconds_to_best / ours.seconds:.1f}x"
+        f"(whole train_model run, an upper bound on its time to the target); against the reference's "
+        f"whole run including its patience epochs: {reference.seconds / ours.seconds:.1f}x"
     )
     print(
-        f"speed ratio (reference time / ours to the same validation RMSE): "
-        f"{reference.seconds / ours.seconds:.1f}x ({reference.seconds:.1f} s / {ours.seconds:.2f} s)"
+        f"speed ratio (reference's time to its best epoch / ours to the same validation RMSE): "
+        f"{reference.seconds_to_best / ours.seconds:.1f}x ({reference.seconds_to_best:.1f} s / {ours.seconds:.2f} s)"
     )
     return 0
 
