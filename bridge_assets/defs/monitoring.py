@@ -41,6 +41,7 @@ RETRAIN_TAG = "bridge/retrain"
 REASON_TAG = "bridge/retrain_reason"
 LABELS_PREFIX = "feedback/labels/"
 RETRY_SECONDS = 600  # a requested object still unprofiled after this long is requested again
+MAX_OBJECTS_PER_RUN = 500  # a backlog is worked off over several ticks, in runs of bounded size
 
 
 class Monitoring(dg.ConfigurableResource):
@@ -117,7 +118,7 @@ def interaction_logs_sensor(context: dg.SensorEvaluationContext, storage: LakeSt
     requested: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
     now = time.time()
     pending = unprofiled_objects(storage.open())
-    new = [key for key in pending if now - requested.get(key, 0.0) > RETRY_SECONDS]
+    new = [key for key in pending if now - requested.get(key, 0.0) > RETRY_SECONDS][:MAX_OBJECTS_PER_RUN]
     cursor = {key: requested[key] for key in pending if key in requested} | {key: now for key in new}
     run_config = {"ops": {"interaction_profiles": {"config": {"objects": new}}}}
     return dg.SensorResult(
@@ -237,13 +238,23 @@ def drift_report(
     )
 
 
+def _versions(members: list[str]) -> set[str]:
+    """Model versions in a window, from its member keys (`<sha>--<version>--<variant>.json`)."""
+    return {key.rsplit("/", 1)[-1].split("--")[1] for key in members}
+
+
 @dg.sensor(target=[window_profiles, labelled_traffic, drift_report], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
 def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
-    """(Re)requests a window when its members change (a late object too) or new labels land."""
+    """(Re)requests a window when its members change (a late object too), new labels land, or
+    the reference of a version it served arrives."""
     store = storage.open()
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     labels = _digest([k for k in store.list(LABELS_PREFIX)])
-    current = {window: _digest([*members, labels]) for window, members in windows_with_members(store).items()}
+    references = {k.split("/")[3] for k in store.list(REFERENCE_PREFIX) if k.endswith("/reference.json")}
+    current = {
+        window: _digest([*members, labels, *(f"reference:{v}" for v in sorted(_versions(members) & references))])
+        for window, members in windows_with_members(store).items()
+    }
     changed = sorted(w for w, digest in current.items() if seen.get(w) != digest)
     known = set(context.instance.get_dynamic_partitions(monitor_windows.name))
     new_partitions = [w for w in changed if w not in known]
@@ -322,7 +333,9 @@ def retrain_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mo
         metadata = record.asset_materialization.metadata if record.asset_materialization else {}
         alarms = list(metadata["alarms"].value) if "alarms" in metadata else []
         window = record.partition_key or ""
-        open_runs = len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: "automatic"}, statuses=OPEN_STATUSES)))
+        open_runs = sum(
+            len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: kind}, statuses=OPEN_STATUSES))) for kind in ("automatic", "manual")
+        )
         since = time.time() - state["last_request"] if state["last_request"] else None
         decision = decide_retrain(settings.retrain_policy, alarms, open_retrains=open_runs, seconds_since_last_request=since, cooldown_seconds=settings.retrain_cooldown_seconds)
         if decision.action == "request":
