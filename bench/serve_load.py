@@ -146,7 +146,8 @@ def main() -> None:
     home = Path(tempfile.mkdtemp(prefix="bridge-serve-bench-"))
     os.environ.update({
         "BRIDGE_HOME": str(home), "BRIDGE_RAY_PORT": str(free_port()), "BRIDGE_SERVE_PORT": str(free_port()),
-        "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-bench-{os.getpid()}", "BRIDGE_SERVE_HAPROXY": "0" if args.python_proxy else "1",
+        "BRIDGE_RAY_TMPDIR": f"/tmp/brb-{os.getpid()}",  # short: HAProxy socket paths under it stay < 97 chars
+        "BRIDGE_SERVE_HAPROXY": "0" if args.python_proxy else "1",
     })  # fmt: skip
     for name in ("MLFLOW_TRACKING_URI", "BRIDGE_S3_BUCKET", "RAY_ADDRESS"):
         os.environ.pop(name, None)

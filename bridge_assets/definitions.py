@@ -15,6 +15,7 @@ from bridge_assets.defs.promotion import ab_report, approve_model, feedback, sta
 from bridge_assets.defs.raw import landed_batches_sensor, raw_housing
 from bridge_assets.defs.resources import lake_storage, mlflow_tracking, promotion_policy, ray_serving, training_launcher
 from bridge_assets.defs.serving import production_deployment, promote_model, registry_sensor, rollback_model
+from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
 
 # Dagster's default automation sensor starts stopped; ours runs, so new raw partitions flow
@@ -31,7 +32,7 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 def build_defs(env: Mapping[str, str] = os.environ) -> dg.Definitions:
     """The whole code location, its resources wired to the environment `env`."""
     return dg.Definitions(
-        assets=[simulated_batch, raw_housing, housing_features, candidate_model, staged_model, feedback, ab_report, production_deployment, *MONITORING_ASSETS],
+        assets=[simulated_batch, raw_housing, housing_features, candidate_model, staged_model, feedback, ab_report, production_deployment, interaction_logs, *MONITORING_ASSETS],
         jobs=[promote_model, rollback_model, approve_model, retrain_model],
         sensors=[landed_batches_sensor, feature_backlog_sensor, automation_sensor, registry_sensor, *MONITORING_SENSORS],
         resources={

@@ -2,21 +2,26 @@
 fails (records wait in the spool for a sweep), odd values, and readers of older files."""
 
 import socket
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import polars as pl
+import pytest
 
 from bridge_assets.lake.storage import LocalStore, S3Store
-from serving.interactions import SCHEMA, InteractionLogger, lake_identity, read_interactions, record, sweep, write_spooled
+from serving.interactions import (
+    SCHEMA, InteractionLogger, compact_closed_hours, compact_partition, expire_interactions, lake_identity,
+    read_interactions, record, sweep, write_spooled,
+)  # fmt: skip
 from serving.spool import sweep_spools
 
 
-def rows(count: int, tag: str) -> list[dict]:
+def rows(count: int, tag: str, timestamp: datetime | None = None) -> list[dict]:
     return [
         record(
             request_id=f"{tag}-{i}", endpoint="/predict", status=200, model_name="m", model_version="1",
             variant="production", latency_ms=1.0, features={"area": 1000.0 + i, "bedrooms": 3, "mainroad": "yes"},
-            prediction=1.0 + i, client_id="c", replica="r",
+            prediction=1.0 + i, client_id="c", replica="r", timestamp=timestamp,
         )  # fmt: skip
         for i in range(count)
     ]
@@ -85,3 +90,70 @@ def test_files_written_before_the_schema_version_column_still_read(tmp_path):
     assert logged["schema_version"].to_list() == [2, 2, 2, 1, 1]
     assert logged.filter(pl.col("schema_version") == 1)["client_id"].null_count() == 2
     assert lake_identity(store) == store.uri("interactions/")
+
+
+def _hour_of_files(store: LocalStore, tmp_path, files: int, tag: str, day: int = 28) -> str:
+    """`files` flushes of 10 records each into one hour; its partition."""
+    logger = InteractionLogger(lambda: store, f"replica-{tag}", spool_dir=tmp_path / "spool", flush_seconds=600)
+    for i in range(files):
+        logger.log(rows(10, f"{tag}{i}", datetime(2026, 11, day, 21, 30, tzinfo=UTC)))
+        logger.flush()
+    logger.close()
+    (partition,) = {"/".join(k.split("/")[1:3]) for k in store.list("interactions/")}
+    return partition
+
+
+class _DiesBeforeTheManifest(LocalStore):
+    def put_text(self, key: str, text: str) -> None:
+        raise OSError("killed before the manifest")
+
+
+def test_compaction_merges_an_hour_into_one_file_and_loses_or_duplicates_nothing(tmp_path):
+    store = LocalStore(tmp_path / "lake")
+    partition = _hour_of_files(store, tmp_path, 4, "a")
+    before = read_interactions(store).sort("request_id")
+    with pytest.raises(OSError, match="manifest"):  # merged file written, not yet made visible
+        compact_partition(_DiesBeforeTheManifest(tmp_path / "lake"), partition)
+    assert read_interactions(store).sort("request_id").equals(before)  # each record once meanwhile
+    done = compact_partition(store, partition)  # the same sources: the same merged name, rewritten
+    assert (done.files, done.records, done.deleted) == (4, 40, 4)
+    assert [k.rsplit("/", 1)[-1][:10] for k in store.list("interactions/")] == ["compacted-", "compacted-"]  # file + manifest
+    assert read_interactions(store).sort("request_id").equals(before)
+
+    _hour_of_files(store, tmp_path, 1, "late")  # a late spool sweep lands in the compacted hour
+    assert read_interactions(store).height == 50
+    again = compact_partition(store, partition)
+    assert (again.files, again.records) == (2, 50) and compact_partition(store, partition) is None
+    logged = read_interactions(store)
+    assert logged.height == 50 and logged["request_id"].n_unique() == 50
+    assert len(store.list("interactions/")) == 2
+
+
+def test_closed_hours_are_compacted_and_retention_deletes_old_hours(tmp_path):
+    store = LocalStore(tmp_path / "lake")
+    partition = _hour_of_files(store, tmp_path, 3, "b")
+    hour = datetime.strptime(partition, "date=%Y-%m-%d/hour=%H").replace(tzinfo=UTC)
+    assert compact_closed_hours(store, now=hour + timedelta(minutes=90)) == []  # within the grace period
+    (done,) = compact_closed_hours(store, now=hour + timedelta(hours=2))
+    assert (done.partition, done.files, done.records) == (partition, 3, 30)
+    assert expire_interactions(store, now=hour + timedelta(days=2), retention=timedelta(days=7)) == 0
+    assert expire_interactions(store, now=hour + timedelta(days=8), retention=timedelta(days=7)) == 2
+    assert read_interactions(store).is_empty()
+
+
+def test_the_dagster_asset_compacts_closed_hours_and_applies_retention(tmp_path):
+    import dagster as dg
+
+    from bridge_assets.defs.resources import LakeStorage
+    from bridge_assets.defs.serving_logs import interaction_logs
+
+    store = LocalStore(tmp_path / "lake")
+    _hour_of_files(store, tmp_path, 3, "d", day=1)  # an hour long closed
+    storage = LakeStorage(local_root=str(tmp_path / "lake"))
+    result = dg.materialize([interaction_logs], resources={"storage": storage})
+    metadata = {k: v.value for k, v in result.asset_materializations_for_node("interaction_logs")[0].metadata.items()}
+    assert (metadata["hours_compacted"], metadata["files_merged"], metadata["records_compacted"]) == (1, 3, 30)
+    assert read_interactions(store).height == 30 and len(store.list("interactions/")) == 2
+    config = {"ops": {"interaction_logs": {"config": {"retention_days": 7}}}}
+    expired = dg.materialize([interaction_logs], resources={"storage": storage}, run_config=config)
+    assert expired.asset_materializations_for_node("interaction_logs")[0].metadata["files_expired"].value == 2

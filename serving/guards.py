@@ -28,6 +28,12 @@ MLFLOW_ERROR_CODES = {
 }  # fmt: skip
 
 
+def service_of(scope: dict) -> Any:
+    """The replica's service for an HTTP request (None for other scopes, or outside a replica).
+    Serve ships the ingress class by value, so the service lives on the app's state."""
+    return getattr(scope["app"].state, "service", None) if scope["type"] == "http" and "app" in scope else None
+
+
 def error_reply(path: str, status: int, message: str, **extra: Any) -> JSONResponse:
     """An error in the endpoint's own shape: MLflow's for `/invocations`, the reference's else."""
     if path == MLFLOW_ENDPOINT:
@@ -87,8 +93,7 @@ class Guards:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        service = getattr(scope["app"].state, "service", None) if "app" in scope else None
-        if scope["type"] != "http" or service is None:
+        if (service := service_of(scope)) is None:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         max_body, max_records = service.settings.max_body_bytes, service.settings.max_batch_records

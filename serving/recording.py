@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi import Request
 
-from serving.guards import error_reply
+from serving.guards import error_reply, service_of
 from serving.interactions import InteractionLogger, record
 
 log = logging.getLogger("bridge.serving")
@@ -111,8 +111,7 @@ class RecordRequests:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        service = getattr(scope["app"].state, "service", None) if "app" in scope else None
-        if scope["type"] != "http" or service is None:
+        if (service := service_of(scope)) is None:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")
