@@ -5,12 +5,15 @@ still reads `np.unicode_`, removed in numpy 2, and breaks on pandas string colum
 strings, datetimes and `np.str_` values. Restoring the alias (as `np.str_`, what it meant)
 before whylogs loads fixes all of them. Every bridge module gets whylogs from here.
 
-Most of `why.log(pandas)`'s time is per-element Python in its preprocessing
+Most of `why.log(pandas)`'s time is per-element Python: in its preprocessing
 (`PreprocessedColumn._pandas_split`: a `Series.apply` per float for inf, six per string
-for type masks). `profile_frame` swaps in a vectorised split for the two cases our frames
-hold — float columns and all-string object columns — and leaves every other column to the
-stock code. It builds exactly the same `PreprocessedColumn` (tested against stock
-`why.log` for equal summaries); it leans on a private API, so whylogs is pinned to 1.6.x.
+for type masks), in a 128-character slice of every string for frequent items, and in
+`to_pandas()` creating one Python str per row. `profile_frame` takes a Polars frame and
+vectorises the two cases our frames hold — float columns, and null-free string columns of
+at most 128 characters (handed over as an object array sharing one str per distinct value,
+in the numpy view, which whylogs updates without the slice) — and leaves every other column
+to the stock code. The summaries equal stock `why.log` on the same frame (tested); it leans
+on a private API, so whylogs is pinned to 1.6.x.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import contextvars
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-
 
 import numpy as np
 import pandas as pd
