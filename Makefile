@@ -17,7 +17,7 @@ ifneq ($(wildcard $(STACK_ENV)),)
 demo serve: export BRIDGE_ENV_FILE := $(STACK_ENV)
 endif
 
-.PHONY: install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps
+.PHONY: install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
 
 install: $(VENV)/.installed
 
@@ -58,13 +58,18 @@ system-deps:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; }
 
+# Headless Chromium from Debian for the browser tests; Playwright drives it and downloads nothing.
+test-deps:
+	@test -x /usr/bin/chromium || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+
 stack: install system-deps
 	$(BIN)/python -m deploy.stack start
 
 stack-stop: install
 	$(BIN)/python -m deploy.stack stop
 
-test: install system-deps
+test: install system-deps test-deps
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -8,12 +8,15 @@ from collections.abc import Mapping
 
 import dagster as dg
 
+from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.features import feature_backlog_sensor, housing_features
 from bridge_assets.defs.landing import simulated_batch
 from bridge_assets.defs.monitoring import MONITORING_ASSETS, MONITORING_SENSORS, monitoring, retrain_model
 from bridge_assets.defs.promotion import ab_report, approve_model, feedback, staged_model
 from bridge_assets.defs.raw import landed_batches_sensor, raw_housing
 from bridge_assets.defs.resources import lake_storage, mlflow_tracking, promotion_policy, ray_serving, training_launcher
+from bridge_assets.defs.schedules import training_round_schedule
+from bridge_assets.defs.scoring import batch_predictions
 from bridge_assets.defs.serving import production_deployment, promote_model, registry_sensor, rollback_model
 from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
@@ -24,7 +27,7 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     "bridge_automation",
     target=dg.AssetSelection.all(),
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
+    minimum_interval_seconds=sensor_interval("bridge_automation", 30),
 )
 
 
@@ -32,9 +35,13 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 def build_defs(env: Mapping[str, str] = os.environ) -> dg.Definitions:
     """The whole code location, its resources wired to the environment `env`."""
     return dg.Definitions(
-        assets=[simulated_batch, raw_housing, housing_features, candidate_model, staged_model, feedback, ab_report, production_deployment, interaction_logs, *MONITORING_ASSETS],
+        assets=[simulated_batch, raw_housing, housing_features, candidate_model, staged_model, feedback, ab_report, production_deployment, interaction_logs, batch_predictions, *MONITORING_ASSETS],
         jobs=[promote_model, rollback_model, approve_model, retrain_model],
         sensors=[landed_batches_sensor, feature_backlog_sensor, automation_sensor, registry_sensor, *MONITORING_SENSORS],
+        schedules=[training_round_schedule(env)],
+        # Each run is one or two assets on a small machine: steps in the run's own process spare
+        # every step a second import of torch, MLflow and Ray (tens of seconds under load).
+        executor=dg.in_process_executor,
         resources={
             "storage": lake_storage(env),
             "mlflow_tracking": mlflow_tracking(env),

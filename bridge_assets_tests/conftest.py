@@ -25,6 +25,7 @@ from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.round import run_round
 from bridge_assets.ml.tracking import MlflowSettings, log_round, promote_to_production
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port
+from bridge_assets_tests.dagster_dev import DagsterDev, FirstRound, keep_artifact, run_first_round
 from serving.cluster import pick_free_ports
 from serving.deploy import stop_serving
 from bridge_assets.lake.storage import ObjectStore
@@ -169,3 +170,34 @@ def service(serving_session: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setenv(name, value)
     serving_session.settings.activate()  # MLflow's process-wide tracking URI, for mlflow.* calls
     return SimpleNamespace(**vars(serving_session), patch=monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def dagster_dev() -> Iterator[DagsterDev]:
+    """One real `dagster dev` (webserver + daemon) for the session, on its own local lake and
+    instance; the landing and feature sensors tick every 5 s (`BRIDGE_SENSOR_INTERVAL_<NAME>`)."""
+    root = Path(tempfile.mkdtemp(prefix="bridge-dagster-dev-"))
+    env = {name: value for name, value in os.environ.items() if name not in LAKE_VARIABLES} | {
+        "BRIDGE_HOME": str(root / "home"),
+        "BRIDGE_ENV_FILE": "",
+        "BRIDGE_SENSOR_INTERVAL_LANDED_BATCHES_SENSOR": "5",
+        "BRIDGE_SENSOR_INTERVAL_FEATURE_BACKLOG_SENSOR": "5",
+        "BRIDGE_RAY_PORT": str(free_port()),  # should anything deploy, never onto a developer's ports
+        "BRIDGE_SERVE_PORT": str(free_port()),
+        "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-{uuid.uuid4().hex[:6]}",
+        "WHYLOGS_NO_ANALYTICS": "True",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    dev = DagsterDev.start(root, free_port(), env)
+    yield dev
+    dev.stop()
+    keep_artifact(dev.log_path)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def first_round(dagster_dev: DagsterDev) -> FirstRound:
+    """Data landed as a user lands it, raw partitions and features made by the real sensors,
+    then a training round launched through GraphQL: what the e2e and browser tests inspect."""
+    return run_first_round(dagster_dev)

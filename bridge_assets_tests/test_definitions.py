@@ -41,7 +41,7 @@ def test_asset_graph_shape():
         from bridge_assets.definitions import defs
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"simulated_batch", "raw_housing", "housing_features", "candidate_model", "production_deployment"}
+    assert keys == {"simulated_batch", "raw_housing", "housing_features", "candidate_model", "production_deployment", "batch_predictions"}
     assert graph.get(dg.AssetKey("candidate_model")).parent_keys == {dg.AssetKey("housing_features")}
     assert graph.get(dg.AssetKey("housing_features")).parent_keys == {dg.AssetKey("raw_housing")}
     checks = {key.name for key in graph.asset_check_keys}
@@ -51,6 +51,21 @@ def test_asset_graph_shape():
     assert sensors["landed_batches_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
     assert sensors["bridge_automation"].default_status == dg.DefaultSensorStatus.RUNNING
     assert sensors["feature_backlog_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_groups_follow_the_architecture():
+    with warnings.catch_warnings():
+        from bridge_assets.definitions import defs
+    graph = defs.resolve_asset_graph()
+    expected = {
+        "simulated_batch": "ingestion", "raw_housing": "ingestion", "housing_features": "features",
+        "candidate_model": "training", "batch_predictions": "serving",
+    }  # fmt: skip
+    for key, group in expected.items():
+        node = graph.get(dg.AssetKey(key))
+        assert (node.group_name, bool(node.owners), bool(node.kinds)) == (group, True, True), key
+    assert graph.get(dg.AssetKey("batch_predictions")).parent_keys == {dg.AssetKey("raw_housing")}
+    assert defs.resolve_schedule_def("training_round_schedule").default_status == dg.DefaultScheduleStatus.RUNNING
 
 
 def test_secrets_reach_dagster_only_as_env_vars():

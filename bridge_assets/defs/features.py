@@ -8,6 +8,7 @@ import polars as pl
 
 from bridge_assets.core.contract import FEATURES, SCHEMA, TARGET
 from bridge_assets.core.features import SPLIT_BOUNDS, SPLITS
+from bridge_assets.defs.cadence import freshness_hours, sensor_interval
 from bridge_assets.defs.metadata import markdown_preview, table_schema
 from bridge_assets.defs.raw import raw_housing
 from bridge_assets.defs.policies import STORAGE_RETRY
@@ -75,8 +76,13 @@ def _adds_rows_check(build: FeatureBuild) -> dg.AssetCheckResult:
 
 @dg.asset(
     deps=[raw_housing],
-    group_name="lake",
+    group_name="features",
     kinds={"polars", "duckdb", "parquet"},
+    owners=["team:data-engineering"],
+    # Stale features mean training and monitoring look at old data: warn after half the window.
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=freshness_hours("housing_features", 48), warn_window=freshness_hours("housing_features", 48) / 2
+    ),
     # No automation condition: `feature_backlog_sensor` requests a run while any validated
     # batch is missing from the table, which also covers runs that interleave.
     check_specs=[
@@ -134,7 +140,11 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
     )
 
 
-@dg.sensor(target=[housing_features], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
+@dg.sensor(
+    target=[housing_features],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval("feature_backlog_sensor", 30),
+)
 def feature_backlog_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """Requests a feature-table run while a validated batch is missing from the latest version.
 

@@ -36,7 +36,7 @@ class SimulationConfig(dg.Config):
         )
 
 
-@dg.asset(group_name="landing", kinds={"python"})
+@dg.asset(group_name="ingestion", kinds={"python", "parquet"}, owners=["team:data-engineering"])
 def simulated_batch(
     context: dg.AssetExecutionContext, config: SimulationConfig, storage: LakeStorage
 ) -> dg.MaterializeResult:

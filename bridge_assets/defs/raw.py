@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.metadata import markdown_preview
 from bridge_assets.defs.policies import STORAGE_RETRY
 from bridge_assets.defs.resources import LakeStorage
@@ -16,8 +17,9 @@ MAX_QUARANTINE_RATE = 0.05
 
 @dg.asset(
     partitions_def=raw_batches,
-    group_name="lake",
-    kinds={"polars"},
+    group_name="ingestion",
+    kinds={"polars", "parquet"},
+    owners=["team:data-engineering"],
     check_specs=[dg.AssetCheckSpec("quarantine_rate", asset="raw_housing")],
     retry_policy=STORAGE_RETRY,
 )
@@ -57,7 +59,11 @@ def raw_housing(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.M
     )
 
 
-@dg.sensor(target=[raw_housing], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=15)
+@dg.sensor(
+    target=[raw_housing],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval("landed_batches_sensor", 15),
+)
 def landed_batches_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """Registers each newly landed batch as a raw partition and requests it exactly once.
 

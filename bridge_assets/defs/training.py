@@ -26,7 +26,7 @@ class TrainingRoundConfig(dg.Config):
         return [preset(name, **overrides).to_dict() for name in self.presets]
 
 
-@dg.asset(deps=[housing_features], group_name="training", kinds={"pytorch", "mlflow"})
+@dg.asset(deps=[housing_features], group_name="training", kinds={"pytorch", "mlflow"}, owners=["team:ml-engineering"])
 def candidate_model(
     context: dg.AssetExecutionContext,
     config: TrainingRoundConfig,

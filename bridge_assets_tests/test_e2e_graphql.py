@@ -1,0 +1,111 @@
+"""The loop against a running `dagster dev` (webserver and daemon as real processes), seen
+only through its GraphQL API: data lands in the lake as `bridge simulate` lands it, the real sensors validate it
+and build the feature table, and a training round launched over GraphQL registers a version.
+Nothing here calls an asset; the `first_round` fixture drives the loop, the tests read it back.
+"""
+
+from mlflow.tracking import MlflowClient
+
+from bridge_assets.ml.tracking import MlflowSettings
+from bridge_assets_tests.dagster_dev import CORRUPT_FRACTION, SIM_BATCH, SIM_ROWS, DagsterDev, FirstRound, run_tags
+
+LOCATION = "bridge_assets.definitions:defs"
+REPOSITORY = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__"}
+AUTOMATION = """
+query($repo: RepositorySelector!) { repositoryOrError(repositorySelector: $repo) { ... on Repository {
+  sensors { name minIntervalSeconds sensorState { status } }
+  schedules { name cronSchedule executionTimezone scheduleState { status } }
+} } }
+"""
+SENSOR_TICKS = """
+query($sensor: SensorSelector!) { sensorOrError(sensorSelector: $sensor) { ... on Sensor {
+  sensorState { ticks(limit: 200) { status runIds skipReason } }
+} } }
+"""
+CHECKS = """
+query($key: AssetKeyInput!) { assetNodeOrError(assetKey: $key) { ... on AssetNode {
+  groupName
+  freshnessStatusInfo { freshnessStatus }
+  assetChecksOrError { ... on AssetChecks { checks { name blocking
+    executionForLatestMaterialization { status runId evaluation { success severity } } } } }
+} } }
+"""
+
+
+def _successful_ticks(dev: DagsterDev, sensor: str) -> list[dict]:
+    data = dev.graphql(SENSOR_TICKS, {"sensor": {**REPOSITORY, "sensorName": sensor}})
+    return [t for t in data["sensorOrError"]["sensorState"]["ticks"] if t["status"] == "SUCCESS"]
+
+
+def _checks(dev: DagsterDev, asset: str) -> tuple[dict, dict[str, dict]]:
+    node = dev.graphql(CHECKS, {"key": {"path": [asset]}})["assetNodeOrError"]
+    return node, {c["name"]: c for c in node["assetChecksOrError"]["checks"]}
+
+
+def test_every_sensor_and_schedule_runs_by_default_with_intervals_from_the_environment(dagster_dev: DagsterDev):
+    repository = dagster_dev.graphql(AUTOMATION, {"repo": REPOSITORY})["repositoryOrError"]
+    sensors = {s["name"]: s for s in repository["sensors"]}
+    assert {"landed_batches_sensor", "feature_backlog_sensor", "bridge_automation"} <= set(sensors)
+    stopped = [name for name, s in sensors.items() if s["sensorState"]["status"] != "RUNNING"]
+    assert not stopped, f"sensors a user would have to switch on by hand: {stopped}"
+    # The harness shortened two sensors through the environment; the rest keep their defaults.
+    assert sensors["landed_batches_sensor"]["minIntervalSeconds"] == sensors["feature_backlog_sensor"]["minIntervalSeconds"] == 5
+    assert sensors["bridge_automation"]["minIntervalSeconds"] == 30
+    schedules = {s["name"]: s for s in repository["schedules"]}
+    training = schedules["training_round_schedule"]
+    assert training["scheduleState"]["status"] == "RUNNING"
+    assert (training["cronSchedule"], training["executionTimezone"]) == ("0 3 * * 1", "UTC")
+
+
+def test_landed_batches_become_raw_partitions_through_the_landing_sensor(dagster_dev: DagsterDev, first_round: FirstRound):
+    raw = first_round.raw
+    assert set(raw) == set(first_round.batches)
+    requested = {run_id for tick in _successful_ticks(dagster_dev, "landed_batches_sensor") for run_id in tick["runIds"]}
+    for batch_id, event in raw.items():
+        assert event.run_id in requested, f"{batch_id} was not materialized by a landing-sensor run"
+        tags = run_tags(dagster_dev, event.run_id)
+        assert (tags["dagster/sensor_name"], tags["dagster/partition"], tags["dagster/run_key"]) == (
+            "landed_batches_sensor", batch_id, batch_id,
+        )  # fmt: skip
+    simulated = raw[SIM_BATCH].metadata
+    assert simulated["rows_landed"] == SIM_ROWS
+    assert simulated["rows_valid"] + simulated["rows_quarantined"] == SIM_ROWS
+    assert 0 < simulated["rows_quarantined"] <= 2 * CORRUPT_FRACTION * SIM_ROWS
+    node, checks = _checks(dagster_dev, "raw_housing")
+    assert node["groupName"] == "ingestion"
+    assert checks["quarantine_rate"]["executionForLatestMaterialization"]["status"] == "SUCCEEDED"
+
+
+def test_the_backlog_sensor_builds_a_feature_version_holding_every_batch(dagster_dev: DagsterDev, first_round: FirstRound):
+    features = first_round.features
+    assert run_tags(dagster_dev, features.run_id)["dagster/sensor_name"] == "feature_backlog_sensor"
+    assert features.run_id in {r for t in _successful_ticks(dagster_dev, "feature_backlog_sensor") for r in t["runIds"]}
+    metadata = features.metadata
+    assert metadata["published"] is True
+    valid_rows = sum(event.metadata["rows_valid"] for event in first_round.raw.values())
+    assert metadata["rows"] == valid_rows - metadata["duplicates_dropped"] > 0
+    assert sum(metadata["rows_per_split"].values()) == metadata["rows"]
+    assert set(metadata["batches"]) == set(first_round.batches)
+    node, checks = _checks(dagster_dev, "housing_features")
+    assert node["groupName"] == "features"
+    for name in ("schema", "no_nulls", "row_count"):
+        execution = checks[name]["executionForLatestMaterialization"]
+        assert checks[name]["blocking"] and execution["status"] == "SUCCEEDED", (name, execution)
+    # Just built, well inside its freshness window (the daemon evaluates it on its own loop).
+    assert node["freshnessStatusInfo"]["freshnessStatus"] in {"HEALTHY", "UNKNOWN"}
+
+
+def test_a_training_round_launched_through_graphql_registers_a_version(dagster_dev: DagsterDev, first_round: FirstRound):
+    assert first_round.training_status == "SUCCESS", dagster_dev.log_tail()
+    candidate = first_round.candidate
+    assert candidate is not None, "the training run succeeded but reported no candidate_model materialization"
+    metadata = candidate.metadata
+    assert metadata["feature_version"] == first_round.features.metadata["version"]
+    assert metadata["best_config"] == "reference"
+    assert "baseline: linear" in metadata["metrics"] and metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")
+    settings = MlflowSettings.from_env(dagster_dev.env)
+    client = MlflowClient(settings.tracking_uri)
+    version = client.get_model_version(settings.model_name, str(metadata["model_version"]))
+    assert version.tags["bridge.feature_version"] == metadata["feature_version"]
+    assert metadata["model_uri"] == f"models:/{settings.model_name}/{version.version}"
+    assert run_tags(dagster_dev, first_round.training_run_id)["bridge/test"] == "e2e"

@@ -1,0 +1,72 @@
+"""The training schedule and every cadence read from configuration."""
+
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import pytest
+from dagster._core.test_utils import create_run_for_test
+
+from bridge_assets.defs.cadence import freshness_hours, sensor_interval
+from bridge_assets.defs.resources import lake_storage
+from bridge_assets.defs.schedules import TRAINING_SCHEDULE, TRIGGER_TAG, training_round_schedule
+from bridge_assets.defs.training import candidate_model
+from bridge_assets.lake.feature_store import build_features
+from bridge_assets.lake.landing import land_seed, landed_batches
+from bridge_assets.lake.raw import validate_batch
+
+
+def _tick(schedule: dg.ScheduleDefinition, instance: dg.DagsterInstance, env: dict[str, str]):
+    context = dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=UTC),
+        resources={"storage": lake_storage(env)},
+    )
+    return schedule.evaluate_tick(context)
+
+
+def test_cadences_come_from_the_environment():
+    assert training_round_schedule({}).cron_schedule == "0 3 * * 1"
+    configured = training_round_schedule({"BRIDGE_TRAINING_CRON": "*/10 * * * *", "BRIDGE_SCHEDULE_TIMEZONE": "Europe/London"})
+    assert (configured.cron_schedule, configured.execution_timezone) == ("*/10 * * * *", "Europe/London")
+    assert configured.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert configured.target.assets_defs == [candidate_model]
+    assert sensor_interval("landed_batches_sensor", 15, {}) == 15
+    assert sensor_interval("landed_batches_sensor", 15, {"BRIDGE_SENSOR_INTERVAL": "5"}) == 5
+    one = {"BRIDGE_SENSOR_INTERVAL": "5", "BRIDGE_SENSOR_INTERVAL_LANDED_BATCHES_SENSOR": "2"}
+    assert sensor_interval("landed_batches_sensor", 15, one) == 2
+    with pytest.raises(ValueError, match="BRIDGE_SENSOR_INTERVAL=.*at least 1 second"):
+        sensor_interval("x", 15, {"BRIDGE_SENSOR_INTERVAL": "0"})
+    assert freshness_hours("housing_features", 48, {}) == timedelta(hours=48)
+    assert freshness_hours("housing_features", 48, {"BRIDGE_FRESHNESS_HOURS_HOUSING_FEATURES": "1.5"}) == timedelta(minutes=90)
+
+
+def test_training_schedule_skips_until_features_exist_then_pins_the_latest_version(tmp_path):
+    env = {"BRIDGE_HOME": str(tmp_path / "home")}
+    schedule = training_round_schedule(env)
+    store = lake_storage(env).open()
+    with dg.instance_for_test() as instance:
+        (skip,) = [_tick(schedule, instance, env).skip_message]
+        assert skip == "no published feature version yet: nothing to train on"
+
+        land_seed(store)
+        for batch in landed_batches(store):
+            validate_batch(store, batch)
+        version = build_features(store).version.version
+        (request,) = _tick(schedule, instance, env).run_requests
+        assert request.run_config == {"ops": {"candidate_model": {"config": {"feature_version": version}}}}
+        assert request.tags[TRIGGER_TAG] == "schedule"
+
+        running = create_run_for_test(
+            instance, job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED, asset_selection={candidate_model.key}
+        )
+        result = _tick(schedule, instance, env)
+        assert not result.run_requests and result.skip_message == f"training run {running.run_id} is still in progress"
+
+
+def test_schedule_is_part_of_the_code_location():
+    from bridge_assets.definitions import defs
+
+    schedule = defs.resolve_schedule_def(TRAINING_SCHEDULE)
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("housing_features")).freshness_policy is not None
