@@ -12,6 +12,7 @@ import shutil
 import signal
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.tracking import log_pyfunc, promote_to_production
 from bridge_assets_tests.conftest import s3_environment
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, deploy_through_dagster
+from serving.cluster import ClusterSettings
 from serving.deploy import ServingSettings, deploy, stop_serving
 from serving.interactions import read_interactions
 from serving.router import assign
@@ -384,6 +386,20 @@ def test_a_clean_stop_flushes_every_buffered_record(service):
     assert deploy("housing-price", service.versions[1], "production") == service.url  # for later tests
 
 
+def _scraped(*labels: str, timeout: float = 90.0) -> list[str]:
+    """`ray_bridge_requests_total` lines with `labels` from the head node's Ray metrics port
+    (Ray exports application metrics every few seconds)."""
+    port = ClusterSettings.from_env().ports(0).ray_named(True)["--metrics-export-port"]
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode().splitlines()
+        wanted = [line for line in lines if line.startswith("ray_bridge_requests_total") and all(label in line for label in labels)]
+        if wanted or time.monotonic() > deadline:
+            assert wanted, [line for line in lines if "bridge" in line][:20]
+            return lines
+        time.sleep(2)
+
+
 def test_ab_both_variants_answer_sticky_recorded_and_ending_the_experiment_fails_no_request(service):
     version = _served(service.url)["model_version"]
     other = next(v for v in service.versions if v != version)
@@ -398,6 +414,8 @@ def test_ab_both_variants_answer_sticky_recorded_and_ending_the_experiment_fails
     assert set(seen.values()) == {("production", version), ("staging", other)}
     again = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": clients[0]})[1]["response"]
     assert (again["variant"], again["model_version"]) == seen[clients[0]]  # sticky per client
+    scraped = _scraped(f'model_version="{other}"', 'variant="staging"')  # where Prometheus scrapes Serve
+    assert any(line.startswith("ray_bridge_request_latency_ms_bucket") for line in scraped)
 
     failures: list[object] = []
     stop = threading.Event()
