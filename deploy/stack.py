@@ -32,9 +32,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,7 @@ STATE_FILE = "state.json"
 ENV_FILE = "stack.env"
 REGION = "us-east-1"
 BIN = Path(sys.executable).parent
+_SAVING = threading.RLock()  # the stack's dicts change from two threads while parts start
 
 
 class StackError(RuntimeError):
@@ -134,10 +137,11 @@ class Stack:
 
     def save(self) -> None:
         """State (mode 0600: it holds the stack's generated credentials) and stack.env."""
-        self.settings.directory.mkdir(parents=True, exist_ok=True)
-        state = {"processes": self.processes, "env": self.env, "secrets": self.secrets}
-        _write_private(self.settings.state_file, json.dumps(state, indent=2))
-        _write_private(self.settings.env_file, "".join(f"{k}={v}\n" for k, v in sorted(self.env.items())))
+        with _SAVING:  # parts start concurrently
+            self.settings.directory.mkdir(parents=True, exist_ok=True)
+            state = {"processes": self.processes, "env": self.env, "secrets": self.secrets}
+            _write_private(self.settings.state_file, json.dumps(state, indent=2))
+            _write_private(self.settings.env_file, "".join(f"{k}={v}\n" for k, v in sorted(self.env.items())))
 
     def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """A stack process's environment: the caller's, the stack's variables over it."""
@@ -210,8 +214,9 @@ def _spawn(stack: Stack, name: str, command: list[str], env: Mapping[str, str], 
         )  # fmt: skip
     record = {"pid": process.pid, "sid": process.pid, "started_at": psutil.Process(process.pid).create_time(),
               "port": port, "log": str(log), "command": command[:2]}  # fmt: skip
-    stack.processes[name] = record
-    stack.save()
+    with _SAVING:
+        stack.processes[name] = record
+        stack.save()
     return record
 
 
@@ -377,14 +382,14 @@ def start_s3(stack: Stack) -> None:
 # ---------------------------------------------------------------- MLflow server
 
 
-def start_mlflow(stack: Stack) -> None:
+def start_mlflow(stack: Stack, base_env: Mapping[str, str] = os.environ) -> None:
     """`mlflow server`: tracking store and registry in Postgres, artifacts proxied to S3.
 
     The database password reaches it as PGPASSWORD (libpq), never in a URI or a command line.
     """
     port = stack.settings.mlflow_port or free_port()
     pg_port = stack.processes["postgres"]["port"]
-    env = stack.child_env(os.environ) | {
+    env = stack.child_env(base_env) | {
         "PGPASSWORD": stack.secrets["pg_password"],
         "MLFLOW_S3_ENDPOINT_URL": stack.env["AWS_ENDPOINT_URL_S3"],
         # MLflow 3's GenAI job runner: seven more worker processes bridge never uses
@@ -399,8 +404,9 @@ def start_mlflow(stack: Stack) -> None:
     record = _spawn(stack, "mlflow", command, env, port)
     url = f"http://127.0.0.1:{port}"
     _wait(f"MLflow server at {url}", lambda: _http_ok(f"{url}/health"), 120, Path(record["log"]), record["pid"])
-    stack.env |= {"MLFLOW_TRACKING_URI": url}
-    stack.save()
+    with _SAVING:
+        stack.env |= {"MLFLOW_TRACKING_URI": url}
+        stack.save()
 
 
 def _http_ok(url: str) -> bool:
@@ -438,37 +444,49 @@ def _ray_ports(settings: StackSettings, nodes: int = 2) -> tuple[int, int]:
 def ray_cluster_env(stack: Stack) -> dict[str, str]:
     """The variables `serving.cluster` reads for the stack's own (local) Ray instance."""
     keep = ("BRIDGE_RAY_PORT", "BRIDGE_SERVE_PORT", "BRIDGE_RAY_TMPDIR", "BRIDGE_SERVE_HOST", "BRIDGE_SERVE_HAPROXY")
-    return {**os.environ, **{k: v for k, v in stack.env.items() if k in keep}, "BRIDGE_RAY_NUM_CPUS": "1"}
+    # Patience for a busy 2-core host: Serve's controller kills a proxy that misses 3 health
+    # checks of 10 s (a starting HAProxy proxy can, and `serve.start` then fails).
+    patience = {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")}
+    return {**os.environ, **{k: v for k, v in stack.env.items() if k in keep}, "BRIDGE_RAY_NUM_CPUS": "1"} | patience
 
 
 def start_ray(stack: Stack) -> None:
     """A head and one worker node (1 CPU each) on their own ports, through `serving.cluster`."""
-    from serving.cluster import ClusterSettings, start_local_node, start_local_ray
+    from serving.cluster import ClusterError, ClusterSettings, start_local_node, start_local_ray, stop_serving
 
     ray_port, serve_port = _ray_ports(stack.settings)
-    stack.env |= {
-        "BRIDGE_RAY_PORT": str(ray_port),
-        "BRIDGE_SERVE_PORT": str(serve_port),
-        "BRIDGE_SERVE_HOST": "127.0.0.1",
-        "BRIDGE_RAY_TMPDIR": stack.settings.ray_temp_dir,
-        "BRIDGE_SERVE_REPLICAS": str(stack.settings.replicas),
-    }
-    stack.save()
+    with _SAVING:
+        stack.env |= {
+            "BRIDGE_RAY_PORT": str(ray_port),
+            "BRIDGE_SERVE_PORT": str(serve_port),
+            "BRIDGE_SERVE_HOST": "127.0.0.1",
+            "BRIDGE_RAY_TMPDIR": stack.settings.ray_temp_dir,
+            "BRIDGE_SERVE_REPLICAS": str(stack.settings.replicas),
+        }
+        stack.save()
     env = ray_cluster_env(stack)
     cluster = ClusterSettings.from_env(env)
     saved = dict(os.environ)
     os.environ.update(env)  # cluster.py reads a few of Ray's variables from the process environment
     try:
-        start_local_ray(cluster)
-        start_local_node(cluster, 1, num_cpus=1)
+        for attempt in (1, 2, 3):  # a raylet registering later than Ray's fixed 30 s fails `ray start`: again
+            try:
+                start_local_ray(cluster)
+                start_local_node(cluster, 1, num_cpus=1)
+                break
+            except ClusterError:
+                stop_serving(env)
+                if attempt == 3:
+                    raise
     finally:
         os.environ.clear()
         os.environ.update(saved)
-    stack.processes["ray"] = {"port": ray_port, "serve_port": serve_port, "temp_dir": cluster.temp_dir,
-                              "nodes": (cluster.state() or {}).get("nodes", [])}  # fmt: skip
-    # users of the stack reach it as an external cluster: `make stop`/demo never end the stack's Ray
-    stack.env |= {"RAY_ADDRESS": cluster.local_address}
-    stack.save()
+    with _SAVING:
+        stack.processes["ray"] = {"port": ray_port, "serve_port": serve_port, "temp_dir": cluster.temp_dir,
+                                  "nodes": (cluster.state() or {}).get("nodes", [])}  # fmt: skip
+        # users of the stack reach it as an external cluster: `make stop`/demo never end the stack's Ray
+        stack.env |= {"RAY_ADDRESS": cluster.local_address}
+        stack.save()
 
 
 def stop_ray(stack: Stack) -> str:
@@ -612,10 +630,12 @@ def start(settings: StackSettings, restore_from: Path | None = None, base_env: M
         start_s3(stack)
         if restore_from is not None:
             restore(stack, restore_from)
-        if "mlflow" in settings.components:
-            start_mlflow(stack)
-        if "ray" in settings.components:
-            start_ray(stack)
+        with ThreadPoolExecutor(1) as pool:  # the MLflow server starts while Ray does (both ~10-20 s)
+            mlflow = pool.submit(start_mlflow, stack, dict(os.environ)) if "mlflow" in settings.components else None
+            if "ray" in settings.components:
+                start_ray(stack)
+            if mlflow is not None:
+                mlflow.result()
         if "dagster" in settings.components:
             start_code_location(stack, base_env)
             start_dagster(stack, base_env)
