@@ -15,6 +15,7 @@ before Ray starts, and recorded with the session ids in `<temp dir>/bridge-insta
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -36,6 +37,9 @@ DEFAULT_RAY_TEMP_DIR = "/tmp/bridge-ray"
 STATE_FILE = "bridge-instance.json"
 INSTANCE_MARKER = "BRIDGE_RAY_INSTANCE"  # in the environment of every process our `ray start` begets
 RAY_PORTS_PER_NODE = 200  # see NodePorts
+# Ray gives a raylet 30 s to register with the GCS; on a starved machine that fails, and retrying
+# after ending the attempt's processes is all a caller could do.
+START_ATTEMPTS = 3
 
 
 class ClusterError(RuntimeError):
@@ -157,6 +161,12 @@ class ClusterSettings:
         return NodePorts.derive(self.ray_port, self.serve_port, index)
 
     @property
+    def haproxy_dir(self) -> Path:
+        """HAProxy's config, sockets and server state, one folder per node inside. Not in the temp
+        dir: HAProxy refuses socket paths over 97 characters, and the node id alone takes 56."""
+        return Path("/tmp") / f"bridge-hap-{hashlib.sha256(self.temp_dir.encode()).hexdigest()[:8]}"  # 94 at most
+
+    @property
     def state_file(self) -> Path:
         return Path(self.temp_dir) / STATE_FILE
 
@@ -178,8 +188,8 @@ def ray_env(settings: ClusterSettings | None = None) -> dict[str, str]:
 
 
 def _node_env(settings: ClusterSettings, index: int) -> dict[str, str]:
-    """`ray start`'s environment for node `index`: its Serve ports, HAProxy's files in our temp dir."""
-    haproxy = Path(settings.temp_dir) / "haproxy"
+    """`ray start`'s environment for node `index`: its Serve ports, HAProxy's files in our folder."""
+    haproxy = settings.haproxy_dir
     files = {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": haproxy / "haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": haproxy / "admin.sock",
@@ -330,7 +340,8 @@ def start_local_ray(settings: ClusterSettings) -> str:
         )
     Path(settings.temp_dir).mkdir(parents=True, exist_ok=True)
     sid, started_at = _ray_start(settings, 0, ["--head", "--include-dashboard=false"])
-    record = {k: v for k, v in asdict(settings).items() if k != "address"} | {"nodes": [_node_record(settings, 0, sid, started_at)]}
+    record = {k: v for k, v in asdict(settings).items() if k != "address"} | {
+        "haproxy_dir": str(settings.haproxy_dir), "nodes": [_node_record(settings, 0, sid, started_at)]}  # fmt: skip
     _write_state(settings, record)
     return settings.local_address
 
@@ -354,14 +365,35 @@ def _ray_start(settings: ClusterSettings, index: int, role: list[str], num_cpus:
         "--num-cpus", str(num_cpus or settings.num_cpus), "--object-store-memory", str(settings.object_store_mb * 1024 * 1024),
         "--temp-dir", settings.temp_dir,
     ]  # fmt: skip
-    started_at = time.time()
-    starter = subprocess.Popen(
-        command, env=_node_env(settings, index), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    output, _ = starter.communicate(timeout=180)
-    if starter.returncode != 0:
-        raise ClusterError(f"`ray start` failed for {settings.temp_dir}:\n{output.decode(errors='replace')[-3000:]}")
-    return starter.pid, started_at
+    attempt = 1
+    while True:
+        started_at = time.time()
+        starter = subprocess.Popen(
+            command, env=_node_env(settings, index), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            output, _ = starter.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            starter.kill()
+            output = b"`ray start` did not return within 300 s"
+        if starter.returncode == 0:
+            return starter.pid, started_at
+        # this attempt's debris: its session id stays ours while any member of it lives
+        terminate(_session_members(starter.pid))
+        if b"timed out during startup" not in output or attempt == START_ATTEMPTS:
+            raise ClusterError(f"`ray start` failed for {settings.temp_dir}:\n{output.decode(errors='replace')[-3000:]}")
+        attempt += 1
+
+
+def _session_members(sid: int) -> list[psutil.Process]:
+    members = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == sid:
+                members.append(process)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
 
 
 def _node_record(settings: ClusterSettings, index: int, sid: int, started_at: float) -> dict:
@@ -427,6 +459,7 @@ def _clean_up(settings: ClusterSettings, processes: list[psutil.Process]) -> lis
         stopped += terminate(late, grace_seconds=2.0)
     for node_id in node_ids:  # HAProxy's default folders, used by instances started before ours moved them
         shutil.rmtree(Path("/tmp/haproxy-serve") / node_id, ignore_errors=True)
+    shutil.rmtree(settings.haproxy_dir, ignore_errors=True)
     shutil.rmtree(settings.temp_dir, ignore_errors=True)
     return stopped
 
@@ -568,6 +601,7 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
         settings = replace(settings, ray_port=state["ray_port"], serve_port=state["serve_port"])
     processes = instance_processes(settings)
     if not processes:  # still publish what replicas of a crashed instance left behind
+        shutil.rmtree(settings.haproxy_dir, ignore_errors=True)
         shutil.rmtree(settings.temp_dir, ignore_errors=True)
         return StopReport([], [], {}, "was not running", _sweep_spools(env))
     serve = shutdown_serve(settings) if _healthy(settings.ray_port, processes) else "was unreachable (Ray half-dead; no graceful flush)"
