@@ -2,10 +2,16 @@
 
 Lands the real data and a simulated batch (with some corrupt rows and oddly-cased
 categories), registers both as raw partitions, materializes them, the feature table and a
-training round (a candidate model in MLflow) with `dagster asset materialize`, promotes the
-candidate (`promote_model` job), deploys it into Ray Serve (`production_deployment`), sends a
-few requests, and stops Serve and Ray again, printing what was produced, read back from
-storage and MLflow. Running it again lands nothing new; it trains a new round each time.
+training round (a candidate model in MLflow) with `dagster asset materialize`, and puts the
+candidate through the compliance gates (`staged_model`) into Staging. The first time there is
+no Production to compare with, so it becomes Production (`promote_model`), and a deliberately
+worse candidate (the reference network after one epoch) is shown stopped at a gate with its
+numbers. On later runs the new candidate runs an online A/B experiment against Production:
+both are deployed behind the router, simulated clients send houses (`bridge traffic`), their
+prices are released as delayed feedback, `ab_report` gives a verdict, and `promote_model`
+promotes only on a promote verdict. Then the service answers a few requests, Serve and Ray
+stop, and the registry's audit trail is printed. Running it again lands nothing new; it trains
+a new round each time.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 
@@ -22,32 +29,112 @@ import dagster as dg
 import polars as pl
 
 from bridge_assets.core.contract import FEATURES
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.lake.feedback import release_feedback
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
 from bridge_assets.ml.tracking import CANDIDATE_ALIAS, MlflowSettings
+from bridge_assets.ml.traffic import send_traffic
 from serving.deploy import ServingSettings, stop_serving
 from serving.interactions import read_interactions
 
 DEMO_BATCH = "demo-sim-s7"
 DEMO_ROWS = 20_000
+SHIFT_BATCH = "demo-shift-s8"  # lands on the second run: prices rose 50% (a label shift)
+SHIFT = Drift(price_factor=1.5)
 
 
-def _dagster(*args: str) -> None:
-    """Run a `dagster` command against this code location and DAGSTER_HOME."""
+def _dagster(*args: str, check: bool = True) -> bool:
+    """Run a `dagster` command against this code location and DAGSTER_HOME; False if it failed
+    and `check` is off (a refusal the demo shows)."""
     print(f"$ dagster {' '.join(args)}")
     command = [sys.executable, "-m", "dagster", *args[:2], "-m", "bridge_assets.definitions", *args[2:]]
     completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
+    if completed.returncode != 0 and check:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
         raise SystemExit(f"`dagster {' '.join(args)}` failed")
+    return completed.returncode == 0
 
 
-def _materialize(select: str, partition: str | None = None) -> None:
-    _dagster("asset", "materialize", "--select", select, *(["--partition", partition] if partition else []))
+def _materialize(select: str, partition: str | None = None, config: dict | None = None, check: bool = True) -> bool:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="demo-") as file:
+        json.dump(config or {}, file)  # JSON is YAML
+        file.flush()
+        options = [*(["--partition", partition] if partition else []), *(["-c", file.name] if config else [])]
+        return _dagster("asset", "materialize", "--select", select, *options, check=check)
+
+
+def _job(name: str, config: dict, check: bool = True) -> bool:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="demo-") as file:
+        json.dump(config, file)
+        file.flush()
+        return _dagster("job", "execute", "-j", name, "-c", file.name, check=check)
+
+
+def _registry(store: ObjectStore) -> Registry:
+    settings = MlflowSettings.from_env()
+    return Registry(settings.activate(), settings.model_name, store, actor="make demo")
+
+
+def _gate(store: ObjectStore, version: str) -> bool:
+    """`staged_model`: every gate on the candidate; prints each gate's figures."""
+    passed = _materialize("staged_model", check=False)
+    record = _registry(store).gate_record(version)
+    assert record is not None, "staged_model recorded nothing"
+    print(f"gates of v{version}: {'every gate passed' if passed else 'BLOCKED'}")
+    for name, gate in record.evidence["gates"].items():
+        mark = "skip" if gate["skipped"] else "pass" if gate["passed"] else "FAIL"
+        print(f"  {mark:<4} {name:<11} {gate['summary'][:150]}")
+    return passed
+
+
+def _promote(store: ObjectStore) -> bool:
+    """`promote_model`: Staging → Production, refused without the evidence it needs."""
+    promoted = _job("promote_model", {"ops": {"set_production_alias": {"config": {"actor": "make demo"}}}}, check=False)
+    registry = _registry(store)
+    last = registry.history()[-1]
+    if promoted:
+        print(f"v{registry.version_for(PRODUCTION_ALIAS)} is Production: {last.reason}")
+    else:
+        print(f"promotion refused; Production stays v{registry.version_for(PRODUCTION_ALIAS)} (no 'promote' verdict for v{registry.version_for(STAGING_ALIAS)})")
+    return promoted
+
+
+def _worse_candidate(store: ObjectStore) -> None:
+    """A deliberately worse candidate (the reference network after one epoch) stopped at a gate."""
+    print("\na deliberately worse candidate: the reference network after one epoch")
+    _materialize("candidate_model", config={"ops": {"candidate_model": {"config": {"presets": ["reference"], "max_epochs": 1}}}})
+    worse = _registry(store).version_for(CANDIDATE_ALIAS)
+    if worse is not None and not _gate(store, worse):
+        print(f"v{worse} stays a candidate: {_registry(store).gate_record(worse).reason[:300]}")
+
+
+def _experiment(store: ObjectStore) -> None:
+    """Online A/B: Production and Staging behind the router, simulated clients, delayed
+    feedback, the verdict, and a promotion that needs it."""
+    registry = _registry(store)
+    production, staging = registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)
+    print(f"\nA/B experiment: Production v{production} against Staging v{staging} (half the clients each)")
+    _materialize("production_deployment")
+    url = ServingSettings.from_env().url
+    result = send_traffic(store, url, rate=40, duration=15, clients=100, seed=len(registry.history()), drift=SHIFT)
+    print(f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}")
+    deadline = time.monotonic() + 60
+    while read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height < result.ok:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    key, labels = release_feedback(store, result.traffic_id)
+    print(f"  released {labels} true prices as delayed feedback: {store.uri(key)}")
+    _materialize("feedback,ab_report")
+    verdict = _registry(store).verdict(staging)
+    if verdict is not None:
+        print(f"  verdict: {verdict.evidence['verdict']} — {verdict.reason}")
+    _promote(store)
 
 
 def _print_candidate() -> str:
@@ -69,16 +156,24 @@ def _print_candidate() -> str:
     return str(version.version)
 
 
-def _serve(store: ObjectStore, version: str) -> None:
-    """Gate the candidate into Staging, promote it, deploy it into Ray Serve, send requests,
-    stop what was started."""
+def _promotion(store: ObjectStore, version: str) -> None:
+    """Candidate → gates → Staging → (A/B) → Production, by the same jobs and assets as the UI."""
     print()
-    _materialize("staged_model")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="promote-") as config:
-        promotion = {"version": version, "override_reason": "make demo: no A/B experiment in the demo yet", "actor": "make demo"}
-        json.dump({"ops": {"set_production_alias": {"config": promotion}}}, config)  # JSON is YAML
-        config.flush()
-        _dagster("job", "execute", "-j", "promote_model", "-c", config.name)
+    registry = _registry(store)
+    first = registry.version_for(PRODUCTION_ALIAS) is None
+    if version in (registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)):
+        print(f"v{version} is already {registry.stage(version)}: nothing new to promote")
+    elif not _gate(store, version):
+        print(f"v{version} stays a candidate; Production is unchanged")
+    elif first:
+        _promote(store)
+        _worse_candidate(store)
+    else:
+        _experiment(store)
+
+
+def _serve(store: ObjectStore) -> None:
+    """Deploy what the registry says, send requests, stop what was started."""
     _materialize("production_deployment")
     url = ServingSettings.from_env().url
     requests = HousingSimulator.fit().generate(5, seed=99, batch_id="demo-traffic")
@@ -121,6 +216,9 @@ def main() -> None:
         )
         land_batch(store, DEMO_BATCH, blocks)
         print(f"landed simulated batch {DEMO_BATCH} ({DEMO_ROWS} rows, 2% corrupt)")
+    elif SHIFT_BATCH not in {b.batch_id for b in landed_batches(store)}:
+        land_batch(store, SHIFT_BATCH, HousingSimulator.fit().generate(DEMO_ROWS, seed=8, batch_id=SHIFT_BATCH, drift=SHIFT))
+        print(f"landed simulated batch {SHIFT_BATCH} ({DEMO_ROWS} rows; prices rose 50%: the challenger trains after a shift)")
 
     # What the landing sensor does under `dagster dev`, done here so the demo needs no daemon.
     instance = dg.DagsterInstance.get()
@@ -153,7 +251,14 @@ def main() -> None:
     )
     print(f"  reference split of the real data (DuckDB): {dict(reference.fetchall())}")
     version = _print_candidate()
-    _serve(store, version)
+    try:
+        _promotion(store, version)
+        _serve(store)
+    finally:
+        stop_serving()  # also when the experiment failed half-way
+    print("\naudit trail of the registry (`bridge history`):")
+    for record in _registry(store).history()[-12:]:
+        print(f"  {record.line()}")
     print("\nopen the UI with `make dev` (http://127.0.0.1:3000) to see these runs and their metadata")
 
 

@@ -35,7 +35,10 @@ from bridge_assets.ml.round import run_round
 from bridge_assets.ml.tracking import MODEL_SIGNATURE, MlflowSettings, log_round
 from bridge_assets_tests.conftest import LAKE_VARIABLES
 
-SETTINGS = PromotionSettings(latency_calls=30)  # nearest-rank p99 of 30 calls: their maximum
+# Nearest-rank p99 of 30 calls is their maximum. A loaded test machine must not fail sound
+# models on time, so the budget is generous except where the slow model is judged.
+SETTINGS = PromotionSettings(latency_calls=30, latency_p99_ms=5000)
+TIGHT = PromotionSettings(latency_calls=30, latency_p99_ms=250)
 
 
 class NanOnLargeHouses(HousingPyfunc):
@@ -127,7 +130,7 @@ def gates_of(world, version: str, settings: PromotionSettings = SETTINGS):
 def test_an_adversarial_candidate_is_blocked_by_its_gate(world, model, signature, gate, figure):
     staged_before = world.registry.version_for(STAGING_ALIAS)
     version = register_pyfunc(world, model, signature)
-    outcome, gates = gates_of(world, version)
+    outcome, gates = gates_of(world, version, TIGHT if gate == "latency" else SETTINGS)
     assert not outcome.staged and not gates[gate].passed, gates
     assert figure in gates[gate].figures and gate in outcome.report.explain()
     assert world.registry.version_for(STAGING_ALIAS) == staged_before  # Staging did not move
@@ -135,7 +138,7 @@ def test_an_adversarial_candidate_is_blocked_by_its_gate(world, model, signature
     assert failed.action == "gates_failed" and failed.evidence["gates"][gate]["passed"] is False
     # Gates that judge something else are not fooled into failing by this defect.
     if gate == "edge_probe":
-        assert gates["baseline"].passed and gates["champion"].passed and gates["latency"].passed
+        assert gates["baseline"].passed and gates["champion"].passed and gates["slices"].passed
         assert gates["edge_probe"].figures["bad_predictions"] == 2  # the two rows with area 1e5
     if gate == "signature":
         assert "extra ['garage']" in gates[gate].summary and "area: double (contract any)" in gates[gate].summary
@@ -143,7 +146,7 @@ def test_an_adversarial_candidate_is_blocked_by_its_gate(world, model, signature
     if gate == "baseline":
         assert gates["baseline"].figures["rmse"] > gates["baseline"].figures["limit_rmse"]
     if gate == "latency":
-        assert gates["latency"].figures["p99_ms"] > SETTINGS.latency_p99_ms and gates["baseline"].passed
+        assert gates["latency"].figures["p99_ms"] > TIGHT.latency_p99_ms and gates["baseline"].passed
     if gate == "slices":
         assert "airconditioning=yes" in gates[gate].summary and "airconditioning=no" not in gates[gate].summary
 
@@ -162,7 +165,7 @@ def test_a_sound_candidate_passes_every_gate_into_staging_with_a_model_card(worl
 
 
 def test_sign_off_is_required_refused_for_an_unlisted_approver_and_given(world):
-    policy = PromotionSettings(latency_calls=30, require_approval=True, approvers=("alice", "bob"))
+    policy = PromotionSettings(latency_calls=30, latency_p99_ms=5000, require_approval=True, approvers=("alice", "bob"))
     version = register_pyfunc(world, HousingPyfunc())
     staged_before = world.registry.version_for(STAGING_ALIAS)
     outcome, _ = gates_of(world, version, policy)

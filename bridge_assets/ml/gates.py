@@ -446,6 +446,8 @@ def run_gates(registry: Registry, features: FeatureStore, version: str, settings
         registry.record("gates_failed", version, from_stage=stage, to_stage=stage, reason=report.explain(), evidence=report.evidence())
         return GateOutcome(report, staged=False, awaiting_approval=False)
     registry.record("gates_passed", version, from_stage=stage, to_stage=stage, reason=report.explain(), evidence=report.evidence())
+    if registry.version_for(PRODUCTION_ALIAS) == str(version):  # re-checked Production: nothing to stage
+        return GateOutcome(report, staged=False, awaiting_approval=False)
     if settings.require_approval and not registry.approved(version):
         return GateOutcome(report, staged=False, awaiting_approval=True)
     registry.stage_version(version, reason="every gate passed", evidence=report.evidence())
