@@ -42,7 +42,7 @@ def test_asset_graph_shape():
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == {"simulated_batch", "raw_housing", "housing_features", "candidate_model", "production_deployment", "batch_predictions"}
-    assert graph.get(dg.AssetKey("candidate_model")).parent_keys == {dg.AssetKey("housing_features")}
+    assert graph.get(dg.AssetKey("candidate_model")).parent_keys == {dg.AssetKey("housing_features"), dg.AssetKey("drift_report")}
     assert graph.get(dg.AssetKey("housing_features")).parent_keys == {dg.AssetKey("raw_housing")}
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {"schema", "no_nulls", "row_count", "split_proportions", "batches_add_rows", "quarantine_rate"}
