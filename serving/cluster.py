@@ -15,6 +15,7 @@ before Ray starts, and recorded with the session ids in `<temp dir>/bridge-insta
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +26,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,8 +39,11 @@ DEFAULT_RAY_TEMP_DIR = "/tmp/bridge-ray"
 STATE_FILE = "bridge-instance.json"
 INSTANCE_MARKER = "BRIDGE_RAY_INSTANCE"  # in the environment of every process our `ray start` begets
 RAY_PORTS_PER_NODE = 200  # see NodePorts
-# Ray gives a raylet 30 s to register with the GCS; on a starved machine that fails, and retrying
-# after ending the attempt's processes is all a caller could do.
+# On a starved machine (2 cores, several Rays) Ray's startup deadlines fail: a raylet must
+# register with the GCS within 30 s, a Serve proxy answer its ready check within 5 s, or it is
+# killed. The local Ray gets more patience (unless the environment sets these), and a `ray
+# start` that still times out is cleaned up and retried.
+PATIENCE = {"RAY_raylet_start_wait_time_s": "120", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 START_ATTEMPTS = 3
 
 
@@ -199,7 +204,7 @@ def _node_env(settings: ClusterSettings, index: int) -> dict[str, str]:
     }
     ports = settings.ports(index)
     own = {INSTANCE_MARKER: settings.temp_dir} | {k: str(v) for k, v in files.items()}
-    return ray_env(settings) | ports.ray_env(index == 0) | ports.serve_env(index == 0) | own
+    return PATIENCE | ray_env(settings) | ports.ray_env(index == 0) | ports.serve_env(index == 0) | own
 
 
 def _ray_cli() -> str:
@@ -215,8 +220,12 @@ def _listening(port: int) -> bool:
 def _port_holders(ports: Iterable[int]) -> dict[int, str]:
     """Ports of `ports` that something listens on, with who if this user may see it."""
     wanted = set(ports)
+    try:
+        connections = psutil.net_connections(kind="inet")
+    except psutil.AccessDenied:  # macOS without root: ask the ports themselves
+        return {port: "another process" for port in sorted(wanted) if _listening(port)}
     holders = {}
-    for connection in psutil.net_connections(kind="inet"):
+    for connection in connections:
         if connection.status == psutil.CONN_LISTEN and connection.laddr.port in wanted:
             try:
                 who = f"pid {connection.pid} ({psutil.Process(connection.pid).name()})" if connection.pid else "another user"
@@ -318,6 +327,23 @@ def start_local_ray(settings: ClusterSettings) -> str:
     process group: Ctrl-C on `make serve` / `make dev`, or a signal to a Dagster run or a test
     harness, does not reach them. Remains of a half-killed instance are stopped first.
     """
+    Path(settings.temp_dir).mkdir(parents=True, exist_ok=True)
+    with _start_lock(settings):  # two deployments at once start one Ray
+        return _start_head(settings)
+
+
+@contextmanager
+def _start_lock(settings: ClusterSettings) -> Iterator[None]:
+    # read-only: a process waiting here writes nothing into the temp dir, so it is not taken for Ray's
+    lock = os.open(Path(settings.temp_dir) / "start.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
+def _start_head(settings: ClusterSettings) -> str:
     check_compatible(settings)
     processes = instance_processes(settings)
     if _healthy(settings.ray_port, processes):
@@ -338,7 +364,6 @@ def start_local_ray(settings: ClusterSettings) -> str:
             + ", ".join(f"{port} by {who}" for port, who in sorted(busy.items()))
             + ". Pick other BRIDGE_RAY_PORT (a block of 200 ports) / BRIDGE_SERVE_PORT, or stop what holds them."
         )
-    Path(settings.temp_dir).mkdir(parents=True, exist_ok=True)
     sid, started_at = _ray_start(settings, 0, ["--head", "--include-dashboard=false"])
     record = {k: v for k, v in asdict(settings).items() if k != "address"} | {
         "haproxy_dir": str(settings.haproxy_dir), "nodes": [_node_record(settings, 0, sid, started_at)]}  # fmt: skip
