@@ -489,6 +489,20 @@ def start_ray(stack: Stack) -> None:
         stack.save()
 
 
+def start_cluster_serve(stack: Stack, attempts: int = 3) -> None:
+    """Start Serve's controller and proxies on the cluster now, in a child driver (retried):
+    deploys then find Serve running. On a busy host the controller can kill a slow-starting
+    proxy, which fails `serve.start` for whoever calls it first."""
+    env = ray_cluster_env(stack) | {"RAY_ADDRESS": stack.env["RAY_ADDRESS"]}
+    script = "from serving.cluster import ClusterSettings, connect, start_serve; s = ClusterSettings.from_env(); connect(s); start_serve(s)"
+    for attempt in range(1, attempts + 1):
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=PROJECT_ROOT)
+        if done.returncode == 0:
+            return
+        if attempt == attempts:
+            raise StackError(f"Serve did not start on the stack's cluster:\n{done.stderr[-3000:]}")
+
+
 def stop_ray(stack: Stack) -> str:
     from serving.cluster import ClusterSettings, stop_serving
 
@@ -634,6 +648,7 @@ def start(settings: StackSettings, restore_from: Path | None = None, base_env: M
             mlflow = pool.submit(start_mlflow, stack, dict(os.environ)) if "mlflow" in settings.components else None
             if "ray" in settings.components:
                 start_ray(stack)
+                start_cluster_serve(stack)
             if mlflow is not None:
                 mlflow.result()
         if "dagster" in settings.components:
