@@ -374,18 +374,6 @@ def test_records_survive_a_killed_replica_exactly_once(service):
     assert logs.filter(pl.col("request_id").is_in(list(ok)))["status"].unique().to_list() == [200]
 
 
-def test_a_clean_stop_flushes_every_buffered_record(service):
-    service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "600")  # only the shutdown flush can write
-    url = deploy("housing-price", service.versions[1], "production")
-    ids, expected = _traffic(url, f"stop-{uuid.uuid4().hex[:6]}")
-    time.sleep(2)
-    assert read_interactions(service.store).filter(pl.col("request_id").is_in(list(ids))).is_empty()
-    stop_serving()
-    assert _logged(service.store, ids, expected, timeout=5).height == expected
-    service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", service.env["BRIDGE_SERVE_LOG_FLUSH_SECONDS"])
-    assert deploy("housing-price", service.versions[1], "production") == service.url  # for later tests
-
-
 def _scraped(*labels: str, timeout: float = 90.0) -> list[str]:
     """`ray_bridge_requests_total` lines with `labels` from the head node's Ray metrics port
     (Ray exports application metrics every few seconds)."""
@@ -443,3 +431,15 @@ def test_ab_both_variants_answer_sticky_recorded_and_ending_the_experiment_fails
     logs = _logged(service.store, set(clients), len(clients))
     assert {r["request_id"]: (r["variant"], r["model_version"]) for r in logs.to_dicts()} == seen
     assert logs["client_id"].to_list() == logs["request_id"].to_list()
+
+
+def test_a_clean_stop_flushes_every_buffered_record(service):
+    service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "600")  # only the shutdown flush can write
+    url = deploy("housing-price", service.versions[1], "production")
+    ids, expected = _traffic(url, f"stop-{uuid.uuid4().hex[:6]}")
+    time.sleep(2)
+    assert read_interactions(service.store).filter(pl.col("request_id").is_in(list(ids))).is_empty()
+    stop_serving()
+    assert _logged(service.store, ids, expected, timeout=5).height == expected
+    service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", service.env["BRIDGE_SERVE_LOG_FLUSH_SECONDS"])
+    assert deploy("housing-price", service.versions[1], "production") == service.url  # for later tests
