@@ -40,6 +40,7 @@ if str(REPO_ROOT) not in sys.path:  # the package is normally installed editable
     sys.path.insert(0, str(REPO_ROOT))
 
 from bridge_assets.core.contract import (  # noqa: E402
+    AREA_MAX,
     CATEGORICAL_FEATURES,
     CATEGORY_LEVELS,
     COUNT_BOUNDS,
@@ -117,7 +118,7 @@ def run_reference(path: Path) -> tuple[np.ndarray, list[str], Any, int]:
     rows_read = len(frame)
     for column in CATEGORICAL_FEATURES:
         frame[column] = frame[column].str.strip().str.lower()
-    valid = frame["area"].gt(0) & frame[TARGET].gt(0)  # NaN compares False: missing values go too
+    valid = frame["area"].gt(0) & frame["area"].le(AREA_MAX) & frame[TARGET].gt(0)  # NaN compares False
     for column, (low, high) in COUNT_BOUNDS.items():
         valid &= frame[column].between(low, high) & (frame[column] % 1 == 0)
     for column, levels in CATEGORY_LEVELS.items():

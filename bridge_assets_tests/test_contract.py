@@ -37,6 +37,7 @@ def test_categories_in_any_case_and_padding_normalise_to_one_spelling():
         ({"stories": 0}, "stories outside 1-4"),
         ({"parking": -1}, "parking outside 0-9"),
         ({"area": 0}, "area must be > 0"),
+        ({"area": 100_001}, "area above 100000"),
         ({"price": -5}, "price must be > 0"),
         ({"price": None}, "price is missing"),
         ({"mainroad": "Y"}, "mainroad not one of yes/no"),

@@ -62,7 +62,7 @@ def test_yes_no_and_furnishing_in_any_case(service):
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("bedrooms", 10), ("stories", 5), ("mainroad", "Y"), ("furnishingstatus", "partly")]
+    ("field", "value"), [("bedrooms", 10), ("stories", 5), ("mainroad", "Y"), ("furnishingstatus", "partly"), ("area", 100_001)]
 )
 def test_invalid_fields_are_422_naming_the_field(service, field, value):
     status, body, _ = call(service.url, "/predict", {**REFERENCE_REQUEST, field: value})

@@ -39,7 +39,7 @@ from serving.interactions import InteractionLogger
 from serving.model import ModelVariant
 from serving.recording import Exchange, Recorder, RecordRequests, RequestMetrics, exchange_of
 from serving.router import ExperimentConfig
-from serving.schemas import BatchRequest, HouseFeatures, scoring_frame
+from serving.schemas import SCORING_REQUEST, BatchRequest, HouseFeatures, scoring_frame
 
 log = logging.getLogger("bridge.serving")
 DEFAULT_MAX_BATCH = 10_000
@@ -198,7 +198,7 @@ class PredictionService:
         exchange.predictions = await self._predicted(exchange, "predict_valid", exchange.rows)
         return self._prediction_reply(exchange, predictions=exchange.predictions)
 
-    @api.post("/invocations")
+    @api.post("/invocations", openapi_extra=SCORING_REQUEST)
     async def invocations(self, request: Request) -> JSONResponse:
         """MLflow's scoring protocol, over the same model and contract."""
         exchange = exchange_of(request)

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 import polars as pl
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from bridge_assets.core.contract import COUNT_BOUNDS, FEATURES
+from bridge_assets.core.contract import AREA_MAX, COUNT_BOUNDS, FEATURES
 
 
 def _normalised(value: Any) -> Any:
@@ -42,7 +42,7 @@ class HouseFeatures(BaseModel):
     airconditioning: YesNo
     prefarea: YesNo
     furnishingstatus: Furnishing
-    area: float = Field(gt=0, allow_inf_nan=False)
+    area: float = Field(gt=0, le=AREA_MAX, allow_inf_nan=False, description=f"0 < area ≤ {AREA_MAX:.0f}")
     bedrooms: int = _count("bedrooms")
     bathrooms: int = _count("bathrooms")
     stories: int = _count("stories")
@@ -54,6 +54,30 @@ class BatchRequest(BaseModel):
 
 
 SCORING_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
+
+
+def _scoring_request_schema() -> dict[str, Any]:
+    """MLflow's scoring request as OpenAPI (for /docs and for fuzzing from the schema); the
+    handler parses the body itself, so the same rules hold for bodies that break it."""
+    records = {"type": "array", "minItems": 1, "items": HouseFeatures.model_json_schema()}
+    split = {
+        "type": "object",
+        "required": ["columns", "data"],
+        "properties": {
+            "columns": {"type": "array", "items": {"type": "string", "enum": list(FEATURES)}},
+            "data": {"type": "array", "items": {"type": "array"}},
+        },
+    }
+    shapes = {"dataframe_records": records, "instances": records, "inputs": records, "dataframe_split": split}
+    return {
+        "oneOf": [
+            {"type": "object", "required": [key], "properties": {key: shape}, "additionalProperties": False}
+            for key, shape in shapes.items()
+        ]
+    }
+
+
+SCORING_REQUEST = {"requestBody": {"required": True, "content": {"application/json": {"schema": _scoring_request_schema()}}}}
 
 
 def scoring_frame(payload: Any) -> pl.DataFrame:

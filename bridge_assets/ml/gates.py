@@ -37,6 +37,7 @@ import polars as pl
 from mlflow.models import MetricThreshold
 
 from bridge_assets.core.contract import (
+    AREA_MAX,
     BINARY_FEATURES,
     CATEGORY_LEVELS,
     COUNT_BOUNDS,
@@ -77,7 +78,7 @@ class PromotionSettings:
     slice_min_rows: int = 30
     latency_p99_ms: float = 250.0
     latency_calls: int = 100
-    probe_max_area: float = 1e5  # ~6x the data's largest house; log-price models grow exponentially in area
+    probe_max_area: float = AREA_MAX  # the contract's bound: every area the API accepts must predict finite
     require_approval: bool = False
     approvers: tuple[str, ...] = ()
     ab_min_effect: float = 0.05
