@@ -9,9 +9,9 @@ import dagster as dg
 from bridge_assets.cli import main
 from bridge_assets.defs.monitoring import interaction_logs_sensor, interaction_profiles, monitor_windows, monitor_windows_sensor, monitoring, window_profiles
 from bridge_assets.defs.resources import lake_storage
-from bridge_assets.monitoring.profiles import OBJECTS_PREFIX, list_log_objects, window_id, window_slices
+from bridge_assets.monitoring.profiles import OBJECTS_PREFIX, list_log_objects, window_id, window_rows, window_slices
 from bridge_assets_tests.monitoring_support import log_traffic, trained, window_frame
-from serving.interactions import InteractionLogger, record
+from serving.interactions import InteractionLogger, compact_partition, record
 
 WINDOW = 30
 T0 = datetime(2026, 11, 28, 21, 59, 31, tzinfo=UTC)  # window 21:59:30; the next starts 22:00:00 (another hour folder)
@@ -80,14 +80,30 @@ def test_log_objects_are_profiled_once_across_a_restart_and_a_late_object_reopen
         late = [k for k in list_log_objects(store) if "hour=21" in k]
         assert len(late) == 3  # window 1, the rejection, and the late flush
         _, cursor = tick_and_profile(instance, env, cursor)
-        windows, _ = tick_windows(instance, env, window_cursor)
+        windows, window_cursor = tick_windows(instance, env, window_cursor)
         assert windows == [first_window]
         assert sum(s.rows for s in window_slices(store, first_window)) == 150
         indexes = [json.loads(store.get_text(k)) for k in store.list(OBJECTS_PREFIX) if k.endswith(".json")]
         assert sorted(i["key"] for i in indexes) == sorted(list_log_objects(store))  # each object exactly once
 
+        # The serving layer compacts the closed hour into one file: nothing is counted twice,
+        # and records compacted before they were profiled are counted once.
+        assert compact_partition(store, "date=2026-11-28/hour=21").files == 3
+        tick_and_profile(instance, env, cursor)
+        assert tick_windows(instance, env, window_cursor)[0] == []
+        unseen = InteractionLogger(lambda: store, "replica-b", spool_dir=tmp_path / "spool-b", flush_rows=10**6, flush_seconds=3600)
+        log_traffic(unseen, window_frame(10, seed=44), model, T0 + timedelta(seconds=5), prefix="unseen", seconds=1)
+        unseen.close()
+        assert compact_partition(store, "date=2026-11-28/hour=21").files == 2  # the merged file and the new one
+        tick_and_profile(instance, env, None)
+        windows, _ = tick_windows(instance, env, window_cursor)
+        assert windows == [first_window]
+        assert sum(s.rows for s in window_slices(store, first_window)) == 160
+        assert sum(s.rows for s in window_slices(store, second_window)) == 80
+        assert window_rows(store, first_window).height == 160
+
     # The same from a shell: `bridge monitor` reports a window (no reference yet: no alarms).
     monkeypatch.setenv("BRIDGE_MONITOR_WINDOW_SECONDS", str(WINDOW))
     assert main(["monitor", "--window", first_window]) == 0
     saved = json.loads(store.get_text(f"monitoring/reports/{first_window}/report.json"))
-    assert saved["slices"][0]["rows"] == 150 and saved["slices"][0]["reference"] is None
+    assert saved["slices"][0]["rows"] == 160 and saved["slices"][0]["reference"] is None

@@ -29,6 +29,8 @@ from bridge_assets.monitoring.whylogs_compat import DatasetProfileView, deserial
 
 INTERACTIONS_PREFIX = "interactions/"
 OBJECTS_PREFIX = "monitoring/profiles/objects/"
+COMPACTED = "compacted-"  # serving.interactions' merged files of a closed hour
+ROW_KEY = ("request_id", "row_index", "timestamp")  # one record
 WINDOWS_PREFIX = "monitoring/profiles/windows/"
 PREDICTION = "prediction"
 MONITORED_COLUMNS: tuple[str, ...] = (*FEATURES, PREDICTION)
@@ -64,8 +66,24 @@ def rejection_reason(status: int, error: str | None) -> str:
     return f"{status} {head}".strip()
 
 
-def list_log_objects(store: ObjectStore) -> list[str]:
-    return [k for k in store.list(INTERACTIONS_PREFIX) if k.endswith(".parquet")]
+def list_log_objects(store: ObjectStore, prefix: str = INTERACTIONS_PREFIX) -> list[str]:
+    """Log objects that hold each record once, under the serving layer's compaction contract
+    (`serving.interactions.compact_partition`): a merged `compacted-*.parquet` counts only once
+    its manifest (`.json`) exists, and then hides every source the manifest lists."""
+    keys = store.list(prefix)
+    present = set(keys)
+    covered: set[str] = set()
+    merged: set[str] = set()
+    for manifest in (k for k in keys if _is_compacted(k) and k.endswith(".json")):
+        listed = json.loads(store.get_text(manifest))
+        if listed["merged"] in present:
+            merged.add(listed["merged"])
+            covered.update(listed["sources"])
+    return [k for k in keys if k.endswith(".parquet") and k not in covered and (not _is_compacted(k) or k in merged)]
+
+
+def _is_compacted(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith(COMPACTED)
 
 
 def profiled_objects(store: ObjectStore) -> set[str]:
@@ -99,8 +117,11 @@ def read_log_object(store: ObjectStore, key: str) -> pl.DataFrame:
     """One interaction-log object; a column added by a newer writer may be missing (null)."""
     with store.local_copy(key) as path:
         frame = pl.read_parquet(path)
-    missing = [c for c in ("status", "timestamp", "model_version", "variant", "error", PREDICTION, *FEATURES) if c not in frame.columns]
-    return frame.with_columns(pl.lit(None).alias(c) for c in missing)
+    wanted = ("request_id", "row_index", "status", "timestamp", "model_version", "variant", "error", PREDICTION, *FEATURES)
+    frame = frame.with_columns(pl.lit(None).alias(c) for c in wanted if c not in frame.columns)
+    return frame.with_columns(
+        pl.col("request_id").cast(pl.String), pl.col("row_index").cast(pl.Int32), pl.col("timestamp").cast(pl.Datetime("us", "UTC"))
+    )
 
 
 def profile_object(store: ObjectStore, key: str, window_seconds: int) -> ObjectProfile:
@@ -109,7 +130,13 @@ def profile_object(store: ObjectStore, key: str, window_seconds: int) -> ObjectP
     index_key = f"{OBJECTS_PREFIX}{sha}.json"
     if store.exists(index_key):
         return ObjectProfile(key, sha, json.loads(store.get_text(index_key))["groups"], already_done=True)
-    frame = read_log_object(store, key).with_columns(
+    if not store.exists(key):  # compacted away meanwhile: its records arrive in the merged file
+        return ObjectProfile(key, sha, [], already_done=True)
+    frame = read_log_object(store, key)
+    if _is_compacted(key):  # only records of sources not profiled before are new
+        frame = frame.join(_profiled_records(store, key), on=list(ROW_KEY), how="anti", nulls_equal=True)
+    store.write_parquet(f"{OBJECTS_PREFIX}{sha}.records.parquet", frame.select(ROW_KEY))
+    frame = frame.with_columns(
         pl.col("timestamp").map_batches(lambda s: _windows(s, window_seconds), return_dtype=pl.String).alias("__window"),
         pl.col("model_version").cast(pl.String).fill_null("unknown"),
         pl.col("variant").cast(pl.String).fill_null("production"),
@@ -130,6 +157,15 @@ def profile_object(store: ObjectStore, key: str, window_seconds: int) -> ObjectP
         groups.append(group)
     store.put_text(index_key, json.dumps({"key": key, "groups": groups, "profiled_at": datetime.now(UTC).isoformat()}))
     return ObjectProfile(key, sha, groups, already_done=False)
+
+
+def _profiled_records(store: ObjectStore, merged_key: str) -> pl.DataFrame:
+    """Records of a merged file's sources that were profiled as objects of their own."""
+    sources = json.loads(store.get_text(merged_key.removesuffix(".parquet") + ".json"))["sources"]
+    keys = [f"{OBJECTS_PREFIX}{object_sha(k)}.records.parquet" for k in sources]
+    frames = [store.scan_parquet([k]).collect() for k in keys if store.exists(k)]
+    schema = {"request_id": pl.String(), "row_index": pl.Int32(), "timestamp": pl.Datetime("us", "UTC")}
+    return pl.concat([f.cast(schema) for f in frames]) if frames else pl.DataFrame(schema=schema)
 
 
 def _windows(timestamps: pl.Series, seconds: int) -> pl.Series:
@@ -185,15 +221,17 @@ def window_slices(store: ObjectStore, window: str) -> list[WindowSlice]:
     return sorted(slices.values(), key=lambda s: (s.model_version, s.variant))
 
 
-def window_rows(store: ObjectStore, window: str, members: list[dict] | None = None) -> pl.DataFrame:
-    """The successful predictions of a window (for feedback joins and loss estimation)."""
-    members = window_members(store, window) if members is None else members
+def window_rows(store: ObjectStore, window: str) -> pl.DataFrame:
+    """The successful predictions of a window (for feedback joins and loss estimation), read
+    from the hour folders it spans, each record once (compacted or not)."""
+    start, end = window_bounds(window)
+    seconds = int((end - start).total_seconds())
+    hours = range(int(start.timestamp()) // 3600, (int(end.timestamp()) - 1) // 3600 + 1)
+    keys = [k for hour in hours for k in list_log_objects(store, f"{INTERACTIONS_PREFIX}{datetime.fromtimestamp(hour * 3600, UTC):date=%Y-%m-%d/hour=%H}/")]
     frames = []
-    for key in sorted({m["object"] for m in members}):
+    for key in keys:
         frame = read_log_object(store, key)
-        frame = frame.with_columns(
-            pl.col("timestamp").map_batches(lambda s: _windows(s, int(window.rsplit("-", 1)[1][:-1])), return_dtype=pl.String).alias("__window")
-        )
+        frame = frame.with_columns(pl.col("timestamp").map_batches(lambda s: _windows(s, seconds), return_dtype=pl.String).alias("__window"))
         frames.append(frame.filter((pl.col("__window") == window) & (pl.col("status") == 200) & pl.col(PREDICTION).is_not_null()).drop("__window"))
     if not frames:
         return pl.DataFrame()

@@ -23,7 +23,7 @@ import polars as pl
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.monitoring.decay import error_stats, judge_estimated, judge_realised
 from bridge_assets.monitoring.drift import ColumnDrift, profile_drift
-from bridge_assets.monitoring.profiles import MONITORED_COLUMNS, PREDICTION, WindowSlice, window_bounds, window_members, window_rows, window_slices
+from bridge_assets.monitoring.profiles import MONITORED_COLUMNS, PREDICTION, WindowSlice, window_bounds, window_rows, window_slices
 from bridge_assets.monitoring.reference import Reference
 from bridge_assets.monitoring.settings import MonitorSettings
 from bridge_assets.monitoring.whylogs_compat import DatasetProfileView
@@ -135,9 +135,8 @@ def build_report(
 ) -> WindowReport:
     """Drift (profiles vs the version's reference), realised decay (feedback-joined errors)
     and estimated decay (DLE on the window's rows) for every version and variant."""
-    members = window_members(store, window)
     slices = window_slices(store, window)
-    rows = window_rows(store, window, members) if any(s.rows for s in slices) else pl.DataFrame()
+    rows = window_rows(store, window) if any(s.rows for s in slices) else pl.DataFrame()
     joined = join_labels(rows) if join_labels is not None and rows.height else pl.DataFrame()
     reports = []
     for part in slices:
