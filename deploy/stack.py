@@ -403,7 +403,7 @@ def start_mlflow(stack: Stack, base_env: Mapping[str, str] = os.environ) -> None
     ]  # fmt: skip
     record = _spawn(stack, "mlflow", command, env, port)
     url = f"http://127.0.0.1:{port}"
-    _wait(f"MLflow server at {url}", lambda: _http_ok(f"{url}/health"), 120, Path(record["log"]), record["pid"])
+    _wait(f"MLflow server at {url}", lambda: _http_ok(f"{url}/health"), 400, Path(record["log"]), record["pid"])
     with _SAVING:
         stack.env |= {"MLFLOW_TRACKING_URI": url}
         stack.save()
@@ -584,7 +584,7 @@ def start_code_location(stack: Stack, base_env: Mapping[str, str] = os.environ) 
                "-h", "127.0.0.1", "-p", str(port), "--location-name", "bridge"]  # fmt: skip
     record = _spawn(stack, "dagster-code", command, stack.child_env(base_env), port, PROJECT_ROOT)
     (stack.settings.directory / "dagster" / "workspace.yaml").write_text(WORKSPACE_YAML.format(port=port))
-    _wait(f"the code location's gRPC server on 127.0.0.1:{port}", lambda: _listening(port), 180, Path(record["log"]), record["pid"])
+    _wait(f"the code location's gRPC server on 127.0.0.1:{port}", lambda: _listening(port), 400, Path(record["log"]), record["pid"])
 
 
 def start_dagster(stack: Stack, base_env: Mapping[str, str] = os.environ) -> None:
@@ -599,8 +599,8 @@ def start_dagster(stack: Stack, base_env: Mapping[str, str] = os.environ) -> Non
                  [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(port)], env, port, PROJECT_ROOT)  # fmt: skip
     daemon = _spawn(stack, "dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace], env, None, PROJECT_ROOT)
     url = f"http://127.0.0.1:{port}"
-    _wait(f"Dagster webserver at {url}", lambda: _http_ok(f"{url}/server_info"), 180, Path(web["log"]), web["pid"])
-    _wait("Dagster daemon", lambda: _daemon_ready(stack), 180, Path(daemon["log"]), daemon["pid"])
+    _wait(f"Dagster webserver at {url}", lambda: _http_ok(f"{url}/server_info"), 400, Path(web["log"]), web["pid"])
+    _wait("Dagster daemon", lambda: _daemon_ready(stack), 400, Path(daemon["log"]), daemon["pid"])
     stack.env |= {"BRIDGE_DAGSTER_URL": url}
     stack.save()
 
