@@ -14,6 +14,8 @@ def test_definitions_load_without_deprecation_warnings():
         "warnings.simplefilter('error', PendingDeprecationWarning)\n"
         "warnings.simplefilter('error', dg.SupersessionWarning)\n"
         "warnings.filterwarnings('ignore', category=DeprecationWarning, module='botocore')\n"
+        # Ray Serve's own pydantic models warn at import (Field(update_type=...)); ours must not.
+        "warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'ray\\.')\n"
         "from bridge_assets.definitions import defs\n"
         "defs.resolve_all_job_defs()\n"
         "defs.resolve_asset_graph()\n"
@@ -41,16 +43,28 @@ def test_asset_graph_shape():
         from bridge_assets.definitions import defs
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"simulated_batch", "raw_housing", "housing_features", "candidate_model", "production_deployment", "batch_predictions"}
-    assert graph.get(dg.AssetKey("candidate_model")).parent_keys == {dg.AssetKey("housing_features"), dg.AssetKey("drift_report")}
-    assert graph.get(dg.AssetKey("housing_features")).parent_keys == {dg.AssetKey("raw_housing")}
+    assert keys == {
+        "simulated_batch", "raw_housing", "housing_features", "candidate_model", "staged_model", "feedback",
+        "ab_report", "production_deployment", "batch_predictions", "interaction_logs", "interaction_profiles",
+        "window_profiles", "labelled_traffic", "drift_report", "model_reference",
+    }  # fmt: skip
+    parents = {key: {p.to_user_string() for p in graph.get(dg.AssetKey(key)).parent_keys} for key in keys}
+    assert parents["housing_features"] == {"raw_housing"}
+    assert parents["candidate_model"] == {"housing_features", "drift_report"}  # the monitor feeds retraining
+    assert parents["staged_model"] == {"candidate_model", "housing_features"}
+    assert parents["production_deployment"] == {"candidate_model"}
+    assert parents["drift_report"] == {"window_profiles", "labelled_traffic"}  # logs and labels feed the monitor
     checks = {key.name for key in graph.asset_check_keys}
-    assert checks == {"schema", "no_nulls", "row_count", "split_proportions", "batches_add_rows", "quarantine_rate"}
+    gates = {"baseline", "champion", "signature", "edge_probe", "slices", "latency", "model_card"}
+    monitor = {"no_feature_drift", "no_prediction_drift", "no_realised_decay", "no_estimated_decay"}
+    data = {"schema", "no_nulls", "row_count", "split_proportions", "batches_add_rows", "quarantine_rate"}
+    assert checks == gates | monitor | data | {"registry_authorised"}
     assert defs.resolve_job_def("promote_model").name == "promote_model"
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["landed_batches_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
     assert sensors["bridge_automation"].default_status == dg.DefaultSensorStatus.RUNNING
-    assert sensors["feature_backlog_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
+    assert all(sensor.default_status == dg.DefaultSensorStatus.RUNNING for sensor in sensors.values()), sensors
+    assert set(sensors) >= {"feature_backlog_sensor", "registry_sensor", "interaction_logs_sensor", "retrain_sensor"}
 
 
 def test_groups_follow_the_architecture():
