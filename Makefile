@@ -17,7 +17,7 @@ ifneq ($(wildcard $(STACK_ENV)),)
 demo serve: export BRIDGE_ENV_FILE := $(STACK_ENV)
 endif
 
-.PHONY: install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
+.PHONY: test-stack install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
 
 install: $(VENV)/.installed
 
@@ -71,6 +71,10 @@ stack-stop: install
 
 test: install system-deps test-deps
 	$(BIN)/python -m pytest -q
+
+# The production-shaped stack end to end (Postgres, MLflow server, two Ray nodes, Dagster daemon).
+test-stack: install system-deps
+	$(BIN)/python -m pytest -q -m stack bridge_assets_tests/test_stack.py
 
 bench: install
 	$(BIN)/python bench/features.py --rows 1000000

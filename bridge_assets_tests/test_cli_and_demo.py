@@ -137,11 +137,16 @@ def test_demo_materializes_through_dagster_into_the_ui_instance(tmp_path: Path, 
     quarantine = pl.read_parquet(home / "lake" / "raw" / "quarantine" / "demo-sim-s7" / "rows.parquet")
     assert f"quarantined from demo-sim-s7: {quarantine.height} rows" in demo.stdout
 
-    rerun = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert rerun.returncode == 0 and "landed" not in rerun.stdout.split("feature table")[0]
-    assert f"latest: {version}" in rerun.stdout  # unchanged inputs, same version
-    assert "candidate model: models:/housing-price/1 " in demo.stdout
-    assert "candidate model: models:/housing-price/2 " in rerun.stdout  # every run trains a round
-    assert "baseline: log-linear" in demo.stdout
+    # First run: candidate → gates → Staging → Production; a worse candidate stopped at a gate.
+    assert "candidate model: models:/housing-price/1 " in demo.stdout and "baseline: log-linear" in demo.stdout
+    assert "gates of v1: every gate passed" in demo.stdout and "v1 is Production" in demo.stdout
+    assert "v2 stays a candidate:" in demo.stdout  # the one-epoch network, with the gate's reason
     assert "an invalid request (bedrooms 10) → 422: invalid input: bedrooms" in demo.stdout
     assert "stopped Serve and the local Ray; 6 interaction records" in demo.stdout
+
+    # Second run: a challenger trained after a price shift goes through an online A/B.
+    rerun = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "landed simulated batch demo-shift" in rerun.stdout and f"latest: {version}" not in rerun.stdout
+    assert "candidate model: models:/housing-price/3 " in rerun.stdout  # every run trains a round
+    assert "A/B experiment: Production v1 against Staging v3" in rerun.stdout and "verdict: " in rerun.stdout
