@@ -207,6 +207,9 @@ class PredictionService:
         except ValueError as error:  # a JSONDecodeError is a ValueError: say it is not JSON
             exchange.error = f"body is not valid JSON: {error}" if isinstance(error, json.JSONDecodeError) else str(error)
             return error_reply("/invocations", 400, exchange.error)
+        except RecursionError:  # JSON nested deeper than Python's parser goes (found by fuzzing)
+            exchange.error = "body is not valid JSON: nested too deeply"
+            return error_reply("/invocations", 400, exchange.error)
         except (TypeError, KeyError, pl.exceptions.PolarsError) as error:
             exchange.error = str(error)
             return error_reply("/invocations", 400, exchange.error)
