@@ -102,7 +102,7 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
     try:
         build = build_features(store, publish=False)
     except ValueError as error:
-        raise dg.Failure(str(error)) from error
+        raise dg.Failure(str(error), allow_retries=False) from error  # no data yet: retrying cannot help
     version = build.version
     features = FeatureStore(store)
     rows = features.scan(version)

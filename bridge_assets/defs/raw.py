@@ -29,11 +29,15 @@ def raw_housing(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.M
     batch_id = context.partition_key
     batch = next((b for b in landed_batches(store) if b.batch_id == batch_id), None)
     if batch is None:
-        raise dg.Failure(f"batch {batch_id!r} is registered but nothing has landed at landing/batches/{batch_id}/")
+        raise dg.Failure(  # bad data, not an outage: retrying cannot help
+            f"batch {batch_id!r} is registered but nothing has landed at landing/batches/{batch_id}/", allow_retries=False
+        )
     try:
         result = validate_batch(store, batch)
     except ValueError as error:  # unreadable object or missing columns: name the object
-        raise dg.Failure(f"batch {batch_id!r} ({store.uri(batch.key)}) cannot be validated: {error}") from error
+        raise dg.Failure(
+            f"batch {batch_id!r} ({store.uri(batch.key)}) cannot be validated: {error}", allow_retries=False
+        ) from error
     rate = result.quarantined_rows / result.rows_landed if result.rows_landed else 0.0
     if result.quarantined_rows:
         context.log.warning(f"{result.quarantined_rows} rows of {batch_id} quarantined: {result.reasons}")
