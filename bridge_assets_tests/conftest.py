@@ -16,15 +16,9 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from bridge_assets.core.simulator import HousingSimulator
-from bridge_assets.core.training import preset
-from bridge_assets.lake.feature_store import FeatureStore, build_features
-from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
-from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import StorageSettings
-from bridge_assets.ml.round import run_round
-from bridge_assets.ml.tracking import MlflowSettings, log_round, promote_to_production
-from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port
+from bridge_assets.ml.tracking import promote_to_production
+from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port, two_registered_versions
 from bridge_assets_tests.dagster_dev import DagsterDev, FirstRound, keep_artifact, run_first_round
 from serving.cluster import pick_free_ports
 from serving.deploy import stop_serving
@@ -123,17 +117,9 @@ def serving_session(moto_endpoint: str) -> Iterator[SimpleNamespace]:
         "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "1",
     }
     with _environment(env):
-        store = StorageSettings.from_env().open()
-        land_seed(store)
-        land_batch(store, "sim-serve", HousingSimulator.fit().generate(2000, seed=8, batch_id="sim-serve"))
-        for batch in landed_batches(store):
-            validate_batch(store, batch)
-        version = build_features(store).version
-        rows = FeatureStore(store).scan(version).collect()
-        settings = MlflowSettings.from_env()
+        lake = two_registered_versions("sim-serve", rows=2000, seed=8, max_epochs=15)
+        store, settings, rounds, versions = lake.store, lake.settings, lake.rounds, lake.versions
         client = settings.activate()
-        rounds = [run_round(rows, [preset("reference", max_epochs=15, seed=seed)]) for seed in (1, 2)]
-        versions = [log_round(settings, r, feature_version=version.version).model_version for r in rounds]
         promote_to_production(client, settings.model_name, versions[0])
         deployed = deploy_through_dagster()
         assert deployed.success, deployed.all_events

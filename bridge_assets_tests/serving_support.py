@@ -2,12 +2,25 @@
 
 import json
 import socket
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import dagster as dg
 
+from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.training import preset
 from bridge_assets.definitions import build_defs
+from bridge_assets.lake.feature_store import FeatureStore, build_features
+from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
+from bridge_assets.lake.raw import validate_batch
+from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.ml.round import RoundResult, run_round
+from bridge_assets.ml.tracking import MlflowSettings, log_round
 
 REFERENCE_REQUEST = {
     "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
@@ -44,3 +57,70 @@ def deploy_through_dagster() -> dg.ExecuteInProcessResult:
         return job.execute_in_process(
             instance=instance, asset_selection=[dg.AssetKey("production_deployment")], raise_on_error=False
         )
+
+
+@dataclass
+class Load:
+    """What a continuous client saw: failed replies and refused connections, and every version
+    that answered."""
+
+    failures: list[object] = field(default_factory=list)
+    versions: set[str] = field(default_factory=set)
+
+
+@contextmanager
+def continuous_load(url: str, body: dict = REFERENCE_REQUEST, *, new_client_each_time: bool = False) -> Iterator[Load]:
+    """One client sending `/predict` back to back until the block ends (redeploys, rollbacks
+    and weight changes must fail none of it); with `new_client_each_time`, every request has its
+    own `X-Client-ID`, so the A/B router spreads them over the variants."""
+    load, stop = Load(), threading.Event()
+
+    def client() -> None:
+        sent = 0
+        while not stop.is_set():
+            headers = {"X-Client-ID": f"load-{sent}"} if new_client_each_time else None
+            sent += 1
+            try:
+                status, reply, _ = call(url, "/predict", body, headers)
+            except Exception as error:  # noqa: BLE001 - a refused connection is a failure too
+                load.failures.append(error)
+                continue
+            if status == 200:
+                load.versions.add(reply["response"]["model_version"])
+            else:
+                load.failures.append((status, reply))
+
+    sender = threading.Thread(target=client)
+    sender.start()
+    try:
+        yield load
+    finally:
+        stop.set()
+        sender.join()
+
+
+@dataclass
+class RegisteredVersions:
+    """A lake holding the real data and one simulated batch, and two versions trained on it."""
+
+    store: ObjectStore
+    settings: MlflowSettings
+    rounds: list[RoundResult]
+    versions: list[str]
+
+
+def two_registered_versions(batch_id: str, rows: int, seed: int, max_epochs: int) -> RegisteredVersions:
+    """Land, validate and build features in the lake the environment names, then train and
+    register the reference network twice (seeds 1 and 2: two versions that predict differently)."""
+    store = StorageSettings.from_env().open()
+    land_seed(store)
+    land_batch(store, batch_id, HousingSimulator.fit().generate(rows, seed=seed, batch_id=batch_id))
+    for batch in landed_batches(store):
+        validate_batch(store, batch)
+    version = build_features(store).version
+    features = FeatureStore(store).scan(version).collect()
+    settings = MlflowSettings.from_env()
+    settings.activate()
+    rounds = [run_round(features, [preset("reference", max_epochs=max_epochs, seed=s)]) for s in (1, 2)]
+    versions = [log_round(settings, r, feature_version=version.version).model_version for r in rounds]
+    return RegisteredVersions(store, settings, rounds, versions)

@@ -3,7 +3,6 @@ router with delayed feedback into the A/B report, and a rollback under continuou
 fails no request. Deployment follows the registry through `registry_sensor`, as the daemon
 would run it."""
 
-import threading
 import time
 
 import dagster as dg
@@ -14,7 +13,7 @@ from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feedback import release_feedback
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
 from bridge_assets.ml.traffic import send_traffic
-from bridge_assets_tests.serving_support import call
+from bridge_assets_tests.serving_support import call, continuous_load
 from serving.interactions import read_interactions
 
 REQUEST = {
@@ -84,24 +83,7 @@ def test_rollback_under_load_fails_no_request(service, bridge):
     newer = next(v for v in service.versions if v != production)
     registry.set_production(newer, reason="test: a Production to roll back from")
     follow()
-    failures: list[object] = []
-    seen: set[str] = set()
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            try:
-                status, body, _ = call(service.url, "/predict", REQUEST)
-                if status == 200:
-                    seen.add(body["response"]["model_version"])
-                else:
-                    failures.append((status, body))
-            except Exception as error:  # noqa: BLE001 - a refused connection is a failure too
-                failures.append(error)
-
-    sender = threading.Thread(target=client)
-    sender.start()
-    try:
+    with continuous_load(service.url, REQUEST) as load:
         time.sleep(1)
         rollback = defs.get_job_def("rollback_model").execute_in_process(
             instance=instance, run_config={"ops": {"restore_previous_production": {"config": {"reason": "test: bad latency", "actor": "on-call"}}}}
@@ -109,11 +91,8 @@ def test_rollback_under_load_fails_no_request(service, bridge):
         assert rollback.success
         assert len(follow()) == 1
         time.sleep(1)
-    finally:
-        stop.set()
-        sender.join()
-    assert failures == []
-    assert seen == {newer, production}
+    assert load.failures == []
+    assert load.versions == {newer, production}
     assert call(service.url, "/model")[1]["response"]["model_version"] == production
     last = registry.history()[-1]
     assert (last.action, last.version, last.actor, last.reason) == ("rollback", production, "on-call", "test: bad latency")

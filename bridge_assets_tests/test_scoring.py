@@ -11,19 +11,13 @@ import polars as pl
 import pytest
 
 from bridge_assets.core.contract import FEATURES, ROW_ID
-from bridge_assets.core.simulator import HousingSimulator
-from bridge_assets.core.training import preset
 from bridge_assets.defs.raw import raw_batches
 from bridge_assets.defs.resources import lake_storage, mlflow_tracking
 from bridge_assets.defs.scoring import batch_predictions, predictions_key
-from bridge_assets.lake.feature_store import FeatureStore, build_features
-from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
-from bridge_assets.lake.raw import valid_key, validate_batch
-from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.lake.raw import valid_key
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, promote_to_production
-from bridge_assets.ml.round import run_round
-from bridge_assets.ml.tracking import MlflowSettings, log_round
 from bridge_assets_tests.conftest import LAKE_VARIABLES
+from bridge_assets_tests.serving_support import two_registered_versions
 
 BATCH = "sim-score"
 
@@ -36,21 +30,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespa
         for name in LAKE_VARIABLES:
             patch.delenv(name, raising=False)
         patch.setenv("BRIDGE_HOME", str(home))
-        store = StorageSettings.from_env().open()
-        land_seed(store)
-        land_batch(store, BATCH, HousingSimulator.fit().generate(600, seed=5, batch_id=BATCH))
-        for batch in landed_batches(store):
-            validate_batch(store, batch)
-        version = build_features(store).version
-        rows = FeatureStore(store).scan(version).collect()
-        settings = MlflowSettings.from_env()
-        client = settings.activate()
-        versions = [
-            log_round(settings, run_round(rows, [preset("reference", max_epochs=3, seed=seed)]), feature_version=version.version).model_version
-            for seed in (1, 2)
-        ]
-        promote_to_production(client, settings.model_name, versions[0], store=store)
-        yield SimpleNamespace(store=store, settings=settings, versions=versions)
+        lake = two_registered_versions(BATCH, rows=600, seed=5, max_epochs=3)
+        promote_to_production(lake.settings.activate(), lake.settings.model_name, lake.versions[0], store=lake.store)
+        yield SimpleNamespace(store=lake.store, settings=lake.settings, versions=lake.versions)
 
 
 def _score(instance: dg.DagsterInstance, partition: str) -> dg.ExecuteInProcessResult:

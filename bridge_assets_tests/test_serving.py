@@ -27,7 +27,7 @@ from bridge_assets.core.contract import validate
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.tracking import log_pyfunc, promote_to_production
 from bridge_assets_tests.conftest import s3_environment
-from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, deploy_through_dagster
+from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, continuous_load, deploy_through_dagster
 from serving.cluster import ClusterSettings
 from serving.deploy import ServingSettings, deploy, stop_serving
 from serving.interactions import read_interactions
@@ -210,34 +210,14 @@ def test_interaction_records_equal_what_was_sent(service):
 def test_redeploy_under_load_fails_no_request(service):
     promote_to_production(service.client, "housing-price", service.versions[0])  # a known start, whatever ran before
     assert deploy("housing-price", service.versions[0], "production") == service.url
-    failures: list[object] = []
-    versions_seen: set[str] = set()
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            try:
-                status, body, _ = call(service.url, "/predict", REFERENCE_REQUEST)
-                if status != 200:
-                    failures.append((status, body))
-                else:
-                    versions_seen.add(body["response"]["model_version"])
-            except Exception as error:  # noqa: BLE001 - a refused connection is a failure too
-                failures.append(error)
-
-    sender = threading.Thread(target=client)
-    sender.start()
-    try:
+    with continuous_load(service.url) as load:
         time.sleep(1)
         promote_to_production(service.client, "housing-price", service.versions[1])
         result = deploy_through_dagster()
         time.sleep(2)
-    finally:
-        stop.set()
-        sender.join()
     assert result.success
-    assert failures == []
-    assert versions_seen == set(service.versions)
+    assert load.failures == []
+    assert load.versions == set(service.versions)
 
 
 def test_a_version_failing_inside_the_replica_leaves_the_old_one_serving(service, tmp_path):
@@ -407,28 +387,9 @@ def test_ab_both_variants_answer_sticky_recorded_and_ending_the_experiment_fails
     scraped = _scraped(f'model_version="{other}"', 'variant="staging"')  # where Prometheus scrapes Serve
     assert any(line.startswith("ray_bridge_request_latency_ms_bucket") for line in scraped)
 
-    failures: list[object] = []
-    stop = threading.Event()
-
-    def client_load() -> None:
-        for i in range(10**6):
-            if stop.is_set():
-                return
-            try:
-                status, body, _ = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": f"load-{i}"})
-                if status != 200:
-                    failures.append((status, body))
-            except Exception as error:  # noqa: BLE001 - a refused connection is a failure too
-                failures.append(error)
-
-    sender = threading.Thread(target=client_load)
-    sender.start()
-    try:
+    with continuous_load(service.url, new_client_each_time=True) as load:
         deploy("housing-price", version, "production")  # ends the experiment: weight 0 first, then staging goes
-    finally:
-        stop.set()
-        sender.join()
-    assert failures == []
+    assert load.failures == []
     assert {call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": c})[1]["response"]["variant"] for c in clients} == {"production"}
     logs = _logged(service.store, set(clients), len(clients))
     assert {r["request_id"]: (r["variant"], r["model_version"]) for r in logs.to_dicts()} == seen
