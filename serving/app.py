@@ -36,7 +36,7 @@ from bridge_assets.core.pyfunc import InvalidInput
 from bridge_assets.lake.settings import StorageSettings
 from serving.guards import Guards, error_reply, load_api_keys, too_many_message
 from serving.interactions import InteractionLogger
-from serving.model import ModelVariant
+from serving.model import ROLLING, ModelVariant
 from serving.recording import Exchange, Recorder, RecordRequests, RequestMetrics, exchange_of
 from serving.router import ExperimentConfig
 from serving.schemas import SCORING_REQUEST, BatchRequest, HouseFeatures, scoring_frame
@@ -108,14 +108,7 @@ async def _model_unavailable(request: Request, error: ModelUnavailable) -> JSONR
     return error_reply(request.url.path, 503, str(error))
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.1},
-    max_ongoing_requests=32,
-    health_check_period_s=5,
-    graceful_shutdown_timeout_s=30,
-    max_surge_percent=100,
-    max_constructor_retry_count=2,
-)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, **ROLLING)
 @serve.ingress(api)
 class PredictionService:
     """The API in front of the variants: validates, routes by client, records every request."""

@@ -78,14 +78,18 @@ def version_for_alias(client: MlflowClient, name: str, alias: str) -> str:
     return str(client.get_model_version_by_alias(name, alias).version)
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.2},
-    max_ongoing_requests=64,
-    health_check_period_s=5,
-    graceful_shutdown_timeout_s=30,
-    max_surge_percent=100,
-    max_constructor_retry_count=2,
-)
+# How every bridge deployment rolls over: new replicas start beside the old ones, which serve
+# until the new ones are healthy (zero failed requests); a constructor that keeps failing gives
+# up after two retries and leaves the old replicas serving.
+ROLLING: dict[str, int] = {
+    "health_check_period_s": 5,
+    "graceful_shutdown_timeout_s": 30,
+    "max_surge_percent": 100,
+    "max_constructor_retry_count": 2,
+}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64, **ROLLING)
 class ModelVariant:
     """One registered version in its own replicas; the ingress calls it through a handle.
 
