@@ -88,6 +88,7 @@ class MlflowTracking(dg.ConfigurableResource):
     experiment: str = DEFAULT_EXPERIMENT
     model_name: str = DEFAULT_MODEL_NAME
     s3_endpoint_url: str | None = None
+    browser_url: str | None = None
 
     def settings(self) -> MlflowSettings:
         return MlflowSettings(
@@ -96,6 +97,7 @@ class MlflowTracking(dg.ConfigurableResource):
             experiment=self.experiment,
             model_name=self.model_name,
             s3_endpoint_url=self.s3_endpoint_url,
+            browser_url=self.browser_url,
         )
 
 
@@ -107,6 +109,7 @@ def mlflow_tracking(env: Mapping[str, str] = os.environ) -> MlflowTracking:
         experiment=settings.experiment,
         model_name=settings.model_name,
         s3_endpoint_url=settings.s3_endpoint_url,
+        browser_url=settings.browser_url,
     )
 
 

@@ -64,6 +64,7 @@ class MlflowSettings:
     experiment: str = DEFAULT_EXPERIMENT
     model_name: str = DEFAULT_MODEL_NAME
     s3_endpoint_url: str | None = None
+    browser_url: str | None = None  # BRIDGE_MLFLOW_UI_URL: where people open this store's UI
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MlflowSettings:
@@ -83,6 +84,7 @@ class MlflowSettings:
             experiment=env.get("BRIDGE_MLFLOW_EXPERIMENT", DEFAULT_EXPERIMENT),
             model_name=env.get("BRIDGE_MODEL_NAME", DEFAULT_MODEL_NAME),
             s3_endpoint_url=env.get("MLFLOW_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or None,
+            browser_url=env.get("BRIDGE_MLFLOW_UI_URL") or None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -92,7 +94,11 @@ class MlflowSettings:
             "BRIDGE_MLFLOW_EXPERIMENT": self.experiment,
             "BRIDGE_MODEL_NAME": self.model_name,
         }
-        optional = {"BRIDGE_MLFLOW_ARTIFACTS": self.artifact_location, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url}
+        optional = {
+            "BRIDGE_MLFLOW_ARTIFACTS": self.artifact_location,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "BRIDGE_MLFLOW_UI_URL": self.browser_url,
+        }
         return env | {name: value for name, value in optional.items() if value}
 
     def activate(self) -> MlflowClient:
@@ -111,10 +117,10 @@ class MlflowSettings:
 
     @property
     def ui_url(self) -> str:
-        """Where a browser sees this store: the server itself, or `make mlflow`'s UI for a local
-        store (`BRIDGE_MLFLOW_UI_URL` overrides both)."""
-        if os.environ.get("BRIDGE_MLFLOW_UI_URL"):
-            return os.environ["BRIDGE_MLFLOW_UI_URL"].rstrip("/")
+        """Where a browser sees this store: `BRIDGE_MLFLOW_UI_URL`, else the server itself, else
+        `make mlflow`'s UI over a local store."""
+        if self.browser_url:
+            return self.browser_url.rstrip("/")
         if self.tracking_uri.startswith(("http://", "https://")):
             return self.tracking_uri.rstrip("/")
         return LOCAL_UI_URL
