@@ -228,7 +228,8 @@ def test_an_alias_moved_outside_bridge_is_deployed_only_with_a_passing_gate_reco
     sensor = defs.get_sensor_def("registry_sensor")
 
     def tick():
-        return sensor(dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources=defs.resources))
+        with dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources=defs.resources) as context:
+            return sensor(context)
 
     worse = register_pyfunc(world, MuchWorse())  # never evaluated: no passing gate record
     client.set_registered_model_alias(name, PRODUCTION_ALIAS, worse)  # by hand, e.g. in the MLflow UI

@@ -23,7 +23,8 @@ def resources(env: dict) -> dict:
 
 def tick_and_profile(instance, env: dict, cursor: str | None) -> tuple[dg.SensorResult, str | None]:
     """One sensor tick; each run it requests is materialized for real."""
-    result = interaction_logs_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources(env)))
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources(env)) as context:
+        result = interaction_logs_sensor(context)
     for request in result.run_requests:
         done = dg.materialize([interaction_profiles], instance=instance, resources=resources(env), run_config=request.run_config)
         assert done.success
@@ -31,7 +32,8 @@ def tick_and_profile(instance, env: dict, cursor: str | None) -> tuple[dg.Sensor
 
 
 def tick_windows(instance, env: dict, cursor: str | None) -> tuple[list[str], str | None]:
-    result = monitor_windows_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources(env)))
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources(env)) as context:
+        result = monitor_windows_sensor(context)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(monitor_windows.name, list(request.partition_keys))
     windows = [r.partition_key for r in result.run_requests]

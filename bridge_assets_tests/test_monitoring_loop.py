@@ -93,7 +93,8 @@ def train(defs: dg.Definitions, instance: dg.DagsterInstance, config: dict, tags
 
 
 def tick(sensor, defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None = None) -> dg.SensorResult:
-    result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources))
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=defs.resources) as context:
+        result = sensor(context)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result

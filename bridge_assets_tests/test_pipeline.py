@@ -20,8 +20,8 @@ from bridge_assets.lake.storage import ObjectStore
 def tick(instance: dg.DagsterInstance, cursor: str | None):
     """One evaluation of the landing sensor, applying its partition requests as the daemon would."""
     defs = build_defs()
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources)
-    result = landed_batches_sensor(context)
+    with dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs, resources=defs.resources) as context:
+        result = landed_batches_sensor(context)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result
@@ -113,8 +113,8 @@ def test_simulated_batch_asset_lands_a_batch_with_run_config(store: ObjectStore)
 def backlog_tick(instance: dg.DagsterInstance) -> dg.SensorResult:
     """One evaluation of the feature backlog sensor."""
     defs = build_defs()
-    context = dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources)
-    return feature_backlog_sensor(context)
+    with dg.build_sensor_context(instance=instance, definitions=defs, resources=defs.resources) as context:
+        return feature_backlog_sensor(context)
 
 
 def test_withheld_labels_join_the_features_when_they_land(store: ObjectStore):

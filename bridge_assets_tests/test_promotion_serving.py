@@ -33,7 +33,8 @@ def bridge(service):
     job = defs.resolve_implicit_global_asset_job_def()
 
     def follow() -> list[str]:
-        result = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+            result = sensor(context)
         for request in result.run_requests if isinstance(result, dg.SensorResult) else []:
             run = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("production_deployment")], tags=request.tags)
             assert run.success

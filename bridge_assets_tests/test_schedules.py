@@ -16,12 +16,14 @@ from bridge_assets.lake.raw import validate_batch
 
 
 def _tick(schedule: dg.ScheduleDefinition, instance: dg.DagsterInstance, env: dict[str, str]):
-    context = dg.build_schedule_context(
+    # Entered and left here: an unclosed context keeps its own instance open, and its late
+    # closing would put a disposed instance back into Dagster's context for later tests.
+    with dg.build_schedule_context(
         instance=instance,
         scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=UTC),
         resources={"storage": lake_storage(env)},
-    )
-    return schedule.evaluate_tick(context)
+    ) as context:
+        return schedule.evaluate_tick(context)
 
 
 def test_cadences_come_from_the_environment():
