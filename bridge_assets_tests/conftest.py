@@ -17,7 +17,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from bridge_assets.lake.settings import StorageSettings
-from bridge_assets.ml.tracking import promote_to_production
+from bridge_assets.ml.registry import promote_to_production
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port, two_registered_versions
 from bridge_assets_tests.dagster_dev import DagsterDev, FirstRound, keep_artifact, run_first_round
 from serving.cluster import pick_free_ports
@@ -43,6 +43,17 @@ LAKE_VARIABLES = (
     "MLFLOW_S3_ENDPOINT_URL",
     "BRIDGE_MLFLOW_ARTIFACTS",
 )
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment() -> Iterator[None]:
+    """Each test ends with the process environment it started with. MLflow's set_tracking_uri
+    and `activate()` export variables that monkeypatch never saw, and a store one test left
+    behind would otherwise be the next test's (or its subprocesses') store."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -136,14 +147,18 @@ def serving_session(moto_endpoint: str) -> Iterator[SimpleNamespace]:
 
 
 @contextmanager
-def _environment(env: dict[str, str]) -> Iterator[pytest.MonkeyPatch]:
-    """`env` in this process (and no lake variable of the caller's) inside the block."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in LAKE_VARIABLES:
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        yield patch
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """`env` in this process (and no lake variable of the caller's) inside the block; afterwards
+    the environment as it was, including whatever MLflow exported inside."""
+    saved = dict(os.environ)
+    for name in LAKE_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture

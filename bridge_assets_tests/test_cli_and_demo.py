@@ -117,8 +117,8 @@ def test_demo_materializes_through_dagster_into_the_ui_instance(tmp_path: Path, 
     dagster_home = home / "dagster"
     dagster_home.mkdir(parents=True)
     (dagster_home / "dagster.yaml").write_text("")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_"))}
-    env.update(BRIDGE_HOME=str(home), DAGSTER_HOME=str(dagster_home), BRIDGE_RAY_TMPDIR=f"/tmp/bridge-ray-{os.getpid()}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_", "MLFLOW_", "DAGSTER_"))}
+    env.update(BRIDGE_ENV_FILE="", BRIDGE_HOME=str(home), DAGSTER_HOME=str(dagster_home), BRIDGE_RAY_TMPDIR=f"/tmp/bridge-ray-{os.getpid()}")
     for name in ("BRIDGE_RAY_PORT", "BRIDGE_SERVE_PORT"):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
