@@ -214,6 +214,7 @@ class PredictionService:
             exchange.predictions = await self._predicted(exchange, "predict_frame", frame)
         except InvalidInput as error:
             exchange.error = str(getattr(error, "cause", None) or error)
+            exchange.rows = [None]  # a rejected request is one record, as on every endpoint
             return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": exchange.error}, 400)
         return JSONResponse({"predictions": exchange.predictions})
 
