@@ -25,7 +25,8 @@ from ray import serve
 
 from bridge_assets.core.contract import validate
 from bridge_assets.lake.settings import StorageSettings
-from bridge_assets.ml.tracking import log_pyfunc, promote_to_production
+from bridge_assets.ml.registry import promote_to_production
+from bridge_assets.ml.tracking import log_pyfunc
 from bridge_assets_tests.conftest import s3_environment
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, continuous_load, deploy_through_dagster
 from serving.cluster import ClusterSettings
@@ -221,6 +222,8 @@ def test_redeploy_under_load_fails_no_request(service):
 
 
 def test_a_version_failing_inside_the_replica_leaves_the_old_one_serving(service, tmp_path):
+    production = service.client.get_model_version_by_alias("housing-price", "production").version
+    serving = call(service.url, "/predict", REFERENCE_REQUEST)[1]["response"]["model_version"]  # whatever ran before
     source = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/housing-price/{service.versions[1]}")) / "artifacts"
     (tmp_path / "weights.pth").write_bytes(b"not a torch file")
     shutil.copy(source / "model.json", tmp_path / "model.json")
@@ -229,17 +232,19 @@ def test_a_version_failing_inside_the_replica_leaves_the_old_one_serving(service
     broken = str(mlflow.register_model(info.model_uri, "housing-price").version)
 
     promote_to_production(service.client, "housing-price", broken)
-    refused = deploy_through_dagster()  # the asset's probe refuses it, naming why
-    assert not refused.success
-    failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
-    message = failure.event_specific_data.error.message
-    assert "refused to deploy" in message and "does not load" in message
+    try:
+        refused = deploy_through_dagster()  # the asset's probe refuses it, naming why
+        assert not refused.success
+        failure = next(e for e in refused.all_events if e.event_type_value == "STEP_FAILURE")
+        message = failure.event_specific_data.error.message
+        assert "refused to deploy" in message and "does not load" in message
 
-    with pytest.raises(RuntimeError, match="failed"):
-        deploy("housing-price", broken, None)  # past the probe: Serve's replicas fail to start
-    status, body, _ = call(service.url, "/predict", REFERENCE_REQUEST)
-    assert status == 200 and body["response"]["model_version"] == service.versions[1]
-    promote_to_production(service.client, "housing-price", service.versions[1])
+        with continuous_load(service.url) as load:
+            with pytest.raises(RuntimeError, match="failed"):
+                deploy("housing-price", broken, None)  # past the probe: Serve's replicas fail to start
+        assert load.failures == [] and load.versions == {serving}
+    finally:
+        promote_to_production(service.client, "housing-price", production)
 
 
 def _served(url: str, headers: dict | None = None) -> dict:
