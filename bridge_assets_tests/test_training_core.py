@@ -104,3 +104,18 @@ def test_a_round_refuses_two_configurations_with_one_name(splits):
     rows = pl.concat([splits["train"], splits["validation"], splits["test"]])
     with pytest.raises(ValueError, match="unique"):
         run_round(rows, [preset("default"), preset("default", hidden=(64, 32))])
+
+
+def test_a_round_picks_the_best_candidate_the_baseline_gate_would_pass(splits):
+    from bridge_assets.ml.round import Candidate, RoundResult
+
+    model = train_model(splits["train"], splits["validation"], preset("default", max_epochs=2))
+    baselines = {"linear": {"val_rmse": 100.0, "val_mae": 80.0}, "log_linear": {"val_rmse": 102.0, "val_mae": 78.0}}
+
+    def candidate(name: str, rmse: float, mae: float) -> Candidate:
+        return Candidate(preset("default", name=name), model, {"val_rmse": rmse, "val_mae": mae})
+
+    lowest_rmse = candidate("lowest-rmse", 95.0, 79.0)  # worse MAE than the log-linear baseline
+    beats_both = candidate("beats-both", 98.0, 77.0)
+    assert RoundResult([lowest_rmse, beats_both], baselines, "hash").best is beats_both
+    assert RoundResult([lowest_rmse, candidate("worse", 99.0, 79.5)], baselines, "hash").best is lowest_rmse  # none qualifies
