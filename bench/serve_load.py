@@ -54,7 +54,8 @@ def prepare(home: Path) -> tuple[str, str]:
     from bridge_assets.lake.raw import validate_batch
     from bridge_assets.lake.settings import StorageSettings
     from bridge_assets.ml.round import run_round
-    from bridge_assets.ml.tracking import MlflowSettings, log_round, promote_to_production
+    from bridge_assets.ml.registry import promote_to_production
+    from bridge_assets.ml.tracking import MlflowSettings, log_round
 
     store = StorageSettings.from_env().open()
     land_seed(store)

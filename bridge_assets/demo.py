@@ -8,8 +8,9 @@ no Production to compare with, so it becomes Production (`promote_model`), and a
 worse candidate (the reference network after one epoch) is shown stopped at a gate with its
 numbers. On later runs the new candidate runs an online A/B experiment against Production:
 both are deployed behind the router, simulated clients send houses (`bridge traffic`), their
-prices are released as delayed feedback, `ab_report` gives a verdict, and `promote_model`
-promotes only on a promote verdict. Then the service answers a few requests, Serve and Ray
+prices are released as delayed feedback, `ab_report` gives a verdict, the monitoring assets
+report the experiment's window (Production, trained before prices rose, shows realised decay),
+and `promote_model` promotes only on a promote verdict. Then the service answers a few requests, Serve and Ray
 stop, and the registry's audit trail is printed. Running it again lands nothing new; it trains
 a new round each time.
 """
@@ -36,9 +37,11 @@ from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.lake.feedback import release_feedback
-from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
-from bridge_assets.ml.tracking import CANDIDATE_ALIAS, MlflowSettings
+from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, Registry
+from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.ml.traffic import send_traffic
+from bridge_assets.monitoring.profiles import window_versions, windows_with_members
+from bridge_assets.monitoring.reference import REFERENCE_PREFIX
 from serving.deploy import ServingSettings, stop_serving
 from serving.interactions import read_interactions
 
@@ -134,7 +137,38 @@ def _experiment(store: ObjectStore) -> None:
     verdict = _registry(store).verdict(staging)
     if verdict is not None:
         print(f"  verdict: {verdict.evidence['verdict']} — {verdict.reason}")
+    _monitor(store, staging)
     _promote(store)
+
+
+def _monitor(store: ObjectStore, staging: str) -> None:
+    """What the monitoring sensors do under `dagster dev`: a reference per served version, each
+    new log object profiled once, and the windows holding the experiment's traffic reported."""
+    print("\nmonitoring the experiment's traffic (prices rose 50% after Production was trained)")
+    instance = dg.DagsterInstance.get()
+    registry = _registry(store)
+    served = [registry.version_for(PRODUCTION_ALIAS), staging]
+    known = set(instance.get_dynamic_partitions("model_versions"))
+    instance.add_dynamic_partitions("model_versions", [v for v in served if v not in known])
+    for version in served:
+        if not store.exists(f"{REFERENCE_PREFIX}{registry.model_name}/{version}/reference.json"):
+            _materialize("model_reference", version)
+    _materialize("interaction_profiles")
+    windows = sorted(w for w, members in windows_with_members(store).items() if staging in window_versions(members))
+    known = set(instance.get_dynamic_partitions("monitor_windows"))
+    instance.add_dynamic_partitions("monitor_windows", [w for w in windows if w not in known])
+    for window in windows:  # a crossed threshold fails the report's checks, not the demo
+        _materialize("window_profiles,labelled_traffic,drift_report", window, check=False)
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(dg.AssetKey("drift_report"), asset_partitions=[window]), limit=1
+        ).records
+        metadata = records[0].asset_materialization.metadata if records else {}
+        alarms = metadata["alarms"].value if "alarms" in metadata else ["no report"]
+        print(f"  window {window}: {len(alarms)} alarm(s)")
+        for alarm in alarms:
+            print(f"    {alarm[:200]}")
+        if "report_html" in metadata:
+            print(f"  report: {metadata['report_html'].value}")
 
 
 def _print_candidate() -> str:

@@ -31,7 +31,8 @@ from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.round import run_round
-from bridge_assets.ml.tracking import CANDIDATE_ALIAS, MlflowSettings
+from bridge_assets.ml.registry import CANDIDATE_ALIAS
+from bridge_assets.ml.tracking import MlflowSettings
 
 QUICK_ROUND = {"ops": {"candidate_model": {"config": {"max_epochs": 60}}}}
 ODD_CASE_REQUEST = {

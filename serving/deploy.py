@@ -27,7 +27,8 @@ import numpy as np
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.settings import StorageSettings, load_environment
-from bridge_assets.ml.tracking import PRODUCTION_ALIAS, MlflowSettings
+from bridge_assets.ml.registry import PRODUCTION_ALIAS
+from bridge_assets.ml.tracking import MlflowSettings
 from serving.cluster import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings, check_compatible, connect
 from serving.cluster import start_serve, stop_serving
 from serving.cluster import main as cluster_main

@@ -29,7 +29,7 @@ from bridge_assets.lake.landing import landed_batches
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.monitoring.drift import DriftSettings
 from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, report_window, unprofiled_objects
-from bridge_assets.monitoring.profiles import WINDOWS_PREFIX, window_rows, window_slices, windows_with_members
+from bridge_assets.monitoring.profiles import WINDOWS_PREFIX, window_rows, window_slices, window_versions, windows_with_members
 from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
 from bridge_assets.monitoring.report import summary_markdown
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX, decide_retrain, land_feedback_batch, post_alert
@@ -238,11 +238,6 @@ def drift_report(
     )
 
 
-def _versions(members: list[str]) -> set[str]:
-    """Model versions in a window, from its member keys (`<sha>--<version>--<variant>.json`)."""
-    return {key.rsplit("/", 1)[-1].split("--")[1] for key in members}
-
-
 @dg.sensor(target=[window_profiles, labelled_traffic, drift_report], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
 def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """(Re)requests a window when its members change (a late object too), new labels land, or
@@ -252,7 +247,7 @@ def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeSto
     labels = _digest([k for k in store.list(LABELS_PREFIX)])
     references = {k.split("/")[3] for k in store.list(REFERENCE_PREFIX) if k.endswith("/reference.json")}
     current = {
-        window: _digest([*members, labels, *(f"reference:{v}" for v in sorted(_versions(members) & references))])
+        window: _digest([*members, labels, *(f"reference:{v}" for v in sorted(window_versions(members) & references))])
         for window, members in windows_with_members(store).items()
     }
     changed = sorted(w for w, digest in current.items() if seen.get(w) != digest)

@@ -34,8 +34,7 @@ from bridge_assets.core.contract import COUNT_FEATURES, FEATURES
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.settings import DEFAULT_PREFIX, PROJECT_ROOT, StorageSettings, bridge_home
 from bridge_assets.lake.storage import ObjectStore
-# The aliases and `promote_to_production` moved to the registry; imported here for older callers.
-from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, Registry, promote_to_production  # noqa: F401
+from bridge_assets.ml.registry import Registry
 from bridge_assets.ml.round import Candidate, RoundResult
 
 DEFAULT_EXPERIMENT = "bridge-housing"

@@ -190,6 +190,11 @@ def windows_with_members(store: ObjectStore) -> dict[str, list[str]]:
     return found
 
 
+def window_versions(members: list[str]) -> set[str]:
+    """Model versions in a window, from its member keys (`<sha>--<version>--<variant>.json`)."""
+    return {key.rsplit("/", 1)[-1].split("--")[1] for key in members}
+
+
 @dataclass
 class WindowSlice:
     """One model version and variant within a window: merged profile and counts."""
