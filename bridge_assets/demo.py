@@ -25,6 +25,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 import polars as pl
@@ -49,6 +51,19 @@ DEMO_BATCH = "demo-sim-s7"
 DEMO_ROWS = 20_000
 SHIFT_BATCH = "demo-shift-s8"  # lands on the second run: prices rose 50% (a label shift)
 SHIFT = Drift(price_factor=1.5)
+
+
+STAGE_SECONDS: dict[str, float] = {}
+
+
+@contextmanager
+def _stage(name: str) -> Iterator[None]:
+    """Time a stage of the demo (printed at the end: README, demo time per stage)."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.monotonic() - started
 
 
 def _dagster(*args: str, check: bool = True) -> bool:
@@ -122,23 +137,26 @@ def _experiment(store: ObjectStore) -> None:
     registry = _registry(store)
     production, staging = registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)
     print(f"\nA/B experiment: Production v{production} against Staging v{staging} (half the clients each)")
-    _materialize("production_deployment")
-    url = ServingSettings.from_env().url
-    result = send_traffic(store, url, rate=40, duration=15, clients=100, seed=len(registry.history()), drift=SHIFT)
-    print(f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}")
-    deadline = time.monotonic() + 60
-    while read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height < result.ok:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    key, labels = release_feedback(store, result.traffic_id)
-    print(f"  released {labels} true prices as delayed feedback: {store.uri(key)}")
-    _materialize("feedback,ab_report")
-    verdict = _registry(store).verdict(staging)
-    if verdict is not None:
-        print(f"  verdict: {verdict.evidence['verdict']} — {verdict.reason}")
-    _monitor(store, staging)
-    _promote(store)
+    with _stage("A/B experiment (deploy both, traffic, feedback, verdict)"):
+        _materialize("production_deployment")
+        url = ServingSettings.from_env().url
+        result = send_traffic(store, url, rate=40, duration=15, clients=100, seed=len(registry.history()), drift=SHIFT)
+        print(f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}")
+        deadline = time.monotonic() + 60
+        while read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height < result.ok:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        key, labels = release_feedback(store, result.traffic_id)
+        print(f"  released {labels} true prices as delayed feedback: {store.uri(key)}")
+        _materialize("feedback,ab_report")
+        verdict = _registry(store).verdict(staging)
+        if verdict is not None:
+            print(f"  verdict: {verdict.evidence['verdict']} — {verdict.reason}")
+    with _stage("monitoring (references, profiles, window report)"):
+        _monitor(store, staging)
+    with _stage("promotion"):
+        _promote(store)
 
 
 def _monitor(store: ObjectStore, staging: str) -> None:
@@ -197,13 +215,18 @@ def _promotion(store: ObjectStore, version: str) -> None:
     first = registry.version_for(PRODUCTION_ALIAS) is None
     if version in (registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)):
         print(f"v{version} is already {registry.stage(version)}: nothing new to promote")
-    elif not _gate(store, version):
-        print(f"v{version} stays a candidate; Production is unchanged")
-    elif first:
-        _promote(store)
-        _worse_candidate(store)
     else:
-        _experiment(store)
+        with _stage("gates"):
+            passed = _gate(store, version)
+        if not passed:
+            print(f"v{version} stays a candidate; Production is unchanged")
+        elif first:
+            with _stage("promotion"):
+                _promote(store)
+            with _stage("a worse candidate stopped at a gate"):
+                _worse_candidate(store)
+        else:
+            _experiment(store)
 
 
 def _serve(store: ObjectStore) -> None:
@@ -260,11 +283,14 @@ def main() -> None:
     known = set(instance.get_dynamic_partitions("raw_batches"))
     instance.add_dynamic_partitions("raw_batches", [b for b in batch_ids if b not in known])
     done = instance.get_materialized_partitions(dg.AssetKey("raw_housing"))
-    for batch_id in batch_ids:
-        if batch_id not in done:
-            _materialize("raw_housing", batch_id)
-    _materialize("housing_features")
-    _materialize("candidate_model")
+    with _stage("raw batches (validation, quarantine)"):
+        for batch_id in batch_ids:
+            if batch_id not in done:
+                _materialize("raw_housing", batch_id)
+    with _stage("feature table"):
+        _materialize("housing_features")
+    with _stage("training round (Pipes, MLflow)"):
+        _materialize("candidate_model")
 
     features = FeatureStore(store)
     latest = features.latest()
@@ -287,12 +313,14 @@ def main() -> None:
     version = _print_candidate()
     try:
         _promotion(store, version)
-        _serve(store)
+        with _stage("serving (deploy, requests, stop)"):
+            _serve(store)
     finally:
         stop_serving()  # also when the experiment failed half-way
     print("\naudit trail of the registry (`bridge history`):")
     for record in _registry(store).history()[-12:]:
         print(f"  {record.line()}")
+    print(f"\ntime per stage: {', '.join(f'{name} {seconds:.0f} s' for name, seconds in STAGE_SECONDS.items())}")
     print("\nopen the UI with `make dev` (http://127.0.0.1:3000) to see these runs and their metadata")
 
 

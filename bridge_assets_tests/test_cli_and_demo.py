@@ -155,3 +155,4 @@ def test_demo_materializes_through_dagster_into_the_ui_instance(tmp_path: Path, 
     assert "A/B experiment: Production v1 against Staging v3" in rerun.stdout and "verdict: promote" in rerun.stdout
     assert "v1/production: realised decay" in rerun.stdout and "report.html" in rerun.stdout
     assert "v3 is Production: A/B verdict promote" in rerun.stdout
+    assert "time per stage: " in rerun.stdout and "monitoring (references, profiles, window report)" in rerun.stdout
