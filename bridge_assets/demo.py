@@ -10,9 +10,9 @@ numbers. On later runs the new candidate runs an online A/B experiment against P
 both are deployed behind the router, simulated clients send houses (`bridge traffic`), their
 prices are released as delayed feedback, `ab_report` gives a verdict, the monitoring assets
 report the experiment's window (Production, trained before prices rose, shows realised decay),
-and `promote_model` promotes only on a promote verdict. Then the service answers a few requests, Serve and Ray
-stop, and the registry's audit trail is printed. Running it again lands nothing new; it trains
-a new round each time.
+and `promote_model` promotes only on a promote verdict. Then the service answers a few
+requests, Serve and Ray stop, the registry's audit trail and the time per stage are printed.
+Running it again lands nothing new; it trains a new round each time.
 """
 
 from __future__ import annotations
