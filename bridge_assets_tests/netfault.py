@@ -37,6 +37,10 @@ class CuttableProxy:
     def cut(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone would not
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             for connection in self._open:

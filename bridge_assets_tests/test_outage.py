@@ -1,5 +1,5 @@
-"""A storage outage in the middle of a feature materialization: the line to the S3 endpoint
-(moto's server, behind a TCP forwarder) is cut while the run writes parts, and restored later."""
+"""Storage outages: the line to the S3 endpoint (moto's server, behind a TCP forwarder) is cut
+while a feature run writes parts, and while the service logs interactions; restored later."""
 
 import threading
 import time
@@ -15,6 +15,7 @@ from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets_tests.conftest import LAKE_VARIABLES, s3_environment
 from bridge_assets_tests.netfault import CuttableProxy
+from serving.interactions import InteractionLogger, read_interactions, record
 
 BATCHES = 40
 
@@ -93,3 +94,36 @@ def test_features_survive_an_s3_outage_mid_run(moto_endpoint, tmp_path, monkeypa
     pinned = features.load(version)
     assert len(pinned.parts) == BATCHES + 1 and all(store.exists(p.key) for p in pinned.parts)
     assert features.scan(pinned).collect().height == pinned.rows
+
+
+def _requests(tag: str, count: int) -> list[list[dict]]:
+    """One record per request, as the service logs them."""
+    return [[record(request_id=f"{tag}-{i}", endpoint="/predict", status=200, model_name="m", model_version="1",
+                    variant="production", latency_ms=1.0, prediction=float(i))] for i in range(count)]  # fmt: skip
+
+
+def test_interaction_logging_goes_on_through_an_s3_outage_and_drains_when_it_returns(moto_endpoint, tmp_path, monkeypatch):
+    host, port = moto_endpoint.removeprefix("http://").split(":")
+    proxy = CuttableProxy(host, int(port))
+    for name in LAKE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3_environment(proxy.url, tmp_path / "home").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    store = StorageSettings.from_env().open()
+    logger = InteractionLogger(lambda: StorageSettings.from_env().open(), "replica-o", spool_dir=tmp_path / "spool", flush_seconds=3600)
+    for request in _requests("before", 100):
+        logger.log(request)
+    assert logger.flush() == 100
+
+    proxy.cut()
+    for request in _requests("during", 200):  # the request path appends locally: nothing raises or waits on S3
+        logger.log(request)
+    assert logger.flush() == 0 and logger.stats["flush_errors"] == 1  # kept in the spool, counted
+    assert logger.alive
+
+    proxy.restore()
+    assert logger.flush() == 200  # the spool drains once storage is back
+    assert logger.close()["dropped"] == 0
+    logged = read_interactions(store)["request_id"]
+    assert logged.len() == logged.n_unique() == 300  # every record once, none twice
