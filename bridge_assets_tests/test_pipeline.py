@@ -3,6 +3,8 @@
 Runs against the local default and against moto's S3 server over HTTP.
 """
 
+import io
+
 import dagster as dg
 import polars as pl
 import pytest
@@ -92,12 +94,24 @@ def test_batches_flow_from_landing_to_a_versioned_feature_table(store: ObjectSto
         assert not tick(instance, None).run_requests
 
 
-def test_an_unreadable_batch_fails_naming_the_object(store: ObjectStore):
-    store.put_bytes("landing/batches/broken/data.parquet", b"this is not parquet")
+def _parquet_without_area() -> bytes:
+    buffer = io.BytesIO()
+    pl.concat(HousingSimulator.fit().generate(50, seed=3, batch_id="no-area")).drop("area").write_parquet(buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [(b"this is not parquet", "cannot read batch object"), (b"", "cannot read batch object"), (None, "missing required column")],
+    ids=["unreadable", "empty file", "without a required column"],
+)
+def test_a_batch_that_cannot_be_validated_fails_naming_the_object_and_writes_nothing(store: ObjectStore, body, reason):
+    store.put_bytes("landing/batches/broken/data.parquet", _parquet_without_area() if body is None else body)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(raw_batches.name, ["broken"])
-        with pytest.raises(dg.Failure, match=r"broken/data\.parquet"):
+        with pytest.raises(dg.Failure, match=rf"broken/data\.parquet.*{reason}"):
             materialize(instance, "raw_housing", "broken")
+    assert store.list("raw/") == []  # neither valid rows nor a quarantine, not even in part
 
 
 def test_simulated_batch_asset_lands_a_batch_with_run_config(store: ObjectStore):
