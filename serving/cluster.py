@@ -613,7 +613,9 @@ def _sweep_spools(env: Mapping[str, str]) -> str:
 
 
 def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
-    """Stop what this instance started: Serve gracefully, the spool sweep, then its processes.
+    """Stop what this instance started: Serve gracefully, then its processes, then the spool
+    sweep — a replica that did not shut down in time (Serve's controller gives up after 30 s)
+    leaves its spool locked until its process is gone, so sweeping earlier would miss it.
 
     Never `ray stop --force`. Works on a half-killed Ray too (processes found by session, temp
     dir and node ids). An external cluster (`RAY_ADDRESS`) only has Serve shut down.
@@ -630,11 +632,10 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
         shutil.rmtree(settings.temp_dir, ignore_errors=True)
         return StopReport([], [], {}, "was not running", _sweep_spools(env))
     serve = shutdown_serve(settings) if _healthy(settings.ray_port, processes) else "was unreachable (Ray half-dead; no graceful flush)"
-    sweep = _sweep_spools(env)
     ports = instance_ports(settings)
     stopped = _clean_up(settings, instance_processes(settings) or processes)
     left = [process.pid for process in stopped if _alive(process)]
-    return StopReport(sorted(p.pid for p in stopped), left, _port_holders(ports), serve, sweep)
+    return StopReport(sorted(p.pid for p in stopped), left, _port_holders(ports), serve, _sweep_spools(env))
 
 
 def _alive(process: psutil.Process) -> bool:
