@@ -43,7 +43,7 @@ from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING
 from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.ml.traffic import send_traffic
 from bridge_assets.monitoring.profiles import window_versions, windows_with_members
-from bridge_assets.monitoring.reference import REFERENCE_PREFIX
+from bridge_assets.monitoring.reference import reference_prefix
 from serving.deploy import ServingSettings, stop_serving
 from serving.interactions import read_interactions
 
@@ -169,7 +169,7 @@ def _monitor(store: ObjectStore, staging: str) -> None:
     known = set(instance.get_dynamic_partitions("model_versions"))
     instance.add_dynamic_partitions("model_versions", [v for v in served if v not in known])
     for version in served:
-        if not store.exists(f"{REFERENCE_PREFIX}{registry.model_name}/{version}/reference.json"):
+        if not store.exists(f"{reference_prefix(registry.model_name, version)}reference.json"):
             _materialize("model_reference", version)
     _materialize("interaction_profiles")
     windows = sorted(w for w, members in windows_with_members(store).items() if staging in window_versions(members))
