@@ -44,8 +44,14 @@ class CuttableProxy:
             listener.close()
         with self._lock:
             for connection in self._open:
-                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                connection.close()  # RST: the client sees a reset, not a hang
+                try:  # a pipe thread may have closed it already
+                    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    # Wakes the pipe thread blocked in recv(): while a syscall holds the socket,
+                    # close() alone releases nothing, so no RST is sent and the client waits forever.
+                    connection.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+                connection.close()  # the last reference gone, linger 0 sends RST: a reset, not a hang
             self._open.clear()
 
     def _accept(self, listener: socket.socket) -> None:

@@ -279,6 +279,12 @@ class S3Store(ObjectStore):
             shutil.rmtree(directory, ignore_errors=True)
 
 
+# Whole-request limits (not idle limits, as boto3's are): long enough for a ranged GET of a
+# large Parquet part over a slow link.
+S3_REQUEST_TIMEOUT = "120s"
+S3_CONNECT_TIMEOUT = "10s"
+
+
 def polars_s3_options(
     endpoint_url: str | None,
     region: str,
@@ -286,8 +292,12 @@ def polars_s3_options(
     secret_access_key: str | None,
     session_token: str | None = None,
 ) -> dict[str, str]:
-    """Polars/object_store options for the same endpoint and credentials as boto3."""
-    options = {"aws_region": region}
+    """Polars/object_store options for the same endpoint and credentials as boto3.
+
+    Polars leaves object_store's request timeout off: a connection that stops answering (a
+    dropped NAT entry, a hung endpoint) would hang a feature run forever. With a timeout the
+    read fails after its retries and Dagster's retry policy takes over."""
+    options = {"aws_region": region, "timeout": S3_REQUEST_TIMEOUT, "connect_timeout": S3_CONNECT_TIMEOUT}
     if endpoint_url:
         options["aws_endpoint_url"] = endpoint_url
         if endpoint_url.startswith("http://"):
