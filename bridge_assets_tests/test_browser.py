@@ -21,7 +21,7 @@ CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
 ]  # fmt: skip
-ARCHITECTURE_GROUPS = {"ingestion", "features", "training", "serving", "monitoring"}
+ARCHITECTURE_GROUPS = {"ingestion", "features", "training", "registry", "serving", "monitoring"}
 GROUPS = "{ assetNodes { groupName } }"
 TIMEOUT_MS = 120_000  # a loaded 2-core machine renders slowly; this bounds a hang, it times nothing
 

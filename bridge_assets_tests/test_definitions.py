@@ -64,7 +64,7 @@ def test_asset_graph_shape():
     assert sensors["landed_batches_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
     assert sensors["bridge_automation"].default_status == dg.DefaultSensorStatus.RUNNING
     assert all(sensor.default_status == dg.DefaultSensorStatus.RUNNING for sensor in sensors.values()), sensors
-    assert set(sensors) >= {"feature_backlog_sensor", "registry_sensor", "interaction_logs_sensor", "retrain_sensor"}
+    assert set(sensors) >= {"feature_backlog_sensor", "registry_sensor", "post_deploy_guardrail", "interaction_logs_sensor", "retrain_sensor"}
 
 
 def test_groups_follow_the_architecture():
@@ -73,7 +73,8 @@ def test_groups_follow_the_architecture():
     graph = defs.resolve_asset_graph()
     expected = {
         "simulated_batch": "ingestion", "raw_housing": "ingestion", "housing_features": "features",
-        "candidate_model": "training", "batch_predictions": "serving",
+        "candidate_model": "training", "staged_model": "registry", "ab_report": "registry",
+        "production_deployment": "serving", "batch_predictions": "serving", "drift_report": "monitoring",
     }  # fmt: skip
     for key, group in expected.items():
         node = graph.get(dg.AssetKey(key))

@@ -1,17 +1,27 @@
 """Promotion against the real Ray Serve of the session: simulated clients through the A/B
-router with delayed feedback into the A/B report, and a rollback under continuous load that
-fails no request. Deployment follows the registry through `registry_sensor`, as the daemon
-would run it."""
+router with delayed feedback into the A/B report, a rollback under continuous load that fails
+no request, and the post-deploy guardrail rolling back a version that fails live traffic.
+Deployment follows the registry through `registry_sensor`, as the daemon would run it."""
 
+import math
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import dagster as dg
+import mlflow
+import numpy as np
 import polars as pl
 import pytest
+import torch
 
+from bridge_assets.core.pyfunc import HousingPyfunc
+from bridge_assets.core.simulator import load_seed_data
+from bridge_assets.core.training import PriceNet, TrainedModel
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feedback import release_feedback
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
+from bridge_assets.ml.tracking import MODEL_SIGNATURE
 from bridge_assets.ml.traffic import send_traffic
 from bridge_assets_tests.serving_support import call, continuous_load
 from serving.interactions import read_interactions
@@ -98,3 +108,75 @@ def test_rollback_under_load_fails_no_request(service, bridge):
     last = registry.history()[-1]
     assert (last.action, last.version, last.actor, last.reason) == ("rollback", production, "on-call", "test: bad latency")
     assert last.evidence["rolled_back"] == newer
+
+
+def _overflowing_version(service, registry: Registry, production: str, scratch: Path) -> str:
+    """A version that prices a house as exp(log mean price + 100·z(area)): finite and positive
+    on every real house (the deploy probe passes), infinite for houses far larger than any in
+    the real data — a fault only live traffic finds."""
+    source = Path(mlflow.artifacts.download_artifacts(f"models:/{service.settings.model_name}/{production}/artifacts", dst_path=str(scratch / "source")))
+    model = TrainedModel.load(source / "weights.pth", source / "model.json")
+    config = replace(model.config, hidden=(4,), log_target=True, linear_skip=True)
+    net = PriceNet(len(model.preprocessor.feature_names), config.hidden, config.linear_skip)
+    with torch.no_grad():
+        net.skip.weight.zero_()
+        net.skip.bias.zero_()
+        net.skip.weight[0, model.preprocessor.feature_names.index("area")] = 100.0
+    real = load_seed_data()
+    overflowing = TrainedModel(config, model.preprocessor, math.log(real["price"].mean()), 1.0, net.state_dict())
+    prices = overflowing.predict(real)
+    assert np.isfinite(prices).all() and (prices > 0).all()
+    assert not np.isfinite(overflowing.predict(pl.DataFrame([{**REQUEST, "area": 90_000}]))).any()
+    saved = overflowing.save(scratch / "overflowing")
+    with mlflow.start_run(run_name="overflowing") as run:
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=HousingPyfunc(), signature=MODEL_SIGNATURE,
+            artifacts={"weights": str(saved["weights"]), "model": str(saved["model"])},
+        )  # fmt: skip
+    return registry.register(info.model_uri, {"bridge.run_id": run.info.run_id})
+
+
+def _traffic(service, tag: str) -> dict[str, int]:
+    """60 ordinary houses and 20 very large ones (valid: the contract allows 100,000 sq ft);
+    each request's status, by request id, once its record is in the lake."""
+    statuses = {}
+    for i in range(80):
+        request_id = f"{tag}-{i}"
+        status, _, _ = call(service.url, "/predict", {**REQUEST, "area": 90_000 if i % 4 == 0 else 1200 + i}, {"X-Request-ID": request_id})
+        statuses[request_id] = status
+    deadline = time.monotonic() + 60
+    while read_interactions(service.store).filter(pl.col("request_id").is_in(list(statuses))).height < len(statuses):
+        assert time.monotonic() < deadline, "interaction records did not arrive"
+        time.sleep(0.5)
+    return statuses
+
+
+def test_the_guardrail_rolls_back_a_version_that_fails_live_traffic(service, bridge, tmp_path):
+    registry, follow, defs, instance, production = bridge
+    guardrail = defs.get_sensor_def("post_deploy_guardrail")
+    before = _traffic(service, "guardrail-before")
+    assert set(before.values()) == {200}
+
+    bad = _overflowing_version(service, registry, production, tmp_path)
+    registry.set_production(bad, reason="test: an operator promotes without gates")
+    assert len(follow()) == 1  # the probe on the real data passes: it is deployed
+    assert call(service.url, "/model")[1]["response"]["model_version"] == bad
+    after = _traffic(service, "guardrail-after")
+    assert sorted(set(after.values())) == [200, 503]  # the large houses fail (non-finite price: a 503)
+
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+        request = guardrail(context)
+    assert isinstance(request, dg.RunRequest), request
+    reason = request.run_config["ops"]["restore_previous_production"]["config"]["reason"]
+    assert "server-error rate 25.0%" in reason and f"v{bad}" in reason, reason
+    rollback = defs.get_job_def("rollback_model").execute_in_process(instance=instance, run_config=request.run_config, tags=request.tags)
+    assert rollback.success
+    assert len(follow()) == 1  # deployment follows the registry back
+    assert call(service.url, "/model")[1]["response"]["model_version"] == production
+    last = registry.history()[-1]
+    assert (last.action, last.version, last.actor) == ("rollback", production, "post_deploy_guardrail")
+    assert last.reason == reason and last.evidence["rolled_back"] == bad
+
+    with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+        again = guardrail(context)
+    assert isinstance(again, dg.SkipReason) and "a rollback" in again.skip_message  # no flapping

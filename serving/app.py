@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -147,15 +148,19 @@ class PredictionService:
 
     async def _predicted(self, exchange: Exchange, method: str, payload: Any) -> Any:
         """The routed variant's predictions (its version noted); InvalidInput passes through,
-        any other failure is a 503."""
+        any other failure is a 503 — a non-finite price too: it is the model failing on an input
+        its gates did not cover, not an answer."""
         try:
             exchange.model_version, predictions = await getattr(self.variants[exchange.variant], method).remote(payload)
-            return predictions
         except InvalidInput:
             raise
         except Exception as error:  # noqa: BLE001 - any model error is a 503, never a 500
             log.exception("model failure (%s v%s, request %s)", exchange.variant, exchange.model_version, exchange.request_id)
             raise ModelUnavailable(f"model unavailable: {type(getattr(error, 'cause', None) or error).__name__}") from error
+        if not np.isfinite(np.asarray(predictions, dtype=np.float64)).all():
+            log.error("non-finite prediction (%s v%s, request %s)", exchange.variant, exchange.model_version, exchange.request_id)
+            raise ModelUnavailable(f"model v{exchange.model_version} produced a non-finite price")
+        return predictions
 
     def _prediction_reply(self, exchange: Exchange, **result: Any) -> JSONResponse:
         """The reference's success body, with the model and variant that answered."""

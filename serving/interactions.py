@@ -266,11 +266,18 @@ def _scan(store: ObjectStore, keys: list[str]) -> pl.LazyFrame:
     return frame.with_columns(pl.col("schema_version").fill_null(1))
 
 
-def read_interactions(store: ObjectStore) -> pl.DataFrame:
-    """Every logged interaction, once (for tests, monitoring and the demo); files written before
-    a column existed read it as null (`schema_version` as 1)."""
+def read_interactions(store: ObjectStore, since: datetime | None = None) -> pl.DataFrame:
+    """Every logged interaction (from `since` on, if given), once; files written before a
+    column existed read it as null (`schema_version` as 1). Records sit in the folder of their
+    own hour, so `since` lists only the hours from its own on."""
     keys = _readable(store, store.list(PREFIX))
-    return _scan(store, keys).collect() if keys else pl.DataFrame(schema=SCHEMA)
+    if since is not None:
+        first = since.astimezone(UTC).strftime("date=%Y-%m-%d/hour=%H")
+        keys = [k for k in keys if k.removeprefix(PREFIX)[: len(first)] >= first]
+    if not keys:
+        return pl.DataFrame(schema=SCHEMA)
+    frame = _scan(store, keys)
+    return (frame.filter(pl.col("timestamp") >= since) if since is not None else frame).collect()
 
 
 @dataclass(frozen=True)

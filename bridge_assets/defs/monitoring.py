@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import dagster as dg
 from pydantic import Field
 
+from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, _env_or_none
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
@@ -110,7 +111,7 @@ def interaction_profiles(
     )
 
 
-@dg.sensor(target=[interaction_profiles], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=15)
+@dg.sensor(target=[interaction_profiles], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("interaction_logs_sensor", 15))
 def interaction_logs_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """Requests profiles for log objects that have none. The lake says what is done (an
     object's profile index), the cursor what is already requested, so a restart or retry
@@ -238,7 +239,7 @@ def drift_report(
     )
 
 
-@dg.sensor(target=[window_profiles, labelled_traffic, drift_report], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
+@dg.sensor(target=[window_profiles, labelled_traffic, drift_report], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("monitor_windows_sensor", 30))
 def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """(Re)requests a window when its members change (a late object too), new labels land, or
     the reference of a version it served arrives."""
@@ -279,7 +280,7 @@ def model_reference(context: dg.AssetExecutionContext, storage: LakeStorage, mlf
     )
 
 
-@dg.sensor(target=[model_reference], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=60)
+@dg.sensor(target=[model_reference], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("registered_versions_sensor", 60))
 def registered_versions_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.SensorResult:
     """Requests a reference for each registered version that has none in the lake."""
     store = storage.open()
@@ -309,7 +310,7 @@ def _feedback_pending(store: ObjectStore, window: str, included: set[str]) -> li
     return [b.batch_id for b in landed_batches(store) if b.batch_id.startswith(f"{FEEDBACK_BATCH_PREFIX}{window}") and b.batch_id not in included]
 
 
-@dg.sensor(target=[candidate_model], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=30)
+@dg.sensor(target=[candidate_model], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("retrain_sensor", 30))
 def retrain_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, monitoring: Monitoring) -> dg.SensorResult:
     """The retrain policy on each new drift report with alarms. `automatic`: one training
     round, pinned to the newest feature version once it holds the window's labelled traffic,

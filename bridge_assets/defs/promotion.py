@@ -20,8 +20,11 @@ from bridge_assets.ml.registry import CANDIDATE_ALIAS
 
 @dg.asset(
     deps=[candidate_model, housing_features],
-    group_name="promotion",
+    group_name="registry",
     kinds={"mlflow"},
+    # Every new candidate meets the gates, whoever trained it (schedule, retrain policy, a
+    # person); a new feature version alone does not re-judge the same candidate.
+    automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets(housing_features)),
     check_specs=[dg.AssetCheckSpec(name, asset="staged_model", blocking=True, description=text) for name, text in GATES.items()],
 )
 def staged_model(
@@ -98,7 +101,7 @@ def _feedback(store: ObjectStore) -> FeedbackJoin:
     return join_feedback(read_interactions(store), read_feedback_labels(store, deduplicate=False))
 
 
-@dg.asset(group_name="promotion", kinds={"polars"})
+@dg.asset(group_name="registry", kinds={"polars"})
 def feedback(storage: LakeStorage) -> dg.MaterializeResult:
     """Released ground truth joined to logged predictions by request id: how much feedback
     each variant and version has, labels released twice (counted once) and labels whose
@@ -119,7 +122,7 @@ def feedback(storage: LakeStorage) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(deps=[feedback], group_name="promotion", kinds={"scipy"})
+@dg.asset(deps=[feedback], group_name="registry", kinds={"scipy"})
 def ab_report(
     context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
 ) -> dg.MaterializeResult:

@@ -173,7 +173,7 @@ def ray_serving(env: Mapping[str, str] = os.environ) -> RayServing:
 
 
 class PromotionPolicy(dg.ConfigurableResource):
-    """Gate tolerances and budgets, the A/B test's parameters and the sign-off rule."""
+    """Gate tolerances and budgets, the A/B test's parameters, the sign-off rule and the post-deploy guardrail."""
 
     baseline_tolerance: float
     champion_tolerance: float
@@ -189,6 +189,11 @@ class PromotionPolicy(dg.ConfigurableResource):
     ab_power: float
     ab_staging_weight: float
     ab_salt: str
+    guardrail_seconds: float
+    guardrail_min_requests: int
+    guardrail_error_margin: float
+    guardrail_latency_factor: float
+    guardrail_latency_slack_ms: float
 
     def settings(self) -> PromotionSettings:
         return PromotionSettings(**{**self.model_dump(), "approvers": tuple(self.approvers)})

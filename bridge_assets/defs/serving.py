@@ -3,6 +3,7 @@
 import dagster as dg
 from pydantic import Field
 
+from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
@@ -170,7 +171,7 @@ def _deployed(instance: dg.DagsterInstance) -> tuple[str | None, str | None]:
     return (metadata["model_version"].value if "model_version" in metadata else None), (None if staging == "none" else staging)
 
 
-@dg.sensor(target=[production_deployment], minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(target=[production_deployment], minimum_interval_seconds=sensor_interval("registry_sensor", 30), default_status=dg.DefaultSensorStatus.RUNNING)
 def registry_sensor(
     context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
 ) -> dg.SensorResult | dg.SkipReason:

@@ -86,6 +86,11 @@ class PromotionSettings:
     ab_power: float = 0.8
     ab_staging_weight: float = 0.5  # share of clients the Staging version serves while both exist
     ab_salt: str = "bridge"
+    guardrail_seconds: float = 1800.0  # how long a new Production version is watched (0: never)
+    guardrail_min_requests: int = 50  # on each side before live health is compared
+    guardrail_error_margin: float = 0.02  # allowed rise in server-error rate (absolute)
+    guardrail_latency_factor: float = 1.5  # allowed p95 latency ratio ...
+    guardrail_latency_slack_ms: float = 25.0  # ... plus this, so millisecond jitter is no breach
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> PromotionSettings:
@@ -108,6 +113,11 @@ class PromotionSettings:
             ab_power=number("BRIDGE_AB_POWER", defaults.ab_power),
             ab_staging_weight=number("BRIDGE_AB_STAGING_WEIGHT", defaults.ab_staging_weight),
             ab_salt=env.get("BRIDGE_AB_SALT") or defaults.ab_salt,
+            guardrail_seconds=number("BRIDGE_GUARDRAIL_SECONDS", defaults.guardrail_seconds),
+            guardrail_min_requests=int(number("BRIDGE_GUARDRAIL_MIN_REQUESTS", defaults.guardrail_min_requests)),
+            guardrail_error_margin=number("BRIDGE_GUARDRAIL_ERROR_MARGIN", defaults.guardrail_error_margin),
+            guardrail_latency_factor=number("BRIDGE_GUARDRAIL_LATENCY_FACTOR", defaults.guardrail_latency_factor),
+            guardrail_latency_slack_ms=number("BRIDGE_GUARDRAIL_LATENCY_SLACK_MS", defaults.guardrail_latency_slack_ms),
         )
 
 
