@@ -1,49 +1,60 @@
 """`make demo`: the main job, run through Dagster on the same DAGSTER_HOME as `make dev`.
 
-Lands the real data and a simulated batch (with some corrupt rows and oddly-cased
-categories), registers both as raw partitions, materializes them, the feature table and a
-training round (a candidate model in MLflow) with `dagster asset materialize`, and puts the
-candidate through the compliance gates (`staged_model`) into Staging. The first time there is
-no Production to compare with, so it becomes Production (`promote_model`), and a deliberately
-worse candidate (the reference network after one epoch) is shown stopped at a gate with its
-numbers. On later runs the new candidate runs an online A/B experiment against Production:
-both are deployed behind the router, simulated clients send houses (`bridge traffic`), their
-prices are released as delayed feedback, `ab_report` gives a verdict, the monitoring assets
-report the experiment's window (Production, trained before prices rose, shows realised decay),
-and `promote_model` promotes only on a promote verdict. Then the service answers a few
-requests, Serve and Ray stop, the registry's audit trail and the time per stage are printed.
-Running it again lands nothing new; it trains a new round each time.
+First half, by the same commands a user types (`dagster asset materialize`, `dagster job
+execute`): the real data and a simulated batch (some corrupt rows, oddly-cased categories)
+land and are validated into raw partitions, the feature table and a training round (a
+candidate in MLflow) follow, and the candidate goes through the compliance gates
+(`staged_model`) into Staging. The first time there is no Production to compare with, so it
+becomes Production (`promote_model`), and a deliberately worse candidate (the reference
+network after one epoch) is shown stopped at a gate with its numbers. On later runs a
+challenger trained after a price rise runs an online A/B experiment against Production
+(simulated clients, delayed feedback, `ab_report`), and `promote_model` promotes only on a
+promote verdict. Production is deployed into Ray Serve and answers a few requests.
+
+Second half, through the real Dagster daemon and its sensors (started here on the same
+instance, with the loop's cadences shortened): a stretch of traffic after prices rose again
+is logged, its true prices are released late; the daemon profiles the logs, reports the
+windows (realised decay on the old Production), lands the labelled traffic as a feedback
+batch into a new feature version, retrains under the automatic policy, puts the new candidate
+through the gates and serves it beside Production. Then the daemon, Serve and Ray stop, and
+the registry's audit trail and the time per stage are printed. Every run trains new rounds;
+data that landed before is not landed again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
 
 import dagster as dg
 import polars as pl
 
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.defs.monitoring import REASON_TAG, RETRAIN_TAG
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.lake.feedback import release_feedback
-from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, Registry
+from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, AuditRecord, Registry
 from bridge_assets.ml.tracking import MlflowSettings
-from bridge_assets.ml.traffic import send_traffic
-from bridge_assets.monitoring.profiles import window_versions, windows_with_members
-from bridge_assets.monitoring.reference import reference_prefix
+from bridge_assets.ml.traffic import TrafficResult, send_traffic
+from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX
+from bridge_assets.monitoring.settings import MonitorSettings
 from serving.deploy import ServingSettings, stop_serving
 from serving.interactions import read_interactions
 
@@ -51,9 +62,25 @@ DEMO_BATCH = "demo-sim-s7"
 DEMO_ROWS = 20_000
 SHIFT_BATCH = "demo-shift-s8"  # lands on the second run: prices rose 50% (a label shift)
 SHIFT = Drift(price_factor=1.5)
+# The loop's cadences for the demo, short enough to watch (each is a documented variable; a
+# value set in the environment or .env wins).
+LOOP_CADENCES = {
+    "BRIDGE_SENSOR_INTERVAL": "5",
+    "BRIDGE_MONITOR_WINDOW_SECONDS": "120",
+    "BRIDGE_RETRAIN_POLICY": "automatic",
+    "BRIDGE_RETRAIN_COOLDOWN_SECONDS": "60",
+    "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "2",
+    # The demo's two cores train and profile while they serve: latency before and after a
+    # promotion differs by load, not by model, so the guardrail judges errors strictly and
+    # latency only at 3x.
+    "BRIDGE_GUARDRAIL_LATENCY_FACTOR": "3",
+}
+TRAFFIC_RATE, TRAFFIC_SECONDS = 40, 30  # the loop's 1,200 houses: enough labelled rows to learn the rise
+WAIT_SECONDS = 420  # for any one step of the daemon's part
 
 
 STAGE_SECONDS: dict[str, float] = {}
+T = TypeVar("T")
 
 
 @contextmanager
@@ -100,10 +127,15 @@ def _registry(store: ObjectStore) -> Registry:
 
 def _gate(store: ObjectStore, version: str) -> bool:
     """`staged_model`: every gate on the candidate; prints each gate's figures."""
-    passed = _materialize("staged_model", check=False)
+    _materialize("staged_model", check=False)
     record = _registry(store).gate_record(version)
     assert record is not None, "staged_model recorded nothing"
-    print(f"gates of v{version}: {'every gate passed' if passed else 'BLOCKED'}")
+    return _print_gates(record)
+
+
+def _print_gates(record: AuditRecord) -> bool:
+    passed = record.action == "gates_passed"
+    print(f"gates of v{record.version}: {'every gate passed' if passed else 'BLOCKED'}")
     for name, gate in record.evidence["gates"].items():
         mark = "skip" if gate["skipped"] else "pass" if gate["passed"] else "FAIL"
         print(f"  {mark:<4} {name:<11} {gate['summary'][:150]}")
@@ -139,54 +171,13 @@ def _experiment(store: ObjectStore) -> None:
     print(f"\nA/B experiment: Production v{production} against Staging v{staging} (half the clients each)")
     with _stage("A/B experiment (deploy both, traffic, feedback, verdict)"):
         _materialize("production_deployment")
-        url = ServingSettings.from_env().url
-        result = send_traffic(store, url, rate=40, duration=15, clients=100, seed=len(registry.history()), drift=SHIFT)
-        print(f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}")
-        deadline = time.monotonic() + 60
-        while read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height < result.ok:
-            if time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        key, labels = release_feedback(store, result.traffic_id)
-        print(f"  released {labels} true prices as delayed feedback: {store.uri(key)}")
+        _traffic_with_feedback(store, ServingSettings.from_env().url, SHIFT, seed=len(registry.history()), seconds=15)
         _materialize("feedback,ab_report")
         verdict = _registry(store).verdict(staging)
         if verdict is not None:
             print(f"  verdict: {verdict.evidence['verdict']} — {verdict.reason}")
-    with _stage("monitoring (references, profiles, window report)"):
-        _monitor(store, staging)
     with _stage("promotion"):
         _promote(store)
-
-
-def _monitor(store: ObjectStore, staging: str) -> None:
-    """What the monitoring sensors do under `dagster dev`: a reference per served version, each
-    new log object profiled once, and the windows holding the experiment's traffic reported."""
-    print("\nmonitoring the experiment's traffic (prices rose 50% after Production was trained)")
-    instance = dg.DagsterInstance.get()
-    registry = _registry(store)
-    served = [registry.version_for(PRODUCTION_ALIAS), staging]
-    known = set(instance.get_dynamic_partitions("model_versions"))
-    instance.add_dynamic_partitions("model_versions", [v for v in served if v not in known])
-    for version in served:
-        if not store.exists(f"{reference_prefix(registry.model_name, version)}reference.json"):
-            _materialize("model_reference", version)
-    _materialize("interaction_profiles")
-    windows = sorted(w for w, members in windows_with_members(store).items() if staging in window_versions(members))
-    known = set(instance.get_dynamic_partitions("monitor_windows"))
-    instance.add_dynamic_partitions("monitor_windows", [w for w in windows if w not in known])
-    for window in windows:  # a crossed threshold fails the report's checks, not the demo
-        _materialize("window_profiles,labelled_traffic,drift_report", window, check=False)
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(dg.AssetKey("drift_report"), asset_partitions=[window]), limit=1
-        ).records
-        metadata = records[0].asset_materialization.metadata if records else {}
-        alarms = metadata["alarms"].value if "alarms" in metadata else ["no report"]
-        print(f"  window {window}: {len(alarms)} alarm(s)")
-        for alarm in alarms:
-            print(f"    {alarm[:200]}")
-        if "report_html" in metadata:
-            print(f"  report: {metadata['report_html'].value}")
 
 
 def _print_candidate() -> str:
@@ -229,25 +220,143 @@ def _promotion(store: ObjectStore, version: str) -> None:
             _experiment(store)
 
 
-def _serve(store: ObjectStore) -> None:
-    """Deploy what the registry says, send requests, stop what was started."""
+def _serve(store: ObjectStore) -> str:
+    """Deploy what the registry says and send a few requests; the service's URL."""
     _materialize("production_deployment")
     url = ServingSettings.from_env().url
     requests = HousingSimulator.fit().generate(5, seed=99, batch_id="demo-traffic")
     traffic = next(iter(requests))
-    sent = [*traffic["row_id"], "demo-bad"]
-    try:
-        print(f"\nPOST {url}/predict (simulated houses; X-Request-ID = row_id):")
-        for row in traffic.iter_rows(named=True):
-            body = {name: row[name] for name in FEATURES}
-            reply = _post(f"{url}/predict", body, row["row_id"])
-            print(f"  {row['row_id']}: predicted {reply['response']['prediction']:>12,.0f}   actual {row['price']:>12,.0f}")
-        bad = _post(f"{url}/predict", {**{name: traffic.row(0, named=True)[name] for name in FEATURES}, "bedrooms": 10}, "demo-bad")
-        print(f"  an invalid request (bedrooms 10) → {bad['status']}: {bad['message']}")
-    finally:
-        stop_serving()
-    logged = read_interactions(store).filter(pl.col("request_id").is_in(sent))
-    print(f"stopped Serve and the local Ray; {logged.height} interaction records in {store.uri('interactions/')}")
+    print(f"\nPOST {url}/predict (simulated houses; X-Request-ID = row_id):")
+    for row in traffic.iter_rows(named=True):
+        body = {name: row[name] for name in FEATURES}
+        reply = _post(f"{url}/predict", body, row["row_id"])
+        print(f"  {row['row_id']}: predicted {reply['response']['prediction']:>12,.0f}   actual {row['price']:>12,.0f}")
+    bad = _post(f"{url}/predict", {**{name: traffic.row(0, named=True)[name] for name in FEATURES}, "bedrooms": 10}, "demo-bad")
+    print(f"  an invalid request (bedrooms 10) → {bad['status']}: {bad['message']}")
+    return url
+
+
+@contextmanager
+def _daemon() -> Iterator[Path]:
+    """`dagster-daemon run` on this instance and code location (as under `make dev`), in its
+    own process group, stopped at the end with the runs it launched; yields its log's path."""
+    workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
+    log_path = Path(os.environ["DAGSTER_HOME"]) / "demo-daemon.log"
+    print(f"$ dagster-daemon run -w {workspace}   (log: {log_path})")
+    with log_path.open("w") as log:
+        daemon = subprocess.Popen(
+            [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(workspace)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        try:
+            yield log_path
+        finally:
+            os.killpg(daemon.pid, signal.SIGTERM)
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait()
+
+
+def _wait_for(what: str, found: Callable[[], T | None], log_path: Path) -> T:
+    """Poll until the daemon's work shows `found()`; on timeout, fail naming what and where."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while (value := found()) is None:
+        if time.monotonic() > deadline:
+            tail = log_path.read_text().splitlines()[-15:]
+            raise SystemExit(f"gave up after {WAIT_SECONDS} s waiting for {what}; the daemon's log ends:\n" + "\n".join(tail))
+        time.sleep(2)
+    return value
+
+
+def _materialized_since(instance: dg.DagsterInstance, asset: str, since: float) -> list[dg.EventLogRecord]:
+    """`asset`'s materializations after `since` (epoch seconds), newest first."""
+    return [r for r in instance.fetch_materializations(dg.AssetKey(asset), limit=50).records if r.timestamp > since]
+
+
+def _metadata(record: dg.EventLogRecord) -> dict:
+    return {k: v.value for k, v in record.asset_materialization.metadata.items()} if record.asset_materialization else {}
+
+
+def _traffic_with_feedback(store: ObjectStore, url: str, drift: Drift, seed: int, seconds: float) -> TrafficResult:
+    """Simulated clients send houses, within one monitoring window (so one feedback batch
+    holds them all); once their records are in the lake the true prices are released, late,
+    as feedback."""
+    window = MonitorSettings.from_env().window_seconds
+    if (left := window - time.time() % window) < seconds + 5:
+        time.sleep(left)
+    result = send_traffic(store, url, rate=TRAFFIC_RATE, duration=seconds, clients=100, seed=seed, drift=drift)
+    print(f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}")
+    deadline = time.monotonic() + 60
+    while read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height < result.ok:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    key, labels = release_feedback(store, result.traffic_id)
+    print(f"  released {labels} true prices as delayed feedback: {store.uri(key)}")
+    return result
+
+
+def _closed_loop(store: ObjectStore, url: str) -> None:
+    """The second half: the daemon's sensors and automation close the loop; this only sends
+    traffic, releases labels and waits on what the daemon does."""
+    instance = dg.DagsterInstance.get()
+    registry = _registry(store)
+    production = registry.version_for(PRODUCTION_ALIAS)
+    rises = 1 + len(instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: "automatic"})))
+    drift = Drift(price_factor=1.5**rises)  # prices rise again on every run of the demo
+    feedback_before = {b.batch_id for b in landed_batches(store) if b.batch_id.startswith(FEEDBACK_BATCH_PREFIX)}
+    print(f"\nthe loop through the Dagster daemon: prices rose to {drift.price_factor:.2f}x what Production v{production} learned")
+    started = time.time()
+    with _daemon() as log_path:
+        with _stage("drifted traffic, interaction logs, labels released"):
+            _traffic_with_feedback(store, url, drift, seed=100 + rises, seconds=TRAFFIC_SECONDS)
+        with _stage("daemon: profiles, window reports, decay detected"):
+            window, alarms = _wait_for(
+                "a window report with an alarm",
+                lambda: next(((r.partition_key, _metadata(r)["alarms"]) for r in _materialized_since(instance, "drift_report", started) if _metadata(r).get("alarms")), None),
+                log_path,
+            )  # fmt: skip
+            print(f"  drift_report[{window}]: {len(alarms)} alarm(s)")
+            for alarm in alarms:
+                print(f"    {alarm[:200]}")
+        with _stage("daemon: feedback batch, raw, new feature version"):
+            version = _wait_for(
+                "the labelled traffic in a feature version",
+                lambda: next((v for v in [FeatureStore(store).latest()] if v and any(b.startswith(FEEDBACK_BATCH_PREFIX) and b not in feedback_before for b in v.batch_ids)), None),
+                log_path,
+            )  # fmt: skip
+            print(f"  feature version {version.version}: {version.rows} rows, with {', '.join(b for b in version.batch_ids if b.startswith(FEEDBACK_BATCH_PREFIX) and b not in feedback_before)}")
+        with _stage("daemon: automatic retraining"):
+            run = _wait_for(
+                "the automatic retraining run",
+                lambda: next((r for r in instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: "automatic"}, created_after=_utc(started)))
+                              if r.dagster_run.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)), None),
+                log_path,
+            )  # fmt: skip
+            if run.dagster_run.status != dg.DagsterRunStatus.SUCCESS:
+                raise SystemExit(f"the retraining run {run.dagster_run.run_id} failed; see it with `make dev`")
+            candidate = _registry(store).version_for(CANDIDATE_ALIAS)
+            print(f"  run {run.dagster_run.run_id[:8]} ({run.dagster_run.tags.get(REASON_TAG, '')[:120]}) → candidate v{candidate}")
+        with _stage("daemon: gates on the new candidate (automation)"):
+            record = _wait_for(f"the gates on v{candidate}", lambda: _registry(store).gate_record(candidate), log_path)
+            passed = _print_gates(record)
+        if not passed:
+            print(f"v{candidate} stays a candidate; Production v{production} keeps serving")
+            return
+        with _stage("daemon: registry_sensor serves the new version"):
+            _wait_for(
+                f"v{candidate} deployed beside Production",
+                lambda: next((r for r in _materialized_since(instance, "production_deployment", started) if _metadata(r).get("staging_version") == candidate), None),
+                log_path,
+            )  # fmt: skip
+            experiment = json.load(urllib.request.urlopen(f"{url}/model", timeout=30))["response"]["experiment"]
+            print(f"  serving {experiment['versions']} (Staging for {experiment['staging_weight']:.0%} of clients): the A/B experiment runs on live traffic")
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
 
 
 def _post(url: str, body: dict, request_id: str) -> dict:
@@ -263,6 +372,8 @@ def _post(url: str, body: dict, request_id: str) -> dict:
 
 def main() -> None:
     load_environment()
+    for name, value in LOOP_CADENCES.items():
+        os.environ.setdefault(name, value)
     store = StorageSettings.from_env().open()
     print(f"storage: {store!r}   DAGSTER_HOME: {os.environ.get('DAGSTER_HOME')}")
     if land_seed(store):
@@ -313,15 +424,18 @@ def main() -> None:
     version = _print_candidate()
     try:
         _promotion(store, version)
-        with _stage("serving (deploy, requests, stop)"):
-            _serve(store)
+        with _stage("serving (deploy, requests)"):
+            url = _serve(store)
+        _closed_loop(store, url)
     finally:
-        stop_serving()  # also when the experiment failed half-way
+        stop_serving()  # also when something failed half-way
+    print(f"stopped the daemon, Serve and the local Ray; {read_interactions(store).height} interaction records in {store.uri('interactions/')}")
     print("\naudit trail of the registry (`bridge history`):")
     for record in _registry(store).history()[-12:]:
         print(f"  {record.line()}")
     print(f"\ntime per stage: {', '.join(f'{name} {seconds:.0f} s' for name, seconds in STAGE_SECONDS.items())}")
-    print("\nopen the UI with `make dev` (http://127.0.0.1:3000) to see these runs and their metadata")
+    print("\nopen the UI with `make dev` (http://127.0.0.1:3000) to see these runs, the sensors' ticks and the")
+    print("metadata; `make mlflow` (http://127.0.0.1:5000) for the runs and the registry")
 
 
 if __name__ == "__main__":

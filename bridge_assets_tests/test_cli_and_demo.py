@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from bridge_assets.lake.feature_store import build_features
 from bridge_assets.lake.landing import land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import PROJECT_ROOT, StorageSettings, bridge_home
+from serving.cluster import pick_free_ports
 
 
 def bridge(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -112,47 +112,62 @@ def test_cli_rejects_bad_drift_with_a_message(lake_env):
     assert result.returncode == 2 and "unknown feature" in result.stderr
 
 
-def test_demo_materializes_through_dagster_into_the_ui_instance(tmp_path: Path, monkeypatch):
+def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: Path, monkeypatch):
     home = tmp_path / "bridge"
     dagster_home = home / "dagster"
     dagster_home.mkdir(parents=True)
     (dagster_home / "dagster.yaml").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_", "MLFLOW_", "DAGSTER_"))}
     env.update(BRIDGE_ENV_FILE="", BRIDGE_HOME=str(home), DAGSTER_HOME=str(dagster_home), BRIDGE_RAY_TMPDIR=f"/tmp/bridge-ray-{os.getpid()}")
-    for name in ("BRIDGE_RAY_PORT", "BRIDGE_SERVE_PORT"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            env[name] = str(sock.getsockname()[1])
+    env["BRIDGE_RAY_PORT"], env["BRIDGE_SERVE_PORT"] = map(str, pick_free_ports())
     demo = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "reference split of the real data (DuckDB): {'train': 348, 'test': 109, 'validation': 88}" in demo.stdout
 
-    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
-    with dg.DagsterInstance.get() as instance:
-        assert instance.get_materialized_partitions(dg.AssetKey("raw_housing")) == {"housing-seed", "demo-sim-s7"}
-        event = instance.get_latest_materialization_event(dg.AssetKey("housing_features"))
-        assert event is not None
-        version = event.asset_materialization.metadata["version"].value
-    assert f"latest: {version}" in demo.stdout
     quarantine = pl.read_parquet(home / "lake" / "raw" / "quarantine" / "demo-sim-s7" / "rows.parquet")
     assert f"quarantined from demo-sim-s7: {quarantine.height} rows" in demo.stdout
 
-    # First run: candidate → gates → Staging → Production; a worse candidate stopped at a gate.
+    # First half: candidate → gates → Staging → Production; a worse candidate stopped at a gate.
     assert "candidate model: models:/housing-price/1 " in demo.stdout and "baseline: log-linear" in demo.stdout
     assert "gates of v1: every gate passed" in demo.stdout and "v1 is Production" in demo.stdout
     assert "v2 stays a candidate:" in demo.stdout  # the one-epoch network, with the gate's reason
     assert "an invalid request (bedrooms 10) → 422: invalid input: bedrooms" in demo.stdout
-    assert "stopped Serve and the local Ray; 6 interaction records" in demo.stdout
+    # Second half: drifted traffic → decay detected → feedback batch → automatic retraining →
+    # gates → the new candidate served beside Production.
+    assert "v1/production: realised decay" in demo.stdout
+    assert "with feedback-" in demo.stdout and "→ candidate v3" in demo.stdout
+    assert "gates of v3: every gate passed" in demo.stdout
+    assert "serving {'production': '1', 'staging': '3'}" in demo.stdout
+    assert "time per stage: " in demo.stdout and "daemon: automatic retraining" in demo.stdout
 
-    # Second run: a challenger trained after a price shift goes through an online A/B.
+    monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
+    with dg.DagsterInstance.get() as instance:
+        raw = instance.get_materialized_partitions(dg.AssetKey("raw_housing"))
+        assert {"housing-seed", "demo-sim-s7"} < raw and any(p.startswith("feedback-") for p in raw)
+        first = instance.fetch_materializations(dg.AssetKey("housing_features"), limit=10, ascending=True).records[0]
+        version = first.asset_materialization.metadata["version"].value
+        # The second half ran in the daemon: each step was launched by its sensor or automation.
+        launched = {
+            asset: {run_tags(instance, r.run_id).get("dagster/sensor_name") for r in instance.fetch_materializations(dg.AssetKey(asset), limit=20).records}
+            for asset in ("interaction_profiles", "drift_report", "candidate_model", "staged_model", "production_deployment")
+        }  # fmt: skip
+    assert "interaction_logs_sensor" in launched["interaction_profiles"] and "monitor_windows_sensor" in launched["drift_report"]
+    assert "retrain_sensor" in launched["candidate_model"] and "bridge_automation" in launched["staged_model"]
+    assert "registry_sensor" in launched["production_deployment"]
+    assert f"latest: {version}" in demo.stdout
+
+    # Second run: a challenger trained after a price shift wins an online A/B and is promoted;
+    # the loop runs again on the new Production.
     rerun = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "landed simulated batch demo-shift" in rerun.stdout and f"latest: {version}" not in rerun.stdout
-    assert "candidate model: models:/housing-price/3 " in rerun.stdout  # every run trains a round
-    # The challenger, trained after the price rise, passes the gates, wins the A/B on delayed
-    # feedback, and the monitoring report shows the old Production decaying on that traffic.
-    assert "gates of v3: every gate passed" in rerun.stdout
-    assert "A/B experiment: Production v1 against Staging v3" in rerun.stdout and "verdict: promote" in rerun.stdout
-    assert "v1/production: realised decay" in rerun.stdout and "report.html" in rerun.stdout
-    assert "v3 is Production: A/B verdict promote" in rerun.stdout
-    assert "time per stage: " in rerun.stdout and "monitoring (references, profiles, window report)" in rerun.stdout
+    assert "candidate model: models:/housing-price/4 " in rerun.stdout  # every run trains a round
+    assert "gates of v4: every gate passed" in rerun.stdout
+    assert "A/B experiment: Production v1 against Staging v4" in rerun.stdout and "verdict: promote" in rerun.stdout
+    assert "v4 is Production: A/B verdict promote" in rerun.stdout
+    assert "prices rose to 2.25x what Production v4 learned" in rerun.stdout and "→ candidate v5" in rerun.stdout
+
+
+def run_tags(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
+    run = instance.get_run_by_id(run_id)
+    return dict(run.tags) if run else {}

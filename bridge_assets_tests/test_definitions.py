@@ -77,8 +77,14 @@ def test_groups_follow_the_architecture():
         "production_deployment": "serving", "batch_predictions": "serving", "drift_report": "monitoring",
     }  # fmt: skip
     for key, group in expected.items():
-        node = graph.get(dg.AssetKey(key))
-        assert (node.group_name, bool(node.owners), bool(node.kinds)) == (group, True, True), key
+        assert graph.get(dg.AssetKey(key)).group_name == group, key
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        assert (bool(node.owners), bool(node.kinds), bool(node.description)) == (True, True, True), key
+    # The loop in the lineage: logs and labels feed the monitor, the monitor feeds retraining.
+    parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
+    assert "interaction_logs" in parents["interaction_profiles"] and "interaction_logs" in parents["feedback"]
+    assert "feedback" in parents["labelled_traffic"] and "drift_report" in parents["candidate_model"]
     assert graph.get(dg.AssetKey("batch_predictions")).parent_keys == {dg.AssetKey("raw_housing")}
     assert defs.resolve_schedule_def("training_round_schedule").default_status == dg.DefaultScheduleStatus.RUNNING
 

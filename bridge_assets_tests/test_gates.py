@@ -14,7 +14,6 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
 from bridge_assets.cli import main as bridge
-from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.pyfunc import HousingPyfunc
 from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.core.training import preset
@@ -253,3 +252,24 @@ def test_an_alias_moved_outside_bridge_is_deployed_only_with_a_passing_gate_reco
 
     client.set_registered_model_alias(name, PRODUCTION_ALIAS, world.production)  # back where bridge put it
     assert world.registry.authorise(PRODUCTION_ALIAS).out_of_band is False
+
+
+def test_after_the_world_moved_the_champion_gate_judges_the_rows_production_never_saw(world):
+    """Last in the module: it lands a batch, so the latest feature version changes."""
+    from bridge_assets.ml.round import split_rows
+    from bridge_assets.core.simulator import Drift
+    from bridge_assets.ml.gates import _champion_rows
+
+    land_batch(world.store, "sim-risen", HousingSimulator.fit().generate(2000, seed=12, batch_id="sim-risen", drift=Drift(price_factor=1.5)))
+    for batch in landed_batches(world.store):
+        validate_batch(world.store, batch)
+    latest = build_features(world.store).version
+    test = split_rows(FeatureStore(world.store).scan(latest.version).collect(), "hash")["test"]
+    new = test["batch_id"].to_numpy() == "sim-risen"
+    assert 200 <= new.sum() < test.height
+
+    rows, against = _champion_rows(world.registry, FeatureStore(world.store), world.production, latest.batch_ids, test, SETTINGS)
+    assert (rows == new).all() and f"on the {new.sum()} test rows of batches it never saw (sim-risen)" in against
+    rows, against = _champion_rows(world.registry, FeatureStore(world.store), world.production, latest.batch_ids, test,
+                                   PromotionSettings(champion_recent_min_rows=new.sum() + 1))  # fmt: skip
+    assert rows.all() and against == f"Production v{world.production}"  # too few new rows: every test row

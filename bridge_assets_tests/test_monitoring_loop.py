@@ -36,6 +36,7 @@ from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.ml.round import run_round
+from bridge_assets.ml.registry import Registry
 from bridge_assets.ml.tracking import MlflowSettings, log_round
 from bridge_assets.monitoring.profiles import window_id
 from bridge_assets.monitoring.whylogs_compat import deserialize
@@ -142,6 +143,7 @@ def test_drift_and_decay_are_caught_and_what_was_seen_is_retrained_on(lake_env, 
         assert dg.materialize([model_reference], instance=instance, resources=defs.resources, partition_key=request.partition_key).success
         assert tick(registered_versions_sensor, defs, instance).run_requests == []
         client = settings.activate()
+        Registry(client, settings.model_name, store, actor="tester").set_production("1", reason="test: the version the traffic meets")
         run_id = client.get_model_version(settings.model_name, "1").run_id
         assert {a.path for a in client.list_artifacts(run_id, "monitoring")} == {"monitoring/profile.bin", "monitoring/reference.json"}
         downloaded = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="monitoring/profile.bin", dst_path=str(tmp_path / "artifacts"))

@@ -72,3 +72,4 @@ def test_schedule_is_part_of_the_code_location():
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     graph = defs.resolve_asset_graph()
     assert graph.get(dg.AssetKey("housing_features")).freshness_policy is not None
+    assert graph.get(dg.AssetKey("drift_report")).freshness_policy is not None

@@ -22,15 +22,19 @@ from collections.abc import Mapping
 import dagster as dg
 from pydantic import Field
 
-from bridge_assets.defs.cadence import sensor_interval
+from bridge_assets.defs.cadence import freshness_hours, sensor_interval
+from bridge_assets.defs.promotion import feedback
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, _env_or_none
+from bridge_assets.defs.serving import open_registry
+from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import landed_batches
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS
 from bridge_assets.monitoring.drift import DriftSettings
 from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, report_window, unprofiled_objects
-from bridge_assets.monitoring.profiles import WINDOWS_PREFIX, window_rows, window_slices, window_versions, windows_with_members
+from bridge_assets.monitoring.profiles import window_rows, window_slices, window_versions, windows_with_members
 from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
 from bridge_assets.monitoring.report import summary_markdown
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX, decide_retrain, land_feedback_batch, post_alert
@@ -38,8 +42,10 @@ from bridge_assets.monitoring.settings import MonitorSettings, drift_settings_fr
 
 monitor_windows = dg.DynamicPartitionsDefinition(name="monitor_windows")
 model_versions = dg.DynamicPartitionsDefinition(name="model_versions")
+MONITORING_OWNER = "team:ml-engineering"
 RETRAIN_TAG = "bridge/retrain"
 REASON_TAG = "bridge/retrain_reason"
+WINDOW_TAG = "bridge/window"
 LABELS_PREFIX = "feedback/labels/"
 RETRY_SECONDS = 600  # a requested object still unprofiled after this long is requested again
 MAX_OBJECTS_PER_RUN = 500  # a backlog is worked off over several ticks, in runs of bounded size
@@ -89,7 +95,7 @@ class ProfileObjectsConfig(dg.Config):
     objects: list[str] = Field(default_factory=list, description="log object keys; empty: every unprofiled object")
 
 
-@dg.asset(group_name="monitoring", kinds={"whylogs", "parquet"})
+@dg.asset(deps=[interaction_logs], group_name="monitoring", kinds={"whylogs", "parquet"}, owners=[MONITORING_OWNER])
 def interaction_profiles(
     context: dg.AssetExecutionContext, config: ProfileObjectsConfig, storage: LakeStorage, monitoring: Monitoring
 ) -> dg.MaterializeResult:
@@ -129,7 +135,7 @@ def interaction_logs_sensor(context: dg.SensorEvaluationContext, storage: LakeSt
     )
 
 
-@dg.asset(partitions_def=monitor_windows, deps=[interaction_profiles], group_name="monitoring", kinds={"whylogs"})
+@dg.asset(partitions_def=monitor_windows, deps=[interaction_profiles], group_name="monitoring", kinds={"whylogs"}, owners=[MONITORING_OWNER])
 def window_profiles(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """A window's traffic: object profiles merged per model version and variant; rejected
     requests counted per reason."""
@@ -152,7 +158,7 @@ def window_profiles(context: dg.AssetExecutionContext, storage: LakeStorage) -> 
     )
 
 
-@dg.asset(partitions_def=monitor_windows, deps=[window_profiles], group_name="monitoring", kinds={"parquet"})
+@dg.asset(partitions_def=monitor_windows, deps=[window_profiles, feedback], group_name="monitoring", kinds={"parquet"}, owners=[MONITORING_OWNER])
 def labelled_traffic(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """A window's predictions whose labels have been released, landed as a raw batch
     (`feedback-<window>`): through the same contract and quarantine, into the next feature
@@ -194,6 +200,12 @@ REPORT_CHECKS = {
     deps=[window_profiles, labelled_traffic],
     group_name="monitoring",
     kinds={"whylogs", "html"},
+    owners=[MONITORING_OWNER],
+    # No report for hours means no traffic reached the lake or the monitor stopped: both need
+    # a look before a decayed model serves unnoticed.
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=freshness_hours("drift_report", 6), warn_window=freshness_hours("drift_report", 6) / 2
+    ),
     check_specs=[dg.AssetCheckSpec(name, asset="drift_report", description=text) for name, text in REPORT_CHECKS.items()],
 )
 def drift_report(
@@ -262,7 +274,7 @@ def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeSto
     )
 
 
-@dg.asset(partitions_def=model_versions, group_name="monitoring", kinds={"whylogs", "mlflow", "scikitlearn"})
+@dg.asset(partitions_def=model_versions, group_name="monitoring", kinds={"whylogs", "mlflow", "scikitlearn"}, owners=[MONITORING_OWNER])
 def model_reference(context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     """A registered version's reference: training features and held-out predictions
     (profile), held-out metrics and the loss estimator; in the lake and on its MLflow run."""
@@ -311,12 +323,19 @@ def _feedback_pending(store: ObjectStore, window: str, included: set[str]) -> li
 
 
 @dg.sensor(target=[candidate_model], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("retrain_sensor", 30))
-def retrain_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, monitoring: Monitoring) -> dg.SensorResult:
+def retrain_sensor(
+    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring
+) -> dg.SensorResult:
     """The retrain policy on each new drift report with alarms. `automatic`: one training
     round, pinned to the newest feature version once it holds the window's labelled traffic,
     reason as a run tag; never while another retrain is open or within the cool-down.
-    `manual`: nothing is launched (the report's checks failed and the webhook was called)."""
+    `manual`: nothing is launched (the report's checks failed and the webhook was called).
+    Only alarms about a version still served count, and a window already retrained on is not
+    again: windows are re-reported when labels or references arrive, and an old window's
+    decay of a replaced version is history, not a reason to train."""
     settings = monitoring.settings()
+    registry = open_registry(storage, mlflow_tracking)
+    served = {v for v in (registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)) if v}
     state = json.loads(context.cursor) if context.cursor else {"after": None, "last_request": None}
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=drift_report.key, after_storage_id=state["after"]), limit=100, ascending=True
@@ -327,8 +346,10 @@ def retrain_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mo
     latest = FeatureStore(store).latest()
     for record in records:
         metadata = record.asset_materialization.metadata if record.asset_materialization else {}
-        alarms = list(metadata["alarms"].value) if "alarms" in metadata else []
         window = record.partition_key or ""
+        alarms = [a for a in (metadata["alarms"].value if "alarms" in metadata else []) if a.split("/", 1)[0].removeprefix("v") in served]
+        if alarms and context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: "automatic", WINDOW_TAG: window}), limit=1):
+            alarms = []  # this window's traffic is already in a retrained round
         open_runs = sum(
             len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: kind}, statuses=OPEN_STATUSES))) for kind in ("automatic", "manual")
         )
@@ -340,7 +361,7 @@ def retrain_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mo
                 return dg.SensorResult(skip_reason=f"waiting for labelled traffic {pending} to reach a feature version", cursor=json.dumps(state))
             state = {"after": record.storage_id, "last_request": time.time()}
             run_config = {"ops": {"candidate_model": {"config": {"feature_version": latest.version}}}}
-            tags = {RETRAIN_TAG: "automatic", REASON_TAG: decision.reason[:1000], "bridge/window": window, "bridge/feature_version": latest.version}
+            tags = {RETRAIN_TAG: "automatic", REASON_TAG: decision.reason[:1000], WINDOW_TAG: window, "bridge/feature_version": latest.version}
             return dg.SensorResult(
                 run_requests=[dg.RunRequest(run_key=f"retrain:{record.storage_id}", run_config=run_config, tags=tags)], cursor=json.dumps(state)
             )

@@ -9,6 +9,7 @@ from pydantic import Field
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy
 from bridge_assets.defs.serving import audit_markdown, open_registry
+from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.feedback import FeedbackJoin, join_feedback, read_feedback_labels
@@ -22,6 +23,7 @@ from bridge_assets.ml.registry import CANDIDATE_ALIAS
     deps=[candidate_model, housing_features],
     group_name="registry",
     kinds={"mlflow"},
+    owners=["team:ml-engineering"],
     # Every new candidate meets the gates, whoever trained it (schedule, retrain policy, a
     # person); a new feature version alone does not re-judge the same candidate.
     automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets(housing_features)),
@@ -101,7 +103,7 @@ def _feedback(store: ObjectStore) -> FeedbackJoin:
     return join_feedback(read_interactions(store), read_feedback_labels(store, deduplicate=False))
 
 
-@dg.asset(group_name="registry", kinds={"polars"})
+@dg.asset(deps=[interaction_logs], group_name="registry", kinds={"polars"}, owners=["team:ml-engineering"])
 def feedback(storage: LakeStorage) -> dg.MaterializeResult:
     """Released ground truth joined to logged predictions by request id: how much feedback
     each variant and version has, labels released twice (counted once) and labels whose
@@ -122,7 +124,7 @@ def feedback(storage: LakeStorage) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(deps=[feedback], group_name="registry", kinds={"scipy"})
+@dg.asset(deps=[feedback], group_name="registry", kinds={"scipy"}, owners=["team:ml-engineering"])
 def ab_report(
     context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
 ) -> dg.MaterializeResult:

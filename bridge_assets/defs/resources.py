@@ -177,6 +177,7 @@ class PromotionPolicy(dg.ConfigurableResource):
 
     baseline_tolerance: float
     champion_tolerance: float
+    champion_recent_min_rows: int
     slice_tolerance: float
     slice_min_rows: int
     latency_p99_ms: float

@@ -87,6 +87,7 @@ def audit_markdown(registry: Registry, limit: int = 30) -> dg.MetadataValue:
     deps=[candidate_model],
     group_name="serving",
     kinds={"ray", "fastapi"},
+    owners=["team:ml-engineering"],
     check_specs=[dg.AssetCheckSpec(AUTHORISED_CHECK, asset="production_deployment",
                                    description="the served versions were moved there by bridge, or passed their gates")],
 )  # fmt: skip

@@ -22,7 +22,7 @@ class LogCompactionConfig(dg.Config):
     )
 
 
-@dg.asset(group_name="serving", kinds={"parquet"}, automation_condition=dg.AutomationCondition.on_cron("20 * * * *"))
+@dg.asset(group_name="serving", kinds={"parquet"}, owners=["team:ml-engineering"], automation_condition=dg.AutomationCondition.on_cron("20 * * * *"))
 def interaction_logs(context: dg.AssetExecutionContext, config: LogCompactionConfig, storage: LakeStorage) -> dg.MaterializeResult:
     """The interaction logs, compacted per closed hour and kept for the retention period."""
     from serving.interactions import compact_closed_hours, expire_interactions

@@ -7,7 +7,8 @@ trained on them either. Gates:
 
 1. `baseline`: RMSE and MAE not worse than the better linear baseline (lower test RMSE) beyond a
    tolerance;
-2. `champion`: not worse than the current Production on the same rows beyond a tolerance;
+2. `champion`: not worse than the current Production on the same rows beyond a tolerance —
+   the test rows of batches Production never saw when there are enough of them;
 3. `signature`: the logged input schema equals the contract (12 features, types, no extras);
 4. `edge_probe`: finite, positive predictions at every bound, a very large area, and every
    category level in any case;
@@ -74,6 +75,7 @@ class PromotionSettings:
 
     baseline_tolerance: float = 0.005
     champion_tolerance: float = 0.005
+    champion_recent_min_rows: int = 200  # test rows of batches Production never saw, to judge on them alone
     slice_tolerance: float = 0.10
     slice_min_rows: int = 30
     latency_p99_ms: float = 250.0
@@ -101,6 +103,7 @@ class PromotionSettings:
         return cls(
             baseline_tolerance=number("BRIDGE_GATE_BASELINE_TOLERANCE", defaults.baseline_tolerance),
             champion_tolerance=number("BRIDGE_GATE_CHAMPION_TOLERANCE", defaults.champion_tolerance),
+            champion_recent_min_rows=int(number("BRIDGE_GATE_CHAMPION_RECENT_MIN_ROWS", defaults.champion_recent_min_rows)),
             slice_tolerance=number("BRIDGE_GATE_SLICE_TOLERANCE", defaults.slice_tolerance),
             slice_min_rows=int(number("BRIDGE_GATE_SLICE_MIN_ROWS", defaults.slice_min_rows)),
             latency_p99_ms=number("BRIDGE_GATE_LATENCY_P99_MS", defaults.latency_p99_ms),
@@ -204,6 +207,29 @@ def slice_masks(rows: pl.DataFrame) -> dict[str, np.ndarray]:
         for level in ("yes", "no"):
             masks[f"{name}={level}"] = (rows[name].cast(pl.String) == level).to_numpy()
     return masks
+
+
+def _champion_rows(
+    registry: Registry, features: FeatureStore, production_version: str, batch_ids: list[str], test: pl.DataFrame, settings: PromotionSettings
+) -> tuple[np.ndarray, str]:
+    """The test rows the champion gate judges on, and how to name them. After the world moved
+    (a price rise, feedback from decayed traffic) a retrained candidate must beat Production on
+    what is served now — rows of batches Production never saw — not on the old regime's rows,
+    where a model that learned the change is worse by design. With fewer than
+    `champion_recent_min_rows` such rows (or Production's feature version unknown), every test
+    row: a small new sample would make the comparison noise."""
+    every = np.ones(test.height, dtype=bool)
+    trained_on = registry.client.get_model_version(registry.model_name, production_version).tags.get("bridge.feature_version")
+    try:
+        seen = set(features.load(trained_on).batch_ids) if trained_on else None
+    except (FileNotFoundError, KeyError, ValueError):
+        seen = None
+    unseen = sorted(set(batch_ids) - seen) if seen is not None else []
+    recent = test["batch_id"].is_in(unseen).to_numpy() if unseen else ~every
+    if recent.sum() < settings.champion_recent_min_rows or recent.all():
+        return every, f"Production v{production_version}"
+    shown = ", ".join(unseen[:3]) + (f" and {len(unseen) - 3} more" if len(unseen) > 3 else "")
+    return recent, f"Production v{production_version} on the {int(recent.sum())} test rows of batches it never saw ({shown})"
 
 
 def _evaluate(predictions: np.ndarray, actual: np.ndarray) -> Any:
@@ -407,10 +433,12 @@ def evaluate_version(registry: Registry, features: FeatureStore, version: str, s
         elif production_predictions is None:
             results.append(GateResult("champion", False, f"Production v{production_version} did not predict the test rows"))
         else:
-            prod = regression_metrics(actual, production_predictions)
-            metrics[f"Production v{production_version}"] = prod
+            metrics[f"Production v{production_version}"] = regression_metrics(actual, production_predictions)
+            rows, against = _champion_rows(registry, features, production_version, latest.batch_ids, test, settings)
+            prod = regression_metrics(actual[rows], production_predictions[rows])
             limits = {k: prod[k] * (1 + settings.champion_tolerance) for k in ("rmse", "mae")}
-            results.append(_threshold_gate("champion", predictions, actual, limits, f"Production v{production_version}", error))
+            judged = predictions[rows] if predictions is not None else None
+            results.append(_threshold_gate("champion", judged, actual[rows], limits, against, error))
         if predictions is not None:
             metrics = {f"candidate v{version}": regression_metrics(actual, predictions), **metrics}
         results.append(_signature_gate(model))
