@@ -49,7 +49,7 @@ from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.lake.storage import ObjectStore
-from bridge_assets.lake.feedback import release_feedback
+from bridge_assets.lake.feedback import release_feedback, withheld_key
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, AuditRecord, Registry
 from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.ml.traffic import TrafficResult, send_traffic
@@ -171,7 +171,7 @@ def _experiment(store: ObjectStore) -> None:
     print(f"\nA/B experiment: Production v{production} against Staging v{staging} (half the clients each)")
     with _stage("A/B experiment (deploy both, traffic, feedback, verdict)"):
         _materialize("production_deployment")
-        _traffic_with_feedback(store, ServingSettings.from_env().url, SHIFT, seed=len(registry.history()), seconds=15)
+        _traffic_with_feedback(store, ServingSettings.from_env().url, SHIFT, seed=len(registry.history()), seconds=15, name=f"demo-ab-v{staging}")
         _materialize("feedback,ab_report")
         verdict = _registry(store).verdict(staging)
         if verdict is not None:
@@ -279,14 +279,19 @@ def _metadata(record: dg.EventLogRecord) -> dict:
     return {k: v.value for k, v in record.asset_materialization.metadata.items()} if record.asset_materialization else {}
 
 
-def _traffic_with_feedback(store: ObjectStore, url: str, drift: Drift, seed: int, seconds: float) -> TrafficResult:
+def _traffic_with_feedback(store: ObjectStore, url: str, drift: Drift, seed: int, seconds: float, name: str) -> TrafficResult:
     """Simulated clients send houses, within one monitoring window (so one feedback batch
     holds them all); once their records are in the lake the true prices are released, late,
-    as feedback."""
+    as feedback. The traffic id is `name` (suffixed if an earlier attempt used it): row ids,
+    hence the hash split of the feedback and what a retrain learns, are the same every run."""
     window = MonitorSettings.from_env().window_seconds
     if (left := window - time.time() % window) < seconds + 5:
         time.sleep(left)
-    result = send_traffic(store, url, rate=TRAFFIC_RATE, duration=seconds, clients=100, seed=seed, drift=drift)
+    attempt, traffic_id = 0, name
+    while store.exists(withheld_key(traffic_id)):
+        attempt += 1
+        traffic_id = f"{name}-{attempt}"
+    result = send_traffic(store, url, rate=TRAFFIC_RATE, duration=seconds, clients=100, seed=seed, drift=drift, traffic_id=traffic_id)
     print(f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}")
     deadline = time.monotonic() + 60
     while read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height < result.ok:
@@ -311,7 +316,7 @@ def _closed_loop(store: ObjectStore, url: str) -> None:
     started = time.time()
     with _daemon() as log_path:
         with _stage("drifted traffic, interaction logs, labels released"):
-            _traffic_with_feedback(store, url, drift, seed=100 + rises, seconds=TRAFFIC_SECONDS)
+            _traffic_with_feedback(store, url, drift, seed=100 + rises, seconds=TRAFFIC_SECONDS, name=f"demo-loop-{rises}")
         with _stage("daemon: profiles, window reports, decay detected"):
             window, alarms = _wait_for(
                 "a window report with an alarm",
