@@ -63,8 +63,11 @@ test-deps:
 	@test -x /usr/bin/chromium || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 
+# `make stack` runs the loop at the demo's cadences (so `make demo` closes it on the stack in
+# minutes); `make stack STACK_OPTIONS=` keeps every cadence at its default.
+STACK_OPTIONS ?= --demo-cadences
 stack: install system-deps
-	$(BIN)/python -m deploy.stack start
+	$(BIN)/python -m deploy.stack start $(STACK_OPTIONS)
 
 stack-stop: install
 	$(BIN)/python -m deploy.stack stop

@@ -77,6 +77,11 @@ LOOP_CADENCES = {
 }
 TRAFFIC_RATE, TRAFFIC_SECONDS = 40, 30  # the loop's 1,200 houses: enough labelled rows to learn the rise
 WAIT_SECONDS = 420  # for any one step of the daemon's part
+DAEMON_HEARTBEAT_SECONDS = 60  # a daemon heard from this recently runs this instance's sensors
+# Set by main: a daemon already runs this instance at the loop's cadences (the stack's, started
+# with them): the demo leaves the sensors' and automation's steps to it instead of running them
+# a second time beside it.
+_RUNNING_DAEMON = False
 
 
 STAGE_SECONDS: dict[str, float] = {}
@@ -125,12 +130,38 @@ def _registry(store: ObjectStore) -> Registry:
     return Registry(settings.activate(), settings.model_name, store, actor="make demo")
 
 
+def _live_daemon() -> bool:
+    """Whether a daemon already runs this instance's sensors and automation."""
+    beat = dg.DagsterInstance.get().get_daemon_heartbeats().get("SENSOR")
+    return beat is not None and time.time() - beat.timestamp < DAEMON_HEARTBEAT_SECONDS
+
+
 def _gate(store: ObjectStore, version: str) -> bool:
-    """`staged_model`: every gate on the candidate; prints each gate's figures."""
-    _materialize("staged_model", check=False)
-    record = _registry(store).gate_record(version)
+    """`staged_model`: every gate on the candidate (by automation where a daemon runs); prints
+    each gate's figures."""
+    if _RUNNING_DAEMON:
+        record = _wait_for(f"the gates on v{version} (automation)", lambda: _registry(store).gate_record(version), None)
+    else:
+        _materialize("staged_model", check=False)
+        record = _registry(store).gate_record(version)
     assert record is not None, "staged_model recorded nothing"
     return _print_gates(record)
+
+
+def _deploy(store: ObjectStore) -> None:
+    """`production_deployment` of what the registry says (by registry_sensor where a daemon runs)."""
+    if not _RUNNING_DAEMON:
+        _materialize("production_deployment")
+        return
+    registry = _registry(store)
+    wanted = (registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS) or "none")
+    since = datetime.fromisoformat(registry.history()[-1].at).timestamp() - 5  # the sensor may answer the last transition fast
+    _wait_for(
+        f"registry_sensor deploying v{wanted[0]} (Staging: {wanted[1]})",
+        lambda: next((r for r in _materialized_since(dg.DagsterInstance.get(), "production_deployment", since)
+                      if (_metadata(r).get("model_version"), _metadata(r).get("staging_version")) == wanted), None),
+        None,
+    )  # fmt: skip
 
 
 def _print_gates(record: AuditRecord) -> bool:
@@ -170,7 +201,7 @@ def _experiment(store: ObjectStore) -> None:
     production, staging = registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)
     print(f"\nA/B experiment: Production v{production} against Staging v{staging} (half the clients each)")
     with _stage("A/B experiment (deploy both, traffic, feedback, verdict)"):
-        _materialize("production_deployment")
+        _deploy(store)
         _traffic_with_feedback(store, ServingSettings.from_env().url, SHIFT, seed=len(registry.history()), seconds=15, name=f"demo-ab-v{staging}")
         _materialize("feedback,ab_report")
         verdict = _registry(store).verdict(staging)
@@ -222,7 +253,7 @@ def _promotion(store: ObjectStore, version: str) -> None:
 
 def _serve(store: ObjectStore) -> str:
     """Deploy what the registry says and send a few requests; the service's URL."""
-    _materialize("production_deployment")
+    _deploy(store)
     url = ServingSettings.from_env().url
     requests = HousingSimulator.fit().generate(5, seed=99, batch_id="demo-traffic")
     traffic = next(iter(requests))
@@ -237,9 +268,14 @@ def _serve(store: ObjectStore) -> str:
 
 
 @contextmanager
-def _daemon() -> Iterator[Path]:
+def _daemon() -> Iterator[Path | None]:
     """`dagster-daemon run` on this instance and code location (as under `make dev`), in its
-    own process group, stopped at the end with the runs it launched; yields its log's path."""
+    own process group, stopped at the end with the runs it launched; yields its log's path.
+    Where a daemon already runs (the stack's), that one does the work and is left running."""
+    if _RUNNING_DAEMON:
+        print("the instance's own daemon runs the loop (its log is the stack's)")
+        yield None
+        return
     workspace = Path(__file__).resolve().parents[1] / "workspace.yaml"
     log_path = Path(os.environ["DAGSTER_HOME"]) / "demo-daemon.log"
     print(f"$ dagster-daemon run -w {workspace}   (log: {log_path})")
@@ -259,12 +295,12 @@ def _daemon() -> Iterator[Path]:
                 daemon.wait()
 
 
-def _wait_for(what: str, found: Callable[[], T | None], log_path: Path) -> T:
+def _wait_for(what: str, found: Callable[[], T | None], log_path: Path | None) -> T:
     """Poll until the daemon's work shows `found()`; on timeout, fail naming what and where."""
     deadline = time.monotonic() + WAIT_SECONDS
     while (value := found()) is None:
         if time.monotonic() > deadline:
-            tail = log_path.read_text().splitlines()[-15:]
+            tail = log_path.read_text().splitlines()[-15:] if log_path else ["(the running daemon's own log)"]
             raise SystemExit(f"gave up after {WAIT_SECONDS} s waiting for {what}; the daemon's log ends:\n" + "\n".join(tail))
         time.sleep(2)
     return value
@@ -376,7 +412,11 @@ def _post(url: str, body: dict, request_id: str) -> dict:
 
 
 def main() -> None:
+    global _RUNNING_DAEMON
     load_environment()
+    # A daemon without the loop's cadences (`make dev`'s, by default) would take hours: the demo
+    # then starts its own for the loop, as it does where none runs.
+    _RUNNING_DAEMON = _live_daemon() and all(os.environ.get(name) == value for name, value in LOOP_CADENCES.items())
     for name, value in LOOP_CADENCES.items():
         os.environ.setdefault(name, value)
     store = StorageSettings.from_env().open()
@@ -393,18 +433,26 @@ def main() -> None:
         land_batch(store, SHIFT_BATCH, HousingSimulator.fit().generate(DEMO_ROWS, seed=8, batch_id=SHIFT_BATCH, drift=SHIFT))
         print(f"landed simulated batch {SHIFT_BATCH} ({DEMO_ROWS} rows; prices rose 50%: the challenger trains after a shift)")
 
-    # What the landing sensor does under `dagster dev`, done here so the demo needs no daemon.
     instance = dg.DagsterInstance.get()
     batch_ids = [b.batch_id for b in landed_batches(store)]
-    known = set(instance.get_dynamic_partitions("raw_batches"))
-    instance.add_dynamic_partitions("raw_batches", [b for b in batch_ids if b not in known])
-    done = instance.get_materialized_partitions(dg.AssetKey("raw_housing"))
-    with _stage("raw batches (validation, quarantine)"):
-        for batch_id in batch_ids:
-            if batch_id not in done:
-                _materialize("raw_housing", batch_id)
-    with _stage("feature table"):
-        _materialize("housing_features")
+    if _RUNNING_DAEMON:  # the stack's: its landing and feature sensors take the batches
+        print("a Dagster daemon runs on this instance: its sensors validate the batches and build the features")
+        with _stage("raw batches (validation, quarantine)"):
+            _wait_for("raw partitions of every landed batch",
+                      lambda: True if set(batch_ids) <= instance.get_materialized_partitions(dg.AssetKey("raw_housing")) else None, None)  # fmt: skip
+        with _stage("feature table"):
+            _wait_for("a feature version with every batch",
+                      lambda: True if (latest := FeatureStore(store).latest()) and set(batch_ids) <= set(latest.batch_ids) else None, None)  # fmt: skip
+    else:  # what the landing and feature sensors do under `dagster dev`, done here
+        known = set(instance.get_dynamic_partitions("raw_batches"))
+        instance.add_dynamic_partitions("raw_batches", [b for b in batch_ids if b not in known])
+        done = instance.get_materialized_partitions(dg.AssetKey("raw_housing"))
+        with _stage("raw batches (validation, quarantine)"):
+            for batch_id in batch_ids:
+                if batch_id not in done:
+                    _materialize("raw_housing", batch_id)
+        with _stage("feature table"):
+            _materialize("housing_features")
     with _stage("training round (Pipes, MLflow)"):
         _materialize("candidate_model")
 
@@ -433,8 +481,10 @@ def main() -> None:
             url = _serve(store)
         _closed_loop(store, url)
     finally:
-        stop_serving()  # also when something failed half-way
-    print(f"stopped the daemon, Serve and the local Ray; {read_interactions(store).height} interaction records in {store.uri('interactions/')}")
+        if not ServingSettings.from_env().ray_address:  # a cluster the demo did not start keeps serving
+            stop_serving()  # also when something failed half-way
+    stopped = "the daemon, Serve and the local Ray" if not ServingSettings.from_env().ray_address else "nothing: the cluster keeps serving"
+    print(f"stopped {stopped}; {read_interactions(store).height} interaction records in {store.uri('interactions/')}")
     print("\naudit trail of the registry (`bridge history`):")
     for record in _registry(store).history()[-12:]:
         print(f"  {record.line()}")

@@ -156,17 +156,6 @@ def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: 
     assert "registry_sensor" in launched["production_deployment"]
     assert f"latest: {version}" in demo.stdout
 
-    # Second run: a challenger trained after a price shift wins an online A/B and is promoted;
-    # the loop runs again on the new Production.
-    rerun = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "landed simulated batch demo-shift" in rerun.stdout and f"latest: {version}" not in rerun.stdout
-    assert "candidate model: models:/housing-price/4 " in rerun.stdout  # every run trains a round
-    assert "gates of v4: every gate passed" in rerun.stdout
-    assert "A/B experiment: Production v1 against Staging v4" in rerun.stdout and "verdict: promote" in rerun.stdout
-    assert "v4 is Production: A/B verdict promote" in rerun.stdout
-    assert "prices rose to 2.25x what Production v4 learned" in rerun.stdout and "→ candidate v5" in rerun.stdout
-
 
 def run_tags(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
     run = instance.get_run_by_id(run_id)

@@ -442,8 +442,11 @@ def _ray_ports(settings: StackSettings, nodes: int = 2) -> tuple[int, int]:
 
 
 def ray_cluster_env(stack: Stack) -> dict[str, str]:
-    """The variables `serving.cluster` reads for the stack's own (local) Ray instance."""
+    """The variables `serving.cluster` reads for the stack's own (local) Ray instance, and the
+    lake's credentials: replicas receive locations in their init arguments (which Ray stores)
+    but credentials only from their node's environment, as compose's Ray services do."""
     keep = ("BRIDGE_RAY_PORT", "BRIDGE_SERVE_PORT", "BRIDGE_RAY_TMPDIR", "BRIDGE_SERVE_HOST", "BRIDGE_SERVE_HAPROXY")
+    keep += ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
     # Patience for a busy 2-core host: Serve's controller kills a proxy that misses 3 health
     # checks of 10 s (a starting HAProxy proxy can, and `serve.start` then fails).
     patience = {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")}
@@ -629,15 +632,21 @@ def restart_dagster(stack: Stack, base_env: Mapping[str, str] = os.environ) -> N
 # ---------------------------------------------------------------- the whole stack
 
 
-def start(settings: StackSettings, restore_from: Path | None = None, base_env: Mapping[str, str] = os.environ) -> Stack:
+def start(
+    settings: StackSettings,
+    restore_from: Path | None = None,
+    base_env: Mapping[str, str] = os.environ,
+    settings_env: Mapping[str, str] | None = None,
+) -> Stack:
     """Start the chosen components (all by default); with `restore_from`, load a backup into the
-    fresh databases and bucket before any server uses them."""
+    fresh databases and bucket before any server uses them. `settings_env` (documented
+    variables, e.g. the demo's loop cadences) goes to every process and into stack.env."""
     existing = Stack.load(settings)
     if existing is not None and any(_alive(r) for r in existing.processes.values() if "sid" in r):
         raise StackError(f"a stack already runs from {settings.directory}: `make stack-stop` first")
     if restore_from is not None and (settings.directory / "postgres" / "data").exists():
         raise StackError(f"restore needs a fresh stack: {settings.directory} already has a database")
-    stack = Stack(settings, secrets=existing.secrets if existing else {})
+    stack = Stack(settings, env=dict(settings_env or {}), secrets=existing.secrets if existing else {})
     stack.save()
     try:
         start_postgres(stack)
@@ -739,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     up = commands.add_parser("start", help="start the stack and write stack.env")
     up.add_argument("--restore", type=Path, help="a backup folder to load into the fresh stack")
     up.add_argument("--only", help=f"comma-separated components (postgres and s3 always): {','.join(COMPONENTS)}")
+    up.add_argument("--demo-cadences", action="store_true",
+                    help="run the loop at `make demo`'s cadences (2-minute monitoring windows, automatic retraining), so the demo closes it on the stack in minutes")  # fmt: skip
     commands.add_parser("stop", help="stop what the stack started")
     commands.add_parser("status", help="what runs")
     save = commands.add_parser("backup", help="pg_dump both databases and copy the bucket")
@@ -750,7 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = StackSettings.from_env(os.environ, components)
     try:
         if args.command == "start":
-            stack = start(settings, args.restore)
+            from bridge_assets.demo import LOOP_CADENCES
+
+            stack = start(settings, args.restore, settings_env=LOOP_CADENCES if args.demo_cadences else None)
             print(f"stack up in {settings.directory}; environment in {settings.env_file}")
             for name, line in status(settings).items():
                 print(f"  {name}: {line}")
