@@ -155,13 +155,12 @@ def _deploy(store: ObjectStore) -> None:
         return
     registry = _registry(store)
     wanted = (registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS) or "none")
-    since = datetime.fromisoformat(registry.history()[-1].at).timestamp() - 5  # the sensor may answer the last transition fast
-    _wait_for(
-        f"registry_sensor deploying v{wanted[0]} (Staging: {wanted[1]})",
-        lambda: next((r for r in _materialized_since(dg.DagsterInstance.get(), "production_deployment", since)
-                      if (_metadata(r).get("model_version"), _metadata(r).get("staging_version")) == wanted), None),
-        None,
-    )  # fmt: skip
+
+    def deployed() -> bool | None:
+        latest = dg.DagsterInstance.get().fetch_materializations(dg.AssetKey("production_deployment"), limit=1).records
+        return True if latest and (_metadata(latest[0]).get("model_version"), _metadata(latest[0]).get("staging_version")) == wanted else None
+
+    _wait_for(f"registry_sensor deploying v{wanted[0]} (Staging: {wanted[1]})", deployed, None)
 
 
 def _print_gates(record: AuditRecord) -> bool:

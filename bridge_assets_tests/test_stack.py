@@ -34,6 +34,8 @@ from bridge_assets.lake.landing import land_batch
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, promote_to_production, read_audit
 from bridge_assets.ml.tracking import MlflowSettings
+from bridge_assets.monitoring.monitor import unprofiled_objects
+from bridge_assets.monitoring.profiles import list_log_objects
 from bridge_assets_tests.conftest import LAKE_VARIABLES, _environment
 from deploy import stack as stack_module
 from deploy.stack import StackSettings
@@ -265,16 +267,30 @@ def test_loop_runs_on_the_stack(stack: SimpleNamespace, loop: SimpleNamespace) -
     assert replicas[0] and replicas[1], f"replicas per node: { {i: len(r) for i, r in replicas.items()} }"
 
 
-def test_restart_resumes_sensors_without_repeating_or_missing_a_batch(stack: SimpleNamespace, trained: SimpleNamespace) -> None:
-    """The batch landed while the daemon was down ran once; none before it ran again."""
+def test_restart_resumes_sensors_without_repeating_or_missing_a_batch_or_a_log_object(stack: SimpleNamespace, loop: SimpleNamespace) -> None:
+    """The batch landed while the daemon was down ran once, none before it ran again; log
+    objects written while it was down are profiled, and every log object exactly once."""
     with _environment(stack.env):
         instance = dg.DagsterInstance.get()
         runs = instance.get_runs(dg.RunsFilter(tags={"dagster/sensor_name": "landed_batches_sensor"}))
-    per_batch: dict[str, int] = {}
-    for run in runs:
-        per_batch[run.tags["dagster/partition"]] = per_batch.get(run.tags["dagster/partition"], 0) + 1
-    assert per_batch == {"stack-a": 1, "stack-b": 1}
-    assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
+        per_batch: dict[str, int] = {}
+        for run in runs:
+            per_batch[run.tags["dagster/partition"]] = per_batch.get(run.tags["dagster/partition"], 0) + 1
+        assert per_batch == {"stack-a": 1, "stack-b": 1}
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
+
+        before = set(list_log_objects(loop.store))
+        stack_module.stop_dagster(stack.stack)
+        rows = _traffic_rows(20, seed=7)
+        assert {_post(loop.url, {k: row[k] for k in FEATURES}, f"{row['row_id']}-down") for row in rows} == {200}
+        _wait_for("log objects written while the daemon is down", lambda: set(list_log_objects(loop.store)) - before, timeout=60)
+        stack_module.start_dagster(stack.stack, stack.base_env)
+        objects = _wait_for("every log object profiled",
+                            lambda: (keys := list_log_objects(loop.store)) if not unprofiled_objects(loop.store) else None, timeout=300)  # fmt: skip
+        profiles = [r.asset_materialization.metadata for r in instance.fetch_materializations(dg.AssetKey("interaction_profiles"), limit=1000).records]
+    assert len(objects) > len(before)
+    assert sum(m["objects_profiled"].value for m in profiles) == len(objects)  # none missed, none twice
+    assert sum(m["objects_already_done"].value for m in profiles) == 0  # no object requested again
 
 
 def test_backup_restores_into_a_fresh_stack(stack: SimpleNamespace, loop: SimpleNamespace, tmp_path: Path) -> None:
