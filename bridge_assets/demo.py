@@ -488,8 +488,9 @@ def main() -> None:
     for record in _registry(store).history()[-12:]:
         print(f"  {record.line()}")
     print(f"\ntime per stage: {', '.join(f'{name} {seconds:.0f} s' for name, seconds in STAGE_SECONDS.items())}")
-    print("\nopen the UI with `make dev` (http://127.0.0.1:3000) to see these runs, the sensors' ticks and the")
-    print("metadata; `make mlflow` (http://127.0.0.1:5000) for the runs and the registry")
+    dagster_url, mlflow_url = os.environ.get("BRIDGE_DAGSTER_URL", "http://127.0.0.1:3000"), os.environ.get("MLFLOW_TRACKING_URI", "")
+    print(f"\nopen the UI with `make dev` ({dagster_url}) to see these runs, the sensors' ticks and the")
+    print(f"metadata; `make mlflow` ({mlflow_url if mlflow_url.startswith('http') else 'http://127.0.0.1:5000'}) for the runs and the registry")
 
 
 if __name__ == "__main__":

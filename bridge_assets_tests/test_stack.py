@@ -37,6 +37,7 @@ from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.monitoring.monitor import unprofiled_objects
 from bridge_assets.monitoring.profiles import list_log_objects
 from bridge_assets_tests.conftest import LAKE_VARIABLES, _environment
+from bridge_assets_tests.dagster_dev import artifacts_dir
 from deploy import stack as stack_module
 from deploy.stack import StackSettings
 from serving.interactions import read_interactions
@@ -391,8 +392,9 @@ def test_service_survives_the_worker_node(stack: SimpleNamespace, loop: SimpleNa
     answered = [request_id for request_id, status, _ in replies if status == 200]
     after = [status for _, status, after_kill in replies if after_kill]
     assert after.count(200) >= 90, f"after the kill: {after.count(200)} of {len(after)} answered 200"
-    print(f"node failure: {len(answered)} answered 200, {len(connection_failures)} connection-level failures, "
-          f"{sum(status != 200 for _, status, _ in replies)} other replies")  # fmt: skip
+    figures = (f"node failure: {len(answered)} answered 200 ({after.count(200)} after the kill), {len(connection_failures)} "
+               f"connection-level failures, {sum(status != 200 for _, status, _ in replies)} other replies\n")  # fmt: skip
+    (artifacts_dir() / "stack-node-failure.txt").write_text(figures)  # the README's reliability figures
 
     with _environment(stack.env):
         def logged() -> pl.DataFrame | None:
