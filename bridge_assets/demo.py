@@ -19,6 +19,11 @@ batch into a new feature version, retrains under the automatic policy, puts the 
 through the gates and serves it beside Production. Then the daemon, Serve and Ray stop, and
 the registry's audit trail and the time per stage are printed. Every run trains new rounds;
 data that landed before is not landed again.
+
+On `make stack` the stack's own daemon already runs the instance at these cadences: the demo
+starts none, leaves the landing, feature, gate and deployment steps to its sensors and
+automation (waiting on them instead of running them a second time beside them), and leaves the
+cluster's Serve running.
 """
 
 from __future__ import annotations
@@ -480,9 +485,10 @@ def main() -> None:
             url = _serve(store)
         _closed_loop(store, url)
     finally:
-        if not ServingSettings.from_env().ray_address:  # a cluster the demo did not start keeps serving
+        external_cluster = ServingSettings.from_env().ray_address
+        if not external_cluster:  # a cluster the demo did not start keeps serving
             stop_serving()  # also when something failed half-way
-    stopped = "the daemon, Serve and the local Ray" if not ServingSettings.from_env().ray_address else "nothing: the cluster keeps serving"
+    stopped = "nothing: the cluster keeps serving" if external_cluster else "the daemon, Serve and the local Ray"
     print(f"stopped {stopped}; {read_interactions(store).height} interaction records in {store.uri('interactions/')}")
     print("\naudit trail of the registry (`bridge history`):")
     for record in _registry(store).history()[-12:]:
