@@ -136,8 +136,15 @@ def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: 
     # gates → the new candidate served beside Production.
     assert "v1/production: realised decay" in demo.stdout
     assert "with feedback-" in demo.stdout and "→ candidate v3" in demo.stdout
-    assert "gates of v3: every gate passed" in demo.stdout
-    assert "serving {'production': '1', 'staging': '3'}" in demo.stdout
+    # The network retrained on two price levels (no time feature) lands within about a percent
+    # of log-linear on the mixed test split, so the baseline gate passes v3 in most runs and
+    # blocks it in some (README, known limits): either way the loop reached the gates by
+    # automation, and each verdict must have its consequence.
+    v3_passed = "gates of v3: every gate passed" in demo.stdout
+    if v3_passed:
+        assert "serving {'production': '1', 'staging': '3'}" in demo.stdout
+    else:
+        assert "gates of v3: BLOCKED" in demo.stdout and "v3 stays a candidate; Production v1 keeps serving" in demo.stdout
     assert "time per stage: " in demo.stdout and "daemon: automatic retraining" in demo.stdout
 
     monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
@@ -153,7 +160,7 @@ def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: 
         }  # fmt: skip
     assert "interaction_logs_sensor" in launched["interaction_profiles"] and "monitor_windows_sensor" in launched["drift_report"]
     assert "retrain_sensor" in launched["candidate_model"] and "bridge_automation" in launched["staged_model"]
-    assert "registry_sensor" in launched["production_deployment"]
+    assert ("registry_sensor" in launched["production_deployment"]) == v3_passed
     assert f"latest: {version}" in demo.stdout
 
 
