@@ -287,7 +287,7 @@ def test_restart_resumes_sensors_without_repeating_or_missing_a_batch_or_a_log_o
         _wait_for("log objects written while the daemon is down", lambda: set(list_log_objects(loop.store)) - before, timeout=60)
         stack_module.start_dagster(stack.stack, stack.base_env)
         objects = _wait_for("every log object profiled",
-                            lambda: (keys := list_log_objects(loop.store)) if not unprofiled_objects(loop.store) else None, timeout=300)  # fmt: skip
+                            lambda: list_log_objects(loop.store) if not unprofiled_objects(loop.store) else None, timeout=300)  # fmt: skip
         profiles = [r.asset_materialization.metadata for r in instance.fetch_materializations(dg.AssetKey("interaction_profiles"), limit=1000).records]
     assert len(objects) > len(before)
     assert sum(m["objects_profiled"].value for m in profiles) == len(objects)  # none missed, none twice
