@@ -10,6 +10,10 @@ export DAGSTER_HOME ?= $(BRIDGE_HOME)/dagster
 export WHYLOGS_NO_ANALYTICS := True
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
+# The UIs' ports (`make dev BRIDGE_DAGSTER_PORT=3001`, `make mlflow BRIDGE_MLFLOW_PORT=5001`, or in
+# .env); runs link to the MLflow UI on BRIDGE_MLFLOW_PORT, so give both targets the same value.
+export BRIDGE_DAGSTER_PORT ?= 3000
+export BRIDGE_MLFLOW_PORT ?= 5000
 # `make stack` writes the production-shaped stack's environment here (deploy/stack.py); while it
 # exists, demo and serve apply it (BRIDGE_ENV_FILE, instead of .env) and so run on the stack.
 STACK_ENV := $(or $(BRIDGE_STACK_DIR),$(BRIDGE_HOME)/stack)/stack.env
@@ -17,34 +21,36 @@ ifneq ($(wildcard $(STACK_ENV)),)
 demo serve: export BRIDGE_ENV_FILE := $(STACK_ENV)
 endif
 
-.PHONY: test-stack install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
+.PHONY: instance test-stack install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@echo "installing bridge and its pinned dependencies into $(VENV) (constraints.txt; about 2 minutes the first time)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip==25.3"
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-$(DAGSTER_HOME):
-	mkdir -p $(DAGSTER_HOME) && touch $(DAGSTER_HOME)/dagster.yaml
+# The embedded Dagster instance: its dagster.yaml with telemetry off (bridge_assets.lake.settings).
+instance: install
+	@$(BIN)/python -c "from bridge_assets.lake.settings import load_environment; load_environment()"
 
-demo: install $(DAGSTER_HOME)
+demo: install instance
 	$(BIN)/python -m bridge_assets.demo
 
-dev: install $(DAGSTER_HOME)
+dev: install instance
 ifneq ($(wildcard $(STACK_ENV)),)
 	@echo "the stack runs Dagster's webserver and daemon: $$(sed -n 's/^BRIDGE_DAGSTER_URL=//p' $(STACK_ENV))"
 else
-	$(BIN)/dagster dev -w workspace.yaml
+	$(BIN)/dagster dev -w workspace.yaml --host 127.0.0.1 --port $(BRIDGE_DAGSTER_PORT)
 endif
 
 mlflow: install
 ifneq ($(wildcard $(STACK_ENV)),)
 	@echo "the stack runs an MLflow server: $$(sed -n 's/^MLFLOW_TRACKING_URI=//p' $(STACK_ENV))"
 else
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(BRIDGE_HOME)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(BRIDGE_HOME)/mlflow/mlflow.db --host 127.0.0.1 --port $(BRIDGE_MLFLOW_PORT)
 endif
 
 serve: install

@@ -1,20 +1,22 @@
-"""`bridge` command line: land simulated batches and labels, inspect features, train.
+"""`bridge`: the loop from a shell — land data (simulate, land-seed, release-labels), inspect
+features, train, send traffic and release its feedback, move versions through the registry
+(approve, promote, rollback, history), monitor, and `bridge dagster …` on bridge's instance.
 
-Talks to the store configured by the environment (see the README's configuration table),
-without Dagster: the landing sensor notices what it lands.
+Talks to the lake, MLflow and service configured by the environment (see the README's
+configuration table), without Dagster: its sensors notice what the commands land or register.
+Each command imports only what it needs, so `--help` and the registry commands stay quick.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from mlflow.exceptions import MlflowException
-
-from bridge_assets.core.simulator import Drift
-from bridge_assets.lake.feature_store import FeatureStore
-from bridge_assets.lake.landing import Simulation, land_seed, land_simulated, release_labels
 from bridge_assets.lake.settings import StorageSettings, load_environment
+
+if TYPE_CHECKING:
+    from bridge_assets.core.simulator import Drift
 
 
 def _pairs(values: list[str]) -> dict[str, float]:
@@ -32,6 +34,8 @@ def _pairs(values: list[str]) -> dict[str, float]:
 def _simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from bridge_assets.lake.landing import Simulation, land_simulated
+
     store = StorageSettings.from_env().open()
     knobs = {"drift": _drift(args), "corrupt_fraction": args.corrupt_fraction, "case_noise": args.case_noise}
     simulation = Simulation(args.rows, withhold_labels=args.withhold_labels, **knobs, **_given(seed=args.seed))
@@ -44,6 +48,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _drift(args: argparse.Namespace) -> Drift:
+    from bridge_assets.core.simulator import Drift
+
     return Drift(
         shift=_pairs(args.shift),
         scale=_pairs(args.scale),
@@ -54,11 +60,11 @@ def _drift(args: argparse.Namespace) -> Drift:
 
 
 def _add_drift_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--area-factor", type=float, default=1.0)
-    parser.add_argument("--price-factor", type=float, default=1.0, help="label shift")
-    parser.add_argument("--shift", nargs="*", default=[], metavar="FEATURE=SD", help="latent shift")
-    parser.add_argument("--scale", nargs="*", default=[], metavar="FEATURE=FACTOR", help="latent spread")
-    parser.add_argument("--concept", nargs="*", default=[], metavar="FEATURE=FACTOR", help="concept drift")
+    parser.add_argument("--area-factor", type=float, default=1.0, help="covariate shift: multiply every area")
+    parser.add_argument("--price-factor", type=float, default=1.0, help="label shift: multiply every price")
+    parser.add_argument("--shift", nargs="*", default=[], metavar="FEATURE=SD", help="latent shift of a feature, in SDs")
+    parser.add_argument("--scale", nargs="*", default=[], metavar="FEATURE=FACTOR", help="latent spread of a feature")
+    parser.add_argument("--concept", nargs="*", default=[], metavar="FEATURE=FACTOR", help="concept drift: multiply a feature's price effect")
 
 
 def _traffic(args: argparse.Namespace) -> int:
@@ -66,21 +72,28 @@ def _traffic(args: argparse.Namespace) -> int:
 
     from bridge_assets.ml.traffic import send_traffic
     from serving.deploy import ServingSettings
+    from serving.guards import load_api_keys
 
     url = args.url or ServingSettings.from_env().url
+    api_key = args.api_key or next((key.decode() for key in load_api_keys()), None)
     store = StorageSettings.from_env().open()
     total = max(1, round(args.rate * args.duration))
     with tqdm(total=total, unit="req", disable=args.quiet) as progress:
         result = send_traffic(
             store, url, rate=args.rate, duration=args.duration, clients=args.clients, seed=args.seed,
-            drift=_drift(args), traffic_id=args.traffic_id, on_reply=progress.update,
+            drift=_drift(args), traffic_id=args.traffic_id, on_reply=progress.update, api_key=api_key,
         )  # fmt: skip
     print(f"traffic {result.traffic_id}: {result.sent} requests to {url}/predict, statuses {dict(result.statuses)}, "
           f"variants {dict(result.variants)}")
     for failure in result.failures:
         print(f"  failed: {failure}", file=sys.stderr)
-    print(f"true prices withheld at {store.uri(result.withheld_key)}; release them with "
-          f"`bridge release-feedback {result.traffic_id}`")
+    if 401 in result.statuses:
+        print("  401: the service wants an API key: --api-key, or BRIDGE_API_KEYS / BRIDGE_API_KEYS_FILE", file=sys.stderr)
+    if result.labels_withheld:
+        print(f"true prices of the {result.labels_withheld} answered requests withheld at {store.uri(result.withheld_key)}; "
+              f"release them with `bridge release-feedback {result.traffic_id}`")
+    else:
+        print("no request was answered: no true prices withheld")
     return 0 if result.ok == result.sent else 1
 
 
@@ -99,6 +112,8 @@ def _given(**values: object) -> dict[str, object]:
 
 
 def _land_seed(_: argparse.Namespace) -> int:
+    from bridge_assets.lake.landing import land_seed
+
     store = StorageSettings.from_env().open()
     batch = land_seed(store)
     print(f"landed the real data: {store.uri(batch.key)}" if batch else "the real data has already landed")
@@ -106,6 +121,8 @@ def _land_seed(_: argparse.Namespace) -> int:
 
 
 def _release_labels(args: argparse.Namespace) -> int:
+    from bridge_assets.lake.landing import release_labels
+
     store = StorageSettings.from_env().open()
     print(f"landed labels: {store.uri(release_labels(store, args.batch_id))}")
     return 0
@@ -113,6 +130,8 @@ def _release_labels(args: argparse.Namespace) -> int:
 
 def _features(args: argparse.Namespace) -> int:
     import duckdb
+
+    from bridge_assets.lake.feature_store import FeatureStore
 
     store = StorageSettings.from_env().open()
     features = FeatureStore(store)
@@ -157,6 +176,7 @@ def _dagster(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from bridge_assets.core.training import preset
+    from bridge_assets.lake.feature_store import FeatureStore
     from bridge_assets.ml.round import run_round
     from bridge_assets.ml.tracking import MlflowSettings, log_round
 
@@ -169,7 +189,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{candidate.config.name:>12}: " + "  ".join(f"{k}={v:,.4g}" for k, v in candidate.metrics.items()))
     for name, scores in result.baselines.items():
         print(f"{name:>12}: " + "  ".join(f"{k}={v:,.4g}" for k, v in scores.items()))
-    print(f"registered {record.model_uri} ({record.best_name}) as candidate")
+    if not record.new_version:
+        print(f"nothing new registered: {record.model_uri} has the same data and configuration")
+        return 0
+    print(f"registered {record.model_uri} ({record.best_name}) as candidate; with `make dev` running, "
+          "`candidates_sensor` puts it through the gates within a minute (else: "
+          "`bridge dagster asset materialize --select staged_model -m bridge_assets.definitions`)")
     return 0
 
 
@@ -209,22 +234,27 @@ def _approve(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     registry = _registry()
-    for record in registry.history(args.version):
+    records = registry.history(args.version)
+    if not records:
+        print(f"bridge: no audit records for {registry.model_name}" + (f" v{args.version}" if args.version else ""), file=sys.stderr)
+        return 1
+    for record in records:
         print(record.line())
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bridge", description=__doc__)
+    defaults = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="bridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    simulate = commands.add_parser("simulate", help="land a simulated batch")
-    simulate.add_argument("--rows", type=int, default=10_000)
+    simulate = commands.add_parser("simulate", help="land a simulated batch", formatter_class=defaults)
+    simulate.add_argument("--rows", type=int, default=10_000, help="rows in the batch")
     simulate.add_argument("--seed", type=int, help="default: a new random seed (printed; same seed, same rows)")
-    simulate.add_argument("--batch-id")
-    simulate.add_argument("--format", choices=("parquet", "csv"), default="parquet")
-    simulate.add_argument("--corrupt-fraction", type=float, default=0.0)
-    simulate.add_argument("--case-noise", type=float, default=0.0)
+    simulate.add_argument("--batch-id", help="default: sim-<time>-s<seed>")
+    simulate.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="file format landed")
+    simulate.add_argument("--corrupt-fraction", type=float, default=0.0, help="share of rows that break the contract (quarantined)")
+    simulate.add_argument("--case-noise", type=float, default=0.0, help="share of rows with oddly-cased categories")
     simulate.add_argument("--withhold-labels", action="store_true", help="land prices later (release-labels)")
     _add_drift_arguments(simulate)
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -232,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("land-seed", help="land the real housing data").set_defaults(run=_land_seed)
 
-    traffic = commands.add_parser("traffic", help="simulated clients sending houses to the service")
+    traffic = commands.add_parser("traffic", help="simulated clients sending houses to the service", formatter_class=defaults)
     traffic.add_argument("--url", help="service URL (default: BRIDGE_SERVE_HOST/PORT)")
+    traffic.add_argument("--api-key", help="sent as X-API-Key (default: the first of BRIDGE_API_KEYS / BRIDGE_API_KEYS_FILE)")
     traffic.add_argument("--rate", type=float, default=20.0, help="requests per second")
     traffic.add_argument("--duration", type=float, default=30.0, help="seconds")
     traffic.add_argument("--clients", type=int, default=200, help="distinct X-Client-ID values")
@@ -243,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drift_arguments(traffic)
     traffic.set_defaults(run=_traffic)
 
-    feedback = commands.add_parser("release-feedback", help="release the withheld true prices of a traffic run")
+    feedback = commands.add_parser("release-feedback", help="release the withheld true prices of a traffic run", formatter_class=defaults)
     feedback.add_argument("traffic_id")
     feedback.add_argument("--fraction", type=float, default=1.0, help="release a random share only")
     feedback.add_argument("--seed", type=int, default=0)
@@ -260,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     dagster = commands.add_parser("dagster", help="the dagster CLI on bridge's instance, e.g. `bridge dagster run list`")
     dagster.add_argument("dagster_args", nargs=argparse.REMAINDER, help="arguments for `dagster`")
     dagster.set_defaults(run=_dagster)
-    train = commands.add_parser("train", help="train a round on a feature version and log it to MLflow")
+    train = commands.add_parser("train", help="train a round on a feature version and log it to MLflow", formatter_class=defaults)
     train.add_argument("--preset", action="append", help="repeatable (default: default and reference)")
     train.add_argument("--split", choices=("hash", "reference"), default="hash")
     train.add_argument("--feature-version", help="default: latest")
@@ -282,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="print the registry's audit trail")
     history.add_argument("--version", help="only this model version")
     history.set_defaults(run=_history)
-    monitor = commands.add_parser("monitor", help="profile new interaction logs and report drift and decay per window")
+    monitor = commands.add_parser("monitor", help="profile new interaction logs and report drift and decay per window", formatter_class=defaults)
     monitor.add_argument("--window", action="append", default=[], help="window id (repeatable); default: the newest --last")
     monitor.add_argument("--last", type=int, default=3, help="how many of the newest windows to report")
     monitor.add_argument("--reference", action="append", default=[], help="first make the reference of this model version")
@@ -313,15 +344,33 @@ def _monitor(args: argparse.Namespace) -> int:
     return 1 if alarmed else 0
 
 
+def _user_error(error: Exception) -> str | None:
+    """The message of an error the user can act on (bad input, missing data, MLflow refusing)."""
+    if isinstance(error, KeyError):
+        return str(error.args[0]) if error.args else "not found"
+    if isinstance(error, ValueError | FileExistsError | FileNotFoundError):
+        return str(error)
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # imported only by commands that use MLflow
+    if mlflow_exceptions is not None and isinstance(error, mlflow_exceptions.MlflowException):
+        return str(error)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     load_environment()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dagster"]:  # everything after it is Dagster's, `--help` included
+        return _dagster(argparse.Namespace(dagster_args=argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command == "train" and not args.preset:
         args.preset = ["default", "reference"]
     try:
         return args.run(args)
-    except (ValueError, FileExistsError, FileNotFoundError, KeyError, MlflowException) as error:
-        print(f"bridge: {error}", file=sys.stderr)
+    except Exception as error:
+        message = _user_error(error)
+        if message is None:
+            raise
+        print(f"bridge: {message}", file=sys.stderr)
         return 2
 
 

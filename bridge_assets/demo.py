@@ -494,9 +494,13 @@ def main() -> None:
     for record in _registry(store).history()[-12:]:
         print(f"  {record.line()}")
     print(f"\ntime per stage: {', '.join(f'{name} {seconds:.0f} s' for name, seconds in STAGE_SECONDS.items())}")
-    dagster_url, mlflow_url = os.environ.get("BRIDGE_DAGSTER_URL", "http://127.0.0.1:3000"), os.environ.get("MLFLOW_TRACKING_URI", "")
+    dagster_url = os.environ.get("BRIDGE_DAGSTER_URL") or f"http://127.0.0.1:{os.environ.get('BRIDGE_DAGSTER_PORT') or 3000}"
     print(f"\nopen the UI with `make dev` ({dagster_url}) to see these runs, the sensors' ticks and the")
-    print(f"metadata; `make mlflow` ({mlflow_url if mlflow_url.startswith('http') else 'http://127.0.0.1:5000'}) for the runs and the registry")
+    print(f"metadata; `make mlflow` ({MlflowSettings.from_env().ui_url}) for the runs and the registry.")
+    if not any(record.action == "ab_verdict" for record in _registry(store).history()):
+        print("Run `make demo` again for the online A/B experiment, its verdict and the promotion, then the loop on the new")
+        print("Production.", end=" ")
+    print("The demo stopped the service: `make serve` brings Production back (`make stop` ends it).")
 
 
 if __name__ == "__main__":

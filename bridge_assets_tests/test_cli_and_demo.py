@@ -14,6 +14,7 @@ from bridge_assets.lake.feature_store import build_features
 from bridge_assets.lake.landing import land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import PROJECT_ROOT, StorageSettings, bridge_home
+from bridge_assets.ml.tracking import MlflowSettings
 from serving.cluster import pick_free_ports
 
 
@@ -81,6 +82,8 @@ def test_features_command_lists_newest_first_describes_and_reports_sql_errors(la
     assert typo.returncode == 2 and len(typo.stderr.strip().splitlines()) == 1 and "syntax error" in typo.stderr
     counted = bridge(lake_env, "features", "--version", first.version, "--sql", "SELECT count(*) AS n FROM features")
     assert counted.returncode == 0 and str(first.rows) in counted.stdout
+    unknown = bridge(lake_env, "features", "--version", "nope")
+    assert (unknown.returncode, unknown.stderr) == (2, "bridge: feature table 'housing' has no version 'nope'\n")
 
 
 def test_home_is_anchored_to_the_project_not_the_current_directory(tmp_path, monkeypatch):
@@ -104,12 +107,22 @@ def test_every_entry_point_reads_the_same_env_file(tmp_path):
     assert shown.stdout.split() == ["from-dotenv-model", str(home / "dagster")]  # what serving.deploy and the demo call
     runs = run(sys.executable, "-m", "bridge_assets.cli", "dagster", "run", "list")
     assert runs.returncode == 0 and f"DAGSTER_HOME={home / 'dagster'}" in runs.stderr, runs.stderr[-2000:]
-    assert (home / "dagster" / "dagster.yaml").is_file()
+    instance = (home / "dagster" / "dagster.yaml").read_text()
+    assert "telemetry:\n  enabled: false" in instance  # the embedded instance sends nothing home
 
 
 def test_cli_rejects_bad_drift_with_a_message(lake_env):
     result = bridge(lake_env, "simulate", "--rows", "10", "--shift", "garden=1", "--quiet")
     assert result.returncode == 2 and "unknown feature" in result.stderr
+
+
+def test_cli_says_when_there_is_nothing_and_hands_dagster_its_own_arguments(lake_env):
+    history = bridge(lake_env, "history", "--version", "99")
+    assert history.returncode == 1 and history.stderr.endswith("\nbridge: no audit records for housing-price v99\n")
+    dagster_help = bridge(lake_env, "dagster", "--help")
+    assert dagster_help.returncode == 0 and "asset" in dagster_help.stdout and "release-feedback" not in dagster_help.stdout
+    simulate_help = bridge(lake_env, "simulate", "--help").stdout
+    assert "rows in the batch (default: 10000)" in " ".join(simulate_help.split())
 
 
 def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: Path, monkeypatch):
@@ -167,3 +180,18 @@ def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: 
 def run_tags(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:
     run = instance.get_run_by_id(run_id)
     return dict(run.tags) if run else {}
+
+
+def test_the_ui_ports_are_settings_and_run_links_follow_the_mlflow_port():
+    """`make dev`/`make mlflow` take their ports from BRIDGE_DAGSTER_PORT/BRIDGE_MLFLOW_PORT, and
+    the links in run metadata point at the MLflow port chosen."""
+    planned = subprocess.run(
+        ["make", "-n", "dev", "mlflow", "BRIDGE_DAGSTER_PORT=3123", "BRIDGE_MLFLOW_PORT=5123", "BRIDGE_STACK_DIR=/nonexistent"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, env={**os.environ, "BRIDGE_HOME": "/nonexistent"},
+    )  # fmt: skip
+    assert planned.returncode == 0, planned.stderr
+    assert "dagster dev -w workspace.yaml --host 127.0.0.1 --port 3123" in planned.stdout
+    assert "mlflow ui --backend-store-uri" in planned.stdout and "--port 5123" in planned.stdout
+    settings = MlflowSettings.from_env({"BRIDGE_HOME": "/nonexistent", "BRIDGE_MLFLOW_PORT": "5123"})
+    assert settings.run_url("1", "abc") == "http://127.0.0.1:5123/#/experiments/1/runs/abc"
+    assert MlflowSettings.from_env(settings.to_env()).ui_url == "http://127.0.0.1:5123"  # what the training process gets

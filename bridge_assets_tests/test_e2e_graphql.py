@@ -1,13 +1,19 @@
 """The loop against a running `dagster dev` (webserver and daemon as real processes), seen
 only through its GraphQL API: data lands in the lake as `bridge simulate` lands it, the real sensors validate it
 and build the feature table, and a training round launched over GraphQL registers a version.
-Nothing here calls an asset; the `first_round` fixture drives the loop, the tests read it back.
+Nothing here calls an asset; the `first_round` fixture drives the loop, the tests read it back,
+and `bridge train` registers a candidate outside Dagster that the candidates sensor gates.
 """
+
+import subprocess
+import sys
 
 from mlflow.tracking import MlflowClient
 
+from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry
 from bridge_assets.ml.tracking import MlflowSettings
-from bridge_assets_tests.dagster_dev import CORRUPT_FRACTION, SIM_BATCH, SIM_ROWS, DagsterDev, FirstRound, run_tags
+from bridge_assets_tests.dagster_dev import CORRUPT_FRACTION, SIM_BATCH, SIM_ROWS, DagsterDev, FirstRound, materializations, run_tags
 
 LOCATION = "bridge_assets.definitions:defs"
 REPOSITORY = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__"}
@@ -115,3 +121,26 @@ def test_a_training_round_launched_through_graphql_registers_a_version(dagster_d
     assert version.tags["bridge.feature_version"] == metadata["feature_version"]
     assert metadata["model_uri"] == f"models:/{settings.model_name}/{version.version}"
     assert run_tags(dagster_dev, first_round.training_run_id)["bridge/test"] == "e2e"
+
+
+def test_a_candidate_registered_by_the_cli_meets_the_gates_through_the_candidates_sensor(dagster_dev: DagsterDev, first_round: FirstRound):
+    """`bridge train` registers outside Dagster; with `dagster dev` running, the gates still run."""
+    assert first_round.training_status == "SUCCESS", dagster_dev.log_tail()
+    settings = MlflowSettings.from_env(dagster_dev.env)
+    registry = Registry(MlflowClient(settings.tracking_uri), settings.model_name, StorageSettings.from_env(dagster_dev.env).open())
+    first = str(first_round.candidate.metadata["model_version"])  # the automation gates it: let it finish first
+    dagster_dev.wait_until(lambda: registry.gate_record(first), 300, f"the automation's gate record for v{first}", every=3.0)
+    trained = subprocess.run(
+        [sys.executable, "-m", "bridge_assets.cli", "train", "--preset", "reference", "--max-epochs", "4"],
+        env=dagster_dev.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert trained.returncode == 0 and "candidates_sensor" in trained.stdout, trained.stdout + trained.stderr
+    version = registry.version_for(CANDIDATE_ALIAS)
+    assert version is not None and version != first
+    def staged() -> list | None:
+        found = [m for m in materializations(dagster_dev, "staged_model") if m.metadata["model_version"] == version]
+        return found or None
+
+    (judged_in,) = dagster_dev.wait_until(staged, 300, f"staged_model for CLI-trained v{version}", every=3.0)
+    assert registry.gate_record(version).actor == f"dagster run {judged_in.run_id[:8]} (sensor candidates_sensor)"
+    assert run_tags(dagster_dev, judged_in.run_id)["bridge/candidate"] == version

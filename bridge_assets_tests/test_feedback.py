@@ -5,13 +5,18 @@ verdict is what lets Staging become Production."""
 import dagster as dg
 import mlflow
 import numpy as np
+import polars as pl
 import pytest
 
+from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
+from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feedback import LABELS_PREFIX, join_feedback, read_feedback_labels, release_feedback, withhold_feedback
+from bridge_assets.lake.landing import landed_batches, read_batch
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, PromotionRefused, Registry
 from bridge_assets.ml.tracking import MlflowSettings
+from bridge_assets.monitoring.retrain import land_feedback_batch
 from serving.interactions import InteractionLogger, read_interactions, record
 
 
@@ -125,3 +130,23 @@ def test_the_ab_report_verdict_is_what_lets_staging_become_production(experiment
     assert registry.promote_staging() == production
     assert registry.version_for(PRODUCTION_ALIAS) == staging
     assert registry.history(staging)[-1].reason.startswith("A/B verdict promote")
+
+
+def test_labelled_traffic_lands_once_when_the_monitoring_window_changes_length(store: ObjectStore):
+    """The demo's 2-minute windows, then `make dev`'s hour: the same labelled requests regroup
+    into a new window and must not land as a second feedback batch."""
+    houses = pl.concat(HousingSimulator.fit().generate(30, seed=3, batch_id="traffic"))
+    joined = houses.select(*FEATURES, TARGET).with_columns(request_id=houses[ROW_ID], row_index=pl.lit(0))
+    two_minutes, hour, next_hour = "20261128T221800Z-120s", "20261128T220000Z-3600s", "20261128T230000Z-3600s"
+    batch, landed = land_feedback_batch(store, two_minutes, joined.head(20))
+    assert (batch.batch_id, landed) == (f"feedback-{two_minutes}", 20)
+    assert land_feedback_batch(store, hour, joined.head(20)) == (None, 0)  # nothing new in the hour
+    batch, landed = land_feedback_batch(store, hour, joined.head(25))
+    assert (batch.batch_id, landed) == (f"feedback-{hour}", 5)
+    batch, landed = land_feedback_batch(store, hour, joined)
+    assert (batch.batch_id, landed) == (f"feedback-{hour}-2", 5)
+    batch, landed = land_feedback_batch(store, next_hour, joined.head(3))  # a window that does not overlap
+    assert (batch.batch_id, landed) == (f"feedback-{next_hour}", 3)
+    feedback_batches = [b for b in landed_batches(store) if b.batch_id.startswith("feedback-")]
+    rows = pl.concat([read_batch(store, b) for b in feedback_batches if next_hour not in b.batch_id])
+    assert rows.height == rows[ROW_ID].n_unique() == 30

@@ -50,7 +50,7 @@ def test_log_objects_are_profiled_once_across_a_restart_and_a_late_object_reopen
     logger.flush()
     log_traffic(logger, window_frame(80, seed=42), model, T0 + timedelta(seconds=40), prefix="b", seconds=10)  # 22:00:00
     rejected = record(request_id="bad-1", endpoint="/predict", status=422, model_name="housing-price", model_version="1",
-                      variant="production", latency_ms=1.0, features={"area": -5}, error="area: must be > 0", timestamp=T0 + timedelta(seconds=2))
+                      variant="production", latency_ms=1.0, features={"area": -5}, error="invalid input: area", timestamp=T0 + timedelta(seconds=2))
     logger.log([rejected])
     logger.flush()
     first_window, second_window = window_id(T0, WINDOW), window_id(T0 + timedelta(seconds=40), WINDOW)

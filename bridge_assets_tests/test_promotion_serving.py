@@ -106,7 +106,7 @@ def test_rollback_under_load_fails_no_request(service, bridge):
     assert load.versions == {newer, production}
     assert call(service.url, "/model")[1]["response"]["model_version"] == production
     last = registry.history()[-1]
-    assert (last.action, last.version, last.actor, last.reason) == ("rollback", production, "on-call", "test: bad latency")
+    assert (last.action, last.version, last.actor, last.reason) == ("rollback", production, f"on-call via dagster run {rollback.run_id[:8]}", "test: bad latency")
     assert last.evidence["rolled_back"] == newer
 
 
@@ -174,7 +174,7 @@ def test_the_guardrail_rolls_back_a_version_that_fails_live_traffic(service, bri
     assert len(follow()) == 1  # deployment follows the registry back
     assert call(service.url, "/model")[1]["response"]["model_version"] == production
     last = registry.history()[-1]
-    assert (last.action, last.version, last.actor) == ("rollback", production, "post_deploy_guardrail")
+    assert (last.action, last.version, last.actor) == ("rollback", production, f"post_deploy_guardrail via dagster run {rollback.run_id[:8]}")
     assert last.reason == reason and last.evidence["rolled_back"] == bad
 
     with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:

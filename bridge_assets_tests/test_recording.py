@@ -11,7 +11,7 @@ import polars as pl
 from fastapi import FastAPI, Request
 
 from bridge_assets.lake.storage import LocalStore
-from serving.guards import Guards
+from serving.guards import ApiKeys, Guards
 from serving.interactions import InteractionLogger, read_interactions
 from serving.recording import Recorder, RecordRequests, exchange_of
 from serving.router import ExperimentConfig
@@ -19,7 +19,7 @@ from serving.router import ExperimentConfig
 KEY = "s3cr3t-api-key-0123"
 
 
-def _app(tmp_path: Path, api_keys: tuple[bytes, ...] = ()) -> tuple[FastAPI, InteractionLogger]:
+def _app(tmp_path: Path, api_keys: ApiKeys = ApiKeys()) -> tuple[FastAPI, InteractionLogger]:
     app = FastAPI()
     app.add_middleware(Guards)
     app.add_middleware(RecordRequests)
@@ -108,7 +108,7 @@ def test_every_request_has_exactly_one_record_whatever_answered(tmp_path):
 
 
 def test_api_keys_refuse_missing_and_wrong_keys_leave_health_open_and_are_never_recorded(tmp_path):
-    app, logger = _app(tmp_path, api_keys=(KEY.encode(), b"other-key"))
+    app, logger = _app(tmp_path, api_keys=ApiKeys.of((KEY.encode(), b"other-key"), "test"))
 
     async def traffic():
         status, _, body = await _call(app, "POST", "/predict", {"X-Request-ID": "none"})

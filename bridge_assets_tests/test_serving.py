@@ -23,14 +23,17 @@ import polars as pl
 import pytest
 from ray import serve
 
+from bridge_assets.cli import main as cli_main
 from bridge_assets.core.contract import validate
+from bridge_assets.lake.feedback import withheld_key
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import promote_to_production
 from bridge_assets.ml.tracking import log_pyfunc
+from bridge_assets.ml.traffic import send_traffic
 from bridge_assets_tests.conftest import s3_environment
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, continuous_load, deploy_through_dagster
 from serving.cluster import ClusterSettings
-from serving.deploy import ServingSettings, deploy, stop_serving
+from serving.deploy import ServingSettings, api_key_status, deploy, stop_serving
 from serving.interactions import read_interactions
 from serving.router import assign
 
@@ -154,11 +157,44 @@ def test_all_four_mlflow_scoring_shapes(service):
         assert status == 200 and body["predictions"] == pytest.approx(expected, rel=1e-12), key
     status, body, _ = call(service.url, "/invocations", {"dataframe_records": records, "inputs": {}})
     assert status == 400 and body["error_code"] == "BAD_REQUEST" and "exactly one" in body["message"]
-    status, body, _ = call(service.url, "/invocations", {"dataframe_records": [{**REFERENCE_REQUEST, "stories": 5}]})
-    assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE" and "stories outside 1-4" in body["message"]
+    status, body, _ = call(service.url, "/invocations", {"dataframe_records": [REFERENCE_REQUEST, {**REFERENCE_REQUEST, "stories": 5}]})
+    assert status == 422 and body["error_code"] == "INVALID_PARAMETER_VALUE" and body["message"].startswith("invalid input: row 1: stories")
     for odd in ({"area": "abc"}, {"bedrooms": [1, 2]}):
         status, body, _ = call(service.url, "/invocations", {"dataframe_records": [{**REFERENCE_REQUEST, **odd}]})
-        assert status == 400 and "error_code" in body, (odd, status, body)
+        assert status == 422 and body["error_code"] == "INVALID_PARAMETER_VALUE", (odd, status, body)
+    short = {"columns": columns, "data": [[REFERENCE_REQUEST[c] for c in columns], [REFERENCE_REQUEST[c] for c in columns[:-1]]]}
+    status, body, _ = call(service.url, "/invocations", {"dataframe_split": short})
+    assert (status, body) == (400, {"error_code": "BAD_REQUEST", "message": "dataframe_split: row 1 has 11 values for 12 columns"})
+    status, body, _ = call(service.url, "/invocations", {"dataframe_records": [{k: v for k, v in REFERENCE_REQUEST.items() if k != "area"}]})
+    assert status == 422 and body["error_code"] == "INVALID_PARAMETER_VALUE" and body["message"] == "invalid input: row 0: area (Field required)"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [("bedrooms", True, "not a boolean"), ("area", "1200", "not a string"), ("parking", "1", "not a string"),
+     ("pool", 1, "Extra inputs are not permitted")],
+)  # fmt: skip
+def test_strict_types_and_unknown_fields_are_422_naming_the_field_on_every_endpoint(service, field, value, why):
+    """A boolean is not a count, a string is not a number, an unknown field is refused by name."""
+    house = {**REFERENCE_REQUEST, field: value}
+    status, body, _ = call(service.url, "/predict", house)
+    assert status == 422 and body["message"] == f"invalid input: {field}" and why in body["detail"][0]["msg"], body
+    status, body, _ = call(service.url, "/predict/batch", {"records": [REFERENCE_REQUEST, house]})
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "records", 1, field], body
+    status, body, _ = call(service.url, "/invocations", {"dataframe_records": [house]})
+    assert status == 422 and body["message"].startswith(f"invalid input: row 0: {field} (") and why in body["message"], body
+    assert call(service.url, "/predict", {**REFERENCE_REQUEST, "bedrooms": 3.0})[0] == 200  # an integral number is a count
+
+
+def test_unknown_paths_and_wrong_methods_answer_in_the_services_shape(service):
+    status, body, _ = call(service.url, "/nonexistent")
+    assert (status, body) == (404, {"status": 404, "message": "no endpoint /nonexistent: see /docs for the API", "response": None})
+    status, body, headers = call(service.url, "/predict")
+    assert status == 405 and body["message"] == "GET is not allowed on /predict: use POST" and headers["Allow"] == "POST"
+    status, body, _ = call(service.url, "/health", {})
+    assert status == 405 and body["message"] == "POST is not allowed on /health: use GET" and body["response"] is None
+    status, body, _ = call(service.url, "/invocations")
+    assert status == 405 and body == {"error_code": "BAD_REQUEST", "message": "GET is not allowed on /invocations: use POST"}
 
 
 def test_parity_training_contract_pyfunc_and_http(service):
@@ -268,23 +304,26 @@ def _files_under(*roots: str | Path) -> bytes:
 
 def test_credentials_and_api_keys_never_reach_ray_logs_or_lake_and_logs_reach_s3(service, tmp_path):
     """Fake credentials in the deploying process: replicas get them from a credentials file,
-    Ray stores only locations; with API keys on, a key is needed and never written anywhere."""
-    secret_id, secret_key, api_key = (f"FAKE{uuid.uuid4().hex.upper()}" for _ in range(3))
+    Ray stores only locations; API keys set only where the deploy runs (the session's Ray was
+    started without them) are enforced, reported by the ingress, and never written anywhere."""
+    secret_id, secret_key, api_key, env_key = (f"FAKE{uuid.uuid4().hex.upper()}" for _ in range(4))
     credentials = tmp_path / "credentials"
     credentials.write_text(f"[default]\naws_access_key_id = {secret_id}\naws_secret_access_key = {secret_key}\n")
     (tmp_path / "api-keys").write_text(f"{api_key}\n")
     s3_env = s3_environment(service.moto, tmp_path / "s3-home")
     s3_env.pop("BRIDGE_HOME")
-    s3_env |= {"AWS_ACCESS_KEY_ID": secret_id, "AWS_SECRET_ACCESS_KEY": secret_key,
+    s3_env |= {"AWS_ACCESS_KEY_ID": secret_id, "AWS_SECRET_ACCESS_KEY": secret_key, "BRIDGE_API_KEYS": env_key,
                "AWS_SHARED_CREDENTIALS_FILE": str(credentials), "BRIDGE_API_KEYS_FILE": str(tmp_path / "api-keys")}  # fmt: skip
     for name, value in s3_env.items():
         service.patch.setenv(name, value)
     version = _served(service.url)["model_version"]
     try:
         url = deploy("housing-price", version, "production")  # same version, logs to the bucket
+        assert api_key_status().startswith("API keys: enforced (2 key(s) from BRIDGE_API_KEYS/BRIDGE_API_KEYS_FILE at deploy)")
         status, body, _ = call(url, "/predict", REFERENCE_REQUEST)
         assert status == 401 and body["message"].startswith("missing API key")
         assert call(url, "/predict", REFERENCE_REQUEST, {"X-API-Key": "wrong"})[0] == 401
+        assert call(url, "/predict", REFERENCE_REQUEST, {"X-API-Key": env_key})[0] == 200
         assert call(url, "/health")[0] == 200
         ids, expected = _traffic(url, f"s3-{uuid.uuid4().hex[:6]}", {"Authorization": f"Bearer {api_key}"})
         s3_store = StorageSettings.from_env().open()
@@ -296,13 +335,19 @@ def test_credentials_and_api_keys_never_reach_ray_logs_or_lake_and_logs_reach_s3
         assert s3_env["BRIDGE_S3_BUCKET"].encode() in stored  # the scan does see the replicas' init arguments
         lake = b"".join(s3_store.get_bytes(k) for k in s3_store.list(""))
         written = stored + lake + _files_under(service.env["BRIDGE_RAY_TMPDIR"], service.env["BRIDGE_HOME"])
-        for secret in (secret_id, secret_key, api_key):
+        for secret in (secret_id, secret_key, api_key, env_key):
             assert secret.encode() not in written
+        refused = send_traffic(s3_store, url, rate=20, duration=0.5, seed=11, traffic_id=f"nokey-{uuid.uuid4().hex[:6]}")
+        assert dict(refused.statuses) == {401: 10} and refused.labels_withheld == 0 and not s3_store.exists(refused.withheld_key)
+        traffic_id = f"withkey-{uuid.uuid4().hex[:6]}"  # `bridge traffic` takes the key from BRIDGE_API_KEYS
+        assert cli_main(["traffic", "--url", url, "--rate", "20", "--duration", "0.5", "--traffic-id", traffic_id, "--quiet"]) == 0
+        assert s3_store.scan_parquet([withheld_key(traffic_id)]).collect().height == 10
     finally:
         for name in s3_env:
             service.patch.delenv(name, raising=False)
         deploy("housing-price", version, "production")
     assert call(service.url, "/predict", REFERENCE_REQUEST)[0] == 200  # keys off again, local lake
+    assert api_key_status().startswith("API keys: OFF")
 
 
 def test_records_survive_a_killed_replica_exactly_once(service):

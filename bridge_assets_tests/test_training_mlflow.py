@@ -31,7 +31,7 @@ from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.round import run_round
-from bridge_assets.ml.registry import CANDIDATE_ALIAS
+from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry
 from bridge_assets.ml.tracking import MlflowSettings
 
 QUICK_ROUND = {"ops": {"candidate_model": {"config": {"max_epochs": 60}}}}
@@ -50,11 +50,11 @@ def prepare_features(store: ObjectStore) -> str:
     return build_features(store).version.version
 
 
-def train_through_dagster(run_config: dict = QUICK_ROUND) -> tuple[dg.ExecuteInProcessResult, dict]:
+def train_through_dagster(run_config: dict = QUICK_ROUND, tags: dict[str, str] | None = None) -> tuple[dg.ExecuteInProcessResult, dict]:
     job = build_defs().resolve_implicit_global_asset_job_def()
     with dg.instance_for_test() as instance:
         result = job.execute_in_process(
-            instance=instance, asset_selection=[dg.AssetKey("candidate_model")], run_config=run_config
+            instance=instance, asset_selection=[dg.AssetKey("candidate_model")], run_config=run_config, tags=tags
         )
     (event,) = result.get_asset_materialization_events()
     return result, {k: v.value for k, v in event.materialization.metadata.items()}
@@ -72,7 +72,7 @@ def reproduce(client: MlflowClient, store: ObjectStore, model_name: str, version
 
 def test_a_round_through_pipes_registers_a_reproducible_candidate(store: ObjectStore, lake_env):
     feature_version = prepare_features(store)
-    result, metadata = train_through_dagster()
+    result, metadata = train_through_dagster(tags={"dagster/sensor_name": "retrain_sensor"})  # as the retrain policy launches it
     settings = MlflowSettings.from_env()
     client = settings.activate()
 
@@ -103,6 +103,8 @@ def test_a_round_through_pipes_registers_a_reproducible_candidate(store: ObjectS
     version = client.get_model_version_by_alias("housing-price", CANDIDATE_ALIAS)
     assert str(version.version) == metadata["model_version"] and version.tags["bridge.stage"] == "None"
     assert version.tags["bridge.run_id"] == metadata["mlflow_run_id"]
+    (registered,) = Registry(client, "housing-price", store).history(str(version.version))
+    assert (registered.action, registered.actor) == ("register", f"dagster run {result.run_id[:8]} (sensor retrain_sensor)")
 
     # Reproduction from the tags read back gives the same metrics.
     candidate, logged = reproduce(client, store, "housing-price", version.version)

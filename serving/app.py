@@ -17,7 +17,6 @@ by weight, sticky per `X-Client-ID` (else per request id). Every reply carries `
 503 for a failing model); `serving.recording` writes exactly one record per request.
 """
 
-import json
 import logging
 import os
 import uuid
@@ -26,21 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from bridge_assets.core.pyfunc import InvalidInput
 from bridge_assets.lake.settings import StorageSettings
-from serving.guards import Guards, error_reply, load_api_keys, too_many_message
+from serving.guards import ApiKeys, Guards, error_reply, load_api_keys, too_many_message
 from serving.interactions import InteractionLogger
 from serving.model import ROLLING, ModelVariant
 from serving.recording import Exchange, Recorder, RecordRequests, RequestMetrics, exchange_of
 from serving.router import ExperimentConfig
-from serving.schemas import SCORING_REQUEST, BatchRequest, HouseFeatures, scoring_frame
+from serving.schemas import SCORING_REQUEST, BatchRequest, HouseFeatures, InvalidRows, ScoringShapeError, scoring_records, valid_rows
 
 log = logging.getLogger("bridge.serving")
 DEFAULT_MAX_BATCH = 10_000
@@ -57,7 +56,7 @@ class ServiceSettings:
     environment: dict[str, str]  # non-secret lake + MLflow variables (credentials: node env / file)
     spool_dir: str
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
-    api_keys_file: str | None = None
+    api_keys: ApiKeys = field(default_factory=ApiKeys)  # digests only: Ray stores this
     unit: str = "GBP(£)"
     max_batch_records: int = DEFAULT_MAX_BATCH
     max_body_bytes: int = DEFAULT_MAX_BODY
@@ -81,9 +80,18 @@ api.add_middleware(RecordRequests)  # outermost: it records what the guards refu
 
 @api.exception_handler(HTTPException)
 async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
-    """Errors raised as HTTPException (a streamed body over the limit): the endpoint's shape."""
-    exchange_of(request).error = str(error.detail)
-    return error_reply(request.url.path, error.status_code, str(error.detail))
+    """Errors raised as HTTPException — a streamed body over the limit, and the router's 404 and
+    405 — in the service's own shape, saying what exists."""
+    message = str(error.detail)
+    if error.status_code == 404:
+        message = f"no endpoint {request.url.path}: see /docs for the API"
+    elif error.status_code == 405:
+        allowed = {name.lower(): value for name, value in (error.headers or {}).items()}.get("allow", "another method")
+        message = f"{request.method} is not allowed on {request.url.path}: use {allowed}"
+    exchange_of(request).error = message
+    reply = error_reply(request.url.path, error.status_code, message)
+    reply.headers.update(error.headers or {})
+    return reply
 
 
 @api.exception_handler(RequestValidationError)
@@ -120,7 +128,7 @@ class PredictionService:
         self.versions = settings.versions
         self.variants = {"production": production, "staging": staging}
         self.experiment = settings.experiment if staging is not None else ExperimentConfig(settings.experiment.salt, 0.0)
-        self.api_keys = load_api_keys(os.environ, settings.api_keys_file)  # node env or file, never init args
+        self.api_keys = settings.api_keys.including(load_api_keys(os.environ), "the Ray node's environment")
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (unit use)
@@ -140,6 +148,10 @@ class PredictionService:
     def served_versions(self) -> dict[str, str]:
         """For `deploy()` (through a handle): which version each variant runs."""
         return self.versions
+
+    def api_key_status(self) -> str:
+        """For `deploy()` (through a handle): whether this replica enforces keys, and whose."""
+        return self.api_keys.describe()
 
     def check_health(self) -> None:
         """Unhealthy (and replaced by Serve) if the interaction logger has died."""
@@ -198,29 +210,28 @@ class PredictionService:
 
     @api.post("/invocations", openapi_extra=SCORING_REQUEST)
     async def invocations(self, request: Request) -> JSONResponse:
-        """MLflow's scoring protocol, over the same model and contract."""
+        """MLflow's scoring protocol, over the same model and request schema as /predict."""
         exchange = exchange_of(request)
         try:
-            frame = scoring_frame(await request.json())
-        except ValueError as error:  # a JSONDecodeError is a ValueError: say it is not JSON
-            exchange.error = f"body is not valid JSON: {error}" if isinstance(error, json.JSONDecodeError) else str(error)
+            records = scoring_records(await request.json())
+        except ScoringShapeError as error:
+            exchange.error = str(error)
+            return error_reply("/invocations", 400, exchange.error)
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            exchange.error = f"body is not valid JSON: {error}"
             return error_reply("/invocations", 400, exchange.error)
         except RecursionError:  # JSON nested deeper than Python's parser goes (found by fuzzing)
             exchange.error = "body is not valid JSON: nested too deeply"
             return error_reply("/invocations", 400, exchange.error)
-        except (TypeError, KeyError, pl.exceptions.PolarsError) as error:
-            exchange.error = str(error)
-            return error_reply("/invocations", 400, exchange.error)
-        if frame.height > self.settings.max_batch_records:
-            exchange.error = too_many_message(frame.height, self.settings.max_body_bytes, self.settings.max_batch_records)
+        if len(records) > self.settings.max_batch_records:
+            exchange.error = too_many_message(len(records), self.settings.max_body_bytes, self.settings.max_batch_records)
             return error_reply("/invocations", 413, exchange.error)
-        exchange.rows = frame.to_dicts()
         try:
-            exchange.predictions = await self._predicted(exchange, "predict_frame", frame)
-        except InvalidInput as error:
-            exchange.error = str(getattr(error, "cause", None) or error)
-            exchange.rows = [None]  # a rejected request is one record, as on every endpoint
-            return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": exchange.error}, 400)
+            exchange.rows = valid_rows(records)
+        except InvalidRows as error:  # one record for the refused request, as on every endpoint
+            exchange.error = str(error)
+            return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": exchange.error, "detail": error.detail}, 422)
+        exchange.predictions = await self._predicted(exchange, "predict_valid", exchange.rows)
         return JSONResponse({"predictions": exchange.predictions})
 
 

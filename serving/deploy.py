@@ -32,6 +32,7 @@ from bridge_assets.ml.tracking import MlflowSettings
 from serving.cluster import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings, check_compatible, connect
 from serving.cluster import start_serve, stop_serving
 from serving.cluster import main as cluster_main
+from serving.guards import ApiKeys, load_api_keys
 from serving.model import ServedModel, version_for_alias
 from serving.spool import spool_directory
 
@@ -164,7 +165,7 @@ def deploy(
         environment=replica_environment(env),
         spool_dir=str(spool_directory(everywhere)),
         experiment=ExperimentConfig(salt, staging_weight if staging_version else 0.0),
-        api_keys_file=everywhere.get("BRIDGE_API_KEYS_FILE") or None,
+        api_keys=ApiKeys.of(load_api_keys(everywhere), "BRIDGE_API_KEYS/BRIDGE_API_KEYS_FILE at deploy"),
         unit=settings.unit,
         max_batch_records=settings.max_batch_records,
         max_body_bytes=settings.max_body_bytes,
@@ -189,10 +190,15 @@ def _served_versions() -> dict[str, str]:
         return {}
 
 
-def _api_key_header(env: Mapping[str, str]) -> dict[str, str]:
-    from serving.guards import load_api_keys
+def api_key_status() -> str:
+    """What the running ingress says about API keys (one line): read from Serve, not assumed."""
+    from ray import serve
 
-    keys = load_api_keys(env, env.get("BRIDGE_API_KEYS_FILE") or None)
+    return serve.get_app_handle(APP_NAME).api_key_status.remote().result(timeout_s=30)
+
+
+def _api_key_header(env: Mapping[str, str]) -> dict[str, str]:
+    keys = load_api_keys(env)
     return {"X-API-Key": keys[0].decode()} if keys else {}
 
 
@@ -231,9 +237,10 @@ def main() -> None:
         checked = probe(client, name, version, PRODUCTION_ALIAS)
         print(f"probed {name} v{version}: {checked.rows} real rows, one-row latency {checked.latency_ms:.1f} ms")
         url = deploy(name, version, PRODUCTION_ALIAS)
-    except ClusterError as error:
+        keys = api_key_status()
+    except (ClusterError, ValueError) as error:
         sys.exit(f"refused: {error}")
-    print(f"serving {name} v{version} at {url} (docs: {url}/docs); stop with `make stop`")
+    print(f"serving {name} v{version} at {url} (docs: {url}/docs); stop with `make stop`\n{keys}")
 
 
 if __name__ == "__main__":

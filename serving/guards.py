@@ -1,20 +1,26 @@
 """What a request must pass before a handler sees it, and error replies in each endpoint's shape.
 
 ASGI middleware, in order: an API key (when keys are configured) on every path but `/health`
-and the docs — 401; a JSON content type on POSTs — 415; the body size, by header or as it
+and the docs — 401; a JSON content type on POSTs to the prediction endpoints — 415 (a POST
+elsewhere is the router's 404 or 405); the body size, by header or as it
 streams in — 413 naming both the body and the batch limit. `/invocations` answers errors in
 MLflow's `{"error_code", "message"}` shape, every other endpoint in the reference's.
 
-API keys come from the replica's environment (`BRIDGE_API_KEYS`, comma-separated, inherited
-from the Ray node) or a file named by `BRIDGE_API_KEYS_FILE` (one key a line) — never from init
-arguments, which Ray stores. Keys are compared in constant time and never logged or recorded.
+API keys are set where the service is deployed (`BRIDGE_API_KEYS`, comma-separated, and/or a
+file named by `BRIDGE_API_KEYS_FILE`, one key a line) and take effect on every deploy: the
+replicas receive only salted HMAC-SHA256 digests (`ApiKeys`), since Ray stores init arguments.
+Keys in the Ray node's own environment (inherited from `ray start`) are accepted too. Presented
+keys are digested and compared in constant time; keys are never logged or recorded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
-from collections.abc import Mapping
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ from fastapi.responses import JSONResponse
 
 MLFLOW_ENDPOINT = "/invocations"
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+BODY_PATHS = frozenset({"/predict", "/predict/batch", MLFLOW_ENDPOINT})  # the POST endpoints: JSON bodies
 MLFLOW_ERROR_CODES = {
     401: "UNAUTHENTICATED", 413: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"
 }  # fmt: skip
@@ -55,12 +62,61 @@ def too_many_message(count: int, max_body: int, max_records: int) -> str:
     )
 
 
-def load_api_keys(env: Mapping[str, str] = os.environ, keys_file: str | None = None) -> tuple[bytes, ...]:
-    """The accepted keys: `BRIDGE_API_KEYS` plus the lines of `keys_file`; none = keys are off."""
+def load_api_keys(env: Mapping[str, str] = os.environ) -> tuple[bytes, ...]:
+    """The keys `env` sets: `BRIDGE_API_KEYS` plus the lines of `BRIDGE_API_KEYS_FILE`; none =
+    keys are off. A named file that cannot be read is an error, never a silently open service."""
     keys = [k.strip() for k in env.get("BRIDGE_API_KEYS", "").split(",")]
-    if keys_file:
-        keys += [line.strip() for line in Path(keys_file).read_text().splitlines()]
+    if keys_file := env.get("BRIDGE_API_KEYS_FILE"):
+        try:
+            keys += [line.strip() for line in Path(keys_file).read_text().splitlines()]
+        except OSError as error:
+            raise ValueError(f"BRIDGE_API_KEYS_FILE={keys_file} cannot be read: {error.strerror or error}") from error
     return tuple(k.encode() for k in keys if k)
+
+
+def _digest(salt: bytes, key: bytes) -> bytes:
+    return hmac.new(salt, key, hashlib.sha256).digest()
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """Accepted keys as salted digests: what may travel in init arguments (Ray stores them).
+    Empty means keys are off. `sources` says where the keys came from, for operators."""
+
+    salt: str = ""
+    digests: tuple[str, ...] = ()
+    sources: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, keys: Iterable[bytes], source: str, salt: str | None = None) -> ApiKeys:
+        keys = tuple(keys)
+        if not keys:
+            return cls(salt=salt or "")
+        salt = salt or secrets.token_hex(16)
+        digests = tuple(sorted({_digest(bytes.fromhex(salt), key).hex() for key in keys}))
+        return cls(salt, digests, (source,))
+
+    def including(self, keys: Iterable[bytes], source: str) -> ApiKeys:
+        """These keys and `keys` (under this salt), e.g. the node's own besides the deployed ones."""
+        added = ApiKeys.of(keys, source, self.salt or None)
+        if not added.digests:
+            return self
+        return ApiKeys(added.salt, tuple(sorted({*self.digests, *added.digests})), (*self.sources, source))
+
+    def __bool__(self) -> bool:
+        return bool(self.digests)
+
+    def accepts(self, presented: bytes) -> bool:
+        """Constant time per key, and every key is compared (no early exit on a match)."""
+        candidate = _digest(bytes.fromhex(self.salt), presented)
+        matches = [hmac.compare_digest(candidate, bytes.fromhex(digest)) for digest in self.digests]
+        return any(matches)
+
+    def describe(self) -> str:
+        """One line for operators: whether keys are enforced, how many, from where."""
+        if not self:
+            return "API keys: OFF (no BRIDGE_API_KEYS or BRIDGE_API_KEYS_FILE): every endpoint is open to whoever reaches it"
+        return f"API keys: enforced ({len(self.digests)} key(s) from {' and '.join(self.sources)}); send X-API-Key or Authorization: Bearer"
 
 
 def _presented_key(headers: dict[bytes, bytes]) -> bytes | None:
@@ -70,12 +126,11 @@ def _presented_key(headers: dict[bytes, bytes]) -> bytes | None:
     return token.strip() if scheme.lower() == b"bearer" and token.strip() else None
 
 
-def _key_error(headers: dict[bytes, bytes], keys: tuple[bytes, ...]) -> str | None:
+def _key_error(headers: dict[bytes, bytes], keys: ApiKeys) -> str | None:
     presented = _presented_key(headers)
     if presented is None:
         return "missing API key: send X-API-Key or Authorization: Bearer <key>"
-    matches = [hmac.compare_digest(presented, key) for key in keys]  # every key, constant time
-    return None if any(matches) else "wrong API key"
+    return None if keys.accepts(presented) else "wrong API key"
 
 
 def _content_type_error(headers: dict[bytes, bytes]) -> str | None:
@@ -101,7 +156,7 @@ class Guards:
         refusal: tuple[int, str] | None = None
         if service.api_keys and path not in OPEN_PATHS and (problem := _key_error(headers, service.api_keys)):
             refusal = (401, problem)
-        elif scope["method"] == "POST" and (problem := _content_type_error(headers)):
+        elif scope["method"] == "POST" and path in BODY_PATHS and (problem := _content_type_error(headers)):
             refusal = (415, problem)
         elif (declared := headers.get(b"content-length")) is not None and (not declared.isdigit() or int(declared) > max_body):
             refusal = (413, too_large_message(max_body, max_records))

@@ -114,9 +114,5 @@ class ModelVariant:
         frame = pl.DataFrame(rows, schema_overrides={"area": pl.Float64})
         return self.model.version, self.model.predict(frame, checked=True).tolist()
 
-    def predict_frame(self, frame: pl.DataFrame) -> tuple[str, list[float]]:
-        """Rows not yet checked (MLflow's scoring shapes): `InvalidInput` names the row and field."""
-        return self.model.version, self.model.predict(frame).tolist()
-
     def info(self) -> dict[str, Any]:
         return self.model.info()

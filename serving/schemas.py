@@ -1,10 +1,15 @@
 """What the API accepts: the BridgeAI house (validated field by field by pydantic) and MLflow's
-four scoring shapes, both held to the data contract's fields, bounds and levels."""
+four scoring shapes, both held to the data contract's fields, bounds and levels.
+
+Types are strict where a lax parse would change the meaning: a boolean is not a count, a
+string is not a number (`"bedrooms": true` and `"area": "1200"` are refused, an integral
+`3.0` is a count), and a field the contract does not know is refused by name, not ignored.
+Categories keep their case folding (`" YES"` is `yes`)."""
 
 from typing import Annotated, Any, Literal
 
-import polars as pl
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 
 from bridge_assets.core.contract import AREA_MAX, COUNT_BOUNDS, FEATURES
 
@@ -14,19 +19,32 @@ def _normalised(value: Any) -> Any:
     return value.strip().lower() if isinstance(value, str) else value
 
 
+def _a_number(value: Any) -> Any:
+    """JSON numbers only: pydantic's lax mode would read `true` as 1 and `"1200"` as 1200."""
+    if isinstance(value, bool | str):
+        kind = "boolean" if isinstance(value, bool) else "string"
+        raise PydanticCustomError("number_type", "must be a JSON number, not a {kind}", {"kind": kind})
+    return value
+
+
 YesNo = Annotated[Literal["yes", "no"], BeforeValidator(_normalised)]
 Furnishing = Annotated[Literal["furnished", "semi-furnished", "unfurnished"], BeforeValidator(_normalised)]
+Area = Annotated[float, BeforeValidator(_a_number), Field(gt=0, le=AREA_MAX, allow_inf_nan=False, description=f"0 < area ≤ {AREA_MAX:.0f}")]
 
 
 def _count(name: str) -> Any:
     low, high = COUNT_BOUNDS[name]
-    return Field(ge=low, le=high, description=f"{low}–{high}")
+    return Annotated[int, BeforeValidator(_a_number), Field(ge=low, le=high, description=f"{low}–{high}")]
+
+
+Bedrooms, Bathrooms, Stories, Parking = (_count(name) for name in ("bedrooms", "bathrooms", "stories", "parking"))
 
 
 class HouseFeatures(BaseModel):
     """One house, as the BridgeAI clients send it (yes/no in any case)."""
 
     model_config = ConfigDict(
+        extra="forbid",
         json_schema_extra={
             "example": {
                 "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
@@ -42,14 +60,16 @@ class HouseFeatures(BaseModel):
     airconditioning: YesNo
     prefarea: YesNo
     furnishingstatus: Furnishing
-    area: float = Field(gt=0, le=AREA_MAX, allow_inf_nan=False, description=f"0 < area ≤ {AREA_MAX:.0f}")
-    bedrooms: int = _count("bedrooms")
-    bathrooms: int = _count("bathrooms")
-    stories: int = _count("stories")
-    parking: int = _count("parking")
+    area: Area
+    bedrooms: Bedrooms
+    bathrooms: Bathrooms
+    stories: Stories
+    parking: Parking
 
 
 class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     records: list[HouseFeatures] = Field(min_length=1)
 
 
@@ -80,30 +100,60 @@ def _scoring_request_schema() -> dict[str, Any]:
 SCORING_REQUEST = {"requestBody": {"required": True, "content": {"application/json": {"schema": _scoring_request_schema()}}}}
 
 
-def scoring_frame(payload: Any) -> pl.DataFrame:
-    """Rows from an MLflow scoring request; exactly one of the four input keys."""
+class ScoringShapeError(ValueError):
+    """The body is not one of MLflow's scoring shapes (MLflow's BAD_REQUEST, 400)."""
+
+
+class InvalidRows(ValueError):
+    """Rows of a well-formed scoring request that break the contract (422, naming row and field)."""
+
+    def __init__(self, error: ValidationError) -> None:
+        self.detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
+        faults = [f"row {e['loc'][0]}: {'.'.join(map(str, e['loc'][1:])) or 'row'} ({e['msg']})" for e in error.errors()]
+        shown = "; ".join(faults[:10]) + (f"; and {len(faults) - 10} more" if len(faults) > 10 else "")
+        super().__init__(f"invalid input: {shown}")
+
+
+_ROWS = TypeAdapter(list[HouseFeatures])
+
+
+def scoring_records(payload: Any) -> list[dict[str, Any]]:
+    """The rows of an MLflow scoring request, as sent: exactly one of the four input keys;
+    ScoringShapeError saying what is malformed."""
     if not isinstance(payload, dict):
-        raise ValueError("the request body must be a JSON object")
+        raise ScoringShapeError("the request body must be a JSON object")
     keys = [k for k in SCORING_KEYS if k in payload]
     if len(keys) != 1:
-        raise ValueError(f"the request must have exactly one of {', '.join(SCORING_KEYS)}; got {keys or 'none'}")
-    data = payload[keys[0]]
-    if keys[0] == "dataframe_split":
-        if not isinstance(data, dict) or "columns" not in data or "data" not in data:
-            raise ValueError("dataframe_split needs 'columns' and 'data'")
-        records = [dict(zip(data["columns"], row, strict=True)) for row in data["data"]]
+        raise ScoringShapeError(f"the request must have exactly one of {', '.join(SCORING_KEYS)}; got {', '.join(keys) or 'none'}")
+    key, data = keys[0], payload[keys[0]]
+    if key == "dataframe_split":
+        if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
+            raise ScoringShapeError("dataframe_split needs 'columns' (a list of names) and 'data' (a list of rows)")
+        columns = data["columns"]
+        for index, row in enumerate(data["data"]):
+            if not isinstance(row, list) or len(row) != len(columns):
+                found = f"{len(row)} values" if isinstance(row, list) else "not a list"
+                raise ScoringShapeError(f"dataframe_split: row {index} has {found} for {len(columns)} columns")
+        records = [dict(zip(columns, row, strict=True)) for row in data["data"]]
     elif isinstance(data, dict):  # inputs/instances as columns: {"area": [...], ...}
         lengths = {len(v) if isinstance(v, list) else 1 for v in data.values()}
-        if len(lengths) != 1:
-            raise ValueError(f"{keys[0]}: every column needs the same number of values")
-        records = [dict(zip(data, values, strict=True)) for values in zip(*(v if isinstance(v, list) else [v] for v in data.values()), strict=True)]
+        if len(lengths) > 1:
+            raise ScoringShapeError(f"{key}: every column needs the same number of values")
+        columns = [v if isinstance(v, list) else [v] for v in data.values()]
+        records = [dict(zip(data, values, strict=True)) for values in zip(*columns, strict=True)]
     elif isinstance(data, list) and all(isinstance(r, dict) for r in data):
         records = data
     else:
-        raise ValueError(f"{keys[0]} must be a list of records or an object of columns")
+        raise ScoringShapeError(f"{key} must be a list of records or an object of columns")
     if not records:
-        raise ValueError(f"{keys[0]} holds no rows")
-    missing = sorted({f for r in records for f in FEATURES if f not in r})
-    if missing:
-        raise KeyError(f"missing field(s): {', '.join(missing)}")
-    return pl.DataFrame([{f: r[f] for f in FEATURES} for r in records], schema_overrides={"area": pl.Float64}, strict=False)
+        raise ScoringShapeError(f"{key} holds no rows")
+    return records
+
+
+def valid_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`records` held to the request schema (strict types, known fields, bounds), normalised;
+    InvalidRows naming each row and field at fault."""
+    try:
+        return [house.model_dump() for house in _ROWS.validate_python(records)]
+    except ValidationError as error:
+        raise InvalidRows(error) from None

@@ -21,7 +21,10 @@ def sensor_interval(sensor_name: str, default: int, env: Mapping[str, str] = os.
     upper-cased), else `BRIDGE_SENSOR_INTERVAL` for every sensor, else `default`."""
     for name in (f"BRIDGE_SENSOR_INTERVAL_{sensor_name.upper()}", "BRIDGE_SENSOR_INTERVAL"):
         if env.get(name):
-            seconds = int(env[name])
+            try:
+                seconds = int(env[name])
+            except ValueError:
+                raise ValueError(f"{name}={env[name]!r}: a sensor interval is a whole number of seconds") from None
             if seconds < 1:
                 raise ValueError(f"{name}={env[name]!r}: a sensor interval is at least 1 second")
             return seconds

@@ -9,7 +9,8 @@ import dagster as dg
 
 from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy
-from bridge_assets.defs.serving import open_registry, production_deployment, rollback_model
+from bridge_assets.defs.audit import open_registry
+from bridge_assets.defs.serving import production_deployment, rollback_model
 from bridge_assets.ml.guardrail import judge, traffic_health
 from bridge_assets.ml.registry import PRODUCTION, PRODUCTION_ALIAS
 from serving.interactions import read_interactions

@@ -25,7 +25,7 @@ from pydantic import Field
 from bridge_assets.defs.cadence import freshness_hours, sensor_interval
 from bridge_assets.defs.promotion import feedback
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, _env_or_none
-from bridge_assets.defs.serving import open_registry
+from bridge_assets.defs.audit import open_registry
 from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore

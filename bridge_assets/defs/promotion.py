@@ -6,9 +6,10 @@ Thin: the gates, the registry and the statistics live in `bridge_assets.ml` and 
 import dagster as dg
 from pydantic import Field
 
+from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy
-from bridge_assets.defs.serving import audit_markdown, open_registry
+from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
 from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
@@ -35,7 +36,7 @@ def staged_model(
     """The `candidate` version judged by every gate; `staging` points at it only if all pass
     (and, when sign-off is required, after an approval). A failed gate fails its check with
     the numbers and the run; the outcome is recorded in the audit trail either way."""
-    registry = open_registry(storage, mlflow_tracking, actor=f"dagster run {context.run.run_id[:8]}")
+    registry = open_registry(storage, mlflow_tracking, actor=run_actor(context))
     version = registry.version_for(CANDIDATE_ALIAS)
     if version is None:
         raise dg.Failure(f"no version of {registry.model_name} is a candidate: materialize candidate_model first")
@@ -71,6 +72,30 @@ def staged_model(
     )
 
 
+@dg.sensor(
+    target=[staged_model],
+    minimum_interval_seconds=sensor_interval("candidates_sensor", 30),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def candidates_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.SensorResult | dg.SkipReason:
+    """The gates for a candidate registered outside Dagster (`bridge train`, a notebook): no
+    `candidate_model` materialization exists for the automation to follow, so this requests
+    `staged_model` once for it. Candidates of Dagster runs are left to the automation."""
+    registry = open_registry(storage, mlflow_tracking)
+    version = registry.version_for(CANDIDATE_ALIAS)
+    if version is None:
+        return dg.SkipReason(f"no version of {registry.model_name} is a candidate")
+    if (judged := registry.gate_record(version)) is not None:
+        return dg.SkipReason(f"v{version} was judged by the gates ({judged.action})")
+    trained_by = registry.client.get_model_version(registry.model_name, version).tags.get("bridge.dagster_run_id", "none")
+    if trained_by != "none":
+        return dg.SkipReason(f"v{version} was registered by dagster run {trained_by[:8]}: the automation gates it")
+    if context.cursor == version:
+        return dg.SkipReason(f"the gates were requested for v{version}")
+    request = dg.RunRequest(run_key=f"gates/{registry.model_name}/{version}", tags={"bridge/candidate": version})
+    return dg.SensorResult(run_requests=[request], cursor=version)
+
+
 class ApprovalConfig(dg.Config):
     version: str = Field(description="model version whose gates passed")
     approver: str = Field(description="your name; must be on BRIDGE_APPROVERS")
@@ -83,7 +108,7 @@ def sign_off(
     promotion: PromotionPolicy,
 ) -> str:  # fmt: skip
     """Record a listed approver's sign-off and move `staging` to the version."""
-    registry = open_registry(storage, mlflow_tracking)
+    registry = open_registry(storage, mlflow_tracking, run_actor(context))
     try:
         approve(registry, config.version, config.approver, config.reason, promotion.settings())
     except ValueError as error:
@@ -131,7 +156,7 @@ def ab_report(
     """Staging against Production on delayed ground truth: per-variant MAE/RMSE with
     intervals, Welch's t on per-client MAE, the sample size for the minimum effect, and the
     verdict (promote / keep / inconclusive), recorded on the Staging version."""
-    registry = open_registry(storage, mlflow_tracking, actor=f"dagster run {context.run.run_id[:8]}")
+    registry = open_registry(storage, mlflow_tracking, actor=run_actor(context))
     joined = _feedback(registry.store)
     evidence = evaluate_experiment(joined, registry, promotion.settings())
     if evidence is None:

@@ -6,17 +6,8 @@ from pydantic import Field
 from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
-from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
-
-
-def open_registry(storage: LakeStorage, mlflow_tracking: MlflowTracking, actor: str | None = None) -> Registry:
-    """The registry of the configured model, recording into the configured lake."""
-    settings = mlflow_tracking.settings()
-    return Registry(settings.activate(), settings.model_name, storage.open(), actor)
-
-
-def _actor(context: dg.OpExecutionContext, configured: str) -> str:
-    return configured or f"dagster run {context.run.run_id[:8]}"
+from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS
 
 
 class PromotionConfig(dg.Config):
@@ -31,7 +22,7 @@ def set_production_alias(
 ) -> str:
     """Staging → Production: needs a 'promote' A/B verdict, no Production yet, or an override
     reason; the previous Production version is archived. Recorded in the audit trail."""
-    registry = open_registry(storage, mlflow_tracking, _actor(context, config.actor))
+    registry = open_registry(storage, mlflow_tracking, run_actor(context, config.actor))
     try:
         previous = registry.promote_staging(config.version or None, override_reason=config.override_reason or None)
     except ValueError as error:
@@ -57,7 +48,7 @@ def restore_previous_production(
 ) -> str:
     """Point Production back at the version it had before (from the audit trail); recorded.
     The registry sensor then brings the service in line."""
-    registry = open_registry(storage, mlflow_tracking, _actor(context, config.actor))
+    registry = open_registry(storage, mlflow_tracking, run_actor(context, config.actor))
     try:
         current, restored = registry.rollback(config.reason)
     except ValueError as error:
@@ -72,15 +63,6 @@ def rollback_model() -> None:
 
 
 AUTHORISED_CHECK = "registry_authorised"
-
-
-def audit_markdown(registry: Registry, limit: int = 30) -> dg.MetadataValue:
-    """The newest part of the registry's audit trail, for the UI."""
-    lines = ["| at (UTC) | version | action | from → to | by | reason |", "|---|---|---|---|---|---|"]
-    for r in registry.history()[-limit:]:
-        reason = r.reason.replace("|", "/").replace("\n", " ")[:200]
-        lines.append(f"| {r.at[:19]} | {r.version} | {r.action} | {r.from_stage or '-'} → {r.to_stage or '-'} | {r.actor} | {reason} |")
-    return dg.MetadataValue.md("\n".join(lines))
 
 
 @dg.asset(
@@ -107,10 +89,10 @@ def production_deployment(
     not load or predicts nonsense on the real data); then Serve rolls over, old replicas
     serving until the new ones are healthy.
     """
-    from serving.deploy import deploy, probe
+    from serving.deploy import api_key_status, deploy, probe
 
     settings = mlflow_tracking.settings()
-    registry = open_registry(storage, mlflow_tracking, actor="production_deployment")
+    registry = open_registry(storage, mlflow_tracking, actor=run_actor(context))
     production = registry.authorise(PRODUCTION_ALIAS)
     if production.version is None:
         raise dg.Failure(f"no version of {settings.model_name} is marked Production: run the promote_model job")
@@ -147,6 +129,7 @@ def production_deployment(
             "probe_latency_ms": checked.latency_ms,
             "run_id": checked.model.run_id,
             "feature_version": checked.model.feature_version,
+            "api_keys": api_key_status(),
             "audit_trail": audit_markdown(registry),
         },
         check_results=[

@@ -6,6 +6,7 @@ import dagster as dg
 from pydantic import Field
 
 from bridge_assets.core.training import PRESETS, preset
+from bridge_assets.defs.audit import run_actor
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, TrainingLauncher
 
@@ -48,5 +49,6 @@ def candidate_model(
     and reports MLflow links, metrics against the linear baselines and the loss curve back.
     """
     extras = {"configs": config.configs(), "split": config.split, "feature_version": config.feature_version}
-    env = {**storage.settings().to_env(), **mlflow_tracking.settings().to_env()}
+    # the registration in the training process is recorded as this run (and what launched it)
+    env = {**storage.settings().to_env(), **mlflow_tracking.settings().to_env(), "BRIDGE_ACTOR": run_actor(context)}
     return training.run(context, extras=extras, env=env).get_materialize_result()

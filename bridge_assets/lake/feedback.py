@@ -49,6 +49,22 @@ def withhold_feedback(store: ObjectStore, traffic_id: str, request_ids: list[str
     return key
 
 
+def keep_answered_feedback(store: ObjectStore, traffic_id: str, answered: set[str]) -> int:
+    """After a traffic run: withheld prices of requests the service refused are dropped (no
+    label may exist for a prediction that never happened); the object goes when none was
+    answered. Atomic replace. Returns how many labels remain."""
+    key = withheld_key(traffic_id)
+    held = store.scan_parquet([key]).collect()
+    kept = held.filter(pl.col("request_id").is_in(list(answered)))
+    if kept.height == held.height:
+        return kept.height
+    if kept.is_empty():
+        store.delete(key)
+    else:
+        store.put_bytes(key, _parquet(kept))
+    return kept.height
+
+
 def release_feedback(store: ObjectStore, traffic_id: str, fraction: float = 1.0, seed: int = 0) -> tuple[str, int]:
     """Release withheld prices (all, or a random `fraction`) as a new labels object; returns
     its key and row count. Releasing again appends another object; readers count each label once."""

@@ -55,10 +55,20 @@ def load_environment() -> dict[str, str]:
     path = env_file()
     loaded = {k: v for k, v in dotenv_values(path).items() if v is not None} if path and path.is_file() else {}
     os.environ.update(loaded)
-    dagster_home = Path(os.environ.setdefault("DAGSTER_HOME", str(bridge_home() / "dagster")))
-    dagster_home.mkdir(parents=True, exist_ok=True)
-    (dagster_home / "dagster.yaml").touch(exist_ok=True)
+    ensure_dagster_instance(Path(os.environ.setdefault("DAGSTER_HOME", str(bridge_home() / "dagster"))))
     return loaded
+
+
+EMBEDDED_INSTANCE = "# bridge's embedded Dagster instance (SQLite under this folder)\ntelemetry:\n  enabled: false\n"
+
+
+def ensure_dagster_instance(dagster_home: Path) -> None:
+    """The embedded instance's `dagster.yaml`: Dagster's defaults, telemetry off (as in the
+    stack and the tests). A file someone wrote is left alone; an empty one is filled in."""
+    dagster_home.mkdir(parents=True, exist_ok=True)
+    config = dagster_home / "dagster.yaml"
+    if not config.is_file() or not config.read_text().strip():
+        config.write_text(EMBEDDED_INSTANCE)
 
 
 @dataclass(frozen=True)

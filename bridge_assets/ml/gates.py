@@ -50,7 +50,7 @@ from bridge_assets.core.features import Preprocessor
 from bridge_assets.core.metrics import BASELINES, LinearModel, regression_metrics
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.feature_store import FeatureStore
-from bridge_assets.ml.registry import PRODUCTION_ALIAS, PromotionRefused, Registry
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, PromotionRefused, Registry
 from bridge_assets.ml.round import split_rows
 from bridge_assets.ml.tracking import MODEL_SIGNATURE
 
@@ -500,6 +500,8 @@ def approve(registry: Registry, version: str, approver: str, reason: str, settin
         raise PromotionRefused(f"{approver!r} is not an approver (BRIDGE_APPROVERS: {', '.join(settings.approvers) or 'none'})")
     if not reason.strip():
         raise PromotionRefused("an approval needs a reason")
+    if registry.version_for(STAGING_ALIAS) == str(version):
+        raise PromotionRefused(f"v{version} is already in Staging: nothing to approve")
     gates = registry.gate_record(version)
     if gates is None or gates.action != "gates_passed":
         raise PromotionRefused(f"v{version} has no passing gate record to approve ({gates.reason if gates else 'never evaluated'})")

@@ -307,8 +307,10 @@ class Registry:
         else:
             found = f"latest verdict: {verdict.evidence.get('verdict')}" if verdict else "no A/B verdict recorded"
             raise PromotionRefused(
-                f"v{version} needs an A/B verdict 'promote' against Production v{production} ({found}); "
-                "run the A/B report or promote with an override reason"
+                f"v{version} needs an A/B verdict 'promote' against Production v{production} ({found}). A verdict comes "
+                "from the `ab_report` asset once labels of the experiment's traffic are released (`bridge release-feedback "
+                "<traffic id>`, then materialize ab_report in the UI or `bridge dagster asset materialize --select "
+                "ab_report -m bridge_assets.definitions`); or promote with an override reason (recorded)"
             )
         gates = self.gate_record(version)
         evidence["gate_record"] = gates.key if gates else None

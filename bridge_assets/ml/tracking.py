@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.entities import Metric
@@ -35,11 +36,13 @@ from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.settings import DEFAULT_PREFIX, PROJECT_ROOT, StorageSettings, bridge_home
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import Registry
-from bridge_assets.ml.round import Candidate, RoundResult
+
+if TYPE_CHECKING:  # the round brings torch: not for the CLI's registry commands
+    from bridge_assets.ml.round import Candidate, RoundResult
 
 DEFAULT_EXPERIMENT = "bridge-housing"
 DEFAULT_MODEL_NAME = "housing-price"
-LOCAL_UI_URL = "http://127.0.0.1:5000"  # `make mlflow` over the embedded store
+DEFAULT_UI_PORT = 5000  # `make mlflow` over the embedded store (BRIDGE_MLFLOW_PORT)
 _MODEL_REQUIREMENTS = ("torch", "polars", "numpy", "pandas", "pyarrow", "mlflow")
 # `area` is "any": MLflow refuses int64 for a double column, and clients send both 1200 and
 # 1200.5; the pyfunc's contract check then rejects anything that is not a positive number.
@@ -64,6 +67,7 @@ class MlflowSettings:
     model_name: str = DEFAULT_MODEL_NAME
     s3_endpoint_url: str | None = None
     browser_url: str | None = None  # BRIDGE_MLFLOW_UI_URL: where people open this store's UI
+    local_ui_port: int = DEFAULT_UI_PORT  # BRIDGE_MLFLOW_PORT: `make mlflow`'s port
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MlflowSettings:
@@ -84,6 +88,7 @@ class MlflowSettings:
             model_name=env.get("BRIDGE_MODEL_NAME", DEFAULT_MODEL_NAME),
             s3_endpoint_url=env.get("MLFLOW_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or None,
             browser_url=env.get("BRIDGE_MLFLOW_UI_URL") or None,
+            local_ui_port=_port(env, "BRIDGE_MLFLOW_PORT", DEFAULT_UI_PORT),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -92,6 +97,7 @@ class MlflowSettings:
             "MLFLOW_TRACKING_URI": self.tracking_uri,
             "BRIDGE_MLFLOW_EXPERIMENT": self.experiment,
             "BRIDGE_MODEL_NAME": self.model_name,
+            "BRIDGE_MLFLOW_PORT": str(self.local_ui_port),
         }
         optional = {
             "BRIDGE_MLFLOW_ARTIFACTS": self.artifact_location,
@@ -117,12 +123,12 @@ class MlflowSettings:
     @property
     def ui_url(self) -> str:
         """Where a browser sees this store: `BRIDGE_MLFLOW_UI_URL`, else the server itself, else
-        `make mlflow`'s UI over a local store."""
+        `make mlflow`'s UI over a local store (on `BRIDGE_MLFLOW_PORT`)."""
         if self.browser_url:
             return self.browser_url.rstrip("/")
         if self.tracking_uri.startswith(("http://", "https://")):
             return self.tracking_uri.rstrip("/")
-        return LOCAL_UI_URL
+        return f"http://127.0.0.1:{self.local_ui_port}"
 
     def _ui(self, path: str) -> str:
         return f"{self.ui_url}/#/{path}"
@@ -132,6 +138,16 @@ class MlflowSettings:
 
     def model_version_url(self, version: str) -> str:
         return self._ui(f"models/{self.model_name}/versions/{version}")
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    try:
+        port = int(env.get(name) or default)
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r}: a port is a number from 1 to 65535") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"{name}={port}: a port is a number from 1 to 65535")
+    return port
 
 
 def git_lineage(root: Path = PROJECT_ROOT) -> dict[str, str]:

@@ -3,7 +3,8 @@
 Houses come from the simulator (with its drift knobs); each is sent once to `/predict` by one
 of `clients` simulated clients (`X-Client-ID`, so the router's assignment is sticky per
 client) with `X-Request-ID` = its `row_id`. The true prices are withheld in the lake *before*
-anything is sent, to be released later as delayed ground truth (`bridge release-feedback`).
+anything is sent, to be released later as delayed ground truth (`bridge release-feedback`);
+when the run is over, the prices of requests the service did not answer are dropped again.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import polars as pl
 
 from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
 from bridge_assets.core.simulator import Drift, HousingSimulator
-from bridge_assets.lake.feedback import withhold_feedback
+from bridge_assets.lake.feedback import keep_answered_feedback, withhold_feedback
 from bridge_assets.lake.storage import ObjectStore
 
 
@@ -39,6 +40,7 @@ class TrafficResult:
     statuses: Counter = field(default_factory=Counter)
     variants: Counter = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)  # transport errors, first few
+    labels_withheld: int = 0  # true prices kept for answered requests (to release later)
 
     @property
     def ok(self) -> int:
@@ -72,9 +74,11 @@ def send_traffic(
     traffic_id: str | None = None,
     concurrency: int = 8,
     on_reply: Callable[[int], None] | None = None,
+    api_key: str | None = None,
 ) -> TrafficResult:
     """Send `rate` houses a second for `duration` seconds (open loop: each request has its
-    due time) from `clients` clients; their prices are withheld under the traffic id."""
+    due time) from `clients` clients, with `api_key` if given; the prices of the answered
+    requests stay withheld under the traffic id."""
     if rate <= 0 or duration <= 0 or clients < 1:
         raise ValueError("rate and duration must be > 0 and clients ≥ 1")
     traffic_id = traffic_id or f"traffic-{datetime.now(UTC):%Y%m%dT%H%M%S}-s{seed}"
@@ -84,13 +88,14 @@ def send_traffic(
     senders = client_ids(count, clients, seed)
     bodies = houses.select(FEATURES).with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String)).to_dicts()
     lock = threading.Lock()
+    answered: set[str] = set()
     started = time.monotonic()
 
     def send(index: int) -> None:
         delay = started + index / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        headers = {"X-Client-ID": senders[index], "X-Request-ID": houses[ROW_ID][index]}
+        headers = {"X-Client-ID": senders[index], "X-Request-ID": houses[ROW_ID][index]} | ({"X-API-Key": api_key} if api_key else {})
         try:
             status, reply = _post(f"{url.rstrip('/')}/predict", bodies[index], headers)
         except OSError as error:
@@ -101,6 +106,8 @@ def send_traffic(
         with lock:
             result.sent += 1
             result.statuses[status] += 1
+            if status == 200:
+                answered.add(headers["X-Request-ID"])
             if reply and isinstance(reply.get("response"), dict):
                 result.variants[reply["response"].get("variant", "unknown")] += 1
         if on_reply:
@@ -108,4 +115,5 @@ def send_traffic(
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         list(pool.map(send, range(count)))
+    result.labels_withheld = keep_answered_feedback(store, traffic_id, answered)
     return result

@@ -60,9 +60,18 @@ def _safe(text: str | None) -> str:
     return _SAFE.sub("_", text or "none")[:64]
 
 
+INVALID_INPUT = "invalid input: "  # the service's 422 message: `invalid input: area, bedrooms` (or `row 3: area (...)`)
+
+
 def rejection_reason(status: int, error: str | None) -> str:
-    """A short, low-cardinality reason: the status and the message's first clause."""
-    head = re.split(r"[:;(\n]", error or "", maxsplit=1)[0].strip()[:60]
+    """A short, low-cardinality reason: the status and the fields at fault (`422 area`), else
+    the message's first clause."""
+    text = error or ""
+    if text.startswith(INVALID_INPUT):
+        body = text.removeprefix(INVALID_INPUT)
+        fields = re.findall(r"row \d+: ([^\s;(]+)", body) if body.startswith("row ") else body.split(", ")
+        return f"{status} {', '.join(sorted(set(fields)))}"[:64]
+    head = re.split(r"[:;(\n]", text, maxsplit=1)[0].strip()[:60]
     return f"{status} {head}".strip()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import urllib.request
 from dataclasses import dataclass
 
@@ -21,9 +22,11 @@ import polars as pl
 from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
 from bridge_assets.lake.landing import LandedBatch, land_batch, landed_batches, read_batch
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.monitoring.profiles import window_bounds
 from bridge_assets.monitoring.settings import RetrainPolicy
 
 FEEDBACK_BATCH_PREFIX = "feedback-"
+_FEEDBACK_BATCH = re.compile(rf"^{FEEDBACK_BATCH_PREFIX}(\d{{8}}T\d{{6}}Z-\d+s)(?:-\d+)?$")
 log = logging.getLogger("bridge.monitoring")
 
 
@@ -37,17 +40,35 @@ def feedback_rows(joined: pl.DataFrame) -> pl.DataFrame:
     ).unique(ROW_ID, keep="first", maintain_order=True)
 
 
+def _feedback_window(batch_id: str) -> str | None:
+    """The monitoring window a feedback batch came from (`feedback-<window>[-n]`), if it is one."""
+    match = _FEEDBACK_BATCH.match(batch_id)
+    return match.group(1) if match else None
+
+
+def _overlaps(window: str, other: str) -> bool:
+    start, end = window_bounds(window)
+    other_start, other_end = window_bounds(other)
+    return start < other_end and other_start < end
+
+
 def land_feedback_batch(store: ObjectStore, window: str, joined: pl.DataFrame) -> tuple[LandedBatch | None, int]:
-    """Land the window's labelled rows not landed before as a new raw batch; (None, 0) if none."""
+    """Land the window's labelled rows not landed before as a new raw batch; (None, 0) if none.
+
+    "Before" is any feedback batch of a window overlapping this one in time, whatever its
+    length: after a change of `BRIDGE_MONITOR_WINDOW_SECONDS` (the demo's 2-minute windows, then
+    `make dev`'s hour) the same requests fall into new windows and must not land again."""
     rows = feedback_rows(joined)
     base = f"{FEEDBACK_BATCH_PREFIX}{window}"
-    earlier = [b for b in landed_batches(store) if b.batch_id == base or b.batch_id.startswith(f"{base}-")]
-    if earlier:
-        seen = pl.concat([read_batch(store, b).select(pl.col(ROW_ID).cast(pl.String)) for b in earlier])
+    batches = [(b, _feedback_window(b.batch_id)) for b in landed_batches(store)]
+    overlapping = [b for b, other in batches if other is not None and _overlaps(window, other)]
+    if overlapping:
+        seen = pl.concat([read_batch(store, b).select(pl.col(ROW_ID).cast(pl.String)) for b in overlapping])
         rows = rows.join(seen, on=ROW_ID, how="anti")
     if rows.is_empty():
         return None, 0
-    batch_id = base if not earlier else f"{base}-{len(earlier) + 1}"
+    same_window = sum(1 for _, other in batches if other == window)
+    batch_id = base if not same_window else f"{base}-{same_window + 1}"
     batch, count = land_batch(store, batch_id, [rows])
     return batch, count
 
