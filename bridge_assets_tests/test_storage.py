@@ -4,6 +4,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -103,51 +105,72 @@ def test_of_two_concurrent_landers_of_one_batch_exactly_one_wins(store: ObjectSt
     assert labels["price"].to_list() == winner["price"].to_list()  # the winner's prices, not the loser's
 
 
-PUBLISH_SLOWLY = """
+HELD_AT_PUBLISH = """
 import sys, time
 from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.lake.storage import S3Store
 store = StorageSettings.from_env().open()
+if isinstance(store, S3Store):  # every part of the multipart upload waits: the upload stays in flight
+    store.client.meta.events.register("before-call.s3.UploadPart", lambda **_: time.sleep(600))
 publish = store._publish
 def announced(key, path):
-    print("publishing", flush=True)
+    print(path, flush=True)
+    if not isinstance(store, S3Store):
+        time.sleep(600)  # on disk publishing is one rename: held just before it
     publish(key, path)
-    print("published", flush=True)
 store._publish = announced
 store.put_bytes(sys.argv[1], b"new" * 10_000_000)
-time.sleep(120)
 """
 
 
-def test_a_writer_killed_during_the_upload_leaves_old_or_new_never_part(store: ObjectStore, lake_env):
+def _multipart_uploads(store: ObjectStore) -> list[dict]:
+    return store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+
+
+def test_a_writer_killed_while_publishing_leaves_the_old_object_and_a_sweep_removes_its_remains(store: ObjectStore, lake_env):
+    """Killed at the last step (a 30 MB multipart upload in flight on S3; before the rename on
+    disk): readers see the old object; its staging file and, on S3, the incomplete multipart
+    upload are left — and the sweep removes both, touching nothing else."""
+    from bridge_assets.lake.storage import S3Store
+
+    on_s3 = isinstance(store, S3Store)
     store.put_text("zone/big.bin", "old")
     writer = subprocess.Popen(
-        [sys.executable, "-c", PUBLISH_SLOWLY, "zone/big.bin"], stdout=subprocess.PIPE, text=True, env={**os.environ, **lake_env}
+        [sys.executable, "-c", HELD_AT_PUBLISH, "zone/big.bin"], stdout=subprocess.PIPE, text=True, env={**os.environ, **lake_env}
     )
     try:
-        assert writer.stdout.readline().strip() == "publishing"
+        staging = Path(writer.stdout.readline().strip())
+        deadline = time.monotonic() + 60
+        while on_s3 and not _multipart_uploads(store) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        uploads = _multipart_uploads(store) if on_s3 else []
+        assert staging.is_file() and staging.stat().st_size == 30_000_000  # the whole object, not yet published
     finally:
-        writer.send_signal(signal.SIGKILL)  # during the 30 MB upload (on S3) or the rename (on disk)
+        writer.send_signal(signal.SIGKILL)
         writer.wait()
-    assert store.get_bytes("zone/big.bin") in (b"old", b"new" * 10_000_000)
-    assert store.list("zone/") == ["zone/big.bin"]
+    if on_s3:
+        assert [u["Key"] for u in uploads] == [f"{store.prefix}/zone/big.bin"]  # the upload was under way at the kill
+    assert store.get_text("zone/big.bin") == "old" and store.list("zone/") == ["zone/big.bin"]
+    assert staging.is_file()  # what the dead writer left
+
+    time.sleep(1.1)
+    removed = store.sweep_temporaries(older_than_seconds=1)
+    assert str(staging) in removed and not staging.exists()
+    if on_s3:
+        assert any(f"multipart upload {uploads[0]['UploadId']}" in r for r in removed) and _multipart_uploads(store) == []
+    assert store.get_text("zone/big.bin") == "old" and store.list("zone/") == ["zone/big.bin"]
+    assert store.sweep_temporaries(older_than_seconds=0) == []
 
 
-def test_a_sweep_removes_what_killed_writers_left_and_nothing_else(store: ObjectStore, lake_env):
-    from bridge_assets.lake.storage import LocalStore
-
+def test_a_sweep_spares_young_temporaries_of_writers_still_at_work(store: ObjectStore, lake_env):
     store.put_text("zone/object.bin", "old")
     writer = subprocess.Popen(
         [sys.executable, "-c", WRITE_HALF_THEN_HANG, "zone/object.bin"], stdout=subprocess.PIPE, text=True, env={**os.environ, **lake_env}
     )
     try:
         assert writer.stdout.readline().strip() == "half written"
+        assert store.sweep_temporaries() == []  # an hour is the default age: a live writer is never swept
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait()
-    removed = store.sweep_temporaries(older_than_seconds=0)
-    if isinstance(store, LocalStore):
-        assert len(removed) == 1 and "/zone/.tmp-" in removed[0]  # the dead writer's temporary, in place
-    else:
-        assert removed == []  # S3 never holds an unfinished upload as an object
     assert store.list("zone/") == ["zone/object.bin"] and store.get_text("zone/object.bin") == "old"
-    assert store.sweep_temporaries(older_than_seconds=0) == []

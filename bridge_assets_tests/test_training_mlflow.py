@@ -5,12 +5,15 @@ whose artifacts live on moto's S3 server; registered candidates load through `mo
 predict like the in-process model, and are reproduced from the tags read back.
 """
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -30,6 +33,7 @@ from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.ml.container import CONTAINER_CREDENTIALS
 from bridge_assets.ml.round import run_round
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry
 from bridge_assets.ml.tracking import MlflowSettings
@@ -205,34 +209,81 @@ def test_a_round_logs_to_an_mlflow_server_with_s3_artifacts(
     assert pyfunc.predict(pd.DataFrame([ODD_CASE_REQUEST]))[0] > 0
 
 
-def test_docker_launcher_runs_the_training_module_in_the_configured_image(store: ObjectStore, monkeypatch):
-    """No Docker engine here: the container start is intercepted at dagster-docker's client,
-    after bridge has chosen the client, image, command, environment and extras."""
-    import inspect
-    from types import SimpleNamespace
+class DockerEngineAPI(ThreadingHTTPServer):
+    """The Docker Engine's HTTP API as far as a container's creation: it records each create
+    request (and what the files it mounts hold at that moment), then refuses it, as an engine
+    that cannot start containers would. No container runs in the suite; this checks what bridge
+    asks Docker for, through the real docker-py and dagster-docker clients."""
 
-    from dagster_docker import PipesDockerClient
+    def __init__(self) -> None:
+        self.created: list[dict] = []
+        self.mounted_files: dict[str, str] = {}
+        engine = self
 
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *_: object) -> None:
+                return
+
+            def _reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # version negotiation
+                self._reply(200, {"ApiVersion": "1.44", "Version": "fake", "MinAPIVersion": "1.24"})
+
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+                if self.path.split("?")[0].endswith("/containers/create"):
+                    engine.created.append(body)
+                    for bind in body.get("HostConfig", {}).get("Binds", []):
+                        source = bind.split(":")[0]
+                        if Path(source).is_file():
+                            engine.mounted_files[source] = Path(source).read_text()
+                self._reply(500, {"message": "this test's engine does not run containers"})
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_docker_launcher_asks_docker_for_the_image_command_mounts_and_no_secrets(store: ObjectStore, lake_env, monkeypatch):
+    """What `BRIDGE_TRAINING_LAUNCHER=docker` sends to the Docker Engine: the configured image
+    and the training module, the lake and MLflow locations, local state mounted in place, and
+    AWS keys only inside a read-only credentials file that is gone when the round ends."""
     prepare_features(store)
+    engine = DockerEngineAPI()
+    monkeypatch.setenv("DOCKER_HOST", f"tcp://127.0.0.1:{engine.server_address[1]}")
     monkeypatch.setenv("BRIDGE_TRAINING_LAUNCHER", "docker")
     monkeypatch.setenv("BRIDGE_TRAINING_IMAGE", "registry.example/bridge:1.2")
-    calls: list[dict] = []
-
-    real_signature = inspect.signature(PipesDockerClient.run)
-
-    def start_container(self, **kwargs):
-        real_signature.bind(self, **kwargs)  # the call bridge makes fits the real client's signature
-        calls.append(kwargs)
-        return SimpleNamespace(get_materialize_result=lambda: dg.MaterializeResult(metadata={"launched": True}))
-
-    monkeypatch.setattr(PipesDockerClient, "run", start_container)
-    _, metadata = train_through_dagster({"ops": {"candidate_model": {"config": {"presets": ["reference"], "split": "reference"}}}})
-    (call,) = calls
-    assert metadata == {"launched": True}
-    assert call["image"] == "registry.example/bridge:1.2"
-    assert call["command"] == ["python", "-m", "bridge_assets.ml.pipes_train"]
-    assert call["extras"]["split"] == "reference" and [c["name"] for c in call["extras"]["configs"]] == ["reference"]
-    assert {"BRIDGE_LAKE_ROOT", "MLFLOW_TRACKING_URI", "BRIDGE_MODEL_NAME"} <= set(call["env"])
+    job = build_defs().resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey("candidate_model")], raise_on_error=False,
+            run_config={"ops": {"candidate_model": {"config": {"presets": ["reference"], "split": "reference"}}}},
+        )  # fmt: skip
+    engine.shutdown()
+    assert not result.success and "does not run containers" in str(result.all_events)
+    (created,) = engine.created
+    assert created["Image"] == "registry.example/bridge:1.2"
+    assert created["Cmd"] == ["python", "-m", "bridge_assets.ml.pipes_train"]
+    environment = dict(item.split("=", 1) for item in created["Env"])
+    assert {"BRIDGE_LAKE_ROOT", "MLFLOW_TRACKING_URI", "BRIDGE_MODEL_NAME", "DAGSTER_PIPES_CONTEXT"} <= set(environment)
+    binds = {bind.split(":")[1]: bind for bind in created["HostConfig"]["Binds"]}
+    tracking = environment["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")
+    assert str(Path(tracking).parent) in binds  # the embedded MLflow store, at the same path inside
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
     if "BRIDGE_S3_BUCKET" in os.environ:
-        assert call["env"]["BRIDGE_S3_BUCKET"] == os.environ["BRIDGE_S3_BUCKET"]
-        assert call["env"]["AWS_SECRET_ACCESS_KEY"] == os.environ["AWS_SECRET_ACCESS_KEY"]
+        assert environment["BRIDGE_S3_BUCKET"] == os.environ["BRIDGE_S3_BUCKET"]
+        assert secret and secret not in json.dumps(created) and "AWS_ACCESS_KEY_ID" not in environment
+        assert environment["AWS_SHARED_CREDENTIALS_FILE"] == CONTAINER_CREDENTIALS
+        source, _, mode = binds[CONTAINER_CREDENTIALS].split(":")
+        assert mode == "ro" and f"aws_secret_access_key = {secret}" in engine.mounted_files[source]
+        assert not Path(source).exists()  # removed when the round ended
+    else:
+        assert str(Path(environment["BRIDGE_LAKE_ROOT"]).resolve()) in binds  # the local lake, in place
+        assert CONTAINER_CREDENTIALS not in binds
+
+

@@ -16,6 +16,7 @@ from dagster_docker import PipesDockerClient
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
 from serving.deploy import ServingSettings
+from bridge_assets.ml.container import container_spec
 from bridge_assets.ml.gates import PromotionSettings
 from bridge_assets.ml.tracking import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PROJECT_ROOT, MlflowSettings
 
@@ -118,7 +119,8 @@ TRAINING_COMMAND = ("python", "-m", "bridge_assets.ml.pipes_train")
 
 class TrainingLauncher(dg.ConfigurableResource):
     """Runs training out of process through Dagster Pipes: a local subprocess, or a Docker
-    container of `image` (which must have bridge installed and reach the lake and MLflow)."""
+    container of `image` (which must have bridge installed and reach the lake and MLflow; AWS
+    keys reach it as a mounted credentials file, see `bridge_assets.ml.container`)."""
 
     kind: Literal["subprocess", "docker"] = "subprocess"
     image: str = "bridge:latest"
@@ -136,8 +138,10 @@ class TrainingLauncher(dg.ConfigurableResource):
         self, context: dg.AssetExecutionContext, extras: Mapping[str, Any], env: Mapping[str, str]
     ) -> dg.PipesClientCompletedInvocation:
         client = self.client()
-        if isinstance(client, PipesDockerClient):
-            return client.run(context=context, image=self.image, command=self.command(), extras=extras, env=dict(env))
+        if isinstance(client, PipesDockerClient):  # no secrets in what `docker inspect` shows
+            with container_spec(env) as spec:
+                return client.run(context=context, image=self.image, command=self.command(), extras=extras,
+                                  env=spec.environment, container_kwargs={"volumes": spec.volumes})  # fmt: skip
         return client.run(context=context, command=self.command(), extras=extras, env=dict(env))
 
 

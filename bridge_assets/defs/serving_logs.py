@@ -24,13 +24,18 @@ class LogCompactionConfig(dg.Config):
 
 @dg.asset(group_name="serving", kinds={"parquet"}, owners=["team:ml-engineering"], automation_condition=dg.AutomationCondition.on_cron("20 * * * *"))
 def interaction_logs(context: dg.AssetExecutionContext, config: LogCompactionConfig, storage: LakeStorage) -> dg.MaterializeResult:
-    """The interaction logs, compacted per closed hour and kept for the retention period."""
+    """The interaction logs, compacted per closed hour and kept for the retention period; the
+    lake's housekeeping too: what killed writers left (staging files, incomplete multipart
+    uploads older than an hour) is swept."""
     from serving.interactions import compact_closed_hours, expire_interactions
 
     store = storage.open()
     now = datetime.now(UTC)
     compacted = compact_closed_hours(store, now)
     expired = expire_interactions(store, now, timedelta(days=config.retention_days)) if config.retention_days > 0 else 0
+    swept = store.sweep_temporaries()
+    for remains in swept:
+        context.log.info(f"swept what a killed writer left: {remains}")
     for done in compacted:
         context.log.info(f"{done.partition}: {done.files} files → 1 ({done.records} records)")
     return dg.MaterializeResult(
@@ -39,5 +44,6 @@ def interaction_logs(context: dg.AssetExecutionContext, config: LogCompactionCon
             "files_merged": sum(c.files for c in compacted),
             "records_compacted": sum(c.records for c in compacted),
             "files_expired": expired,
+            "temporaries_swept": len(swept),
         }
     )

@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +25,21 @@ from typing import IO, Any
 import polars as pl
 
 _TEMP_MARK = ".tmp-"
+
+
+def _remove_stale(paths: Iterable[Path], older_than_seconds: float) -> list[str]:
+    """Remove the files among `paths` untouched for `older_than_seconds` (their writers are gone:
+    a live writer keeps writing, and publishing takes seconds); the paths removed."""
+    cutoff = time.time() - older_than_seconds
+    removed = []
+    for path in paths:
+        try:
+            if path.is_file() and path.stat().st_mtime <= cutoff:
+                path.unlink(missing_ok=True)
+                removed.append(str(path))
+        except FileNotFoundError:  # its writer published or cleaned up meanwhile
+            continue
+    return removed
 
 
 class ObjectStore(ABC):
@@ -99,13 +114,10 @@ class ObjectStore(ABC):
         with self.writer(key, exclusive=exclusive) as handle:
             handle.write(data)
 
+    @abstractmethod
     def sweep_temporaries(self, older_than_seconds: float = 3600.0) -> list[str]:
-        """Remove temporaries that writers killed mid-write left behind; the paths removed.
-
-        Only the local store has them (on S3 an unfinished upload is never an object); age
-        protects writers still at work.
-        """
-        return []
+        """Remove what writers killed mid-write left behind (never an object readers see); what
+        was removed. Age protects writers still at work."""
 
     def put_text(self, key: str, text: str) -> None:
         self.put_bytes(key, text.encode())
@@ -160,13 +172,7 @@ class LocalStore(ObjectStore):
             raise FileExistsError(f"{self._path(key)} already exists") from None
 
     def sweep_temporaries(self, older_than_seconds: float = 3600.0) -> list[str]:
-        cutoff = time.time() - older_than_seconds
-        removed = []
-        for path in self.root.rglob(f"{_TEMP_MARK}*") if self.root.is_dir() else []:
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                path.unlink(missing_ok=True)
-                removed.append(str(path))
-        return removed
+        return _remove_stale(self.root.rglob(f"{_TEMP_MARK}*") if self.root.is_dir() else [], older_than_seconds)
 
     def get_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -242,6 +248,20 @@ class S3Store(ObjectStore):
             if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 raise FileExistsError(f"{self.uri(key)} already exists") from error
             raise
+
+    def sweep_temporaries(self, older_than_seconds: float = 3600.0) -> list[str]:
+        """This host's staging files of killed writers, and incomplete multipart uploads under
+        the prefix: a killed `upload_file` of a large object leaves its parts stored (and billed)
+        until the upload is aborted. Aborted here, on any S3; on AWS a lifecycle rule
+        (`AbortIncompleteMultipartUpload`) does the same for uploads nobody sweeps."""
+        removed = _remove_stale(Path(tempfile.gettempdir()).glob(f"{_TEMP_MARK}*"), older_than_seconds)
+        cutoff = time.time() - older_than_seconds
+        for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._key("")):
+            for upload in page.get("Uploads", []):
+                if upload["Initiated"].timestamp() <= cutoff:
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    removed.append(f"s3://{self.bucket}/{upload['Key']} (multipart upload {upload['UploadId']})")
+        return removed
 
     def get_bytes(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
