@@ -69,20 +69,25 @@ test-deps:
 	@test -x /usr/bin/chromium || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 
+# The stack's file-backed S3 server (s3rver from npm, pinned by deploy/s3/package-lock.json).
+S3_SERVER_DEPS := deploy/s3/node_modules/.package-lock.json
+$(S3_SERVER_DEPS): deploy/s3/package.json deploy/s3/package-lock.json
+	cd deploy/s3 && npm ci --no-audit --no-fund --loglevel=error
+
 # `make stack` runs the loop at the demo's cadences (so `make demo` closes it on the stack in
 # minutes); `make stack STACK_OPTIONS=` keeps every cadence at its default.
 STACK_OPTIONS ?= --demo-cadences
-stack: install system-deps
+stack: install system-deps $(S3_SERVER_DEPS)
 	$(BIN)/python -m deploy.stack start $(STACK_OPTIONS)
 
 stack-stop: install
 	$(BIN)/python -m deploy.stack stop
 
-test: install system-deps test-deps
+test: install system-deps test-deps $(S3_SERVER_DEPS)
 	$(BIN)/python -m pytest -q
 
 # The production-shaped stack end to end (Postgres, MLflow server, two Ray nodes, Dagster daemon).
-test-stack: install system-deps
+test-stack: install system-deps $(S3_SERVER_DEPS)
 	$(BIN)/python -m pytest -q -m stack bridge_assets_tests/test_stack.py
 
 bench: install

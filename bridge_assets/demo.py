@@ -82,7 +82,7 @@ LOOP_CADENCES = {
 }
 TRAFFIC_RATE, TRAFFIC_SECONDS = 40, 30  # the loop's 1,200 houses: enough labelled rows to learn the rise
 WAIT_SECONDS = 420  # for any one step of the daemon's part
-DAEMON_HEARTBEAT_SECONDS = 60  # a daemon heard from this recently runs this instance's sensors
+DAEMON_HEARTBEAT_SECONDS = 30  # Dagster's daemons write a heartbeat this often (DEFAULT_HEARTBEAT_INTERVAL_SECONDS)
 # Set by main: a daemon already runs this instance at the loop's cadences (the stack's, started
 # with them): the demo leaves the sensors' and automation's steps to it instead of running them
 # a second time beside it.
@@ -135,10 +135,25 @@ def _registry(store: ObjectStore) -> Registry:
     return Registry(settings.activate(), settings.model_name, store, actor="make demo")
 
 
-def _live_daemon() -> bool:
-    """Whether a daemon already runs this instance's sensors and automation."""
-    beat = dg.DagsterInstance.get().get_daemon_heartbeats().get("SENSOR")
-    return beat is not None and time.time() - beat.timestamp < DAEMON_HEARTBEAT_SECONDS
+def _live_daemon(margin: float = 10.0) -> bool:
+    """Whether a daemon runs this instance's sensors now: its heartbeat must *advance*. A recent
+    heartbeat alone also comes from a daemon stopped a moment ago, so when one is recent this
+    waits for the next (at most one interval and a margin)."""
+    instance = dg.DagsterInstance.get()
+
+    def heartbeat() -> float | None:
+        beat = instance.get_daemon_heartbeats().get("SENSOR")
+        return beat.timestamp if beat is not None else None
+
+    first = heartbeat()
+    if first is None or time.time() - first > DAEMON_HEARTBEAT_SECONDS + margin:
+        return False
+    deadline = first + DAEMON_HEARTBEAT_SECONDS + margin
+    while time.time() < deadline:
+        if (heartbeat() or 0) > first:
+            return True
+        time.sleep(1)
+    return False
 
 
 def _gate(store: ObjectStore, version: str) -> bool:

@@ -20,6 +20,7 @@ from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import promote_to_production
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port, two_registered_versions
 from bridge_assets_tests.dagster_dev import DagsterDev, FirstRound, keep_artifact, run_first_round
+from bridge_assets_tests.webhook import AlertSink, alert_sink
 from serving.cluster import pick_free_ports
 from serving.deploy import stop_serving
 from bridge_assets.lake.storage import ObjectStore
@@ -203,3 +204,11 @@ def first_round(dagster_dev: DagsterDev) -> FirstRound:
     """Data landed as a user lands it, raw partitions and features made by the real sensors,
     then a training round launched through GraphQL: what the e2e and browser tests inspect."""
     return run_first_round(dagster_dev)
+
+
+@pytest.fixture
+def alerts(monkeypatch: pytest.MonkeyPatch) -> Iterator[AlertSink]:
+    """A real HTTP receiver named by BRIDGE_ALERT_WEBHOOK for this test (set before build_defs())."""
+    with alert_sink() as sink:
+        monkeypatch.setenv("BRIDGE_ALERT_WEBHOOK", sink.url)
+        yield sink

@@ -195,3 +195,28 @@ def test_the_ui_ports_are_settings_and_run_links_follow_the_mlflow_port():
     settings = MlflowSettings.from_env({"BRIDGE_HOME": "/nonexistent", "BRIDGE_MLFLOW_PORT": "5123"})
     assert settings.run_url("1", "abc") == "http://127.0.0.1:5123/#/experiments/1/runs/abc"
     assert MlflowSettings.from_env(settings.to_env()).ui_url == "http://127.0.0.1:5123"  # what the training process gets
+
+
+def test_the_demo_takes_a_daemon_for_running_only_when_its_heartbeat_advances(monkeypatch):
+    """A heartbeat written a moment ago also comes from a daemon just stopped: only one that
+    moves on within an interval counts (the demo then waits on it instead of starting its own)."""
+    import threading
+
+    from dagster._daemon.types import DaemonHeartbeat
+
+    from bridge_assets import demo
+
+    monkeypatch.setattr(demo, "DAEMON_HEARTBEAT_SECONDS", 1)
+    with dg.instance_for_test() as instance:
+        monkeypatch.setattr(dg.DagsterInstance, "get", staticmethod(lambda: instance))
+
+        def beat() -> None:
+            instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), "SENSOR", "demo-test", []))
+
+        assert demo._live_daemon(margin=0.5) is False  # never heard from
+        beat()
+        assert demo._live_daemon(margin=0.5) is False  # recent, but it stopped: no next beat
+        ticker = threading.Timer(0.5, beat)
+        beat()
+        ticker.start()
+        assert demo._live_daemon(margin=0.5) is True  # the next beat came

@@ -58,13 +58,14 @@ def test_asset_graph_shape():
     gates = {"baseline", "champion", "signature", "edge_probe", "slices", "latency", "model_card"}
     monitor = {"no_feature_drift", "no_prediction_drift", "no_realised_decay", "no_estimated_decay"}
     data = {"schema", "no_nulls", "row_count", "split_proportions", "batches_add_rows", "quarantine_rate"}
-    assert checks == gates | monitor | data | {"registry_authorised"}
+    assert checks == gates | monitor | data | {"registry_authorised", "serving_matches_registry"}
     assert defs.resolve_job_def("promote_model").name == "promote_model"
     sensors = {s.name: s for s in defs.sensors}
     assert sensors["landed_batches_sensor"].default_status == dg.DefaultSensorStatus.RUNNING
     assert sensors["bridge_automation"].default_status == dg.DefaultSensorStatus.RUNNING
     assert all(sensor.default_status == dg.DefaultSensorStatus.RUNNING for sensor in sensors.values()), sensors
-    assert set(sensors) >= {"feature_backlog_sensor", "registry_sensor", "post_deploy_guardrail", "interaction_logs_sensor", "retrain_sensor"}
+    assert set(sensors) >= {"feature_backlog_sensor", "registry_sensor", "post_deploy_guardrail", "interaction_logs_sensor", "retrain_sensor",
+                            "candidates_sensor", "experiment_sensor", "freshness_sensor"}  # fmt: skip
 
 
 def test_groups_follow_the_architecture():

@@ -17,6 +17,7 @@ from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, PromotionRefused, Registry
 from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.monitoring.retrain import land_feedback_batch
+from bridge_assets_tests.webhook import alert_sink
 from serving.interactions import InteractionLogger, read_interactions, record
 
 
@@ -150,3 +151,43 @@ def test_labelled_traffic_lands_once_when_the_monitoring_window_changes_length(s
     feedback_batches = [b for b in landed_batches(store) if b.batch_id.startswith("feedback-")]
     rows = pl.concat([read_batch(store, b) for b in feedback_batches if next_hour not in b.batch_id])
     assert rows.height == rows[ROW_ID].n_unique() == 30
+
+
+def test_the_automatic_promotion_policy_acts_on_the_verdict_and_tells_people(experiment, tmp_path, monkeypatch):
+    """`BRIDGE_PROMOTION_POLICY=automatic`: new labels bring the A/B report (experiment_sensor),
+    a `promote` verdict promotes with the verdict as the audit reason, and the verdict is one
+    typed `ab_verdict` event at the webhook."""
+    registry, production, staging, store = experiment
+    monkeypatch.setenv("BRIDGE_PROMOTION_POLICY", "automatic")
+    traffic(store, production, staging, 0.8, seed=2, spool=tmp_path / "spool")  # Staging clearly better
+    with alert_sink() as sink:
+        monkeypatch.setenv("BRIDGE_ALERT_WEBHOOK", sink.url)
+        defs = build_defs()
+        instance = dg.DagsterInstance.ephemeral()
+        with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+            requested = defs.get_sensor_def("experiment_sensor")(context)
+            cursor = context.cursor
+        (request,) = requested.run_requests
+        run = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey("feedback"), dg.AssetKey("ab_report")})
+        result = run.execute_in_process(instance=instance, tags=request.tags)
+        with dg.build_sensor_context(instance=instance, resources=defs.resources, cursor=cursor) as context:
+            assert isinstance(defs.get_sensor_def("experiment_sensor")(context), dg.SkipReason)  # nothing new, and no experiment now
+    report = {k: v.value for k, v in result.asset_materializations_for_node("ab_report")[0].metadata.items()}
+    assert (report["verdict"], report["policy_action"]) == ("promote", "promoted")
+    assert registry.version_for(PRODUCTION_ALIAS) == staging and registry.version_for("staging") is None
+    promoted = registry.history(staging)[-1]
+    assert promoted.action == "promote" and promoted.reason.startswith("A/B verdict promote") and promoted.actor.startswith("dagster run ")
+    (event,) = sink.received
+    assert (event["kind"], event["version"], event["details"]["action"]) == ("ab_verdict", staging, "promoted")
+
+
+def test_a_keep_verdict_ends_the_experiment_under_the_automatic_policy_and_only_reports_under_manual(experiment, tmp_path, monkeypatch):
+    registry, production, staging, store = experiment
+    traffic(store, production, staging, 1.3, seed=3, spool=tmp_path / "spool")  # Staging clearly worse
+    manual = materialize("feedback", "ab_report")["ab_report"]
+    assert (manual["verdict"], manual["policy_action"]) == ("keep", "reported") and registry.version_for("staging") == staging
+    monkeypatch.setenv("BRIDGE_PROMOTION_POLICY", "automatic")
+    automatic = materialize("feedback", "ab_report")["ab_report"]
+    assert (automatic["verdict"], automatic["policy_action"]) == ("keep", "ended")
+    assert registry.version_for("staging") is None and registry.version_for(PRODUCTION_ALIAS) == production
+    assert registry.history(staging)[-1].action == "unstage"

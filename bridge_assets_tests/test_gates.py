@@ -33,6 +33,7 @@ from bridge_assets.ml.registry import (
 from bridge_assets.ml.round import run_round
 from bridge_assets.ml.tracking import MODEL_SIGNATURE, MlflowSettings, log_round
 from bridge_assets_tests.conftest import LAKE_VARIABLES
+from bridge_assets_tests.serving_support import free_port
 
 # Nearest-rank p99 of 30 calls is their maximum. A loaded test machine must not fail sound
 # models on time, so the budget is generous except where the slow model is judged.
@@ -202,13 +203,15 @@ def test_promotion_needs_a_verdict_or_an_override_reason(world):
     world.registry.rollback("back to the fixture's Production")  # later tests start from it again
 
 
-def test_staged_model_asset_reports_each_gate_as_a_blocking_check(world):
+def test_staged_model_asset_reports_each_gate_as_a_blocking_check_and_alerts(world, alerts):
     version = register_pyfunc(world, MuchWorse())
     assert world.registry.version_for(CANDIDATE_ALIAS) == version
     job = build_defs().resolve_implicit_global_asset_job_def()
     result = job.execute_in_process(
         instance=dg.DagsterInstance.ephemeral(), asset_selection=[dg.AssetKey("staged_model")], raise_on_error=False
     )
+    (alert,) = alerts.received
+    assert (alert["kind"], alert["version"]) == ("gates_failed", version) and "worse than the better linear baseline" in alert["details"]["failed"]["baseline"]
     assert not result.success  # a blocking check failed
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert set(checks) == {"baseline", "champion", "signature", "edge_probe", "slices", "latency", "model_card"}
@@ -221,8 +224,9 @@ def test_staged_model_asset_reports_each_gate_as_a_blocking_check(world):
     assert "gates_failed" in metadata["audit_trail"].value
 
 
-def test_an_alias_moved_outside_bridge_is_deployed_only_with_a_passing_gate_record(world):
+def test_an_alias_moved_outside_bridge_is_deployed_only_with_a_passing_gate_record(world, monkeypatch, alerts):
     client, name = world.registry.client, world.registry.model_name
+    monkeypatch.setenv("BRIDGE_SERVE_PORT", str(free_port()))  # no service here: the sensor reports it, deploys nothing
     defs = build_defs()
     sensor = defs.get_sensor_def("registry_sensor")
 
@@ -246,12 +250,14 @@ def test_an_alias_moved_outside_bridge_is_deployed_only_with_a_passing_gate_reco
     if world.registry.gate_record(sound) is None:  # when run alone
         assert gates_of(world, sound)[0].report.passed
     client.set_registered_model_alias(name, PRODUCTION_ALIAS, sound)
-    (request,) = tick().run_requests
-    assert request.run_key.startswith(f"{sound}/") and request.asset_selection in (None, [dg.AssetKey("production_deployment")])
+    allowed = tick()  # recorded as out of band but deployable; with no service answering it is reported, not started
+    assert allowed.run_requests == [] and [e.check_name for e in allowed.asset_events] == ["serving_matches_registry"]
     assert world.registry.history(sound)[-1].evidence["deployable"] is True
 
     client.set_registered_model_alias(name, PRODUCTION_ALIAS, world.production)  # back where bridge put it
     assert world.registry.authorise(PRODUCTION_ALIAS).out_of_band is False
+    moves = [(e["kind"], e["version"], e["details"]["deployable"]) for e in alerts.received if e["kind"] == "out_of_band_move"]
+    assert moves == [("out_of_band_move", worse, False), ("out_of_band_move", sound, True)]  # each move told once
 
 
 def test_after_the_world_moved_the_champion_gate_judges_the_rows_production_never_saw(world):

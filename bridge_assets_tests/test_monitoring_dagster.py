@@ -2,15 +2,18 @@
 (local and moto S3), sensors evaluated, assets materialized."""
 
 import json
+import time
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
 from bridge_assets.cli import main
+from bridge_assets.definitions import build_defs
 from bridge_assets.defs.monitoring import interaction_logs_sensor, interaction_profiles, monitor_windows, monitor_windows_sensor, monitoring, window_profiles
 from bridge_assets.defs.resources import lake_storage
 from bridge_assets.monitoring.profiles import OBJECTS_PREFIX, list_log_objects, window_id, window_rows, window_slices
 from bridge_assets_tests.monitoring_support import log_traffic, trained, window_frame
+from bridge_assets_tests.webhook import alert_sink
 from serving.interactions import InteractionLogger, compact_partition, record
 
 WINDOW = 30
@@ -109,3 +112,29 @@ def test_log_objects_are_profiled_once_across_a_restart_and_a_late_object_reopen
     assert main(["monitor", "--window", first_window]) == 0
     saved = json.loads(store.get_text(f"monitoring/reports/{first_window}/report.json"))
     assert saved["slices"][0]["rows"] == 160 and saved["slices"][0]["reference"] is None
+
+
+def test_an_asset_overdue_by_its_freshness_policy_alerts_once(monkeypatch):
+    """The daemon marks drift_report FAIL (its freshness policy); freshness_sensor sends one
+    `freshness_failed` event, not one per tick, and again only for a new failure."""
+    from dagster._core.definitions.freshness import FreshnessState, FreshnessStateChange  # what the daemon records
+
+    def fail(instance: dg.DagsterInstance) -> None:
+        instance.report_runless_asset_event(FreshnessStateChange(
+            key=dg.AssetKey("drift_report"), new_state=FreshnessState.FAIL, previous_state=FreshnessState.PASS,
+            state_change_timestamp=time.time(),
+        ))  # fmt: skip
+
+    with alert_sink() as sink, dg.instance_for_test() as instance:
+        monkeypatch.setenv("BRIDGE_ALERT_WEBHOOK", sink.url)
+        defs = build_defs()
+        sensor = defs.get_sensor_def("freshness_sensor")
+        cursor = None
+        for round_ in range(3):
+            if round_ != 1:
+                fail(instance)
+            with dg.build_sensor_context(instance=instance, resources=defs.resources, cursor=cursor) as context:
+                sensor(context)
+                cursor = context.cursor
+    assert sink.kinds() == ["freshness_failed", "freshness_failed"]
+    assert sink.received[0]["details"]["asset"] == "drift_report" and "overdue" in sink.received[0]["summary"]

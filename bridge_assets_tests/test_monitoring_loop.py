@@ -3,9 +3,7 @@ reference, windows of plain, label-shifted and covariate-shifted traffic, feedba
 labelled traffic landing as a feedback batch, and the retrain policy (automatic and manual)."""
 
 import json
-import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import dagster as dg
 import mlflow
@@ -41,6 +39,7 @@ from bridge_assets.ml.tracking import MlflowSettings, log_round
 from bridge_assets.monitoring.profiles import window_id
 from bridge_assets.monitoring.whylogs_compat import deserialize
 from bridge_assets_tests.monitoring_support import log_traffic, window_frame
+from bridge_assets_tests.webhook import alert_sink
 from serving.interactions import InteractionLogger
 
 WINDOW = 30
@@ -57,31 +56,6 @@ class RegisteredModel:
 
     def predict(self, frame: pl.DataFrame) -> np.ndarray:
         return np.asarray(self.model.predict(frame.select(FEATURES).with_columns(pl.col(pl.Enum).cast(pl.String)).to_pandas()))
-
-
-class Webhook:
-    """A local endpoint that records the alerts posted to it."""
-
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        received = self.received
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/alerts"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def train(defs: dg.Definitions, instance: dg.DagsterInstance, config: dict, tags: dict | None = None) -> dict:
@@ -207,21 +181,22 @@ def test_drift_and_decay_are_caught_and_what_was_seen_is_retrained_on(lake_env, 
         assert sorted(str(v.version) for v in client.search_model_versions(f"name='{settings.model_name}'")) == ["1", "2"]
         assert client.get_run(again.parent_run_id).data.tags["bridge.registered"] == "nothing new: equals version 2"
 
-    # Manual policy: the failed check, the webhook, and no training.
-    hook = Webhook()
-    try:
+    # Manual policy: the failed check, one typed `decay` event at the webhook, and no training.
+    with alert_sink() as hook:
         monkeypatch.setenv("BRIDGE_RETRAIN_POLICY", "manual")
         monkeypatch.setenv("BRIDGE_ALERT_WEBHOOK", hook.url)
         manual = build_defs()
         with dg.instance_for_test() as instance:
-            instance.add_dynamic_partitions(monitor_windows.name, [windows[1]])
+            instance.add_dynamic_partitions(monitor_windows.name, [windows[1], windows[2]])
             result = dg.materialize([drift_report], instance=instance, resources=manual.resources, partition_key=windows[1])
             assert checks(result)["no_realised_decay"] is False
-            assert len(hook.received) == 1 and hook.received[0]["policy"] == "manual"
-            assert any("realised decay" in a for a in hook.received[0]["alarms"])
+            (decay,) = hook.received
+            assert (decay["kind"], decay["model_name"], decay["details"]["retrain_policy"]) == ("decay", "housing-price", "manual")
+            assert decay["details"]["window"] == windows[1] and any("realised decay" in a for a in decay["details"]["alarms"])
             decision = tick(retrain_sensor, manual, instance)
             assert decision.run_requests == [] and "manual policy: alert" in decision.skip_reason.skip_message
             assert instance.fetch_materializations(dg.AssetKey("candidate_model"), limit=1).records == []
-    finally:
-        hook.close()
+            dg.materialize([drift_report], instance=instance, resources=manual.resources, partition_key=windows[2])
+            (drift,) = [e for e in hook.received[1:] if e["kind"] == "drift"]  # the covariate-shift window
+            assert drift["details"]["window"] == windows[2] and "feature drift in area" in drift["summary"]
     assert model_versions.name == "model_versions"

@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from ray import serve
 
 from bridge_assets.core.pyfunc import HousingPyfunc
 from bridge_assets.core.simulator import load_seed_data
@@ -23,7 +24,9 @@ from bridge_assets.lake.feedback import release_feedback
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
 from bridge_assets.ml.tracking import MODEL_SIGNATURE
 from bridge_assets.ml.traffic import send_traffic
-from bridge_assets_tests.serving_support import call, continuous_load
+from bridge_assets_tests.serving_support import call, continuous_load, free_port
+from bridge_assets_tests.webhook import alert_sink
+from serving.deploy import APP_NAME, deploy
 from serving.interactions import read_interactions
 
 REQUEST = {
@@ -94,14 +97,17 @@ def test_rollback_under_load_fails_no_request(service, bridge):
     newer = next(v for v in service.versions if v != production)
     registry.set_production(newer, reason="test: a Production to roll back from")
     follow()
-    with continuous_load(service.url, REQUEST) as load:
+    with continuous_load(service.url, REQUEST) as load, alert_sink() as sink:
         time.sleep(1)
-        rollback = defs.get_job_def("rollback_model").execute_in_process(
+        service.patch.setenv("BRIDGE_ALERT_WEBHOOK", sink.url)
+        rollback = build_defs().get_job_def("rollback_model").execute_in_process(
             instance=instance, run_config={"ops": {"restore_previous_production": {"config": {"reason": "test: bad latency", "actor": "on-call"}}}}
         )
         assert rollback.success
         assert len(follow()) == 1
         time.sleep(1)
+    (alert,) = sink.received
+    assert (alert["kind"], alert["version"], alert["details"]["rolled_back"]) == ("rollback", production, newer)
     assert load.failures == []
     assert load.versions == {newer, production}
     assert call(service.url, "/model")[1]["response"]["model_version"] == production
@@ -180,3 +186,53 @@ def test_the_guardrail_rolls_back_a_version_that_fails_live_traffic(service, bri
     with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
         again = guardrail(context)
     assert isinstance(again, dg.SkipReason) and "a rollback" in again.skip_message  # no flapping
+
+
+def test_deployment_follows_what_the_service_serves_and_reports_a_service_that_does_not_answer(service, bridge):
+    """registry_sensor asks the service (its /model), not the last materialization: a version
+    deployed by hand, or the application gone, is put back (an alert says the service drifted);
+    a service that does not answer fails `serving_matches_registry` and alerts once, and
+    nothing is deployed behind it."""
+    registry, follow, defs, instance, production = bridge
+    cursor: str | None = None
+
+    def tick(watched: dg.Definitions) -> dg.SensorResult | dg.SkipReason:
+        nonlocal cursor
+        with dg.build_sensor_context(instance=instance, resources=watched.resources, cursor=cursor) as context:
+            result = watched.get_sensor_def("registry_sensor")(context)
+        if isinstance(result, dg.SensorResult) and result.cursor:
+            cursor = result.cursor
+        for request in result.run_requests if isinstance(result, dg.SensorResult) else []:
+            run = watched.resolve_implicit_global_asset_job_def().execute_in_process(
+                instance=instance, asset_selection=[dg.AssetKey("production_deployment")], tags=request.tags
+            )
+            assert run.success
+        return result
+
+    def served() -> str:
+        return call(service.url, "/model")[1]["response"]["model_version"]
+
+    with alert_sink() as sink:
+        service.patch.setenv("BRIDGE_ALERT_WEBHOOK", sink.url)
+        watched = build_defs()
+        assert [e.passed for e in tick(watched).asset_events] == [True] and served() == production  # in line
+        quiet = tick(watched)
+        assert quiet.asset_events == [] and quiet.run_requests == []  # still in line: nothing to say
+        other = next(v for v in service.versions if v != production)
+        deploy(service.settings.model_name, other, None)  # by hand, outside Dagster
+        assert served() == other
+        assert len(tick(watched).run_requests) == 1 and served() == production  # put back
+        assert [e.passed for e in tick(watched).asset_events] == [True]  # in line again
+        serve.delete(APP_NAME)  # Serve up, bridge's application gone
+        assert len(tick(watched).run_requests) == 1 and served() == production
+
+        service.patch.setenv("BRIDGE_SERVE_PORT", str(free_port()))  # where nothing answers
+        silent = build_defs()
+        down = tick(silent)
+        assert isinstance(down, dg.SensorResult) and not down.run_requests
+        (check,) = down.asset_events
+        assert (check.check_name, check.passed) == ("serving_matches_registry", False) and "nothing answers" in check.description
+        assert isinstance(tick(silent), dg.SkipReason)  # reported once, not every tick
+    assert sink.kinds() == ["deployment_mismatch", "deployment_mismatch", "service_down"]
+    assert sink.received[0]["details"] == {"wanted": {"production": production}, "served": {"production": other}}
+    assert sink.received[2]["version"] == production and sink.received[2]["details"]["wanted"] == {"production": production}

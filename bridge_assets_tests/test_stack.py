@@ -23,6 +23,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import dagster as dg
+import mlflow
+import pandas as pd
 import polars as pl
 import psutil
 import pytest
@@ -409,3 +411,30 @@ def test_service_survives_the_worker_node(stack: SimpleNamespace, loop: SimpleNa
         frame = _wait_for("one interaction record per 2xx reply", logged, timeout=180)
     counts = frame.group_by("request_id").len()
     assert counts.height == len(answered) and counts["len"].max() == 1
+
+
+def test_a_stopped_stack_starts_again_with_every_object(stack: SimpleNamespace, loop: SimpleNamespace) -> None:
+    """`make stack-stop` then `make stack`: the bucket's objects are files, so every batch,
+    feature version, model artifact and interaction record is there again, and the registered
+    model loads through the restarted MLflow server. Last in the module: it restarts the stack."""
+
+    def objects(running: stack_module.Stack) -> dict[str, str]:
+        client = stack_module.s3_client(running)
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=stack.settings.bucket)
+        return {o["Key"]: o["ETag"] for page in pages for o in page.get("Contents", [])}
+
+    with _environment(stack.env):  # quiescent: the promotion's last write is done
+        _wait_for("the Production version's monitoring reference", lambda: loop.version in _materialized_partitions("model_reference"))
+    stack_module.stop_dagster(stack.stack)  # nothing writes while the bucket is read
+    before = objects(stack.stack)
+    for prefix in ("lake/landing/batches/", "lake/features/housing/versions/", "lake/interactions/", "mlflow/"):
+        assert any(key.startswith(prefix) for key in before), prefix
+    stack_module.stop(stack.settings)
+    assert not stack_module._listening(stack.stack.processes["s3"]["port"])  # the S3 server really went
+    restarted = stack_module.start(stack.settings, base_env=stack.base_env)
+    after = objects(restarted)
+    assert {key: after.get(key) for key in before} == before  # every object, byte for byte (ETag)
+    with _environment({**stack.base_env, **restarted.env}):
+        model = mlflow.pyfunc.load_model(f"models:/{loop.model_name}/{loop.version}")  # its artifacts, read back
+        houses = pd.DataFrame([{name: row[name] for name in FEATURES} for row in _traffic_rows(3, seed=9)])
+        assert model.predict(houses).min() > 0

@@ -2,7 +2,8 @@
 
 PostgreSQL (Debian's package) holds two databases: the Dagster instance (`dagster-postgres`)
 and MLflow's tracking store and registry. An MLflow tracking server keeps artifacts in S3;
-moto's server stands in for S3/MinIO; Ray runs as a cluster of two nodes on this host (a head
+s3rver (npm, wrapped by `deploy/s3/server.js`) stands in for S3/MinIO and keeps objects as
+files, so `make stack-stop` then `make stack` finds them again; Ray runs as a cluster of two nodes on this host (a head
 and a worker, through `serving.cluster`, each node on its own ports); the Dagster webserver
 and daemon run against the Postgres instance. Every process starts detached (its own session),
 and its pid, session and port go into `state.json`, so `make stack-stop` ends exactly what the
@@ -350,7 +351,9 @@ def _pg_ready(binaries: Path, port: int) -> bool:
     return subprocess.run([str(binaries / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode == 0
 
 
-# ---------------------------------------------------------------- S3 (moto's server)
+# ---------------------------------------------------------------- S3 (s3rver, objects on disk)
+
+S3_SERVER = PROJECT_ROOT / "deploy" / "s3" / "server.js"
 
 
 def s3_client(stack: Stack):
@@ -363,19 +366,32 @@ def s3_client(stack: Stack):
 
 
 def start_s3(stack: Stack) -> None:
-    """moto's S3 server (in memory: its objects live as long as the process) and the bucket."""
+    """The stack's S3 (`deploy/s3/server.js`: s3rver with conditional creation and our keys):
+    objects are files under `<stack>/s3`, so a stopped stack starts again with every object.
+    The bucket is created on the first start only."""
+    if not (S3_SERVER.parent / "node_modules" / "s3rver").is_dir():
+        raise StackError("the stack's S3 server is not installed: `make stack` installs it (npm ci in deploy/s3)")
+    node = shutil.which("node") or "node"
     port = stack.settings.s3_port or free_port()
-    record = _spawn(stack, "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], os.environ, port)
-    _wait(f"moto's S3 server on 127.0.0.1:{port}", lambda: _listening(port), 60, Path(record["log"]), record["pid"])
+    keys = {
+        "AWS_ACCESS_KEY_ID": stack.secrets.setdefault("s3_key", "bridge-" + secrets.token_hex(6)),
+        "AWS_SECRET_ACCESS_KEY": stack.secrets.setdefault("s3_secret", secrets.token_hex(20)),
+    }
+    data = stack.settings.directory / "s3"
+    data.mkdir(parents=True, exist_ok=True)
+    server_env = {**os.environ, "S3_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "S3_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]}
+    record = _spawn(stack, "s3", [node, str(S3_SERVER), str(data), str(port)], server_env, port)
+    _wait(f"the S3 server on 127.0.0.1:{port}", lambda: _listening(port), 60, Path(record["log"]), record["pid"])
     stack.env |= {
         "BRIDGE_S3_BUCKET": stack.settings.bucket,
         "BRIDGE_S3_PREFIX": stack.settings.prefix,
         "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": stack.secrets.setdefault("s3_key", "bridge-" + secrets.token_hex(6)),
-        "AWS_SECRET_ACCESS_KEY": stack.secrets.setdefault("s3_secret", secrets.token_hex(20)),
+        **keys,
         "AWS_REGION": REGION,
     }
-    s3_client(stack).create_bucket(Bucket=stack.settings.bucket)
+    client = s3_client(stack)
+    if stack.settings.bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=stack.settings.bucket)
     stack.save()
 
 

@@ -17,10 +17,12 @@ import json
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -200,6 +202,43 @@ def api_key_status() -> str:
 def _api_key_header(env: Mapping[str, str]) -> dict[str, str]:
     keys = load_api_keys(env)
     return {"X-API-Key": keys[0].decode()} if keys else {}
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What the service says it serves (its `/model`), or why it could not say: `serving`
+    (versions known), `empty` (Serve answers without bridge's application), `down` (nothing
+    answers), `unreadable` (it answers, but not with its versions: a refused key, a bad reply)."""
+
+    url: str
+    status: Literal["serving", "empty", "down", "unreadable"]
+    versions: dict[str, str] = field(default_factory=dict)  # variant -> version; "staging" only while it takes clients
+    staging_weight: float = 0.0
+    problem: str = ""
+
+
+def service_state(env: Mapping[str, str] = os.environ, timeout: float = 5.0) -> ServiceState:
+    """Ask the running service what it serves, over HTTP as a client would: the truth that
+    deployment decisions compare with the registry."""
+    url = ServingSettings.from_env(env).url
+    request = urllib.request.Request(f"{url}/model", headers=_api_key_header(env))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            response = json.load(reply)["response"]
+        experiment = response.get("experiment") or {}
+        versions = {variant: str(v) for variant, v in (experiment.get("versions") or {"production": response["model_version"]}).items()}
+        weight = float(experiment.get("staging_weight") or 0.0)
+    except urllib.error.HTTPError as error:
+        if error.code in (404, 503):  # Serve's proxy with no application behind it
+            return ServiceState(url, "empty", problem=f"Serve answers at {url} but serves no bridge application (HTTP {error.code})")
+        return ServiceState(url, "unreadable", problem=f"{url}/model answered HTTP {error.code}")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return ServiceState(url, "unreadable", problem=f"{url}/model gave no versions: {error}")
+    except OSError as error:
+        return ServiceState(url, "down", problem=f"nothing answers at {url}: {getattr(error, 'reason', error)}")
+    if weight <= 0:
+        versions.pop("staging", None)  # deployed beside Production, but serving no client
+    return ServiceState(url, "serving", versions, weight)
 
 
 def wait_until_serving(url: str, version: str, timeout: float = 180.0, headers: Mapping[str, str] | None = None) -> None:

@@ -23,8 +23,9 @@ import dagster as dg
 from pydantic import Field
 
 from bridge_assets.defs.cadence import freshness_hours, sensor_interval
+from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.promotion import feedback
-from bridge_assets.defs.resources import LakeStorage, MlflowTracking, _env_or_none
+from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking
 from bridge_assets.defs.audit import open_registry
 from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
@@ -37,7 +38,8 @@ from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, r
 from bridge_assets.monitoring.profiles import window_rows, window_slices, window_versions, windows_with_members
 from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
 from bridge_assets.monitoring.report import summary_markdown
-from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX, decide_retrain, land_feedback_batch, post_alert
+from bridge_assets.monitoring.alerts import LoopEvent
+from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX, decide_retrain, land_feedback_batch
 from bridge_assets.monitoring.settings import MonitorSettings, drift_settings_from_json
 
 monitor_windows = dg.DynamicPartitionsDefinition(name="monitor_windows")
@@ -60,7 +62,6 @@ class Monitoring(dg.ConfigurableResource):
     decay_tolerance: float = 0.10
     retrain_policy: str = "manual"
     retrain_cooldown_seconds: int = 3600
-    alert_webhook: str | None = None  # may carry a token: an EnvVar, never stored
 
     def settings(self) -> MonitorSettings:
         return MonitorSettings(
@@ -70,7 +71,6 @@ class Monitoring(dg.ConfigurableResource):
             decay_tolerance=self.decay_tolerance,
             retrain_policy=self.retrain_policy,  # type: ignore[arg-type]
             retrain_cooldown_seconds=self.retrain_cooldown_seconds,
-            alert_webhook=self.alert_webhook,
         )
 
 
@@ -83,7 +83,6 @@ def monitoring(env: Mapping[str, str] = os.environ) -> Monitoring:
         decay_tolerance=settings.decay_tolerance,
         retrain_policy=settings.retrain_policy,
         retrain_cooldown_seconds=settings.retrain_cooldown_seconds,
-        alert_webhook=_env_or_none(env, "BRIDGE_ALERT_WEBHOOK"),
     )
 
 
@@ -209,8 +208,9 @@ REPORT_CHECKS = {
     check_specs=[dg.AssetCheckSpec(name, asset="drift_report", description=text) for name, text in REPORT_CHECKS.items()],
 )
 def drift_report(
-    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring,
+    alerting: Alerting,
+) -> dg.MaterializeResult:  # fmt: skip
     """Drift and decay of a window against each model version's reference: JSON and HTML in
     the lake, summary and plots here, checks that fail when a threshold is crossed."""
     store = storage.open()
@@ -220,8 +220,11 @@ def drift_report(
     prediction_alarms = [a for a in report.alarms if "prediction drift" in a]
     realised = [a for a in report.alarms if "realised decay" in a]
     estimated = [a for a in report.alarms if "estimated decay" in a]
-    if report.alarms and settings.alert_webhook:
-        post_alert(settings.alert_webhook, {"window": report.window, "alarms": report.alarms, "report": store.uri(keys["html"]), "policy": settings.retrain_policy})
+    found = {"drift": feature_alarms + prediction_alarms, "decay": realised + estimated}
+    for kind, alarms in found.items():
+        if alarms:
+            details = {"window": report.window, "alarms": alarms, "report": store.uri(keys["html"]), "retrain_policy": settings.retrain_policy}
+            alerting.send(LoopEvent(kind, f"{kind} in window {report.window}: {'; '.join(alarms)}"[:500], mlflow_tracking.model_name, details=details))  # type: ignore[arg-type]
     plots = [
         f"**v{part.model_version} / {part.variant} — {column}**\n\n![{column}](data:image/png;base64,{base64.b64encode(png).decode()})"
         for part in report.slices
@@ -249,6 +252,25 @@ def drift_report(
             _alarm_check("no_estimated_decay", estimated, {}),
         ],
     )
+
+
+FRESHNESS_WATCHED = [housing_features.key, drift_report.key]  # the assets with a freshness policy
+
+
+@dg.sensor(minimum_interval_seconds=sensor_interval("freshness_sensor", 60), default_status=dg.DefaultSensorStatus.RUNNING)
+def freshness_sensor(context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking, alerting: Alerting) -> dg.SkipReason:
+    """An alert when an asset with a freshness policy (`housing_features`, `drift_report`) turns
+    FAIL in the daemon's freshness evaluation: no new data or no monitor for too long — once per
+    failure, not once per tick."""
+    records = context.instance.get_freshness_state_records(FRESHNESS_WATCHED)
+    reported: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    failing = {key.to_user_string(): record for key, record in records.items() if str(record.freshness_state.value) == "FAIL"}
+    for name, record in failing.items():
+        if reported.get(name) != record.updated_at.isoformat():
+            summary = f"{name} is overdue by its freshness policy (FAIL since {record.updated_at:%Y-%m-%d %H:%M} UTC)"
+            alerting.send(LoopEvent("freshness_failed", summary, mlflow_tracking.model_name, details={"asset": name, "since": record.updated_at.isoformat()}))
+    context.update_cursor(json.dumps({name: record.updated_at.isoformat() for name, record in failing.items()}))
+    return dg.SkipReason(f"failing freshness: {sorted(failing) or 'none'}")
 
 
 @dg.sensor(target=[window_profiles, labelled_traffic, drift_report], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("monitor_windows_sensor", 30))
@@ -371,4 +393,4 @@ def retrain_sensor(
 
 
 MONITORING_ASSETS = [interaction_profiles, window_profiles, labelled_traffic, drift_report, model_reference]
-MONITORING_SENSORS = [interaction_logs_sensor, monitor_windows_sensor, registered_versions_sensor, retrain_sensor]
+MONITORING_SENSORS = [interaction_logs_sensor, monitor_windows_sensor, registered_versions_sensor, retrain_sensor, freshness_sensor]

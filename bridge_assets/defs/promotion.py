@@ -3,21 +3,24 @@
 Thin: the gates, the registry and the statistics live in `bridge_assets.ml` and `core`.
 """
 
+import hashlib
+
 import dagster as dg
 from pydantic import Field
 
 from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.features import housing_features
-from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy
+from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy
 from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
 from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
-from bridge_assets.lake.feedback import FeedbackJoin, join_feedback, read_feedback_labels
+from bridge_assets.lake.feedback import LABELS_PREFIX, FeedbackJoin, join_feedback, read_feedback_labels
 from bridge_assets.lake.storage import ObjectStore
-from bridge_assets.ml.experiment import evaluate_experiment, plots_markdown, record_verdict
+from bridge_assets.ml.experiment import act_on_verdict, evaluate_experiment, plots_markdown, record_verdict
 from bridge_assets.ml.gates import GATES, approve, run_gates
-from bridge_assets.ml.registry import CANDIDATE_ALIAS
+from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS
+from bridge_assets.monitoring.alerts import LoopEvent
 
 
 @dg.asset(
@@ -31,8 +34,9 @@ from bridge_assets.ml.registry import CANDIDATE_ALIAS
     check_specs=[dg.AssetCheckSpec(name, asset="staged_model", blocking=True, description=text) for name, text in GATES.items()],
 )
 def staged_model(
-    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy,
+    alerting: Alerting,
+) -> dg.MaterializeResult:  # fmt: skip
     """The `candidate` version judged by every gate; `staging` points at it only if all pass
     (and, when sign-off is required, after an approval). A failed gate fails its check with
     the numbers and the run; the outcome is recorded in the audit trail either way."""
@@ -44,6 +48,9 @@ def staged_model(
     report = outcome.report
     status = "staged" if outcome.staged else "awaiting approval" if outcome.awaiting_approval else "blocked"
     context.log.info(f"{registry.model_name} v{version}: {status}. {report.explain()}")
+    if status == "blocked":
+        failed = {r.name: r.summary for r in report.failures()}
+        alerting.send(LoopEvent("gates_failed", f"v{version} blocked: {report.explain()}"[:500], registry.model_name, version, {"failed": failed}))
     return dg.MaterializeResult(
         metadata={
             "model_version": version,
@@ -151,8 +158,9 @@ def feedback(storage: LakeStorage) -> dg.MaterializeResult:
 
 @dg.asset(deps=[feedback], group_name="registry", kinds={"scipy"}, owners=["team:ml-engineering"])
 def ab_report(
-    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
-) -> dg.MaterializeResult:
+    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy,
+    alerting: Alerting,
+) -> dg.MaterializeResult:  # fmt: skip
     """Staging against Production on delayed ground truth: per-variant MAE/RMSE with
     intervals, Welch's t on per-client MAE, the sample size for the minimum effect, and the
     verdict (promote / keep / inconclusive), recorded on the Staging version."""
@@ -164,10 +172,18 @@ def ab_report(
     record = record_verdict(registry, evidence, joined)
     report = evidence.report
     context.log.info(f"A/B v{evidence.staging_version} vs v{evidence.production_version}: {report.verdict} ({report.reason})")
+    acted = act_on_verdict(registry, evidence, promotion.promotion_policy)
+    context.log.info(acted.summary)
+    if report.verdict != "inconclusive":
+        alerting.send(LoopEvent("ab_verdict", f"A/B verdict {report.verdict}: {acted.summary}", registry.model_name, evidence.staging_version,
+                                {"verdict": report.verdict, "reason": report.reason, "production_version": evidence.production_version,
+                                 "policy": promotion.promotion_policy, "action": acted.action, "audit_record": record.key}))  # fmt: skip
     return dg.MaterializeResult(
         metadata={
             "verdict": report.verdict,
             "reason": report.reason,
+            "policy_action": acted.action,
+            "policy_summary": acted.summary,
             "production_version": evidence.production_version,
             "staging_version": evidence.staging_version,
             "p_value": report.p_value,
@@ -181,3 +197,22 @@ def ab_report(
         },
         data_version=dg.DataVersion(f"{evidence.staging_version}/{report.verdict}/{report.production.labels + report.staging.labels}"),
     )
+
+
+@dg.sensor(
+    target=[feedback, ab_report],
+    minimum_interval_seconds=sensor_interval("experiment_sensor", 60),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def experiment_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.SensorResult | dg.SkipReason:
+    """While Production and Staging both exist, newly released labels bring a fresh
+    `feedback` + `ab_report` (its verdict then goes to the promotion policy)."""
+    registry = open_registry(storage, mlflow_tracking)
+    production, staging = registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)
+    if production is None or staging is None or production == staging:
+        return dg.SkipReason(f"no experiment (production {production or 'none'}, staging {staging or 'none'})")
+    releases = sorted(storage.open().list(LABELS_PREFIX))
+    state = hashlib.sha256("\n".join([production, staging, *releases]).encode()).hexdigest()[:16]
+    if not releases or context.cursor == state:
+        return dg.SkipReason(f"no new labels for the experiment v{staging} vs v{production}")
+    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=state, tags={"bridge/experiment": f"{staging}-vs-{production}"})], cursor=state)

@@ -19,6 +19,7 @@ from serving.deploy import ServingSettings
 from bridge_assets.ml.container import container_spec
 from bridge_assets.ml.gates import PromotionSettings
 from bridge_assets.ml.tracking import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PROJECT_ROOT, MlflowSettings
+from bridge_assets.monitoring.alerts import LoopEvent, send_alert
 
 
 class LakeStorage(dg.ConfigurableResource):
@@ -177,7 +178,8 @@ def ray_serving(env: Mapping[str, str] = os.environ) -> RayServing:
 
 
 class PromotionPolicy(dg.ConfigurableResource):
-    """Gate tolerances and budgets, the A/B test's parameters, the sign-off rule and the post-deploy guardrail."""
+    """Gate tolerances and budgets, the A/B test's parameters and what a verdict leads to, the
+    sign-off rule and the post-deploy guardrail."""
 
     baseline_tolerance: float
     champion_tolerance: float
@@ -194,6 +196,7 @@ class PromotionPolicy(dg.ConfigurableResource):
     ab_power: float
     ab_staging_weight: float
     ab_salt: str
+    promotion_policy: str
     guardrail_seconds: float
     guardrail_min_requests: int
     guardrail_error_margin: float
@@ -207,3 +210,17 @@ class PromotionPolicy(dg.ConfigurableResource):
 def promotion_policy(env: Mapping[str, str] = os.environ) -> PromotionPolicy:
     settings = PromotionSettings.from_env(env)
     return PromotionPolicy(**{**asdict(settings), "approvers": list(settings.approvers)})
+
+
+class Alerting(dg.ConfigurableResource):
+    """Where loop events go: `BRIDGE_ALERT_WEBHOOK` (it may carry a token: an EnvVar, never stored)."""
+
+    webhook_url: str | None = None
+
+    def send(self, event: LoopEvent) -> bool:
+        """Deliver `event` (retried; never raises: the loop goes on without the receiver)."""
+        return send_alert(self.webhook_url, event)
+
+
+def alerting(env: Mapping[str, str] = os.environ) -> Alerting:
+    return Alerting(webhook_url=_env_or_none(env, "BRIDGE_ALERT_WEBHOOK"))

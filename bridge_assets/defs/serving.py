@@ -1,13 +1,18 @@
 """Serving (steps 6–9): Staging → Production with evidence, rollback, deploy into Ray Serve."""
 
+import json
+import os
+import time
+
 import dagster as dg
 from pydantic import Field
 
 from bridge_assets.defs.cadence import sensor_interval
-from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy, RayServing
+from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS
+from bridge_assets.monitoring.alerts import LoopEvent
 
 
 class PromotionConfig(dg.Config):
@@ -44,7 +49,7 @@ class RollbackConfig(dg.Config):
 
 @dg.op
 def restore_previous_production(
-    context: dg.OpExecutionContext, config: RollbackConfig, storage: LakeStorage, mlflow_tracking: MlflowTracking
+    context: dg.OpExecutionContext, config: RollbackConfig, storage: LakeStorage, mlflow_tracking: MlflowTracking, alerting: Alerting
 ) -> str:
     """Point Production back at the version it had before (from the audit trail); recorded.
     The registry sensor then brings the service in line."""
@@ -54,6 +59,8 @@ def restore_previous_production(
     except ValueError as error:
         raise dg.Failure(f"rollback refused: {error}") from error
     context.log.info(f"{registry.model_name}: Production rolled back from v{current} to v{restored}")
+    alerting.send(LoopEvent("rollback", f"Production rolled back from v{current} to v{restored}: {config.reason}"[:500],
+                            registry.model_name, restored, {"rolled_back": current, "actor": registry.actor, "reason": config.reason}))  # fmt: skip
     return restored
 
 
@@ -63,6 +70,7 @@ def rollback_model() -> None:
 
 
 AUTHORISED_CHECK = "registry_authorised"
+SERVING_CHECK = "serving_matches_registry"
 
 
 @dg.asset(
@@ -71,7 +79,9 @@ AUTHORISED_CHECK = "registry_authorised"
     kinds={"ray", "fastapi"},
     owners=["team:ml-engineering"],
     check_specs=[dg.AssetCheckSpec(AUTHORISED_CHECK, asset="production_deployment",
-                                   description="the served versions were moved there by bridge, or passed their gates")],
+                                   description="the served versions were moved there by bridge, or passed their gates"),
+                 dg.AssetCheckSpec(SERVING_CHECK, asset="production_deployment",
+                                   description="the service answers and serves the versions the registry says (registry_sensor asks it)")],
 )  # fmt: skip
 def production_deployment(
     context: dg.AssetExecutionContext,
@@ -139,47 +149,86 @@ def production_deployment(
                 severity=dg.AssetCheckSeverity.ERROR,
                 description=staging.reason if staging_refused else production.reason,
                 metadata={"production": production.reason, "staging": staging.reason},
-            )
+            ),
+            dg.AssetCheckResult(
+                check_name=SERVING_CHECK, passed=True, severity=dg.AssetCheckSeverity.ERROR,
+                description=f"serving v{production.version}" + (f" and v{staging_version} (staging)" if staging_version else ""),
+            ),
         ],
         data_version=dg.DataVersion(f"{settings.model_name}/{production.version}/{staging_version or '-'}"),
     )
 
 
-def _deployed(instance: dg.DagsterInstance) -> tuple[str | None, str | None]:
-    """(production, staging) versions of the latest production_deployment materialization."""
-    records = instance.fetch_materializations(production_deployment.key, limit=1).records
-    if not records:
-        return None, None
-    metadata = records[0].asset_materialization.metadata if records[0].asset_materialization else {}
-    staging = metadata["staging_version"].value if "staging_version" in metadata else "none"
-    return (metadata["model_version"].value if "model_version" in metadata else None), (None if staging == "none" else staging)
+DEPLOY_RETRY_SECONDS = 300  # a deployment that did not bring the service in line is requested again after this
+
+
+def _deployment_in_flight(instance: dg.DagsterInstance) -> bool:
+    """A production_deployment run is queued or running: its outcome is what to wait for."""
+    unfinished = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+    runs = instance.get_runs(dg.RunsFilter(statuses=unfinished), limit=20)
+    return any(production_deployment.key in (run.asset_selection or set()) for run in runs)
+
+
+def _check(passed: bool, description: str, **metadata: object) -> dg.AssetCheckEvaluation:
+    return dg.AssetCheckEvaluation(
+        asset_key=production_deployment.key, check_name=SERVING_CHECK, passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR, description=description, metadata=metadata,
+    )  # fmt: skip
 
 
 @dg.sensor(target=[production_deployment], minimum_interval_seconds=sensor_interval("registry_sensor", 30), default_status=dg.DefaultSensorStatus.RUNNING)
 def registry_sensor(
-    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
-) -> dg.SensorResult | dg.SkipReason:
-    """Deployment follows the registry: when `production` or `staging` points elsewhere than
-    what is deployed, request `production_deployment`, unless the version was moved outside
-    bridge without a passing gate record; then the `registry_authorised` check fails with the
-    reason (recorded in the audit trail) and nothing is deployed."""
+    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy,
+    serving: RayServing, alerting: Alerting,
+) -> dg.SensorResult | dg.SkipReason:  # fmt: skip
+    """Deployment follows the registry, checked against what the service itself says it
+    serves (its `/model`), not against what was last deployed: up but serving other versions
+    (a crash, a hand deploy, a stop of the app) → `production_deployment` is requested; not
+    answering at all → the `serving_matches_registry` check fails and an alert goes out, and
+    nothing is started behind people's backs. A version moved outside bridge is served only
+    with a passing gate record; otherwise `registry_authorised` fails with the reason."""
+    from serving.deploy import service_state
+
     registry = open_registry(storage, mlflow_tracking, actor="registry_sensor")
     production = registry.authorise(PRODUCTION_ALIAS)
     if production.version is None:
         return dg.SkipReason("no Production version yet")
     staging = registry.authorise(STAGING_ALIAS)
+    for moved in (m for m in (production, staging) if m.newly_recorded):
+        alerting.send(LoopEvent("out_of_band_move", moved.reason, registry.model_name, moved.version, {"alias": moved.alias, "deployable": moved.allowed}))
     wanted_staging = staging.version if staging.allowed and promotion.ab_staging_weight > 0 and staging.version != production.version else None
-    if (production.version, wanted_staging) == _deployed(context.instance):
-        return dg.SkipReason(f"the service is in line with the registry (v{production.version}, staging {wanted_staging or 'none'})")
-    moves = [r.key for r in registry.history() if r.to_stage in ("Production", "Staging")]
-    state = f"{production.version}/{wanted_staging or '-'}/{moves[-1] if moves else '-'}"
-    if context.cursor == state:
-        return dg.SkipReason(f"already handled {state}")
+    wanted = {"production": production.version} | ({"staging": wanted_staging} if wanted_staging else {})
+    cursor = json.loads(context.cursor) if context.cursor else {}
     if not production.allowed:
+        if cursor.get("refused") == production.version:
+            return dg.SkipReason(f"refused to deploy v{production.version} (reported)")
         refusal = dg.AssetCheckEvaluation(
             asset_key=production_deployment.key, check_name=AUTHORISED_CHECK, passed=False,
             severity=dg.AssetCheckSeverity.ERROR, metadata={"reason": production.reason, "version": production.version},
             description=production.reason,
         )  # fmt: skip
-        return dg.SensorResult(asset_events=[refusal], cursor=state)
-    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=state, tags={"bridge/registry_state": state})], cursor=state)
+        return dg.SensorResult(asset_events=[refusal], cursor=json.dumps(cursor | {"refused": production.version}))
+    served = service_state({**os.environ, **serving.settings().to_env()})
+    state = {"wanted": wanted, "served": served.versions, "status": served.status, "in_line": cursor.get("in_line")}
+    if served.status == "serving" and served.versions == wanted:
+        events = [_check(True, f"the service serves {wanted}")] if cursor.get("status") not in (None, "serving") or cursor.get("served") != wanted else []
+        return dg.SensorResult(asset_events=events, cursor=json.dumps(state | {"in_line": wanted}),
+                               skip_reason=None if events else f"the service serves what the registry says: {wanted}")  # fmt: skip
+    if served.status in ("down", "unreadable"):
+        if cursor.get("status") == served.status and cursor.get("wanted") == wanted:
+            return dg.SkipReason(f"still {served.status} (reported): {served.problem}")
+        summary = f"the service does not serve the registry's {wanted}: {served.problem}"
+        kind = "service_down" if served.status == "down" else "deployment_mismatch"
+        alerting.send(LoopEvent(kind, summary, registry.model_name, production.version, {"wanted": wanted, "url": served.url}))  # type: ignore[arg-type]
+        return dg.SensorResult(asset_events=[_check(False, summary, url=served.url, wanted=str(wanted))], cursor=json.dumps(state))
+    if _deployment_in_flight(context.instance):
+        return dg.SkipReason(f"a production_deployment run is under way (serving {served.versions or 'nothing'}, wanted {wanted})")
+    now = time.time()
+    if cursor.get("wanted") == wanted and cursor.get("served") == served.versions and now - cursor.get("requested_at", 0) < DEPLOY_RETRY_SECONDS:
+        return dg.SkipReason(f"deployment of {wanted} requested {now - cursor['requested_at']:.0f} s ago; serving {served.versions or 'nothing'}")
+    if cursor.get("in_line") == wanted:  # it served this registry state, and no longer does: not a registry move
+        mismatch = f"{served.url} serves {served.versions or 'nothing'} where the registry says {wanted}: redeploying"
+        alerting.send(LoopEvent("deployment_mismatch", mismatch, registry.model_name, production.version, {"wanted": wanted, "served": served.versions}))
+    key = "/".join(f"{k}={v}" for k, v in sorted(wanted.items())) + f"@{int(now)}"
+    request = dg.RunRequest(run_key=key, tags={"bridge/registry_state": key, "bridge/served": json.dumps(served.versions)})
+    return dg.SensorResult(run_requests=[request], cursor=json.dumps(state | {"requested_at": now}))

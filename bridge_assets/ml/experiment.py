@@ -89,6 +89,32 @@ def record_verdict(registry: Registry, evidence: ExperimentEvidence, feedback: F
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class VerdictAction:
+    """What the promotion policy did about a verdict, in words for people and the audit trail."""
+
+    action: str  # "promoted", "ended", "reported", "waiting"
+    summary: str
+
+
+def act_on_verdict(registry: Registry, evidence: ExperimentEvidence, policy: str) -> VerdictAction:
+    """The promotion policy (`BRIDGE_PROMOTION_POLICY`): `automatic` promotes on `promote` (the
+    verdict is the reason in the audit trail) and ends the experiment on `keep` (Staging goes
+    back to None; Production stays); `manual` only reports, leaving the `promote_model` run to
+    a person. An inconclusive verdict waits for more feedback under either policy."""
+    verdict, staging = evidence.report.verdict, evidence.staging_version
+    if verdict == "inconclusive":
+        return VerdictAction("waiting", f"v{staging}: inconclusive so far ({evidence.report.reason})")
+    if policy != "automatic":
+        how = "run promote_model (or `bridge promote`)" if verdict == "promote" else "end the experiment (unstage) or let it run"
+        return VerdictAction("reported", f"v{staging}: verdict {verdict}; the manual policy leaves it to a person: {how}")
+    if verdict == "promote":
+        previous = registry.promote_staging(staging)
+        return VerdictAction("promoted", f"v{staging} promoted to Production by the automatic policy (was v{previous})")
+    registry.unstage(f"A/B verdict keep, automatic policy: {evidence.report.reason}")
+    return VerdictAction("ended", f"experiment ended by the automatic policy: v{staging} kept out ({evidence.report.reason})")
+
+
 def plots_markdown(evidence: ExperimentEvidence) -> str:
     """Per-client MAE distributions and MAE with intervals per variant (base64 PNG in Markdown)."""
     import matplotlib

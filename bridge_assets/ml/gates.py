@@ -65,6 +65,12 @@ GATES: dict[str, str] = {
 }
 
 
+def _policy(value: str) -> str:
+    if value not in ("manual", "automatic"):
+        raise ValueError(f"BRIDGE_PROMOTION_POLICY must be manual or automatic, not {value!r}")
+    return value
+
+
 def _flag(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -88,6 +94,7 @@ class PromotionSettings:
     ab_power: float = 0.8
     ab_staging_weight: float = 0.5  # share of clients the Staging version serves while both exist
     ab_salt: str = "bridge"
+    promotion_policy: str = "manual"  # on an A/B verdict: "manual" reports it, "automatic" acts on it
     guardrail_seconds: float = 1800.0  # how long a new Production version is watched (0: never)
     guardrail_min_requests: int = 50  # on each side before live health is compared
     guardrail_error_margin: float = 0.02  # allowed rise in server-error rate (absolute)
@@ -116,6 +123,7 @@ class PromotionSettings:
             ab_power=number("BRIDGE_AB_POWER", defaults.ab_power),
             ab_staging_weight=number("BRIDGE_AB_STAGING_WEIGHT", defaults.ab_staging_weight),
             ab_salt=env.get("BRIDGE_AB_SALT") or defaults.ab_salt,
+            promotion_policy=_policy(env.get("BRIDGE_PROMOTION_POLICY") or defaults.promotion_policy),
             guardrail_seconds=number("BRIDGE_GUARDRAIL_SECONDS", defaults.guardrail_seconds),
             guardrail_min_requests=int(number("BRIDGE_GUARDRAIL_MIN_REQUESTS", defaults.guardrail_min_requests)),
             guardrail_error_margin=number("BRIDGE_GUARDRAIL_ERROR_MARGIN", defaults.guardrail_error_margin),

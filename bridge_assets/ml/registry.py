@@ -114,6 +114,7 @@ class Authorisation:
     allowed: bool
     out_of_band: bool
     reason: str
+    newly_recorded: bool = False  # this call wrote the out-of-band record (tell people once)
 
 
 class Registry:
@@ -279,10 +280,11 @@ class Registry:
                else f"v{version} has no passing gate record ({gates.reason if gates else 'never evaluated'}): not deployed")
         )  # fmt: skip
         already = [r for r in self.history(version) if r.action == "out_of_band" and r.to_stage == stage]
-        if not already or (moves and already[-1].key < moves[-1].key):
+        record = not already or (moves and already[-1].key < moves[-1].key)
+        if record:
             self.record("out_of_band", version, from_stage=self.stage(version), to_stage=stage, reason=reason,
                         evidence={"alias": alias, "gate_record": gates.key if gates else None, "deployable": passed})  # fmt: skip
-        return Authorisation(alias, version, passed, True, reason)
+        return Authorisation(alias, version, passed, True, reason, newly_recorded=bool(record))
 
     def promote_staging(self, version: str | None = None, *, override_reason: str | None = None) -> str | None:
         """Staging → Production, only with evidence: the version is in Staging (its gates

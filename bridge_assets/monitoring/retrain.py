@@ -11,10 +11,7 @@ round. Never a storm: at most one open retrain, and a cool-down between requests
 
 from __future__ import annotations
 
-import json
-import logging
 import re
-import urllib.request
 from dataclasses import dataclass
 
 import polars as pl
@@ -27,7 +24,6 @@ from bridge_assets.monitoring.settings import RetrainPolicy
 
 FEEDBACK_BATCH_PREFIX = "feedback-"
 _FEEDBACK_BATCH = re.compile(rf"^{FEEDBACK_BATCH_PREFIX}(\d{{8}}T\d{{6}}Z-\d+s)(?:-\d+)?$")
-log = logging.getLogger("bridge.monitoring")
 
 
 def feedback_rows(joined: pl.DataFrame) -> pl.DataFrame:
@@ -98,14 +94,3 @@ def decide_retrain(
     if seconds_since_last_request is not None and seconds_since_last_request < cooldown_seconds:
         return RetrainDecision("skip", f"cool-down: last retrain requested {seconds_since_last_request:.0f}s ago (< {cooldown_seconds}s)")
     return RetrainDecision("request", reason)
-
-
-def post_alert(url: str, payload: dict, timeout: float = 5.0) -> bool:
-    """POST the alert as JSON; a failing webhook is logged, never fatal to monitoring."""
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - configured URL
-            return 200 <= response.status < 300
-    except OSError as error:
-        log.warning("alert webhook %s failed: %s", url.split("?")[0], error)
-        return False

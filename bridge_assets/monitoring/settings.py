@@ -34,7 +34,6 @@ class MonitorSettings:
     decay_tolerance: float = 0.10  # RMSE may exceed the version's test RMSE by this share
     retrain_policy: RetrainPolicy = "manual"
     retrain_cooldown_seconds: int = 3600
-    alert_webhook: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MonitorSettings:
@@ -51,5 +50,4 @@ class MonitorSettings:
             decay_tolerance=float(env.get("BRIDGE_DECAY_TOLERANCE", "0.10")),
             retrain_policy=policy,  # type: ignore[arg-type]
             retrain_cooldown_seconds=int(env.get("BRIDGE_RETRAIN_COOLDOWN_SECONDS", "3600")),
-            alert_webhook=env.get("BRIDGE_ALERT_WEBHOOK") or None,
         )
