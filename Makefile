@@ -21,7 +21,7 @@ ifneq ($(wildcard $(STACK_ENV)),)
 demo serve: export BRIDGE_ENV_FILE := $(STACK_ENV)
 endif
 
-.PHONY: instance test-stack install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
+.PHONY: fuzz instance test-stack install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
 
 install: $(VENV)/.installed
 
@@ -89,6 +89,12 @@ test: install system-deps test-deps $(S3_SERVER_DEPS)
 # The production-shaped stack end to end (Postgres, MLflow server, two Ray nodes, Dagster daemon).
 test-stack: install system-deps $(S3_SERVER_DEPS)
 	$(BIN)/python -m pytest -q -m stack bridge_assets_tests/test_stack.py
+
+# Randomized fuzzing of the service from its OpenAPI schema: a new seed each run (printed; replay
+# with BRIDGE_FUZZ_SEED=<seed>), BRIDGE_FUZZ_SCALE times the examples of the fixed run in make test.
+fuzz: install
+	BRIDGE_FUZZ_SEED=$${BRIDGE_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')} BRIDGE_FUZZ_SCALE=$${BRIDGE_FUZZ_SCALE:-5} \
+	  $(BIN)/python -m pytest -q -s -p no:cacheprovider bridge_assets_tests/test_fuzz.py
 
 bench: install
 	$(BIN)/python bench/features.py --rows 1000000

@@ -1,8 +1,13 @@
 """Property-based fuzzing of every endpoint from the service's own OpenAPI schema (schemathesis
 generates valid and invalid requests; hypothesis drives them), plus hand-made hostile bodies.
-Nothing may answer 5xx, the replica must survive, and every reply must have its record."""
+Nothing may answer 5xx, the replica must survive, and every reply must have its record.
+
+`make test` runs a fixed, reproducible set (derandomized). `make fuzz` explores: a random seed
+(printed; `BRIDGE_FUZZ_SEED=<seed> make fuzz` replays it) and `BRIDGE_FUZZ_SCALE` times the
+examples (default 5) — for a maintainer to run for as long as they like."""
 
 import json
+import os
 import time
 import uuid
 
@@ -19,6 +24,9 @@ from serving.interactions import read_interactions
 # Examples per POST operation and mode (valid and invalid); GETs take no input (one request
 # each). At least 5,000 requests in all; batches are the slowest to generate, so fewer of them.
 EXAMPLES = {"/predict": 1200, "/predict/batch": 600, "/invocations": 900}
+EXPLORE_SEED = os.environ.get("BRIDGE_FUZZ_SEED")  # set (by `make fuzz`): a randomized run from this seed
+SCALE = float(os.environ.get("BRIDGE_FUZZ_SCALE") or 1)
+seeded = hypothesis.seed(int(EXPLORE_SEED)) if EXPLORE_SEED else (lambda test: test)
 
 
 def _records(store, request_ids: list[str], timeout: float = 60.0) -> pl.DataFrame:
@@ -44,9 +52,10 @@ def test_generated_requests_never_get_a_server_error_and_each_has_its_record(ser
         for mode in modes:
 
             @hypothesis.settings(
-                max_examples=EXAMPLES.get(operation.path, 1), deadline=None, database=None, derandomize=True,
-                suppress_health_check=list(HealthCheck), phases=[hypothesis.Phase.generate],
+                max_examples=round(EXAMPLES.get(operation.path, 1) * SCALE), deadline=None, database=None,
+                derandomize=EXPLORE_SEED is None, suppress_health_check=list(HealthCheck), phases=[hypothesis.Phase.generate],
             )  # fmt: skip
+            @seeded
             @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
             def send(case) -> None:
                 request_id = uuid.uuid4().hex
@@ -63,7 +72,7 @@ def test_generated_requests_never_get_a_server_error_and_each_has_its_record(ser
             counts[f"{operation.method.upper()} {operation.path} {mode.value}"] = len(replies) - sum(counts.values())
             seconds[f"{operation.path} {mode.value}"] = round(time.monotonic() - started, 1)
 
-    print(f"generated requests per operation and mode: {counts}; seconds: {seconds}")
+    print(f"seed {EXPLORE_SEED or 'fixed (derandomized)'}; generated requests per operation and mode: {counts}; seconds: {seconds}")
     assert len(replies) >= 5_000, counts
     assert server_errors == [], server_errors[:5]
     statuses = {status for _, status in replies.values()}
@@ -95,8 +104,9 @@ HOSTILE = {
 }
 
 
-def test_hostile_bodies_are_refused_with_a_4xx_on_every_endpoint(service):
+def test_hostile_bodies_are_refused_with_a_4xx_on_every_endpoint_each_with_its_record(service):
     session = requests.Session()
+    sent: dict[str, int] = {}
     for path in ("/predict", "/predict/batch", "/invocations"):
         for name, (body, content_type) in HOSTILE.items():
             request_id = f"hostile-{uuid.uuid4().hex[:8]}"
@@ -106,4 +116,9 @@ def test_hostile_bodies_are_refused_with_a_4xx_on_every_endpoint(service):
             )  # fmt: skip
             assert 400 <= reply.status_code < 500, (path, name, reply.status_code, reply.text[:300])
             assert reply.headers.get("X-Request-ID") == request_id
+            sent[request_id] = reply.status_code
     assert call(service.url, "/predict", REFERENCE_REQUEST)[0] == 200  # the replica is alive
+    logs = _records(service.store, list(sent))
+    by_request = {row["request_id"]: (row["status"], row["records"]) for row in
+                  logs.group_by("request_id").agg(pl.col("status").first(), pl.len().alias("records")).to_dicts()}  # fmt: skip
+    assert by_request == {rid: (status, 1) for rid, status in sent.items()}  # each refusal: exactly one record, its status

@@ -18,10 +18,12 @@ KILLED_REPLICA = """
 import os, signal, sys
 from bridge_assets.lake.storage import LocalStore
 from serving.interactions import InteractionLogger, record
-lake, spool = sys.argv[1:3]
-logger = InteractionLogger(lambda: LocalStore(lake), "replica-k", spool_dir=__import__("pathlib").Path(spool), flush_seconds=600)
+lake, spool, name = sys.argv[1:4]
+logger = InteractionLogger(lambda: LocalStore(lake), name, spool_dir=__import__("pathlib").Path(spool), flush_seconds=600)
+logger.orphans_swept.wait(60)
+print(logger.stats["swept"], flush=True)  # what its start swept of the replicas that died before it
 def rows(tag, n):
-    return [record(request_id=f"{tag}-{i}", endpoint="/predict", status=200, model_name="m", model_version="1",
+    return [record(request_id=f"{name}-{tag}-{i}", endpoint="/predict", status=200, model_name="m", model_version="1",
                    variant="production", latency_ms=1.0, prediction=float(i)) for i in range(n)]
 logger.log(rows("published", 100))
 logger.flush()
@@ -31,9 +33,12 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def _killed_replica(lake, spool) -> None:
-    done = subprocess.run([sys.executable, "-c", KILLED_REPLICA, str(lake), str(spool)], capture_output=True, text=True)
+def _killed_replica(lake, spool, name: str = "replica-k") -> int:
+    """A replica (own name, own request ids) that publishes 100 records, spools 50 and is
+    SIGKILLed; how many records its own start swept from dead replicas."""
+    done = subprocess.run([sys.executable, "-c", KILLED_REPLICA, str(lake), str(spool), name], capture_output=True, text=True)
     assert done.returncode == -signal.SIGKILL, done.stderr
+    return int(done.stdout.split()[0])
 
 
 def test_a_killed_replicas_records_are_published_once_by_a_sweep(tmp_path):
@@ -80,18 +85,23 @@ def test_an_interrupted_publication_ends_as_exactly_one_copy(tmp_path):
 
 
 def test_concurrent_sweeps_publish_each_record_once(tmp_path):
+    """Three replicas die one after another; each start sweeps the one before, and four sweeps
+    race for the last: every record of every replica is published once, by exactly one sweep."""
     store = LocalStore(tmp_path / "lake")
-    for _ in range(3):
-        _killed_replica(tmp_path / "lake", tmp_path / "spool")
+    started_sweeps = [_killed_replica(tmp_path / "lake", tmp_path / "spool", f"k{n}") for n in (1, 2, 3)]
+    assert started_sweeps == [0, 50, 50]  # k2's start published k1's 50 spooled records, k3's start k2's
     results = []
     sweeps = [threading.Thread(target=lambda: results.append(sweep(store, directory=tmp_path / "spool").records)) for _ in range(4)]
     for thread in sweeps:
         thread.start()
     for thread in sweeps:
         thread.join()
+    assert sorted(results) == [0, 0, 0, 50]  # k3's 50, by one of the four
     logged = read_interactions(store)
-    assert len(results) == 4 and logged.height == 450  # (each replica's start swept the one before: racing too)
-    assert logged.group_by("request_id").len()["len"].to_list() == [3] * 150  # 3 replicas, same ids, once each
+    assert logged.height == 450 and logged["request_id"].n_unique() == 450  # none twice, none lost
+    per_replica = dict(logged.group_by(pl.col("request_id").str.split("-").list.first()).len().iter_rows())
+    assert per_replica == {"k1": 150, "k2": 150, "k3": 150}
+    assert list((tmp_path / "spool").iterdir()) == []
 
 
 def test_a_long_lived_spool_rotates_once_published(tmp_path):

@@ -435,6 +435,7 @@ def test_a_stopped_stack_starts_again_with_every_object(stack: SimpleNamespace, 
     after = objects(restarted)
     assert {key: after.get(key) for key in before} == before  # every object, byte for byte (ETag)
     with _environment({**stack.base_env, **restarted.env}):
+        MlflowSettings.from_env().activate()  # the restarted server (a new port): MLflow's URI is process-wide
         model = mlflow.pyfunc.load_model(f"models:/{loop.model_name}/{loop.version}")  # its artifacts, read back
         houses = pd.DataFrame([{name: row[name] for name in FEATURES} for row in _traffic_rows(3, seed=9)])
         assert model.predict(houses).min() > 0

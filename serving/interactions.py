@@ -168,6 +168,7 @@ class InteractionLogger:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self.stats = {"written": 0, "dropped": 0, "files": 0, "flush_errors": 0, "swept": 0}
+        self.orphans_swept = threading.Event()  # set once the start's sweep of dead replicas' spools is done
         self._thread = threading.Thread(target=self._run, name="interaction-logger", daemon=True)
         self._thread.start()
 
@@ -186,6 +187,7 @@ class InteractionLogger:
 
     def _run(self) -> None:
         self.sweep_orphans()
+        self.orphans_swept.set()
         while not self._closed.is_set():
             self._wake.wait(self.flush_seconds)
             self._wake.clear()
