@@ -32,7 +32,7 @@ import polars as pl
 from bridge_assets.core.contract import CONTRACT_VERSION
 from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS
-from bridge_assets.lake.landing import labels_key, read_labels
+from bridge_assets.lake.landing import labels_key, landed_at, read_labels
 from bridge_assets.lake.raw import valid_key, validated_batch_ids
 from bridge_assets.lake.storage import LocalStore, ObjectStore
 
@@ -153,11 +153,13 @@ class FeatureStore:
         self.store.put_text(f"{self.prefix}LATEST", version.version)
 
     def scan(self, version: str | FeatureVersion) -> pl.LazyFrame:
-        """All rows of a version (lazily, straight from storage)."""
+        """All rows of a version (lazily, straight from storage). Parts written before a column
+        was added (`seen_at`) read it as null: the newest part's schema is the version's."""
         pinned = self.load(version) if isinstance(version, str) else version
         if not pinned.parts:
             raise ValueError(f"version {pinned.version} has no parts")
-        return self.store.scan_parquet([p.key for p in pinned.parts])
+        schema = self.store.scan_parquet([pinned.parts[-1].key]).collect_schema()
+        return self.store.scan_parquet([p.key for p in pinned.parts], schema=schema)
 
     def connect(self, version: str | FeatureVersion) -> duckdb.DuckDBPyConnection:
         """A DuckDB connection with the version as view `features`, for SQL by version id.
@@ -251,6 +253,14 @@ def feature_backlog(store: ObjectStore, table: str = DEFAULT_TABLE) -> list[str]
     return [b for b in validated_batch_ids(store) if b not in held and _needs_build(b, ledger.get(b), store)]
 
 
+def _seen_at(store: ObjectStore, batch_id: str) -> datetime:
+    """A batch's landing time; for validated rows whose landing object is gone, their validation time."""
+    try:
+        return landed_at(store, batch_id)
+    except FileNotFoundError:
+        return store.modified(valid_key(batch_id))
+
+
 def build_features(store: ObjectStore, table: str = DEFAULT_TABLE, *, publish: bool = True) -> FeatureBuild:
     """Add a part for every validated batch not yet in the latest version, then commit
     (and, with `publish`, make it the latest).
@@ -272,6 +282,7 @@ def build_features(store: ObjectStore, table: str = DEFAULT_TABLE, *, publish: b
             earlier=earlier,
             labels=labels,
             reference_rows=SEED_ROWS if batch_id == SEED_BATCH_ID else None,
+            seen_at=_seen_at(store, batch_id),
         )
         outcome = BatchOutcome(batch_id, prepared.rows.height, prepared.duplicates_dropped, prepared.awaiting_label)
         outcomes.append(outcome)

@@ -52,7 +52,7 @@ from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, PromotionRefused, Registry
 from bridge_assets.ml.round import split_rows
-from bridge_assets.ml.tracking import MODEL_SIGNATURE
+from bridge_assets.ml.tracking import MODEL_SIGNATURE, unseen_batches
 
 GATES: dict[str, str] = {
     "baseline": "RMSE and MAE not worse than the better linear baseline (by RMSE) beyond the tolerance",
@@ -219,12 +219,7 @@ def _champion_rows(
     `champion_recent_min_rows` such rows (or Production's feature version unknown), every test
     row: a small new sample would make the comparison noise."""
     every = np.ones(test.height, dtype=bool)
-    trained_on = registry.client.get_model_version(registry.model_name, production_version).tags.get("bridge.feature_version")
-    try:
-        seen = set(features.load(trained_on).batch_ids) if trained_on else None
-    except (FileNotFoundError, KeyError, ValueError):
-        seen = None
-    unseen = sorted(set(batch_ids) - seen) if seen is not None else []
+    unseen = unseen_batches(registry.client, registry.model_name, production_version, features, batch_ids) or []
     recent = test["batch_id"].is_in(unseen).to_numpy() if unseen else ~every
     if recent.sum() < settings.champion_recent_min_rows or recent.all():
         return every, f"Production v{production_version}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
+from bridge_assets.core.contract import FEATURES, ROW_ID, SEEN_AT, SEEN_AT_DTYPE, TARGET
 from bridge_assets.lake.landing import LandedBatch, land_batch, landed_batches, read_batch
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.monitoring.settings import RetrainPolicy
@@ -28,12 +28,15 @@ log = logging.getLogger("bridge.monitoring")
 
 
 def feedback_rows(joined: pl.DataFrame) -> pl.DataFrame:
-    """Batch rows from labelled traffic: a stable row id per served row, features, true price."""
+    """Batch rows from labelled traffic: a stable row id per served row, features, true price,
+    and when the house was seen (the request's time: what recency-aware training weights by)."""
     row_index = pl.col("row_index").cast(pl.String) if "row_index" in joined.columns else pl.lit("0")
+    seen = [pl.col("timestamp").cast(SEEN_AT_DTYPE).alias(SEEN_AT)] if "timestamp" in joined.columns else []
     return joined.select(
         (pl.lit("fb-") + pl.col("request_id").cast(pl.String) + pl.lit("-") + row_index).alias(ROW_ID),
         *(pl.col(c) for c in FEATURES),
         pl.col(TARGET).cast(pl.Float64),
+        *seen,
     ).unique(ROW_ID, keep="first", maintain_order=True)
 
 
