@@ -284,7 +284,7 @@ def log_round(
         best = result.best
         mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items()})
         mlflow.log_metrics({f"{name}_{k}": v for name, scores in result.baselines.items() for k, v in scores.items()})
-        mlflow.set_tags({"bridge.best_config": best.config.name, "bridge.best_run_id": run_ids[best.config.name], "bridge.choice": result.reason()[:5000]})
+        mlflow.set_tags({"bridge.best_config": best.config.name, "bridge.best_run_id": run_ids[best.config.name], **round_tags(result)})
         mlflow.log_text(result.choice_table(), "round_choice.md")
         mlflow.log_dict({**result.policy.to_dict(), "incumbent": result.incumbent, "validation": result.validation, "rows": result.rows, "skipped": result.skipped}, "round.json")
         experiment_id = parent.info.experiment_id
@@ -336,6 +336,7 @@ def round_tags(result: RoundResult) -> dict[str, str]:
         "bridge.option_hash": best.option_hash(result.policy, result.incumbent),
         "bridge.recency": json.dumps(result.policy.recency.to_dict(), sort_keys=True),
         "bridge.validation": result.validation,
+        "bridge.choice": result.reason()[:5000],
     }
     if result.incumbent is not None:
         tags["bridge.incumbent"] = result.incumbent

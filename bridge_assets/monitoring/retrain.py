@@ -6,7 +6,8 @@ as any batch and the next feature version contains it. A retrain then pins that 
 
 Policy (`BRIDGE_RETRAIN_POLICY`): `manual` alerts (failed check with the reason, optional
 webhook) and leaves a ready retraining job to launch; `automatic` requests one training
-round. Never a storm: at most one open retrain, and a cool-down between requests.
+round, the cheapest effective one first (`plan_retrain`: recalibration, then a full round).
+Never a storm: at most one open retrain, and a cool-down between requests.
 """
 
 from __future__ import annotations
@@ -80,6 +81,46 @@ def decide_retrain(
     if seconds_since_last_request is not None and seconds_since_last_request < cooldown_seconds:
         return RetrainDecision("skip", f"cool-down: last retrain requested {seconds_since_last_request:.0f}s ago (< {cooldown_seconds}s)")
     return RetrainDecision("request", reason)
+
+
+@dataclass(frozen=True)
+class RetrainAttempt:
+    """The newest version an earlier round made to replace the current Production."""
+
+    version: str
+    option: str  # what that round chose: recalibrate, finetune or scratch
+    gates_passed: bool | None  # None: its gates have not run yet
+    served: bool
+    decayed: bool  # its own realised decay in the window at hand
+
+
+@dataclass(frozen=True)
+class RetrainPlan:
+    action: str  # "recalibrate", "full" or "skip"
+    options: tuple[str, ...]
+    reason: str
+
+
+FULL_ROUND: tuple[str, ...] = ("recalibrate", "finetune", "scratch")
+
+
+def plan_retrain(alarms: list[str], attempt: RetrainAttempt | None) -> RetrainPlan:
+    """The cheapest effective action for a window's alarms. Realised decay (labels exist) is met
+    by recalibrating Production first — minutes, no network trained; only if that did not fix it
+    (the recalibrated version was blocked by its gates, or decays itself) does a full round run,
+    which compares all options again. Alarms without labels (drift, estimated decay) leave nothing
+    to recalibrate on: a full round. A served replacement without decay of its own means the
+    decay is handled: nothing to do."""
+    if not any("realised decay" in alarm for alarm in alarms):
+        return RetrainPlan("full", FULL_ROUND, "no labelled decay to recalibrate on")
+    if attempt is None:
+        return RetrainPlan("recalibrate", ("recalibrate",), "labelled decay: recalibrating Production is the cheapest fix")
+    if attempt.gates_passed is None:
+        return RetrainPlan("skip", (), f"v{attempt.version} ({attempt.option}) awaits its gates")
+    if attempt.served and not attempt.decayed:
+        return RetrainPlan("skip", (), f"v{attempt.version} ({attempt.option}) is served and shows no realised decay of its own")
+    why = "was blocked by its gates" if not attempt.gates_passed else "decays too" if attempt.decayed else "is not served"
+    return RetrainPlan("full", FULL_ROUND, f"v{attempt.version} ({attempt.option}) {why}: a full round")
 
 
 def post_alert(url: str, payload: dict, timeout: float = 5.0) -> bool:

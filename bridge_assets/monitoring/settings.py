@@ -35,6 +35,8 @@ class MonitorSettings:
     retrain_policy: RetrainPolicy = "manual"
     retrain_cooldown_seconds: int = 3600
     alert_webhook: str | None = None
+    retrain_half_life_hours: float | None = 24.0  # recency of a retrain's from-scratch option
+    retrain_window_hours: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MonitorSettings:
@@ -52,4 +54,19 @@ class MonitorSettings:
             retrain_policy=policy,  # type: ignore[arg-type]
             retrain_cooldown_seconds=int(env.get("BRIDGE_RETRAIN_COOLDOWN_SECONDS", "3600")),
             alert_webhook=env.get("BRIDGE_ALERT_WEBHOOK") or None,
+            retrain_half_life_hours=_hours(env, "BRIDGE_RETRAIN_HALF_LIFE_HOURS", cls.retrain_half_life_hours),
+            retrain_window_hours=_hours(env, "BRIDGE_RETRAIN_WINDOW_HOURS", cls.retrain_window_hours),
         )
+
+
+def _hours(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    """A positive number of hours, `none`/`off` for no limit, unset for the default."""
+    text = (env.get(name) or "").strip().lower()
+    if not text:
+        return default
+    if text in ("none", "off"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of hours or 'none', not {text!r}")
+    return value
