@@ -227,8 +227,8 @@ def prepare_batch(
     Rows still without a price (labels not landed yet) are counted, not kept: a feature row
     is a training example. For the seed batch, `reference_rows` (545) gives its rows the BridgeAI
     reference split by original position (`reference_split`; null for other batches). Every row
-    keeps when it was seen: its own `seen_at` if the batch carried one, else `seen_at` (the
-    batch's landing time).
+    keeps when it was seen if the batch carried a `seen_at`, else `seen_at` is given here (or
+    null: the feature table fills in the batch's landing time from its manifest).
     """
     if labels is not None:
         valid = (

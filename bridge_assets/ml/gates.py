@@ -53,7 +53,7 @@ from bridge_assets.core.recency import Recency
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, PromotionRefused, Registry
-from bridge_assets.ml.round import recency_weights, split_rows
+from bridge_assets.ml.round import split_rows, windowed
 from bridge_assets.ml.tracking import MODEL_SIGNATURE, unseen_batches
 
 GATES: dict[str, str] = {
@@ -412,9 +412,7 @@ def evaluate_version(registry: Registry, features: FeatureStore, version: str, s
     name, client = registry.model_name, registry.client
     details = client.get_model_version(name, str(version))
     recency = Recency.from_dict(json.loads(details.tags.get("bridge.recency") or "{}"))
-    weights = recency_weights(parts["train"], recency)
-    train = parts["train"] if weights is None else parts["train"].filter(pl.Series(weights > 0))
-    weights = None if weights is None else weights[weights > 0]
+    train, weights = windowed(parts["train"], recency)
     encode = Preprocessor.fit(train)
     x_train, x_test = encode.transform(train), encode.transform(test)
     baseline_predictions = {

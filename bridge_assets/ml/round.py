@@ -197,6 +197,19 @@ def recency_weights(rows: pl.DataFrame, recency: Recency) -> np.ndarray | None:
     return recency.weights(rows[SEEN_AT])
 
 
+def windowed(train: pl.DataFrame, recency: Recency) -> tuple[pl.DataFrame, np.ndarray | None]:
+    """The training rows inside `recency`'s window and their weights (None: all equal, as for a
+    window alone, so such a round trains exactly as a plain round on those rows)."""
+    weights = recency_weights(train, recency)
+    if weights is None:
+        return train, None
+    inside = weights > 0
+    if not inside.any():
+        raise ValueError(f"no training rows inside the recency window ({recency.describe()})")
+    weights = weights[inside]
+    return train.filter(pl.Series(inside)), None if np.all(weights == weights[0]) else weights
+
+
 def _scores(actual: np.ndarray, predicted: np.ndarray, prefix: str) -> dict[str, float]:
     return {f"{prefix}_{metric}": value for metric, value in regression_metrics(actual, predicted).items()}
 
@@ -221,9 +234,7 @@ def run_round(
     use_recent = bool(recent["validation"].sum() >= MIN_RECENT_ROWS and recent["train"].sum() >= MIN_RECENT_ROWS)
     validation = parts["validation"].filter(pl.Series(recent["validation"])) if use_recent else parts["validation"]
 
-    weights = recency_weights(parts["train"], policy.recency)
-    train = parts["train"] if weights is None else parts["train"].filter(pl.Series(weights > 0))
-    weights = None if weights is None else weights[weights > 0]
+    train, weights = windowed(parts["train"], policy.recency)
     recent_train = parts["train"].filter(pl.Series(recent["train"]))
     recent_test = parts["test"].filter(pl.Series(recent["test"]))
 
