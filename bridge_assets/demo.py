@@ -408,7 +408,10 @@ def _closed_loop(store: ObjectStore, url: str) -> None:
 
 def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None:
     """Production's and the new version's RMSE on the same post-rise rows (the test rows of the
-    batches Production never saw), and how much of Production's decay the new version recovered."""
+    batches Production never saw), and the share of Production's decay the new version recovered.
+    Decay is measured relative to the mean price of the rows it is measured on (a 50% rise alone
+    makes every error 50% larger): Production's relative RMSE before the rise, on its own test
+    rows, is the level a full recovery returns to."""
     settings = MlflowSettings.from_env()
     client = settings.activate()
     features = FeatureStore(store)
@@ -423,13 +426,17 @@ def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None
         v: regression_metrics(actual, mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{v}").predict(model_input(rows)))["rmse"]
         for v in (production, candidate)
     }
-    before = client.get_run(client.get_model_version(settings.model_name, production).run_id).data.metrics["test_rmse"]
+    trained = client.get_model_version(settings.model_name, production)
+    before = client.get_run(trained.run_id).data.metrics["test_rmse"]
+    own_test = features.scan(trained.tags["bridge.feature_version"]).filter(pl.col("split") == "test").select(pl.col("price").mean()).collect().item()
+    relative = {"before": before / own_test, **{v: value / actual.mean() for v, value in rmse.items()}}
     details = client.get_model_version(settings.model_name, candidate)
     print(f"  v{candidate} is {details.tags.get('bridge.option', 'scratch')}: {details.tags.get('bridge.choice', '')[:200]}")
-    print(f"  on the same {rows.height} post-rise test rows: Production v{production} RMSE {rmse[production]:,.0f} (test RMSE before the rise {before:,.0f}), "
+    print(f"  on the same {rows.height} post-rise test rows: Production v{production} RMSE {rmse[production]:,.0f}, "
           f"v{candidate} RMSE {rmse[candidate]:,.0f} = {rmse[candidate] / rmse[production]:.2f} × v{production}'s")
-    recovered = (rmse[production] - rmse[candidate]) / (rmse[production] - before) if rmse[production] > before else float("nan")
-    print(f"  decay recovered: {recovered:.0%} of v{production}'s rise from {before:,.0f} to {rmse[production]:,.0f}")
+    recovered = (relative[production] - relative[candidate]) / (relative[production] - relative["before"])
+    print(f"  decay recovered: {recovered:.0%} (RMSE / mean price: v{production} {relative['before']:.1%} before the rise, "
+          f"{relative[production]:.1%} after; v{candidate} {relative[candidate]:.1%})")
 
 
 def _utc(epoch: float) -> datetime:
