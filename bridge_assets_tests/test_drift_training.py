@@ -163,9 +163,12 @@ def test_a_round_after_a_level_shift_recalibrates_production_and_says_why(world,
     table = result.choice_table()
     assert table.count("**chosen**") == 1 and "v1-recalibrated" in table and "recent test RMSE" in table
     assert result.reason().startswith(f"{best.config.name} ({best.option}): validation RMSE")
-    # Without an incumbent, the options that need one are reported as not run.
+    # Without an incumbent, the options that need one are reported as not run; without rows it
+    # never saw, the round is the plain one and does not claim to replace it.
     alone = run_round(mixed, [QUICK], policy=policy)
     assert set(alone.skipped) == {"recalibrate", "finetune"} and "not run: no Production" in alone.choice_table()
+    nothing_new = run_round(world["old"], [QUICK], policy=RoundPolicy(policy.options), incumbent=Incumbent("1", production))
+    assert (nothing_new.incumbent, nothing_new.validation, set(nothing_new.skipped)) == (None, "all", {"recalibrate", "finetune"})
 
 
 def test_the_cheapest_option_within_min_gain_of_the_best_wins(production):

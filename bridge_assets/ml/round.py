@@ -300,8 +300,10 @@ def run_round(
         "test": parts["test"].height,
         **({"recent_train": recent_train.height, "recent_test": recent_test.height} if use_recent else {}),
     }
+    # The incumbent is named only when the round judged against what it never saw: a round on
+    # the data it was trained on did not set out to replace it.
     return RoundResult(
-        candidates, baselines, split, rows, policy, incumbent.version if incumbent else None, "recent" if use_recent else "all", skipped
+        candidates, baselines, split, rows, policy, incumbent.version if incumbent and use_recent else None, "recent" if use_recent else "all", skipped
     )
 
 
