@@ -15,7 +15,7 @@ from bridge_assets.core.metrics import LinearModel, regression_metrics
 from bridge_assets.core.recency import Recency
 from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.core.training import preset, train_model
-from bridge_assets.ml.round import Candidate, Incumbent, RoundPolicy, RoundResult, run_round
+from bridge_assets.ml.round import OPTIONS, Candidate, Incumbent, RoundPolicy, RoundResult, clearly_better, run_round
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
 RISE = Drift(price_factor=1.5)
@@ -153,10 +153,10 @@ def test_a_round_after_a_level_shift_recalibrates_production_and_says_why(world,
     recalibrated = result.candidates[0]
     assert recalibrated.model is production and recalibrated.trained_rows == 0 and np.exp(recalibrated.calibration.offset) == pytest.approx(1.5, rel=0.05)
     assert result.validation == "recent" and result.incumbent == "1"
-    # The choice: the cheapest option within 1% of the lowest recent validation RMSE.
-    lowest = min(c.metrics["val_rmse"] for c in result.candidates)
+    # The choice: a costlier option only where it is clearly better than the cheaper one chosen.
     best = result.best
-    assert best is next(c for c in result.candidates if c.metrics["val_rmse"] <= lowest * 1.01)
+    cheaper = [c for c in result.candidates if OPTIONS.index(c.option) < OPTIONS.index(best.option)]
+    assert all(clearly_better(best.val_errors, c.val_errors, 0.01) for c in cheaper)
     test = world["test"]
     for candidate in (recalibrated, best):
         assert rmse(candidate.predict_encoded(candidate.model.preprocessor.transform(test)), test) < 0.7 * rmse(production.predict(test), test)
@@ -171,15 +171,25 @@ def test_a_round_after_a_level_shift_recalibrates_production_and_says_why(world,
     assert (nothing_new.incumbent, nothing_new.validation, set(nothing_new.skipped)) == (None, "all", {"recalibrate", "finetune"})
 
 
-def test_the_cheapest_option_within_min_gain_of_the_best_wins(production):
-    baselines = {"linear": {"val_rmse": 200.0, "val_mae": 150.0}}
+def test_a_costlier_option_wins_only_by_more_than_min_gain_and_beyond_chance(production):
+    baselines = {"linear": {"val_rmse": 1e9, "val_mae": 1e9}}
+    rng = np.random.default_rng(7)
+    base = rng.normal(0, 100, 200)
 
-    def candidate(option: str, name: str, val_rmse: float) -> Candidate:
-        return Candidate(preset("default", name=name), production, {"val_rmse": val_rmse, "val_mae": 100.0}, option)
+    def candidate(option: str, errors: np.ndarray) -> Candidate:
+        scores = {"val_rmse": float(np.sqrt(np.mean(errors**2))), "val_mae": float(np.mean(np.abs(errors)))}
+        return Candidate(preset("default", name=f"{option}-{len(errors)}"), production, scores, option, val_errors=errors)
 
-    recalibrated, tuned, scratch = candidate("recalibrate", "r", 100.5), candidate("finetune", "f", 100.2), candidate("scratch", "s", 100.0)
+    recalibrated = candidate("recalibrate", base)
     policy = RoundPolicy(("recalibrate", "finetune", "scratch"), min_gain=0.01)
-    assert RoundResult([scratch, tuned, recalibrated], baselines, "hash", policy=policy).best is recalibrated
-    much_better = candidate("scratch", "s2", 95.0)  # more than 1% better: worth a new network
-    assert RoundResult([recalibrated, tuned, much_better], baselines, "hash", policy=policy).best is much_better
-    assert RoundResult([recalibrated, tuned, much_better], baselines, "hash", policy=RoundPolicy(min_gain=0.1)).best is recalibrated
+
+    def chosen(*others: Candidate, min_gain: float = 0.01) -> Candidate:
+        return RoundResult([*others, recalibrated], baselines, "hash", policy=RoundPolicy(policy.options, min_gain=min_gain)).best
+
+    assert chosen(candidate("finetune", base * 0.997)) is recalibrated  # 0.3% better: not worth it
+    clearly = candidate("scratch", base * 0.9)  # 10% better on every row
+    assert chosen(candidate("finetune", base * 0.997), clearly) is clearly
+    assert chosen(clearly, min_gain=0.2) is recalibrated
+    lucky = candidate("scratch", 0.95 * rng.permutation(base))  # 5% lower RMSE, but on other rows than it is paired with
+    assert lucky.metrics["val_rmse"] < 0.99 * recalibrated.metrics["val_rmse"] and chosen(lucky) is recalibrated
+    assert clearly_better(base * 0.9, base, 0.01) and not clearly_better(lucky.val_errors, base, 0.01)

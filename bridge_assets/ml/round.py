@@ -8,9 +8,10 @@ incumbent never saw (`recent_batches`; the hash split keeps every row in one par
 both trains and judges), and the from-scratch models and the linear baselines weight rows by
 `Recency` alike. Without recent rows the round is the plain one: the whole validation split.
 
-The choice prefers the cheapest option that is as good as the best: a costlier option must
-lower the validation RMSE by more than `min_gain` to win (recalibration < fine-tuning <
-training from scratch), so a few hundred validation rows' noise does not buy a new network.
+The choice prefers the cheapest option that is as good as the best: a costlier option
+(recalibration < fine-tuning < training from scratch) wins only if it lowers the validation
+RMSE by more than `min_gain` and beyond chance on those rows (a paired test of the squared
+errors, one-sided 95%), so a few hundred validation rows' noise does not buy a new network.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ QUALIFYING_METRICS = ("val_rmse", "val_mae")
 Option = Literal["recalibrate", "finetune", "scratch"]
 OPTIONS: tuple[Option, ...] = ("recalibrate", "finetune", "scratch")  # cheapest first
 MIN_RECENT_ROWS = 30  # recent training and validation rows needed to judge or fit on them
+SIGNIFICANCE_Z = 1.645  # one-sided 95%: how far beyond chance a costlier option must win
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class Candidate:
     calibration: Recalibration | None = None
     trained_rows: int = 0
     note: str = ""
+    val_errors: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)  # per validation row
 
     def predict_encoded(self, features: np.ndarray) -> np.ndarray:
         predictions = self.model.predict_encoded(features)
@@ -122,13 +125,19 @@ class RoundResult:
 
     @property
     def best(self) -> Candidate:
-        """The cheapest candidate whose validation RMSE is within `min_gain` of the lowest,
-        among those that qualify (with none qualifying, among all; the gate then says why).
-        Equal cost: the lower RMSE."""
+        """Among the candidates that qualify (with none qualifying, among all; the gate then says
+        why), the lowest validation RMSE of the cheapest option, replaced by a costlier option's
+        best only where that is `clearly_better`."""
         pool = [c for c in self.candidates if self.qualifies(c)] or self.candidates
-        lowest = min(c.metrics[SELECTION_METRIC] for c in pool)
-        good_enough = [c for c in pool if c.metrics[SELECTION_METRIC] <= lowest * (1 + self.policy.min_gain)]
-        return min(good_enough, key=lambda c: (OPTIONS.index(c.option), c.metrics[SELECTION_METRIC]))
+        per_option: dict[str, Candidate] = {}
+        for candidate in sorted(pool, key=lambda c: (OPTIONS.index(c.option), c.metrics[SELECTION_METRIC])):
+            per_option.setdefault(candidate.option, candidate)
+        chosen: Candidate | None = None
+        for candidate in per_option.values():
+            if chosen is None or clearly_better(candidate.val_errors, chosen.val_errors, self.policy.min_gain):
+                chosen = candidate
+        assert chosen is not None  # a round has at least one candidate
+        return chosen
 
     def reason(self) -> str:
         """Why the best candidate was chosen, in one sentence."""
@@ -139,7 +148,8 @@ class RoundResult:
         if lowest is not best:
             text += (
                 f"; {lowest.config.name} ({lowest.option}) scored {lowest.metrics[SELECTION_METRIC]:,.0f} but "
-                + ("did not beat every baseline" if not self.qualifies(lowest) else f"a costlier option must be better by more than {self.policy.min_gain:.0%}")
+                + ("did not beat every baseline" if not self.qualifies(lowest)
+                   else f"a costlier option must be better by more than {self.policy.min_gain:.0%} and beyond chance on these rows")
             )
         if not self.qualifies(best):
             text += "; no candidate beat every baseline on validation"
@@ -167,6 +177,19 @@ class RoundResult:
         for option, why in self.skipped.items():
             lines.append(f"| {option} | not run: {why} |" + " |" * (head.count("|") - 3))
         return "\n".join(lines)
+
+
+def clearly_better(challenger: np.ndarray, incumbent: np.ndarray, min_gain: float) -> bool:
+    """Whether the `challenger`'s errors beat the `incumbent`'s on the same rows: RMSE lower by
+    more than `min_gain`, and the mean drop in squared error more than `SIGNIFICANCE_Z` standard
+    errors above zero (paired rows: a few lucky rows do not count)."""
+    if len(challenger) < 2 or len(challenger) != len(incumbent):
+        return False
+    ours, theirs = np.square(challenger), np.square(incumbent)
+    if ours.mean() >= theirs.mean() * (1 - min_gain) ** 2:
+        return False
+    drop = theirs - ours
+    return bool(drop.mean() > SIGNIFICANCE_Z * drop.std(ddof=1) / np.sqrt(len(drop)))
 
 
 def split_rows(features: pl.DataFrame, split: str) -> dict[str, pl.DataFrame]:
@@ -242,28 +265,31 @@ def run_round(
     actual = {name: rows[TARGET].to_numpy() for name, rows in scored.items()}
     encode = Preprocessor.fit(train)
 
-    def evaluate(predict: Callable[[pl.DataFrame], np.ndarray]) -> dict[str, float]:
-        return {k: v for name, rows in scored.items() for k, v in _scores(actual[name], predict(rows), name).items()}
+    def evaluate(predict: Callable[[pl.DataFrame], np.ndarray]) -> tuple[dict[str, float], np.ndarray]:
+        """Metrics on every scored set, and the validation rows' errors (what choices compare)."""
+        predicted = {name: predict(rows) for name, rows in scored.items()}
+        metrics = {k: v for name in scored for k, v in _scores(actual[name], predicted[name], name).items()}
+        return metrics, predicted["val"] - actual["val"]
 
     baselines = {}
     x_train = encode.transform(train)
     for name, log_target in BASELINES.items():
         linear = LinearModel.fit(x_train, train[TARGET].to_numpy(), log_target=log_target, weights=weights)
-        baselines[name] = evaluate(lambda rows, linear=linear: linear.predict(encode.transform(rows)))
+        baselines[name] = evaluate(lambda rows, linear=linear: linear.predict(encode.transform(rows)))[0]
 
     candidates: list[Candidate] = []
     skipped: dict[str, str] = {}
     stage_rows = recent_train if use_recent else None
 
     def with_stage(candidate: Candidate) -> Candidate:
-        """A recalibration stage on a trained model, kept only if it lowers validation RMSE by
-        more than `min_gain`: a model that already learned the new level needs none."""
+        """A recalibration stage on a trained model, kept only if it is `clearly_better` on
+        validation: a model that already learned the new level needs none."""
         if stage_rows is None:
             return candidate
         stage = Recalibration.fit(stage_rows[TARGET].to_numpy(), candidate.model.predict(stage_rows), policy.calibration, _recent_words(policy))
         staged = replace(candidate, calibration=stage)
-        staged.metrics = evaluate(lambda rows: staged.predict_encoded(staged.model.preprocessor.transform(rows)))
-        return staged if staged.metrics[SELECTION_METRIC] < candidate.metrics[SELECTION_METRIC] * (1 - policy.min_gain) else candidate
+        staged.metrics, staged.val_errors = evaluate(lambda rows: staged.predict_encoded(staged.model.preprocessor.transform(rows)))
+        return staged if clearly_better(staged.val_errors, candidate.val_errors, policy.min_gain) else candidate
 
     for option in OPTIONS:
         if option not in policy.options:
@@ -273,7 +299,7 @@ def run_round(
                 model = train_model(train, validation, config, preprocessor=encode, sample_weights=weights)
                 note = f"recency {policy.recency.describe()}" if policy.recency.active else ""
                 candidate = Candidate(config, model, {}, "scratch", None, train.height, note)
-                candidate.metrics = evaluate(lambda rows, model=model: model.predict_encoded(model.preprocessor.transform(rows)))
+                candidate.metrics, candidate.val_errors = evaluate(lambda rows, model=model: model.predict_encoded(model.preprocessor.transform(rows)))
                 candidates.append(with_stage(candidate))
             continue
         if incumbent is None:
@@ -290,7 +316,7 @@ def run_round(
             config = replace(incumbent.model.config, name=f"v{incumbent.version}-finetuned")
             model = train_model(recent_train, validation, config, warm_start=incumbent.model)
             candidate = Candidate(config, model, {}, "finetune", None, recent_train.height, f"from Production v{incumbent.version}'s weights")
-        candidate.metrics = evaluate(lambda rows, c=candidate: c.predict_encoded(c.model.preprocessor.transform(rows)))
+        candidate.metrics, candidate.val_errors = evaluate(lambda rows, c=candidate: c.predict_encoded(c.model.preprocessor.transform(rows)))
         candidates.append(with_stage(candidate) if option == "finetune" else candidate)
     if not candidates:
         raise ValueError(f"no option of {list(policy.options)} could run: {skipped}")
