@@ -30,7 +30,7 @@ class TrainingRoundConfig(dg.Config):
     )
     recency_half_life_hours: float | None = Field(default=None, gt=0, description="weight training rows by age with this half-life")
     recency_window_hours: float | None = Field(default=None, gt=0, description="train from scratch only on rows this recent")
-    min_gain: float = Field(default=0.01, ge=0, description="how much better on recent validation a costlier option must be")
+    min_gain: float = Field(default=0.01, ge=0, description="how much lower (and beyond chance) a costlier option's recent validation RMSE must be")
     calibration: Literal["log_offset", "log_linear"] = Field(default="log_offset", description="the recalibration stage's form")
 
     @field_validator("options")
