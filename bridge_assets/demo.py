@@ -44,9 +44,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import dagster as dg
+import mlflow
 import polars as pl
 
 from bridge_assets.core.contract import FEATURES
+from bridge_assets.core.metrics import regression_metrics
 from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.defs.monitoring import REASON_TAG, RETRAIN_TAG
 from bridge_assets.lake.feature_store import FeatureStore
@@ -56,7 +58,8 @@ from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.lake.feedback import release_feedback, withheld_key
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, AuditRecord, Registry
-from bridge_assets.ml.tracking import MlflowSettings
+from bridge_assets.ml.gates import model_input
+from bridge_assets.ml.tracking import MlflowSettings, unseen_batches
 from bridge_assets.ml.traffic import TrafficResult, send_traffic
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX
 from bridge_assets.monitoring.settings import MonitorSettings
@@ -74,6 +77,8 @@ LOOP_CADENCES = {
     "BRIDGE_MONITOR_WINDOW_SECONDS": "120",
     "BRIDGE_RETRAIN_POLICY": "automatic",
     "BRIDGE_RETRAIN_COOLDOWN_SECONDS": "60",
+    # Minutes here stand for days: the retrain's recency weights rows by age at that scale too.
+    "BRIDGE_RETRAIN_HALF_LIFE_HOURS": "0.05",
     "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "2",
     # The demo's two cores train and profile while they serve: latency before and after a
     # promotion differs by load, not by model, so the guardrail judges errors strictly and
@@ -402,6 +407,7 @@ def _closed_loop(store: ObjectStore, url: str) -> None:
         with _stage("daemon: gates on the new candidate (automation)"):
             record = _wait_for(f"the gates on v{candidate}", lambda: _registry(store).gate_record(candidate), log_path)
             passed = _print_gates(record)
+        _print_recovery(store, production, candidate)
         if not passed:
             print(f"v{candidate} stays a candidate; Production v{production} keeps serving")
             return
@@ -413,6 +419,39 @@ def _closed_loop(store: ObjectStore, url: str) -> None:
             )  # fmt: skip
             experiment = json.load(urllib.request.urlopen(f"{url}/model", timeout=30))["response"]["experiment"]
             print(f"  serving {experiment['versions']} (Staging for {experiment['staging_weight']:.0%} of clients): the A/B experiment runs on live traffic")
+
+
+def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None:
+    """Production's and the new version's RMSE on the same post-rise rows (the test rows of the
+    batches Production never saw), and the share of Production's decay the new version recovered.
+    Decay is measured relative to the mean price of the rows it is measured on (a 50% rise alone
+    makes every error 50% larger): Production's relative RMSE before the rise, on its own test
+    rows, is the level a full recovery returns to."""
+    settings = MlflowSettings.from_env()
+    client = settings.activate()
+    features = FeatureStore(store)
+    latest = features.latest()
+    unseen = unseen_batches(client, settings.model_name, production, features, latest.batch_ids) or []
+    rows = features.scan(latest).collect().filter((pl.col("split") == "test") & pl.col("batch_id").is_in(unseen))
+    if rows.is_empty():
+        print(f"  no test rows Production v{production} never saw: nothing to compare")
+        return
+    actual = rows["price"].to_numpy()
+    rmse = {
+        v: regression_metrics(actual, mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{v}").predict(model_input(rows)))["rmse"]
+        for v in (production, candidate)
+    }
+    trained = client.get_model_version(settings.model_name, production)
+    before = client.get_run(trained.run_id).data.metrics["test_rmse"]
+    own_test = features.scan(trained.tags["bridge.feature_version"]).filter(pl.col("split") == "test").select(pl.col("price").mean()).collect().item()
+    relative = {"before": before / own_test, **{v: value / actual.mean() for v, value in rmse.items()}}
+    details = client.get_model_version(settings.model_name, candidate)
+    print(f"  v{candidate} is {details.tags.get('bridge.option', 'scratch')}: {details.tags.get('bridge.choice', '')[:200]}")
+    print(f"  on the same {rows.height} post-rise test rows: Production v{production} RMSE {rmse[production]:,.0f}, "
+          f"v{candidate} RMSE {rmse[candidate]:,.0f} = {rmse[candidate] / rmse[production]:.2f} × v{production}'s")
+    recovered = (relative[production] - relative[candidate]) / (relative[production] - relative["before"])
+    print(f"  decay recovered: {recovered:.0%} (RMSE / mean price: v{production} {relative['before']:.1%} before the rise, "
+          f"{relative[production]:.1%} after; v{candidate} {relative[candidate]:.1%})")
 
 
 def _utc(epoch: float) -> datetime:

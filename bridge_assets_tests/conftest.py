@@ -22,7 +22,7 @@ from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_thro
 from bridge_assets_tests.dagster_dev import DagsterDev, FirstRound, keep_artifact, run_first_round
 from bridge_assets_tests.webhook import AlertSink, alert_sink
 from serving.cluster import pick_free_ports
-from serving.deploy import stop_serving
+from serving.cluster import stop_serving
 from bridge_assets.lake.storage import ObjectStore
 
 # Tests never read a developer's `.env` (it could point them at a real lake or bucket).

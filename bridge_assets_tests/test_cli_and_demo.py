@@ -149,15 +149,16 @@ def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: 
     # gates → the new candidate served beside Production.
     assert "v1/production: realised decay" in demo.stdout
     assert "with feedback-" in demo.stdout and "→ candidate v3" in demo.stdout
-    # The network retrained on two price levels (no time feature) lands within about a percent
-    # of log-linear on the mixed test split, so the baseline gate passes v3 in most runs and
-    # blocks it in some (README, known limits): either way the loop reached the gates by
-    # automation, and each verdict must have its consequence.
-    v3_passed = "gates of v3: every gate passed" in demo.stdout
-    if v3_passed:
-        assert "serving {'production': '1', 'staging': '3'}" in demo.stdout
-    else:
-        assert "gates of v3: BLOCKED" in demo.stdout and "v3 stays a candidate; Production v1 keeps serving" in demo.stdout
+    # The price rise is a level shift: the policy's first, cheapest action recalibrates
+    # Production on the labelled traffic, the new version passes every gate and is served
+    # beside Production, and it recovers most of the decay on the same post-rise rows.
+    assert "v3 is recalibrate:" in demo.stdout
+    assert "gates of v3: every gate passed" in demo.stdout and "serving {'production': '1', 'staging': '3'}" in demo.stdout
+    (figures,) = [line for line in demo.stdout.splitlines() if "post-rise test rows: Production v1 RMSE" in line]
+    ratio = float(figures.split(" × v1's")[0].rsplit(" = ", 1)[1])
+    assert ratio <= 0.6, figures  # the issue's goal: new RMSE at most 0.6 x v1's
+    (recovered,) = [line for line in demo.stdout.splitlines() if "decay recovered: " in line]
+    assert int(recovered.split("decay recovered: ")[1].split("%")[0]) >= 80, recovered
     assert "time per stage: " in demo.stdout and "daemon: automatic retraining" in demo.stdout
 
     monkeypatch.setenv("DAGSTER_HOME", str(dagster_home))
@@ -173,7 +174,7 @@ def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: 
         }  # fmt: skip
     assert "interaction_logs_sensor" in launched["interaction_profiles"] and "monitor_windows_sensor" in launched["drift_report"]
     assert "retrain_sensor" in launched["candidate_model"] and "bridge_automation" in launched["staged_model"]
-    assert ("registry_sensor" in launched["production_deployment"]) == v3_passed
+    assert "registry_sensor" in launched["production_deployment"]
     assert f"latest: {version}" in demo.stdout
 
 

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 
 import polars as pl
 import pytest
@@ -85,3 +86,34 @@ def test_a_writer_dying_before_the_manifest_leaves_no_version(store: ObjectStore
 def test_unknown_version_is_a_clear_error(store: ObjectStore):
     with pytest.raises(KeyError, match="no version"):
         FeatureStore(store).load("0123456789abcdef")
+
+
+def test_every_row_knows_when_it_was_seen_and_older_parts_still_read(store: ObjectStore):
+    """Rows carry `seen_at`: their own time when the batch has one (labelled traffic: the
+    request's time), else their batch's landing time, kept in the manifest (so the same rows
+    landed elsewhere are still the same version). A part recorded before any of this reads as
+    null, so old lakes keep working."""
+    land_seed(store)
+    validate_batch(store, landed_batches(store)[0])
+    old = build_features(store).version
+    legacy = FeatureStore(store).scan(old).collect().drop("seen_at").with_columns(pl.lit("legacy").alias("batch_id"))
+    legacy_part = FeatureStore(store).write_part("legacy", legacy)  # as parts were written before: no time at all
+    asked = datetime(2025, 3, 1, 12, tzinfo=UTC)
+    traffic = pl.concat(list(HousingSimulator.fit().generate(300, seed=9, batch_id="traffic")))
+    traffic = traffic.with_columns(pl.when(pl.int_range(pl.len()) < 200).then(pl.lit(asked)).otherwise(None).alias("seen_at"))
+    land_batch(store, "traffic", [traffic])
+    validate_batch(store, next(b for b in landed_batches(store) if b.batch_id == "traffic"))
+    landed = store.modified("landing/batches/traffic/data.parquet")
+    assert abs((landed - datetime.now(UTC)).total_seconds()) < 600  # the object's publication time
+
+    newest = build_features(store).version
+    features = FeatureStore(store)
+    rows = features.scan(newest).collect()
+    seed_seen = rows.filter(pl.col("batch_id") == "housing-seed")["seen_at"].unique().to_list()
+    assert seed_seen == [store.modified("landing/batches/housing-seed/data.csv")]
+    assert newest.parts[0].landed_at == seed_seen[0].isoformat()  # in the manifest, not in the part's bytes
+    seen = rows.filter(pl.col("batch_id") == "traffic").sort("row_id")["seen_at"].to_list()
+    assert seen[:200] == [asked] * 200 and all(abs((s - landed).total_seconds()) < 1 for s in seen[200:])
+    mixed = features.commit([legacy_part], newest, publish=False)  # an old part beside new ones
+    read = features.scan(mixed).collect()
+    assert read.height == rows.height + legacy.height and read.filter(pl.col("batch_id") == "legacy")["seen_at"].null_count() == legacy.height

@@ -11,7 +11,7 @@ from bridge_assets.core.simulator import Drift
 from bridge_assets.monitoring.decay import error_stats, judge_realised
 from bridge_assets.monitoring.drift import DriftSettings, profile_drift
 from bridge_assets.monitoring.profiles import MONITORED_COLUMNS, PREDICTION
-from bridge_assets.monitoring.retrain import decide_retrain
+from bridge_assets.monitoring.retrain import FULL_ROUND, RetrainAttempt, decide_retrain, plan_retrain
 from bridge_assets.monitoring.settings import drift_settings_from_json
 from bridge_assets.monitoring.whylogs_compat import profile_frame, stock_profile
 from bridge_assets_tests.monitoring_support import rmse, trained, window_frame
@@ -121,3 +121,20 @@ def test_retrain_policy_never_storms():
     assert decide_retrain("automatic", alarms, open_retrains=1, seconds_since_last_request=None, cooldown_seconds=60).action == "skip"
     assert decide_retrain("automatic", alarms, open_retrains=0, seconds_since_last_request=10, cooldown_seconds=60).action == "skip"
     assert decide_retrain("automatic", [], open_retrains=0, seconds_since_last_request=None, cooldown_seconds=60).action == "skip"
+
+
+def test_the_retrain_plan_recalibrates_first_and_escalates_only_when_that_did_not_fix_it():
+    decayed = ["v1/production: realised decay (live RMSE 3,000,000 > test RMSE 1,000,000 +10%)"]
+    first = plan_retrain(decayed, None)
+    assert (first.action, first.options) == ("recalibrate", ("recalibrate",))
+    assert plan_retrain(["v1/production: feature drift in area (KS 0.2)"], None).options == FULL_ROUND  # no labels to fit on
+
+    def attempt(**changes) -> RetrainAttempt:
+        return RetrainAttempt(**{"version": "3", "option": "recalibrate", "gates_passed": True, "served": True, "decayed": False, **changes})
+
+    assert plan_retrain(decayed, attempt(gates_passed=None)).action == "skip"  # its gates decide first
+    handled = plan_retrain(decayed, attempt())
+    assert handled.action == "skip" and "no realised decay of its own" in handled.reason
+    for outcome, why in ((attempt(gates_passed=False, served=False), "blocked by its gates"), (attempt(decayed=True), "decays too")):
+        escalated = plan_retrain(decayed + ["v3/staging: realised decay (…)"], outcome)
+        assert (escalated.action, escalated.options) == ("full", FULL_ROUND) and why in escalated.reason

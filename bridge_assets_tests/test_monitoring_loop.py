@@ -15,6 +15,7 @@ from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.defs.monitoring import (
+    ACTION_TAG,
     REASON_TAG,
     drift_report,
     interaction_logs_sensor,
@@ -29,13 +30,11 @@ from bridge_assets.defs.monitoring import (
     window_profiles,
 )
 from bridge_assets.defs.training import candidate_model
-from bridge_assets.core.training import preset
-from bridge_assets.lake.feature_store import FeatureStore, build_features
+from bridge_assets.lake.feature_store import build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
-from bridge_assets.ml.round import run_round
 from bridge_assets.ml.registry import Registry
-from bridge_assets.ml.tracking import MlflowSettings, log_round
+from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.monitoring.profiles import window_id
 from bridge_assets.monitoring.whylogs_compat import deserialize
 from bridge_assets_tests.monitoring_support import log_traffic, window_frame
@@ -163,23 +162,28 @@ def test_drift_and_decay_are_caught_and_what_was_seen_is_retrained_on(lake_env, 
         seen_features = build_features(store).version
         assert landed <= set(seen_features.batch_ids) and seen_features.version != first_features
 
-        # ... then requests exactly one round pinned to it, with the reason; no storm after.
+        # ... then requests exactly one round pinned to it, the cheapest fix first (recalibrate
+        # Production on the labelled rows), with the reason; no storm after.
         requested = tick(retrain_sensor, defs, instance)
         (retrain,) = requested.run_requests
-        assert retrain.run_config["ops"]["candidate_model"]["config"]["feature_version"] == seen_features.version
+        requested_round = retrain.run_config["ops"]["candidate_model"]["config"]
+        assert requested_round["feature_version"] == seen_features.version
+        assert requested_round["options"] == ["recalibrate"] and retrain.tags[ACTION_TAG] == "recalibrate"
+        assert requested_round["recency_half_life_hours"] == 24.0  # BRIDGE_RETRAIN_HALF_LIFE_HOURS's default
         assert "realised decay" in retrain.tags[REASON_TAG]
         assert tick(retrain_sensor, defs, instance, requested.cursor).run_requests == []  # cool-down, though a window still alarms
-        pinned = {**ROUND, **retrain.run_config["ops"]["candidate_model"]["config"]}
-        assert train(defs, instance, pinned, retrain.tags)["model_version"] == "2"
-        assert client.get_model_version(settings.model_name, "2").tags["bridge.feature_version"] == seen_features.version
+        pinned = {**ROUND, **requested_round}
+        recalibrated = train(defs, instance, pinned, retrain.tags)
+        assert (recalibrated["model_version"], recalibrated["best_option"], recalibrated["incumbent"]) == ("2", "recalibrate", "1")
+        assert recalibrated["validation"] == "recent" and "log_offset" in recalibrated["calibration"]
+        tags = client.get_model_version(settings.model_name, "2").tags
+        assert tags["bridge.feature_version"] == seen_features.version and tags["bridge.option"] == "recalibrate"
 
-        # The same data and configuration again: nothing new is registered, and it says so.
-        rows = FeatureStore(store).scan(seen_features.version).collect()
-        config = preset("default", max_epochs=ROUND["max_epochs"])
-        again = log_round(settings, run_round(rows, [config]), feature_version=seen_features.version, store=store)
-        assert (again.model_version, again.new_version) == ("2", False)
+        # The same data, configuration and option again: nothing new is registered, and it says so.
+        again = train(defs, instance, pinned, retrain.tags)
+        assert again["model_version"] == "2"
         assert sorted(str(v.version) for v in client.search_model_versions(f"name='{settings.model_name}'")) == ["1", "2"]
-        assert client.get_run(again.parent_run_id).data.tags["bridge.registered"] == "nothing new: equals version 2"
+        assert client.get_run(again["mlflow_parent_run_id"]).data.tags["bridge.registered"] == "nothing new: equals version 2"
 
     # Manual policy: the failed check, one typed `decay` event at the webhook, and no training.
     with alert_sink() as hook:

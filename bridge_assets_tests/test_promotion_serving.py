@@ -1,6 +1,7 @@
 """Promotion against the real Ray Serve of the session: simulated clients through the A/B
 router with delayed feedback into the A/B report, a rollback under continuous load that fails
-no request, and the post-deploy guardrail rolling back a version that fails live traffic.
+no request, the post-deploy guardrail rolling back a version that fails live traffic, and a
+recalibrated version priced alike by Serve, batch scoring and MLflow.
 Deployment follows the registry through `registry_sensor`, as the daemon would run it."""
 
 import math
@@ -11,18 +12,27 @@ from pathlib import Path
 import dagster as dg
 import mlflow
 import numpy as np
+import pandas as pd
 import polars as pl
 import pytest
 import torch
 from ray import serve
 
+from bridge_assets.core.contract import FEATURES, ROW_ID, validate
+from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.pyfunc import HousingPyfunc
-from bridge_assets.core.simulator import load_seed_data
+from bridge_assets.core.simulator import Drift, HousingSimulator, load_seed_data
 from bridge_assets.core.training import PriceNet, TrainedModel
 from bridge_assets.definitions import build_defs
+from bridge_assets.defs.raw import raw_batches
+from bridge_assets.defs.resources import lake_storage, mlflow_tracking
+from bridge_assets.defs.scoring import batch_predictions, predictions_key
+from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.feedback import release_feedback
+from bridge_assets.lake.raw import valid_key
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
-from bridge_assets.ml.tracking import MODEL_SIGNATURE
+from bridge_assets.ml.round import Incumbent, RoundPolicy, run_round
+from bridge_assets.ml.tracking import MODEL_SIGNATURE, load_registered, log_round
 from bridge_assets.ml.traffic import send_traffic
 from bridge_assets_tests.serving_support import call, continuous_load, free_port
 from bridge_assets_tests.webhook import alert_sink
@@ -236,3 +246,40 @@ def test_deployment_follows_what_the_service_serves_and_reports_a_service_that_d
     assert sink.kinds() == ["deployment_mismatch", "deployment_mismatch", "service_down"]
     assert sink.received[0]["details"] == {"wanted": {"production": production}, "served": {"production": other}}
     assert sink.received[2]["version"] == production and sink.received[2]["details"]["wanted"] == {"production": production}
+
+
+def test_a_recalibrated_version_prices_alike_in_serve_batch_scoring_and_mlflow(service, bridge):
+    """A "recalibrate only" round on Production (prices rose 50% in a batch it never saw) gives a
+    version whose stage travels with it: Ray Serve, batch scoring and `mlflow.pyfunc` all apply it."""
+    registry, follow, defs, instance, production = bridge
+    name, store = service.settings.model_name, service.store
+    features = FeatureStore(store)
+    latest = features.latest()
+    risen = pl.concat(list(HousingSimulator.fit().generate(600, seed=31, batch_id="risen", drift=Drift(price_factor=1.5))))
+    rows = pl.concat([features.scan(latest).collect(), prepare_batch(validate(risen).valid, "risen").rows])
+    model, _ = load_registered(name, production)
+    policy = RoundPolicy(("recalibrate",), recent_batches=frozenset({"risen"}))
+    result = run_round(rows, [], policy=policy, incumbent=Incumbent(production, model))
+    recalibrated = log_round(service.settings, result, feature_version=latest.version, store=store).model_version
+    tags = service.client.get_model_version(name, recalibrated).tags
+    assert (tags["bridge.option"], tags["bridge.incumbent"]) == ("recalibrate", production) and "log_offset" in tags["bridge.calibration"]
+    registry.set_production(recalibrated, reason="test: a recalibrated version")
+    assert len(follow()) == 1
+
+    house = store.scan_parquet([valid_key("sim-serve")]).collect().head(1)
+    body = house.select(FEATURES).with_columns(pl.col(pl.Enum).cast(pl.String)).row(0, named=True)
+    status, reply, _ = call(service.url, "/predict", body)
+    assert status == 200 and reply["response"]["model_version"] == recalibrated
+    with dg.instance_for_test() as scoring:
+        scoring.add_dynamic_partitions(raw_batches.name, ["sim-serve"])
+        scored = dg.materialize([batch_predictions], partition_key="sim-serve", instance=scoring, resources={"storage": lake_storage(), "mlflow_tracking": mlflow_tracking()})
+    assert scored.success
+    offline = store.scan_parquet([predictions_key("sim-serve", recalibrated)]).collect().filter(pl.col(ROW_ID) == house[ROW_ID][0])
+    frame = pd.DataFrame([body])
+    through_mlflow = mlflow.pyfunc.load_model(f"models:/{name}/{recalibrated}").predict(frame)[0]
+    assert reply["response"]["prediction"] == pytest.approx(through_mlflow, rel=1e-6)
+    assert offline["prediction"][0] == pytest.approx(through_mlflow, rel=1e-6)
+    # ... and it is the stage at work: Production's own price times the fitted factor (about 1.5).
+    stage = result.best.calibration
+    before = mlflow.pyfunc.load_model(f"models:/{name}/{production}").predict(frame)[0]
+    assert through_mlflow == pytest.approx(before * np.exp(stage.offset), rel=1e-6) and 1.35 < np.exp(stage.offset) < 1.65

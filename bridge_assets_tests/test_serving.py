@@ -33,7 +33,8 @@ from bridge_assets.ml.traffic import send_traffic
 from bridge_assets_tests.conftest import s3_environment
 from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, continuous_load, deploy_through_dagster
 from serving.cluster import ClusterSettings
-from serving.deploy import ServingSettings, api_key_status, deploy, stop_serving
+from serving.cluster import stop_serving
+from serving.deploy import ServingSettings, api_key_status, deploy
 from serving.interactions import read_interactions
 from serving.router import assign
 

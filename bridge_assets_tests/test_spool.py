@@ -1,14 +1,12 @@
 """The write-ahead spool: records of a SIGKILLed process reach the lake exactly once, however a
 publication was interrupted and however many sweeps run."""
 
-import os
 import signal
 import subprocess
 import sys
 import threading
 
 import polars as pl
-import pytest
 
 from bridge_assets.lake.storage import LocalStore
 from serving.interactions import InteractionLogger, read_interactions, record, sweep, write_spooled

@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -32,7 +31,7 @@ from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.ml.registry import PRODUCTION_ALIAS
 from bridge_assets.ml.tracking import MlflowSettings
 from serving.cluster import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings, check_compatible, connect
-from serving.cluster import start_serve, stop_serving
+from serving.cluster import start_serve
 from serving.cluster import main as cluster_main
 from serving.guards import ApiKeys, load_api_keys
 from serving.model import ServedModel, version_for_alias

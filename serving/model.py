@@ -2,27 +2,25 @@
 Serve deployment that hosts one version (a variant) behind the ingress.
 
 The service calls the version's own preprocessing state and network directly (the same
-`TrainedModel` the pyfunc wraps), so predictions equal `mlflow.pyfunc.load_model(...).predict`
-while skipping pandas per request.
+`TrainedModel` and recalibration stage the pyfunc wraps), so predictions equal
+`mlflow.pyfunc.load_model(...).predict` while skipping pandas per request.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import polars as pl
 from mlflow.tracking import MlflowClient
 from ray import serve
 
+from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.pyfunc import check_rows
 from bridge_assets.core.training import PriceNet, TrainedModel
-from bridge_assets.ml.tracking import MlflowSettings
+from bridge_assets.ml.tracking import MlflowSettings, load_registered
 
 
 @dataclass
@@ -36,13 +34,12 @@ class ServedModel:
     feature_version: str
     model: TrainedModel
     net: PriceNet
+    calibration: Recalibration | None = None  # the version's recalibration stage, as the pyfunc applies it
 
     @classmethod
     def load(cls, client: MlflowClient, name: str, version: str, alias: str | None = None) -> ServedModel:
         details = client.get_model_version(name, version)
-        with tempfile.TemporaryDirectory(prefix="bridge-model-") as scratch:  # read fully, then gone
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts", dst_path=scratch))
-            model = TrainedModel.load(local / "weights.pth", local / "model.json")
+        model, calibration = load_registered(name, version)
         return cls(
             name=name,
             version=str(version),
@@ -51,6 +48,7 @@ class ServedModel:
             feature_version=details.tags.get("bridge.feature_version", "unknown"),
             model=model,
             net=model.network(),
+            calibration=calibration,
         )
 
     def predict(self, rows: pl.DataFrame, *, checked: bool = False) -> np.ndarray:
@@ -60,7 +58,8 @@ class ServedModel:
         same rules (bounds and levels come from the contract); encoding still normalises them.
         """
         valid = rows if checked else check_rows(rows)
-        return self.model.predict_encoded(self.model.preprocessor.transform(valid), self.net)
+        predictions = self.model.predict_encoded(self.model.preprocessor.transform(valid), self.net)
+        return self.calibration.apply(predictions) if self.calibration else predictions
 
     def info(self) -> dict[str, Any]:
         return {
@@ -70,6 +69,7 @@ class ServedModel:
             "run_id": self.run_id,
             "feature_version": self.feature_version,
             "config": self.model.config.to_dict(),
+            "calibration": self.calibration.describe() if self.calibration else None,
         }
 
 

@@ -62,6 +62,20 @@ SCHEMA: dict[str, pl.DataType] = {
     TARGET: pl.Float64(),
 }
 COLUMNS: tuple[str, ...] = (ROW_ID, *FEATURES, TARGET)
+# When a row was seen (optional in a batch, e.g. the request time of labelled traffic; else its
+# batch's landing time): what recency-aware training weights by.
+SEEN_AT = "seen_at"
+SEEN_AT_DTYPE = pl.Datetime("us", "UTC")
+
+
+def seen_at_values(column: pl.Series) -> pl.Series:
+    """A `seen_at` column as UTC datetimes; an unreadable value becomes null (the caller falls
+    back to the batch's landing time), never a reason to quarantine a row."""
+    if isinstance(column.dtype, pl.Datetime):
+        typed = column.dt.replace_time_zone("UTC") if column.dtype.time_zone is None else column.dt.convert_time_zone("UTC")
+    else:
+        typed = column.cast(pl.String).str.to_datetime(strict=False, time_zone="UTC")
+    return typed.cast(SEEN_AT_DTYPE).alias(SEEN_AT)
 
 
 class ContractError(ValueError):
@@ -191,6 +205,7 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     valid = staged.filter(~bad).select(
         row_id.cast(pl.String),
         *(pl.col(f"__typed_{c}").cast(SCHEMA[c]).alias(c) for c in (*FEATURES, TARGET)),
+        *([seen_at_values(frame[SEEN_AT]).filter(~bad)] if SEEN_AT in frame.columns else []),
     )
     reasons = [pl.when(condition).then(pl.lit(message)) for condition, message in checks]
     quarantined = staged.filter(bad).select(

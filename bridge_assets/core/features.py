@@ -7,6 +7,7 @@ take the same code path.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ from bridge_assets.core.contract import (
     FEATURES,
     NUMERIC_FEATURES,
     ROW_ID,
+    SEEN_AT,
+    SEEN_AT_DTYPE,
     TARGET,
     normalise_category,
     repeated_values,
@@ -217,12 +220,15 @@ def prepare_batch(
     earlier: pl.LazyFrame | None = None,
     labels: pl.DataFrame | None = None,
     reference_rows: int | None = None,
+    seen_at: datetime | None = None,
 ) -> PreparedBatch:
     """Validated raw rows → feature rows: labels joined, duplicates dropped, splits assigned.
 
     Rows still without a price (labels not landed yet) are counted, not kept: a feature row
     is a training example. For the seed batch, `reference_rows` (545) gives its rows the BridgeAI
-    reference split by original position (`reference_split`; null for other batches).
+    reference split by original position (`reference_split`; null for other batches). Every row
+    keeps when it was seen if the batch carried a `seen_at`, else `seen_at` is given here (or
+    null: the feature table fills in the batch's landing time from its manifest).
     """
     if labels is not None:
         valid = (
@@ -232,7 +238,11 @@ def prepare_batch(
         )
     labelled = valid.filter(pl.col(TARGET).is_not_null())
     kept, dropped = drop_exact_duplicates(labelled, earlier)
-    rows = add_split_columns(kept).with_columns(pl.lit(batch_id).alias("batch_id"))
+    landed = pl.lit(seen_at, dtype=SEEN_AT_DTYPE)
+    own = pl.col(SEEN_AT).cast(SEEN_AT_DTYPE) if SEEN_AT in kept.columns else None
+    rows = add_split_columns(kept).with_columns(
+        pl.lit(batch_id).alias("batch_id"), (landed if own is None else pl.coalesce(own, landed)).alias(SEEN_AT)
+    )
     if reference_rows is not None:
         positions = rows[ROW_ID].str.extract(r"-(\d+)$").cast(pl.Int64).to_numpy()
         labels_by_position = reference_split(reference_rows)
@@ -240,7 +250,7 @@ def prepare_batch(
     else:
         rows = rows.with_columns(pl.lit(None, dtype=pl.String).alias("reference_split"))
     return PreparedBatch(
-        rows=rows.select(ROW_ID, "batch_id", *FEATURES, TARGET, "split", "reference_split"),
+        rows=rows.select(ROW_ID, "batch_id", *FEATURES, TARGET, "split", "reference_split", SEEN_AT),
         duplicates_dropped=dropped,
         awaiting_label=valid.height - labelled.height,
     )

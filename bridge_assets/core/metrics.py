@@ -33,16 +33,21 @@ class LinearModel:
     log_target: bool
 
     @classmethod
-    def fit(cls, features: np.ndarray, target: np.ndarray, *, log_target: bool = False, ridge: float = 0.0) -> LinearModel:
-        """Ordinary (or ridge) least squares; the one-hot columns' collinearity is harmless."""
+    def fit(
+        cls, features: np.ndarray, target: np.ndarray, *, log_target: bool = False, ridge: float = 0.0, weights: np.ndarray | None = None
+    ) -> LinearModel:
+        """Ordinary (or ridge) least squares, optionally weighted per row (recency); the one-hot
+        columns' collinearity is harmless."""
         y = np.log(target) if log_target else np.asarray(target, dtype=np.float64)
-        x_mean, y_mean = features.mean(axis=0), y.mean()
-        centred = features - x_mean
+        w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+        x_mean, y_mean = np.average(features, axis=0, weights=w), float(np.average(y, weights=w))
+        root = np.sqrt(w / w.mean())[:, None]  # mean weight 1: `ridge` keeps its unweighted meaning
+        centred, residual = (features - x_mean) * root, (y - y_mean) * root[:, 0]
         if ridge:
             gram = centred.T @ centred + ridge * np.eye(features.shape[1])
-            coefficients = np.linalg.solve(gram, centred.T @ (y - y_mean))
+            coefficients = np.linalg.solve(gram, centred.T @ residual)
         else:
-            coefficients, *_ = np.linalg.lstsq(centred, y - y_mean, rcond=None)
+            coefficients, *_ = np.linalg.lstsq(centred, residual, rcond=None)
         return cls(coefficients, float(y_mean - x_mean @ coefficients), log_target)
 
     def predict(self, features: np.ndarray) -> np.ndarray:

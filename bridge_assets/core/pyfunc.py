@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
+from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.contract import FEATURES, ROW_ID, validate
 from bridge_assets.core.training import TrainedModel
 
@@ -41,12 +42,16 @@ def check_rows(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 class HousingPyfunc(mlflow.pyfunc.PythonModel):
-    """Loads `weights` (.pth) and `model` (JSON: preprocessing, config) from the artifacts."""
+    """Loads `weights` (.pth), `model` (JSON: preprocessing, config) and, if the version has one,
+    `calibration` (JSON: the recalibration stage applied after the network) from the artifacts."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.model = TrainedModel.load(context.artifacts["weights"], context.artifacts["model"])
         self.net = self.model.network()
+        stage = context.artifacts.get("calibration")
+        self.calibration = Recalibration.load(stage) if stage else None
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         rows = check_rows(pl.from_pandas(pd.DataFrame(model_input)))
-        return self.model.predict_encoded(self.model.preprocessor.transform(rows), self.net)
+        predictions = self.model.predict_encoded(self.model.preprocessor.transform(rows), self.net)
+        return self.calibration.apply(predictions) if self.calibration else predictions

@@ -182,15 +182,43 @@ def _tensor(matrix: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
 
 
+def _checked_weights(weights: np.ndarray | None, rows: int) -> np.ndarray | None:
+    """Per-row training weights as float64, or None for equal weights; refuses what cannot weight."""
+    if weights is None:
+        return None
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.shape != (rows,):
+        raise ValueError(f"need one sample weight per training row ({rows}), got shape {weights.shape}")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+        raise ValueError("sample weights must be finite, non-negative and not all zero")
+    return weights
+
+
 def train_model(
     train_rows: pl.DataFrame,
     validation_rows: pl.DataFrame,
     config: TrainConfig,
     preprocessor: Preprocessor | None = None,
+    *,
+    sample_weights: np.ndarray | None = None,
+    warm_start: TrainedModel | None = None,
 ) -> TrainedModel:
     """Fit preprocessing on the training rows (or take one already fitted on them), then train
-    with early stopping on validation."""
+    with early stopping on validation.
+
+    `sample_weights` (one per training row, e.g. recency) make every epoch draw its rows with
+    probability proportional to their weight, and the linear warm start a weighted ridge fit:
+    the weighted squared error is what is minimised, at the cost of an unweighted epoch.
+    `warm_start` fine-tunes an existing model instead of training a new one: its network,
+    preprocessing and target scaling are kept (so epoch 0 is that model), and `config` must
+    describe the same network."""
     torch.manual_seed(config.seed)
+    if warm_start is not None:
+        if (config.hidden, config.linear_skip, config.log_target) != (
+            warm_start.config.hidden, warm_start.config.linear_skip, warm_start.config.log_target
+        ):  # fmt: skip
+            raise ValueError(f"config {config.name!r} describes another network than the model it fine-tunes ({warm_start.config.name!r})")
+        preprocessor = warm_start.preprocessor
     preprocessor = preprocessor or Preprocessor.fit(train_rows)
     x_train = preprocessor.transform(train_rows)
     x_val = preprocessor.transform(validation_rows)
@@ -198,11 +226,18 @@ def train_model(
     y_val = validation_rows[TARGET].to_numpy().astype(np.float64)
     if config.log_target:
         y_train, y_val = np.log(y_train), np.log(y_val)
-    mean, std = float(y_train.mean()), float(y_train.std()) or 1.0
+    weights = _checked_weights(sample_weights, len(y_train))
+    if warm_start is not None:
+        mean, std = warm_start.target_mean, warm_start.target_std
+    else:
+        mean = float(np.average(y_train, weights=weights))
+        std = float(np.sqrt(np.average((y_train - mean) ** 2, weights=weights))) or 1.0
 
     net = PriceNet(x_train.shape[1], config.hidden, config.linear_skip)
-    if net.skip is not None:  # warm start: the ridge solution on the scaled target
-        ridge = LinearModel.fit(x_train, (y_train - mean) / std, ridge=config.ridge)
+    if warm_start is not None:
+        net.load_state_dict(warm_start.state_dict)
+    elif net.skip is not None:  # warm start: the (weighted) ridge solution on the scaled target
+        ridge = LinearModel.fit(x_train, (y_train - mean) / std, ridge=config.ridge, weights=weights)
         with torch.no_grad():
             net.skip.weight.copy_(torch.from_numpy(ridge.coefficients).float().unsqueeze(0))
             net.skip.bias.fill_(ridge.intercept)
@@ -211,6 +246,7 @@ def train_model(
     optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = nn.MSELoss()
     generator = torch.Generator().manual_seed(config.seed)
+    draw = torch.from_numpy(weights) if weights is not None else None
 
     def validation_loss() -> float:
         net.eval()
@@ -223,7 +259,10 @@ def train_model(
     best_state = copy.deepcopy(net.state_dict())
     history: list[dict[str, float | None]] = [{"epoch": 0, "train_loss": None, "val_loss": best_loss}]
     for epoch in range(1, config.max_epochs + 1):
-        order = torch.randperm(len(features), generator=generator)
+        if weights is None:
+            order = torch.randperm(len(features), generator=generator)
+        else:
+            order = torch.multinomial(draw, len(features), replacement=True, generator=generator)
         total = 0.0
         for start in range(0, len(order), config.batch_size):
             batch = order[start : start + config.batch_size]

@@ -32,14 +32,21 @@ from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import landed_batches
 from bridge_assets.lake.storage import ObjectStore
-from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
 from bridge_assets.monitoring.drift import DriftSettings
 from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, report_window, unprofiled_objects
 from bridge_assets.monitoring.profiles import window_rows, window_slices, window_versions, windows_with_members
 from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
 from bridge_assets.monitoring.report import summary_markdown
 from bridge_assets.monitoring.alerts import LoopEvent
-from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX, decide_retrain, land_feedback_batch
+from bridge_assets.monitoring.retrain import (
+    FEEDBACK_BATCH_PREFIX,
+    RetrainAttempt,
+    RetrainDecision,
+    decide_retrain,
+    land_feedback_batch,
+    plan_retrain,
+)
 from bridge_assets.monitoring.settings import MonitorSettings, drift_settings_from_json
 
 monitor_windows = dg.DynamicPartitionsDefinition(name="monitor_windows")
@@ -47,6 +54,7 @@ model_versions = dg.DynamicPartitionsDefinition(name="model_versions")
 MONITORING_OWNER = "team:ml-engineering"
 RETRAIN_TAG = "bridge/retrain"
 REASON_TAG = "bridge/retrain_reason"
+ACTION_TAG = "bridge/retrain_action"  # recalibrate or full (plan_retrain)
 WINDOW_TAG = "bridge/window"
 LABELS_PREFIX = "feedback/labels/"
 RETRY_SECONDS = 600  # a requested object still unprofiled after this long is requested again
@@ -62,6 +70,8 @@ class Monitoring(dg.ConfigurableResource):
     decay_tolerance: float = 0.10
     retrain_policy: str = "manual"
     retrain_cooldown_seconds: int = 3600
+    retrain_half_life_hours: float | None = 24.0
+    retrain_window_hours: float | None = None
 
     def settings(self) -> MonitorSettings:
         return MonitorSettings(
@@ -71,6 +81,8 @@ class Monitoring(dg.ConfigurableResource):
             decay_tolerance=self.decay_tolerance,
             retrain_policy=self.retrain_policy,  # type: ignore[arg-type]
             retrain_cooldown_seconds=self.retrain_cooldown_seconds,
+            retrain_half_life_hours=self.retrain_half_life_hours,
+            retrain_window_hours=self.retrain_window_hours,
         )
 
 
@@ -83,6 +95,8 @@ def monitoring(env: Mapping[str, str] = os.environ) -> Monitoring:
         decay_tolerance=settings.decay_tolerance,
         retrain_policy=settings.retrain_policy,
         retrain_cooldown_seconds=settings.retrain_cooldown_seconds,
+        retrain_half_life_hours=settings.retrain_half_life_hours,
+        retrain_window_hours=settings.retrain_window_hours,
     )
 
 
@@ -234,6 +248,7 @@ def drift_report(
     return dg.MaterializeResult(
         metadata={
             "alarms": dg.MetadataValue.json(report.alarms),
+            "retrain_outcomes": dg.MetadataValue.json(report.retrain_outcomes),
             "summary": dg.MetadataValue.md(summary_markdown(report)),
             "plots": dg.MetadataValue.md("\n\n".join(plots) or "no reference yet"),
             "report_json": dg.MetadataValue.path(store.uri(keys["json"])),
@@ -344,13 +359,34 @@ def _feedback_pending(store: ObjectStore, window: str, included: set[str]) -> li
     return [b.batch_id for b in landed_batches(store) if b.batch_id.startswith(f"{FEEDBACK_BATCH_PREFIX}{window}") and b.batch_id not in included]
 
 
+def _attempt(registry: Registry, served: set[str], alarms: list[str]) -> RetrainAttempt | None:
+    """The newest version a round made to replace the current Production (tag `bridge.incumbent`),
+    with what became of it: the evidence `plan_retrain` escalates on."""
+    production = registry.version_for(PRODUCTION_ALIAS)
+    made = [v for v in registry.client.search_model_versions(f"name='{registry.model_name}'") if production and v.tags.get("bridge.incumbent") == production]
+    if not made:
+        return None
+    newest = max(made, key=lambda v: int(v.version))
+    version, gates = str(newest.version), registry.gate_record(str(newest.version))
+    return RetrainAttempt(
+        version=version,
+        option=newest.tags.get("bridge.option", "scratch"),
+        gates_passed=None if gates is None else gates.action == "gates_passed",
+        served=version in served,
+        decayed=any(a.startswith(f"v{version}/") and "realised decay" in a for a in alarms),
+    )
+
+
 @dg.sensor(target=[candidate_model], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("retrain_sensor", 30))
 def retrain_sensor(
     context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring
 ) -> dg.SensorResult:
     """The retrain policy on each new drift report with alarms. `automatic`: one training
     round, pinned to the newest feature version once it holds the window's labelled traffic,
-    reason as a run tag; never while another retrain is open or within the cool-down.
+    the cheapest effective one (`plan_retrain`: recalibrate Production first, a full round if
+    that did not fix it), with the retrain recency (`BRIDGE_RETRAIN_HALF_LIFE_HOURS`,
+    `BRIDGE_RETRAIN_WINDOW_HOURS`), reason and action as run tags; never while another retrain
+    is open or within the cool-down.
     `manual`: nothing is launched (the report's checks failed and the webhook was called).
     Only alarms about a version still served count, and a window already retrained on is not
     again: windows are re-reported when labels or references arrive, and an old window's
@@ -381,12 +417,26 @@ def retrain_sensor(
             pending = _feedback_pending(store, window, set(latest.batch_ids) if latest else set())
             if pending or latest is None:
                 return dg.SensorResult(skip_reason=f"waiting for labelled traffic {pending} to reach a feature version", cursor=json.dumps(state))
-            state = {"after": record.storage_id, "last_request": time.time()}
-            run_config = {"ops": {"candidate_model": {"config": {"feature_version": latest.version}}}}
-            tags = {RETRAIN_TAG: "automatic", REASON_TAG: decision.reason[:1000], WINDOW_TAG: window, "bridge/feature_version": latest.version}
-            return dg.SensorResult(
-                run_requests=[dg.RunRequest(run_key=f"retrain:{record.storage_id}", run_config=run_config, tags=tags)], cursor=json.dumps(state)
-            )
+            plan = plan_retrain(alarms, _attempt(registry, served, alarms))
+            if plan.action == "skip" and "awaits its gates" in plan.reason:
+                return dg.SensorResult(skip_reason=f"window {window}: {plan.reason}", cursor=json.dumps(state))
+            if plan.action != "skip":
+                state = {"after": record.storage_id, "last_request": time.time()}
+                round_config = {
+                    "feature_version": latest.version,
+                    "options": list(plan.options),
+                    "recency_half_life_hours": settings.retrain_half_life_hours,
+                    "recency_window_hours": settings.retrain_window_hours,
+                }
+                tags = {
+                    RETRAIN_TAG: "automatic", ACTION_TAG: plan.action, REASON_TAG: f"{plan.reason} — {decision.reason}"[:1000],
+                    WINDOW_TAG: window, "bridge/feature_version": latest.version,
+                }  # fmt: skip
+                return dg.SensorResult(
+                    run_requests=[dg.RunRequest(run_key=f"retrain:{record.storage_id}", run_config={"ops": {"candidate_model": {"config": round_config}}}, tags=tags)],
+                    cursor=json.dumps(state),
+                )
+            decision = RetrainDecision("skip", plan.reason)
         state = {**state, "after": record.storage_id}
         context.log.info(f"window {window}: {decision.action} ({decision.reason})")
     return dg.SensorResult(skip_reason=f"{settings.retrain_policy} policy: {decision.action} ({decision.reason})"[:1000], cursor=json.dumps(state))

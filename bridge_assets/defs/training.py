@@ -3,12 +3,14 @@
 from typing import Literal
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from bridge_assets.core.recency import Recency
 from bridge_assets.core.training import PRESETS, preset
 from bridge_assets.defs.audit import run_actor
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, TrainingLauncher
+from bridge_assets.ml.round import OPTIONS
 
 
 class TrainingRoundConfig(dg.Config):
@@ -21,6 +23,24 @@ class TrainingRoundConfig(dg.Config):
     feature_version: str | None = Field(default=None, description="pin a feature version (default: latest)")
     max_epochs: int | None = Field(default=None, ge=1, description="cap epochs for every preset")
     seed: int | None = Field(default=None, description="override every preset's seed")
+    options: list[str] = Field(
+        default=list(OPTIONS),
+        min_length=1,
+        description="what the round compares: recalibrate Production, fine-tune Production's weights on the rows it never saw, "
+        f"train the presets from scratch (the first two need a Production version); some of {list(OPTIONS)}",
+    )
+    recency_half_life_hours: float | None = Field(default=None, gt=0, description="weight training rows by age with this half-life")
+    recency_window_hours: float | None = Field(default=None, gt=0, description="train from scratch only on rows this recent")
+    min_gain: float = Field(default=0.01, ge=0, description="how much lower (and beyond chance) a costlier option's recent validation RMSE must be")
+    calibration: Literal["log_offset", "log_linear"] = Field(default="log_offset", description="the recalibration stage's form")
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: list[str]) -> list[str]:
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown round option(s) {unknown}; choose from {list(OPTIONS)}")
+        return options
 
     def configs(self) -> list[dict]:
         overrides = {k: v for k, v in (("max_epochs", self.max_epochs), ("seed", self.seed)) if v is not None}
@@ -43,12 +63,22 @@ def candidate_model(
     mlflow_tracking: MlflowTracking,
     training: TrainingLauncher,
 ) -> dg.MaterializeResult:
-    """The best model of a training round, registered in MLflow as a candidate (stage "None").
+    """The best option of a training round, registered in MLflow as a candidate (stage "None").
 
     Training runs in its own process through Dagster Pipes, reads a pinned feature version,
-    and reports MLflow links, metrics against the linear baselines and the loss curve back.
+    compares recalibrating and fine-tuning Production with training from scratch on the rows
+    Production never saw, and reports MLflow links, the options table (why one won), metrics
+    against the linear baselines and the loss curve back.
     """
-    extras = {"configs": config.configs(), "split": config.split, "feature_version": config.feature_version}
+    extras = {
+        "configs": config.configs(),
+        "split": config.split,
+        "feature_version": config.feature_version,
+        "options": config.options,
+        "recency": Recency(config.recency_half_life_hours, config.recency_window_hours).to_dict(),
+        "min_gain": config.min_gain,
+        "calibration": config.calibration,
+    }
     # the registration in the training process is recorded as this run (and what launched it)
     env = {**storage.settings().to_env(), **mlflow_tracking.settings().to_env(), "BRIDGE_ACTOR": run_actor(context)}
     return training.run(context, extras=extras, env=env).get_materialize_result()

@@ -3,7 +3,8 @@
 Layout under `features/<table>/`:
 
     parts/<sha256>.parquet      one per batch, named by the hash of its bytes, never rewritten
-    versions/<version>.json     manifest: the ordered parts, row counts per split, contract
+    versions/<version>.json     manifest: the ordered parts (with each batch's landing time),
+                                row counts per split, contract
     LATEST                      the newest version id (a pointer, replaced atomically)
     ledger/<batch_id>.json      why a validated batch has no part: every row a duplicate,
                                 or every row still awaiting its label
@@ -29,10 +30,10 @@ from datetime import UTC, datetime
 import duckdb
 import polars as pl
 
-from bridge_assets.core.contract import CONTRACT_VERSION
+from bridge_assets.core.contract import CONTRACT_VERSION, SEEN_AT, SEEN_AT_DTYPE
 from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS
-from bridge_assets.lake.landing import labels_key, read_labels
+from bridge_assets.lake.landing import labels_key, landed_at, read_labels
 from bridge_assets.lake.raw import valid_key, validated_batch_ids
 from bridge_assets.lake.storage import LocalStore, ObjectStore
 
@@ -48,6 +49,7 @@ class Part:
     sha256: str
     rows: int
     rows_per_split: dict[str, int]
+    landed_at: str | None = None  # ISO time the batch landed: `seen_at` of rows without their own
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,10 @@ class FeatureStore:
         keys = self.store.list(f"{self.prefix}versions/")
         return [k.rsplit("/", 1)[-1].removesuffix(".json") for k in keys if k.endswith(".json")]
 
-    def write_part(self, batch_id: str, rows: pl.DataFrame) -> Part:
-        """Store a batch's rows under the hash of their bytes (a no-op if already stored)."""
+    def write_part(self, batch_id: str, rows: pl.DataFrame, landed_at: datetime | None = None) -> Part:
+        """Store a batch's rows under the hash of their bytes (a no-op if already stored); its
+        landing time goes into the manifest, not the bytes, so the same rows landed in another
+        lake or at another time are the same part and version."""
         buffer = io.BytesIO()
         rows.write_parquet(buffer, compression="zstd", statistics=True)
         data = buffer.getvalue()
@@ -131,7 +135,8 @@ class FeatureStore:
         if not self.store.exists(key):
             self.store.put_bytes(key, data)
         counts = rows.group_by("split").len().sort("split")
-        return Part(batch_id, key, sha, rows.height, dict(zip(counts["split"], counts["len"], strict=True)))
+        per_split = dict(zip(counts["split"], counts["len"], strict=True))
+        return Part(batch_id, key, sha, rows.height, per_split, landed_at.isoformat() if landed_at else None)
 
     def commit(self, new_parts: list[Part], base: FeatureVersion | None = None, *, publish: bool = True) -> FeatureVersion:
         """A version of `base`'s parts plus `new_parts`, manifest written after the parts; with
@@ -153,11 +158,17 @@ class FeatureStore:
         self.store.put_text(f"{self.prefix}LATEST", version.version)
 
     def scan(self, version: str | FeatureVersion) -> pl.LazyFrame:
-        """All rows of a version (lazily, straight from storage)."""
+        """All rows of a version (lazily, straight from storage), each with `seen_at`: its own
+        time if its batch carried one, else its batch's landing time from the manifest (null for
+        parts recorded before landing times were)."""
         pinned = self.load(version) if isinstance(version, str) else version
         if not pinned.parts:
             raise ValueError(f"version {pinned.version} has no parts")
-        return self.store.scan_parquet([p.key for p in pinned.parts])
+        schema = pl.Schema({**self.store.scan_parquet([pinned.parts[-1].key]).collect_schema(), SEEN_AT: SEEN_AT_DTYPE})
+        landed = {p.batch_id: datetime.fromisoformat(p.landed_at) for p in pinned.parts if p.landed_at}
+        by_batch = pl.col("batch_id").replace_strict(landed, default=None, return_dtype=SEEN_AT_DTYPE) if landed else pl.lit(None, SEEN_AT_DTYPE)
+        rows = self.store.scan_parquet([p.key for p in pinned.parts], schema=schema)
+        return rows.with_columns(pl.coalesce(pl.col(SEEN_AT), by_batch).alias(SEEN_AT))
 
     def connect(self, version: str | FeatureVersion) -> duckdb.DuckDBPyConnection:
         """A DuckDB connection with the version as view `features`, for SQL by version id.
@@ -251,6 +262,14 @@ def feature_backlog(store: ObjectStore, table: str = DEFAULT_TABLE) -> list[str]
     return [b for b in validated_batch_ids(store) if b not in held and _needs_build(b, ledger.get(b), store)]
 
 
+def _landed_at(store: ObjectStore, batch_id: str) -> datetime:
+    """A batch's landing time; for validated rows whose landing object is gone, their validation time."""
+    try:
+        return landed_at(store, batch_id)
+    except FileNotFoundError:
+        return store.modified(valid_key(batch_id))
+
+
 def build_features(store: ObjectStore, table: str = DEFAULT_TABLE, *, publish: bool = True) -> FeatureBuild:
     """Add a part for every validated batch not yet in the latest version, then commit
     (and, with `publish`, make it the latest).
@@ -279,7 +298,7 @@ def build_features(store: ObjectStore, table: str = DEFAULT_TABLE, *, publish: b
             entry = {**asdict(outcome), "status": outcome.status, "labels_landed": labels is not None}
             store.put_text(_ledger_key(table, batch_id), json.dumps({"schema_version": LEDGER_SCHEMA_VERSION, **entry}))
             continue
-        parts.append(features.write_part(batch_id, prepared.rows))
+        parts.append(features.write_part(batch_id, prepared.rows, _landed_at(store, batch_id)))
         new_rows = prepared.rows.lazy()
         earlier = new_rows if earlier is None else pl.concat([earlier, new_rows])
     if base is None and not parts:

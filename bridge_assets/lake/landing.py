@@ -71,6 +71,14 @@ def landed_batches(store: ObjectStore) -> list[LandedBatch]:
     return [LandedBatch(m.group(1), m.group(0)) for m in found if m]
 
 
+def landed_at(store: ObjectStore, batch_id: str) -> datetime:
+    """When a batch landed: its data object's publication time (any uploader's, not only ours)."""
+    for fmt in ("parquet", "csv"):
+        if store.exists(key := batch_key(batch_id, fmt)):
+            return store.modified(key)
+    raise FileNotFoundError(f"batch {batch_id!r} has not landed")
+
+
 def land_batch(
     store: ObjectStore,
     batch_id: str,

@@ -19,6 +19,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -66,6 +67,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
         """Keys under `prefix` (sorted), never including unpublished temporaries."""
+
+    @abstractmethod
+    def modified(self, key: str) -> datetime:
+        """When `key` was last published (UTC): a batch's landing time, whoever uploaded it."""
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
@@ -131,12 +136,17 @@ class ObjectStore(ABC):
         frame.write_parquet(buffer, statistics=True)
         self.put_bytes(key, buffer.getvalue())
 
-    def scan_parquet(self, keys: list[str]) -> pl.LazyFrame:
-        """Lazily read Parquet objects (schemas must agree) without downloading them first."""
+    def scan_parquet(self, keys: list[str], *, schema: pl.Schema | None = None) -> pl.LazyFrame:
+        """Lazily read Parquet objects without downloading them first. Their schemas must agree,
+        unless `schema` is given: then a column an object lacks reads as nulls (older objects
+        written before a column was added)."""
         if not keys:
             raise ValueError("no Parquet objects to scan")
         return pl.scan_parquet(
-            [self.uri(k) for k in keys], storage_options=self.polars_storage_options
+            [self.uri(k) for k in keys],
+            storage_options=self.polars_storage_options,
+            schema=schema,
+            missing_columns="raise" if schema is None else "insert",
         )
 
 
@@ -191,6 +201,9 @@ class LocalStore(ObjectStore):
             for p in base.rglob("*")
             if p.is_file() and not p.name.startswith(_TEMP_MARK)
         )
+
+    def modified(self, key: str) -> datetime:
+        return datetime.fromtimestamp(self._path(key).stat().st_mtime, UTC)
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
@@ -290,6 +303,9 @@ class S3Store(ObjectStore):
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
             keys.extend(item["Key"][strip:] for item in page.get("Contents", []))
         return sorted(keys)
+
+    def modified(self, key: str) -> datetime:
+        return self.client.head_object(Bucket=self.bucket, Key=self._key(key))["LastModified"].astimezone(UTC)
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

@@ -24,6 +24,7 @@ budgets come from `PromotionSettings.from_env` (variables `BRIDGE_GATE_*`, `BRID
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -48,11 +49,12 @@ from bridge_assets.core.contract import (
 )
 from bridge_assets.core.features import Preprocessor
 from bridge_assets.core.metrics import BASELINES, LinearModel, regression_metrics
+from bridge_assets.core.recency import Recency
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, PromotionRefused, Registry
-from bridge_assets.ml.round import split_rows
-from bridge_assets.ml.tracking import MODEL_SIGNATURE
+from bridge_assets.ml.round import split_rows, windowed
+from bridge_assets.ml.tracking import MODEL_SIGNATURE, unseen_batches
 
 GATES: dict[str, str] = {
     "baseline": "RMSE and MAE not worse than the better linear baseline (by RMSE) beyond the tolerance",
@@ -227,12 +229,7 @@ def _champion_rows(
     `champion_recent_min_rows` such rows (or Production's feature version unknown), every test
     row: a small new sample would make the comparison noise."""
     every = np.ones(test.height, dtype=bool)
-    trained_on = registry.client.get_model_version(registry.model_name, production_version).tags.get("bridge.feature_version")
-    try:
-        seen = set(features.load(trained_on).batch_ids) if trained_on else None
-    except (FileNotFoundError, KeyError, ValueError):
-        seen = None
-    unseen = sorted(set(batch_ids) - seen) if seen is not None else []
+    unseen = unseen_batches(registry.client, registry.model_name, production_version, features, batch_ids) or []
     recent = test["batch_id"].is_in(unseen).to_numpy() if unseen else ~every
     if recent.sum() < settings.champion_recent_min_rows or recent.all():
         return every, f"Production v{production_version}"
@@ -372,6 +369,14 @@ def model_card(
         f"- trained on feature version `{tags.get('bridge.feature_version', 'unknown')}` ({tags.get('bridge.split', 'hash')} split)",
         f"- evaluated on the hash-split test rows of feature version `{feature_version}` ({test_rows} rows, unseen in training)",
         "",
+        "## How it was made",
+        f"- option: {tags.get('bridge.option', 'scratch')}"
+        + (f" (incumbent: Production v{tags['bridge.incumbent']})" if tags.get("bridge.incumbent") else "")
+        + f"; validated on {'the rows of batches Production never saw' if tags.get('bridge.validation') == 'recent' else 'the whole validation split'}",
+        f"- recency: {Recency.from_dict(json.loads(tags.get('bridge.recency') or '{}')).describe()}",
+        f"- recalibration stage: {tags.get('bridge.calibration', 'none')}",
+        f"- why this option: {tags.get('bridge.choice', 'the only one run')}",
+        "",
         "## Metrics on the test rows",
         "| model | RMSE | MAE | R² |",
         "|---|---|---|---|",
@@ -400,21 +405,30 @@ def model_card(
 
 
 def evaluate_version(registry: Registry, features: FeatureStore, version: str, settings: PromotionSettings) -> GateReport:
-    """Run every gate on `version` against the current Production (never raises for a bad model)."""
+    """Run every gate on `version` against the current Production (never raises for a bad model).
+
+    A version whose round validated on recent rows (tag `bridge.validation=recent`: rows of
+    batches Production never saw) is judged on the same kind of rows by the baseline and slice
+    gates as by the champion gate, against baselines fitted under its round's recency
+    (`bridge.recency`): what it was made for, measured as its round measured it."""
     latest = features.latest()
     if latest is None:
         raise ValueError("no feature version yet: materialize housing_features first")
     parts = split_rows(features.scan(latest.version).collect(), "hash")
     test = parts["test"]
     actual = test[TARGET].to_numpy()
-    encode = Preprocessor.fit(parts["train"])
-    x_train, x_test = encode.transform(parts["train"]), encode.transform(test)
-    metrics: dict[str, dict[str, float]] = {}
-    for name, log_target in BASELINES.items():
-        linear = LinearModel.fit(x_train, parts["train"][TARGET].to_numpy(), log_target=log_target)
-        metrics[f"baseline: {name}"] = regression_metrics(actual, linear.predict(x_test))
-
     name, client = registry.model_name, registry.client
+    details = client.get_model_version(name, str(version))
+    recency = Recency.from_dict(json.loads(details.tags.get("bridge.recency") or "{}"))
+    train, weights = windowed(parts["train"], recency)
+    encode = Preprocessor.fit(train)
+    x_train, x_test = encode.transform(train), encode.transform(test)
+    baseline_predictions = {
+        f"baseline: {baseline}": LinearModel.fit(x_train, train[TARGET].to_numpy(), log_target=log_target, weights=weights).predict(x_test)
+        for baseline, log_target in BASELINES.items()
+    }
+    metrics: dict[str, dict[str, float]] = {key: regression_metrics(actual, p) for key, p in baseline_predictions.items()}
+
     production_version = registry.version_for(PRODUCTION_ALIAS)
     if production_version == str(version):
         production_version = None  # re-checking Production itself: nothing else to compare with
@@ -431,27 +445,36 @@ def evaluate_version(registry: Registry, features: FeatureStore, version: str, s
 
     model, predictions, error = load_and_predict(str(version))
     production_predictions = load_and_predict(production_version)[1] if production_version else None
-    details = client.get_model_version(name, str(version))
+    rows, against = np.ones(test.height, dtype=bool), "all test rows"
+    if production_version is not None:
+        rows, against = _champion_rows(registry, features, production_version, latest.batch_ids, test, settings)
+    recent = details.tags.get("bridge.validation") == "recent" and not rows.all()
+    judged = rows if recent else np.ones(test.height, dtype=bool)
     with mlflow.start_run(run_name=f"gates {name} v{version}", tags={"bridge.kind": "gates", "bridge.model_version": str(version)}) as run:
-        better = min((key for key in metrics if key.startswith("baseline")), key=lambda key: metrics[key]["rmse"])
-        limits = {k: metrics[better][k] * (1 + settings.baseline_tolerance) for k in ("rmse", "mae")}
-        results = [_threshold_gate("baseline", predictions, actual, limits, f"the better linear baseline ({better.removeprefix('baseline: ')})", error)]
+        on_judged = {key: regression_metrics(actual[judged], p[judged]) for key, p in baseline_predictions.items()}
+        better = min(on_judged, key=lambda key: on_judged[key]["rmse"])
+        limits = {k: on_judged[better][k] * (1 + settings.baseline_tolerance) for k in ("rmse", "mae")}
+        where = f" on the {int(judged.sum())} test rows of batches Production never saw" if recent else ""
+        baseline_note = f"the better linear baseline ({better.removeprefix('baseline: ')}{', recency ' + recency.describe() if recency.active else ''}){where}"
+        results = [_threshold_gate("baseline", predictions[judged] if predictions is not None else None, actual[judged], limits, baseline_note, error)]
         if production_version is None:
             results.append(GateResult("champion", True, "skipped: no Production version yet", skipped=True))
         elif production_predictions is None:
             results.append(GateResult("champion", False, f"Production v{production_version} did not predict the test rows"))
         else:
             metrics[f"Production v{production_version}"] = regression_metrics(actual, production_predictions)
-            rows, against = _champion_rows(registry, features, production_version, latest.batch_ids, test, settings)
             prod = regression_metrics(actual[rows], production_predictions[rows])
             limits = {k: prod[k] * (1 + settings.champion_tolerance) for k in ("rmse", "mae")}
-            judged = predictions[rows] if predictions is not None else None
-            results.append(_threshold_gate("champion", judged, actual[rows], limits, against, error))
+            results.append(_threshold_gate("champion", predictions[rows] if predictions is not None else None, actual[rows], limits, against, error))
         if predictions is not None:
             metrics = {f"candidate v{version}": regression_metrics(actual, predictions), **metrics}
+        if recent:
+            shown = {key: p for key, p in ((f"candidate v{version}", predictions), (f"Production v{production_version}", production_predictions), *baseline_predictions.items()) if p is not None}
+            metrics |= {f"{key}, recent rows": regression_metrics(actual[rows], p[rows]) for key, p in shown.items()}
         results.append(_signature_gate(model))
         results.append(_edge_gate(model, settings.probe_max_area) if model is not None else GateResult("edge_probe", False, error or "no model"))
-        results.append(_slice_gate(predictions, production_predictions, test, settings, production_version))
+        sliced = (lambda p: p[judged] if p is not None else None)
+        results.append(_slice_gate(sliced(predictions), sliced(production_predictions), test.filter(pl.Series(judged)), settings, production_version))
         results.append(_latency_gate(model, model_input(test.head(1)), settings) if model is not None else GateResult("latency", False, error or "no model"))
         card = model_card(name, str(version), details.tags, latest.version, test.height, metrics, results, run.info.run_id)
         results.append(_log_card(registry, details, card, run.info.run_id))

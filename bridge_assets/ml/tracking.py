@@ -31,8 +31,12 @@ from mlflow.types.schema import AnyType, ColSpec, Schema
 from mlflow.tracking import MlflowClient
 
 import bridge_assets.core as core_package
+from bridge_assets.core.calibration import FILE_NAME as CALIBRATION_FILE
+from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.contract import COUNT_FEATURES, FEATURES
 from bridge_assets.core.simulator import load_seed_data
+from bridge_assets.core.training import TrainedModel
+from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.settings import DEFAULT_PREFIX, PROJECT_ROOT, StorageSettings, bridge_home
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import Registry
@@ -235,22 +239,33 @@ def _log_candidate(
             client.log_batch(run_id, metrics=epochs[start : start + 900])
         mlflow.log_metrics({**candidate.metrics, "best_epoch": candidate.model.best_epoch})
         mlflow.log_metrics({f"{name}_{k}": v for name, scores in result.baselines.items() for k, v in scores.items()})
+        mlflow.set_tags({"bridge.option": candidate.option, "bridge.trained_rows": str(candidate.trained_rows)})
         files = candidate.model.save(workdir / config.name)
         mlflow.log_artifact(str(files["weights"]), "weights")
         mlflow.log_dict(config.to_dict(), "config.json")
+        calibration = None
+        if candidate.calibration is not None:
+            calibration = candidate.calibration.save(files["model"].parent / CALIBRATION_FILE)
+            mlflow.log_params({"calibration_kind": candidate.calibration.kind, "calibration_rows": candidate.calibration.rows})
+            mlflow.log_metrics({"calibration_offset": candidate.calibration.offset, "calibration_slope": candidate.calibration.slope})
+            mlflow.set_tag("bridge.calibration", candidate.calibration.describe()[:5000])
         curve = workdir / f"{config.name}-loss_curve.png"
         curve.write_bytes(loss_curve_png(candidate))
         mlflow.log_artifact(str(curve))
-        logged = log_pyfunc(files["weights"], files["model"], workdir / f"{config.name}-code")
+        logged = log_pyfunc(files["weights"], files["model"], workdir / f"{config.name}-code", calibration)
     return run_id, logged.model_uri
 
 
-def log_pyfunc(weights: Path, description: Path, workdir: Path) -> mlflow.models.model.ModelInfo:
-    """Log a saved `TrainedModel` as the pyfunc `model` of the active run."""
+def log_pyfunc(weights: Path, description: Path, workdir: Path, calibration: Path | None = None) -> mlflow.models.model.ModelInfo:
+    """Log a saved `TrainedModel` (and its recalibration stage, if any) as the pyfunc `model` of
+    the active run."""
+    artifacts = {"weights": str(weights), "model": str(description)}
+    if calibration is not None:
+        artifacts["calibration"] = str(calibration)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=str(Path(core_package.__file__).parent / "pyfunc_entry.py"),
-        artifacts={"weights": str(weights), "model": str(description)},
+        artifacts=artifacts,
         code_paths=[str(_code_snapshot(workdir))],
         signature=MODEL_SIGNATURE,
         input_example=load_seed_data().select(FEATURES).head(3).to_pandas(),
@@ -285,10 +300,17 @@ def log_round(
         best = result.best
         mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items()})
         mlflow.log_metrics({f"{name}_{k}": v for name, scores in result.baselines.items() for k, v in scores.items()})
-        mlflow.set_tags({"bridge.best_config": best.config.name, "bridge.best_run_id": run_ids[best.config.name]})
+        mlflow.set_tags({"bridge.best_config": best.config.name, "bridge.best_run_id": run_ids[best.config.name], **round_tags(result)})
+        mlflow.log_text(result.choice_table(), "round_choice.md")
+        mlflow.log_dict({**result.policy.to_dict(), "incumbent": result.incumbent, "validation": result.validation, "rows": result.rows, "skipped": result.skipped}, "round.json")
         experiment_id = parent.info.experiment_id
         parent_id = parent.info.run_id
-    version_tags = {**tags, "bridge.config_hash": best.config.config_hash(), "bridge.run_id": run_ids[best.config.name]}
+    version_tags = {
+        **tags,
+        **round_tags(result),
+        "bridge.config_hash": best.config.config_hash(),
+        "bridge.run_id": run_ids[best.config.name],
+    }
     existing = equal_version(client, settings.model_name, version_tags)
     if existing is not None:  # same data and configuration: nothing new to register
         client.set_tag(parent_id, "bridge.registered", f"nothing new: equals version {existing}")
@@ -298,7 +320,45 @@ def log_round(
     return RoundRecord(experiment_id, parent_id, run_ids, best.config.name, run_ids[best.config.name], settings.model_name, version)
 
 
-EQUALITY_TAGS = ("bridge.feature_version", "bridge.split", "bridge.config_hash")
+def load_registered(model_name: str, version: str) -> tuple[TrainedModel, Recalibration | None]:
+    """A registered version's network and its recalibration stage, read fully from its artifacts
+    (the files the pyfunc loads) in the active MLflow store, without pandas or the pyfunc wrapper."""
+    with tempfile.TemporaryDirectory(prefix="bridge-model-") as scratch:  # read fully, then gone
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}/artifacts", dst_path=scratch))
+        return TrainedModel.load(local / "weights.pth", local / "model.json"), Recalibration.load_optional(local)
+
+
+def unseen_batches(client: MlflowClient, model_name: str, version: str, features: FeatureStore, batch_ids: list[str]) -> list[str] | None:
+    """The batches of `batch_ids` a registered version never trained on (not in its feature
+    version, tag `bridge.feature_version`): the world since it was made. None if unknown."""
+    trained_on = client.get_model_version(model_name, str(version)).tags.get("bridge.feature_version")
+    try:
+        seen = set(features.load(trained_on).batch_ids) if trained_on else None
+    except (FileNotFoundError, KeyError, ValueError):
+        seen = None
+    return None if seen is None else sorted(set(batch_ids) - seen)
+
+
+EQUALITY_TAGS = ("bridge.feature_version", "bridge.split", "bridge.config_hash", "bridge.option_hash")
+
+
+def round_tags(result: RoundResult) -> dict[str, str]:
+    """What the gates and the monitor need to judge the best candidate as its round did: the
+    option, the recency its baselines must share, and the version whose unseen batches count as
+    recent (`bridge.incumbent`)."""
+    best = result.best
+    tags = {
+        "bridge.option": best.option,
+        "bridge.option_hash": best.option_hash(result.policy, result.incumbent),
+        "bridge.recency": json.dumps(result.policy.recency.to_dict(), sort_keys=True),
+        "bridge.validation": result.validation,
+        "bridge.choice": result.reason()[:5000],
+    }
+    if result.incumbent is not None:
+        tags["bridge.incumbent"] = result.incumbent
+    if best.calibration is not None:
+        tags["bridge.calibration"] = best.calibration.describe()[:5000]
+    return tags
 
 
 def equal_version(client: MlflowClient, model_name: str, tags: Mapping[str, str]) -> str | None:

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -26,8 +27,8 @@ from bridge_assets.core.contract import FEATURES, TARGET
 from bridge_assets.core.metrics import regression_metrics
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.storage import ObjectStore
-from bridge_assets.ml.round import split_rows
-from bridge_assets.ml.tracking import MlflowSettings
+from bridge_assets.ml.round import MIN_RECENT_ROWS, split_rows
+from bridge_assets.ml.tracking import MlflowSettings, unseen_batches
 from bridge_assets.monitoring.estimation import LossEstimator
 from bridge_assets.monitoring.profiles import PREDICTION
 from bridge_assets.monitoring.whylogs_compat import DatasetProfileView, deserialize, merge_views, profile_frame
@@ -53,6 +54,7 @@ class Reference:
     metrics: dict[str, float]  # on the held-out test rows: mae, rmse, r2
     train_rows: int
     heldout_rows: int
+    made_for: dict[str, str] = field(default_factory=dict)  # a retrain's replacement: {"option", "incumbent"}
 
     def summary(self) -> dict:
         return {
@@ -63,6 +65,7 @@ class Reference:
             "metrics": self.metrics,
             "train_rows": self.train_rows,
             "heldout_rows": self.heldout_rows,
+            "made_for": self.made_for,
         }
 
 
@@ -111,6 +114,7 @@ def load_reference(store: ObjectStore, model_name: str, version: str) -> Referen
         metrics=summary["metrics"],
         train_rows=summary["train_rows"],
         heldout_rows=summary["heldout_rows"],
+        made_for=summary.get("made_for", {}),
     )
 
 
@@ -118,6 +122,20 @@ def registered_versions(settings: MlflowSettings) -> list[str]:
     """Every registered version of the model (the reference sensor's input)."""
     client = settings.activate()
     return sorted((str(v.version) for v in client.search_model_versions(f"name='{settings.model_name}'")), key=int)
+
+
+def _rows_it_was_made_for(client: Any, model_name: str, tags: dict[str, str], features: FeatureStore, feature_version: str) -> pl.DataFrame:
+    """The version's feature rows; for a version whose round validated on recent rows, only the
+    rows of batches its incumbent never saw: the world it was made for is what its live error is
+    judged against (its error on the old regime's rows says nothing about it)."""
+    rows = features.scan(feature_version).collect()
+    incumbent = tags.get("bridge.incumbent")
+    if tags.get("bridge.validation") != "recent" or not incumbent:
+        return rows
+    unseen = unseen_batches(client, model_name, incumbent, features, features.load(feature_version).batch_ids)
+    recent = rows.filter(pl.col("batch_id").is_in(unseen or []))
+    counts = recent.group_by("split").len()
+    return recent if counts.height == 3 and counts["len"].min() >= MIN_RECENT_ROWS else rows
 
 
 def make_reference_profile(store: ObjectStore, settings: MlflowSettings, version: str) -> Reference:
@@ -131,7 +149,8 @@ def make_reference_profile(store: ObjectStore, settings: MlflowSettings, version
     feature_version = registered.tags.get("bridge.feature_version")
     if not feature_version:
         raise ValueError(f"{settings.model_name} v{version} has no bridge.feature_version tag: cannot find its data")
-    rows = FeatureStore(store).scan(feature_version).collect()
+    features = FeatureStore(store)
+    rows = _rows_it_was_made_for(client, settings.model_name, registered.tags, features, feature_version)
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{version}")
 
     def predict(frame: pl.DataFrame) -> np.ndarray:
@@ -140,6 +159,8 @@ def make_reference_profile(store: ObjectStore, settings: MlflowSettings, version
     reference = build_reference(
         rows, predict, model_name=settings.model_name, version=str(version), feature_version=feature_version, split=registered.tags.get("bridge.split", "hash")
     )
+    if registered.tags.get("bridge.incumbent"):
+        reference.made_for = {"option": registered.tags.get("bridge.option", "scratch"), "incumbent": registered.tags["bridge.incumbent"]}
     keys = save_reference(store, reference)
     with tempfile.TemporaryDirectory(prefix="bridge-reference-") as scratch:
         for name in ("profile", "summary"):

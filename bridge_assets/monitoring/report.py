@@ -66,6 +66,17 @@ class SliceReport:
     def estimated_decay(self) -> bool:
         return bool(self.estimated and self.estimated["verdict"]["decayed"])
 
+    @property
+    def retrain_outcome(self) -> str | None:
+        """For a version a retrain made to replace another: whether the decay it was made for is
+        gone on its own labelled traffic (None for other versions or without enough labels)."""
+        made_for = (self.reference or {}).get("made_for") or {}
+        verdict = (self.realised or {}).get("verdict") or {}
+        if not made_for or not verdict.get("judged"):
+            return None
+        state = "decay persists" if verdict["decayed"] else "decay gone"
+        return f"v{self.model_version}/{self.variant} ({made_for['option']}, made to replace v{made_for['incumbent']}): {state} — {verdict['reason']}"
+
     def alarms(self) -> list[str]:
         label = f"v{self.model_version}/{self.variant}"
         found = [f"{label}: feature drift in {d.column} ({'; '.join(d.reasons)})" for d in self.drift if d.drifted and d.column != PREDICTION]
@@ -89,6 +100,7 @@ class SliceReport:
             "prediction_drifted": self.prediction_drifted,
             "realised": self.realised,
             "estimated": self.estimated,
+            "retrain_outcome": self.retrain_outcome,
             "alarms": self.alarms(),
         }
 
@@ -102,6 +114,10 @@ class WindowReport:
     @property
     def alarms(self) -> list[str]:
         return [alarm for s in self.slices for alarm in s.alarms()]
+
+    @property
+    def retrain_outcomes(self) -> list[str]:
+        return [outcome for s in self.slices if (outcome := s.retrain_outcome)]
 
     @property
     def drift_alarms(self) -> list[str]:
@@ -121,6 +137,7 @@ class WindowReport:
             "generated_at": self.generated_at,
             "slices": [s.to_dict() for s in self.slices],
             "alarms": self.alarms,
+            "retrain_outcomes": self.retrain_outcomes,
         }
 
 
@@ -227,6 +244,8 @@ def summary_markdown(report: WindowReport) -> str:
         estimate = f"{part.estimated['rmse']:,.0f}" if part.estimated and np.isfinite(part.estimated["rmse"]) else "n/a"
         test = f"{part.reference['metrics']['rmse']:,.0f}" if part.reference else "no reference"
         lines.append(f"| {part.model_version} | {part.variant} | {part.rows} | {sum(part.rejected.values())} | {live} | {estimate} | {test} |")
+    if report.retrain_outcomes:
+        lines += ["", "Retrained versions:", *(f"- {outcome}" for outcome in report.retrain_outcomes)]
     return "\n".join(lines)
 
 

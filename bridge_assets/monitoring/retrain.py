@@ -6,7 +6,8 @@ as any batch and the next feature version contains it. A retrain then pins that 
 
 Policy (`BRIDGE_RETRAIN_POLICY`): `manual` alerts (failed check with the reason, optional
 webhook) and leaves a ready retraining job to launch; `automatic` requests one training
-round. Never a storm: at most one open retrain, and a cool-down between requests.
+round, the cheapest effective one first (`plan_retrain`: recalibration, then a full round).
+Never a storm: at most one open retrain, and a cool-down between requests.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
+from bridge_assets.core.contract import FEATURES, ROW_ID, SEEN_AT, SEEN_AT_DTYPE, TARGET
 from bridge_assets.lake.landing import LandedBatch, land_batch, landed_batches, read_batch
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.monitoring.profiles import window_bounds
@@ -27,12 +28,15 @@ _FEEDBACK_BATCH = re.compile(rf"^{FEEDBACK_BATCH_PREFIX}(\d{{8}}T\d{{6}}Z-\d+s)(
 
 
 def feedback_rows(joined: pl.DataFrame) -> pl.DataFrame:
-    """Batch rows from labelled traffic: a stable row id per served row, features, true price."""
+    """Batch rows from labelled traffic: a stable row id per served row, features, true price,
+    and when the house was seen (the request's time: what recency-aware training weights by)."""
     row_index = pl.col("row_index").cast(pl.String) if "row_index" in joined.columns else pl.lit("0")
+    seen = [pl.col("timestamp").cast(SEEN_AT_DTYPE).alias(SEEN_AT)] if "timestamp" in joined.columns else []
     return joined.select(
         (pl.lit("fb-") + pl.col("request_id").cast(pl.String) + pl.lit("-") + row_index).alias(ROW_ID),
         *(pl.col(c) for c in FEATURES),
         pl.col(TARGET).cast(pl.Float64),
+        *seen,
     ).unique(ROW_ID, keep="first", maintain_order=True)
 
 
@@ -94,3 +98,44 @@ def decide_retrain(
     if seconds_since_last_request is not None and seconds_since_last_request < cooldown_seconds:
         return RetrainDecision("skip", f"cool-down: last retrain requested {seconds_since_last_request:.0f}s ago (< {cooldown_seconds}s)")
     return RetrainDecision("request", reason)
+
+
+@dataclass(frozen=True)
+class RetrainAttempt:
+    """The newest version an earlier round made to replace the current Production."""
+
+    version: str
+    option: str  # what that round chose: recalibrate, finetune or scratch
+    gates_passed: bool | None  # None: its gates have not run yet
+    served: bool
+    decayed: bool  # its own realised decay in the window at hand
+
+
+@dataclass(frozen=True)
+class RetrainPlan:
+    action: str  # "recalibrate", "full" or "skip"
+    options: tuple[str, ...]
+    reason: str
+
+
+FULL_ROUND: tuple[str, ...] = ("recalibrate", "finetune", "scratch")
+
+
+def plan_retrain(alarms: list[str], attempt: RetrainAttempt | None) -> RetrainPlan:
+    """The cheapest effective action for a window's alarms. Realised decay (labels exist) is met
+    by recalibrating Production first — minutes, no network trained; only if that did not fix it
+    (the recalibrated version was blocked by its gates, or decays itself) does a full round run,
+    which compares all options again. Alarms without labels (drift, estimated decay) leave nothing
+    to recalibrate on: a full round. A served replacement without decay of its own means the
+    decay is handled: nothing to do."""
+    if not any("realised decay" in alarm for alarm in alarms):
+        return RetrainPlan("full", FULL_ROUND, "no labelled decay to recalibrate on")
+    if attempt is None:
+        return RetrainPlan("recalibrate", ("recalibrate",), "labelled decay: recalibrating Production is the cheapest fix")
+    if attempt.gates_passed is None:
+        return RetrainPlan("skip", (), f"v{attempt.version} ({attempt.option}) awaits its gates")
+    if attempt.served and not attempt.decayed:
+        return RetrainPlan("skip", (), f"v{attempt.version} ({attempt.option}) is served and shows no realised decay of its own")
+    why = "was blocked by its gates" if not attempt.gates_passed else "decays too" if attempt.decayed else "is not served"
+    return RetrainPlan("full", FULL_ROUND, f"v{attempt.version} ({attempt.option}) {why}: a full round")
+

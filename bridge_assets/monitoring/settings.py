@@ -34,6 +34,8 @@ class MonitorSettings:
     decay_tolerance: float = 0.10  # RMSE may exceed the version's test RMSE by this share
     retrain_policy: RetrainPolicy = "manual"
     retrain_cooldown_seconds: int = 3600
+    retrain_half_life_hours: float | None = 24.0  # recency of a retrain's from-scratch option
+    retrain_window_hours: float | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MonitorSettings:
@@ -50,4 +52,19 @@ class MonitorSettings:
             decay_tolerance=float(env.get("BRIDGE_DECAY_TOLERANCE", "0.10")),
             retrain_policy=policy,  # type: ignore[arg-type]
             retrain_cooldown_seconds=int(env.get("BRIDGE_RETRAIN_COOLDOWN_SECONDS", "3600")),
+            retrain_half_life_hours=_hours(env, "BRIDGE_RETRAIN_HALF_LIFE_HOURS", cls.retrain_half_life_hours),
+            retrain_window_hours=_hours(env, "BRIDGE_RETRAIN_WINDOW_HOURS", cls.retrain_window_hours),
         )
+
+
+def _hours(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    """A positive number of hours, `none`/`off` for no limit, unset for the default."""
+    text = (env.get(name) or "").strip().lower()
+    if not text:
+        return default
+    if text in ("none", "off"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"{name} must be a positive number of hours or 'none', not {text!r}")
+    return value
