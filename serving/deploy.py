@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from bridge_assets.ml.tracking import MlflowSettings
 from serving.cluster import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings, check_compatible, connect
 from serving.cluster import start_serve, stop_serving
 from serving.cluster import main as cluster_main
-from serving.model import ServedModel, version_for_alias
+from serving.model import INGRESS, PLACEMENTS, ServedModel, version_for_alias
 from serving.spool import spool_directory
 
 APP_NAME = "bridge"
@@ -53,6 +53,11 @@ class ServingSettings:
     max_body_bytes: int = 4 * 1_048_576  # 10,000 records (the batch limit) fit; see serving.app
     log_flush_seconds: float = 10.0
     haproxy: bool = True
+    model_placement: str = INGRESS
+
+    def __post_init__(self) -> None:
+        if self.model_placement not in PLACEMENTS:
+            raise ValueError(f"BRIDGE_SERVE_MODEL_PLACEMENT must be one of {', '.join(PLACEMENTS)}, got {self.model_placement!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
@@ -68,6 +73,7 @@ class ServingSettings:
             max_body_bytes=int(env.get("BRIDGE_SERVE_MAX_BODY", str(4 * 1_048_576))),
             log_flush_seconds=float(env.get("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "10")),
             haproxy=env.get("BRIDGE_SERVE_HAPROXY", "1") == "1",
+            model_placement=env.get("BRIDGE_SERVE_MODEL_PLACEMENT", INGRESS),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -82,6 +88,7 @@ class ServingSettings:
             "BRIDGE_SERVE_MAX_BODY": str(self.max_body_bytes),
             "BRIDGE_SERVE_LOG_FLUSH_SECONDS": str(self.log_flush_seconds),
             "BRIDGE_SERVE_HAPROXY": "1" if self.haproxy else "0",
+            "BRIDGE_SERVE_MODEL_PLACEMENT": self.model_placement,
         }
         return env | ({"RAY_ADDRESS": self.ray_address} if self.ray_address else {})
 
@@ -142,9 +149,11 @@ def deploy(
     """Roll Serve over to `version` (old replicas serve until new ones are healthy), with
     `staging_version` beside it for `staging_weight` of clients if given; its URL.
 
-    A new weight is a rolling redeploy (no request fails; both models reload). Ending an
-    experiment first sets the weight to 0 and only then removes the staging deployment, so no
-    ingress still routing to it outlives it.
+    Any change (a version, a weight, the end of an experiment) is one rolling redeploy: no
+    request fails; the new replicas load their models before they take traffic. With placement
+    `deployment`, model deployments the new application drops (the staging one at the end of an
+    experiment) are first kept bound to the new ingress replicas, unused, and removed in a second
+    rollout, so no ingress replica still routing to one outlives it.
     """
     from ray import serve
 
@@ -169,24 +178,30 @@ def deploy(
         max_batch_records=settings.max_batch_records,
         max_body_bytes=settings.max_body_bytes,
         log_flush_seconds=settings.log_flush_seconds,
+        model_placement=settings.model_placement,
     )
-    running_staging = _served_versions().get("staging")
-    if staging_version is None and running_staging is not None:
-        draining = replace(service, versions={**versions, "staging": running_staging}, experiment=ExperimentConfig(salt, 0.0))
-        serve.run(application(draining, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
+    kept = set() if settings.model_placement == INGRESS else set(versions)
+    retiring = {variant: served for variant, served in _served_remotely().items() if variant not in kept}
+    if retiring:
+        serve.run(application(service, settings.replicas, retiring), name=APP_NAME, route_prefix="/", blocking=False)
     serve.run(application(service, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
     wait_until_serving(settings.url, version, headers=_api_key_header(everywhere))
     return settings.url
 
 
-def _served_versions() -> dict[str, str]:
-    """The versions the running application serves, by variant ({} when none runs)."""
+def _served_remotely() -> dict[str, str]:
+    """The running application's variants whose version runs in its own model deployment, with
+    that version (from the ingress's `served_versions`; {} when none runs)."""
     from ray import serve
 
+    from serving.app import model_deployment_name
+
     try:
-        return serve.get_app_handle(APP_NAME).served_versions.remote().result(timeout_s=30)
-    except Exception:  # noqa: BLE001 - no application (yet), or one from before variants
+        served = serve.get_app_handle(APP_NAME).served_versions.remote().result(timeout_s=30)
+        deployments = serve.status().applications[APP_NAME].deployments
+    except Exception:  # noqa: BLE001 - no application yet
         return {}
+    return {variant: version for variant, version in served.items() if model_deployment_name(variant) in deployments}
 
 
 def _api_key_header(env: Mapping[str, str]) -> dict[str, str]:

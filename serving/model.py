@@ -1,9 +1,16 @@
-"""Loading a registered model version for serving, without the pandas pyfunc path, and the
-Serve deployment that hosts one version (a variant) behind the ingress.
+"""Loading a registered model version for serving, without the pandas pyfunc path, and the two
+places a variant's version can run: inside the ingress replica (`LocalVariant`, the default) or
+in its own deployment behind a handle (`ModelVariant` through `RemoteVariant`).
 
 The service calls the version's own preprocessing state and network directly (the same
 `TrainedModel` the pyfunc wraps), so predictions equal `mlflow.pyfunc.load_model(...).predict`
-while skipping pandas per request.
+while skipping pandas per request; rows the API schema validated skip Polars too.
+
+Where a version runs (`BRIDGE_SERVE_MODEL_PLACEMENT`): `ingress` loads every served version in
+every ingress replica, so a request never leaves the process that parsed it (a hop to another
+replica cost three quarters of the throughput on two cores); `deployment` keeps each version in
+its own replicas, for models too large to load once per ingress replica or that need their own
+resources (a GPU), at the cost of that hop.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import numpy as np
 import polars as pl
 from mlflow.tracking import MlflowClient
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from bridge_assets.core.pyfunc import check_rows
 from bridge_assets.core.training import PriceNet, TrainedModel
@@ -62,6 +70,11 @@ class ServedModel:
         valid = rows if checked else check_rows(rows)
         return self.model.predict_encoded(self.model.preprocessor.transform(valid), self.net)
 
+    def predict_records(self, records: list[dict[str, Any]]) -> np.ndarray:
+        """Prices for rows the API schema validated (the contract's fields, bounds and levels, in
+        their one spelling): encoded without a Polars frame, whose fixed cost dominates one row."""
+        return self.model.predict_encoded(self.model.preprocessor.encode_records(records), self.net)
+
     def info(self) -> dict[str, Any]:
         return {
             "model_name": self.name,
@@ -78,6 +91,9 @@ def version_for_alias(client: MlflowClient, name: str, alias: str) -> str:
     return str(client.get_model_version_by_alias(name, alias).version)
 
 
+INGRESS, DEPLOYMENT = "ingress", "deployment"
+PLACEMENTS = (INGRESS, DEPLOYMENT)
+
 # How every bridge deployment rolls over: new replicas start beside the old ones, which serve
 # until the new ones are healthy (zero failed requests); a constructor that keeps failing gives
 # up after two retries and leaves the old replicas serving.
@@ -91,7 +107,8 @@ ROLLING: dict[str, int] = {
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64, **ROLLING)
 class ModelVariant:
-    """One registered version in its own replicas; the ingress calls it through a handle.
+    """One registered version in its own replicas (placement `deployment`); the ingress calls it
+    through a handle.
 
     `environment` holds only non-secret settings (MLflow and lake locations): credentials come
     from the node's environment or a credentials file, never from Ray-stored init arguments.
@@ -99,24 +116,65 @@ class ModelVariant:
 
     def __init__(self, model_name: str, version: str, alias: str | None, environment: dict[str, str]) -> None:
         os.environ.update(environment)
-        self.model = ServedModel.load(MlflowSettings.from_env().activate(), model_name, version, alias)
+        self.model = LocalVariant(ServedModel.load(MlflowSettings.from_env().activate(), model_name, version, alias))
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
     async def predict_one(self, rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
-        """Concurrent single-row requests encoded and predicted together (one Polars pass);
-        each answer names the version that gave it (during a rollout it may not be the
-        ingress's target yet)."""
-        version, predictions = self.predict_valid(rows)
+        """Concurrent single-row requests encoded and predicted together (the hop's cost is
+        per call); each answer names the version that gave it (during a rollout it may not be
+        the ingress's target yet)."""
+        version, predictions = await self.model.predict_valid(rows)
         return [(version, prediction) for prediction in predictions]
 
-    def predict_valid(self, rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
-        """Rows the API schema validated (bounds and levels are the contract's)."""
-        frame = pl.DataFrame(rows, schema_overrides={"area": pl.Float64})
-        return self.model.version, self.model.predict(frame, checked=True).tolist()
+    async def predict_valid(self, rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
+        return await self.model.predict_valid(rows)
 
-    def predict_frame(self, frame: pl.DataFrame) -> tuple[str, list[float]]:
+    async def predict_frame(self, frame: pl.DataFrame) -> tuple[str, list[float]]:
+        return await self.model.predict_frame(frame)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.model.info()
+
+
+class LocalVariant:
+    """A version loaded in this process (placement `ingress`). Each call answers with the
+    version that gave it, as `RemoteVariant` does."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.model = model
+
+    async def predict_one(self, row: dict[str, Any]) -> tuple[str, float]:
+        return self.model.version, float(self.model.predict_records([row])[0])
+
+    async def predict_valid(self, rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
+        """Rows the API schema validated (bounds and levels are the contract's)."""
+        return self.model.version, self.model.predict_records(rows).tolist()
+
+    async def predict_frame(self, frame: pl.DataFrame) -> tuple[str, list[float]]:
         """Rows not yet checked (MLflow's scoring shapes): `InvalidInput` names the row and field."""
         return self.model.version, self.model.predict(frame).tolist()
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         return self.model.info()
+
+
+class RemoteVariant:
+    """A version in its own `ModelVariant` deployment, called through its handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def predict_one(self, row: dict[str, Any]) -> tuple[str, float]:
+        return await self.handle.predict_one.remote(row)
+
+    async def predict_valid(self, rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
+        return await self.handle.predict_valid.remote(rows)
+
+    async def predict_frame(self, frame: pl.DataFrame) -> tuple[str, list[float]]:
+        return await self.handle.predict_frame.remote(frame)
+
+    async def info(self) -> dict[str, Any]:
+        return await self.handle.info.remote()
+
+
+Variant = LocalVariant | RemoteVariant

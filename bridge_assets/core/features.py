@@ -6,6 +6,7 @@ take the same code path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from bridge_assets.core.contract import (
     NUMERIC_FEATURES,
     ROW_ID,
     TARGET,
+    category_values,
     normalise_category,
     repeated_values,
 )
@@ -29,6 +31,7 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SPLIT_BOUNDS: tuple[float, float] = (0.64, 0.80)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
+_LEVEL_INDEX = {column: {level: index for index, level in enumerate(levels)} for column, levels in CATEGORY_LEVELS.items()}
 
 
 def stable_hash64(values: pl.Series) -> np.ndarray:
@@ -163,22 +166,51 @@ class Preprocessor:
     def transform(self, frame: pl.DataFrame | pl.LazyFrame) -> np.ndarray:
         """Raw housing rows (categories in any case) to a float64 matrix of `feature_names`.
 
-        The matrix is column-major (Fortran order); `np.ascontiguousarray` makes a row-major copy.
+        A missing value takes the training median or mode; a category that is no level encodes
+        as all zeros. The matrix is column-major (Fortran order); `np.ascontiguousarray` makes a
+        row-major copy.
         """
-        schema = frame.lazy().collect_schema()
-        normalised = frame.lazy().select(
-            *(pl.col(c).cast(pl.Float64).fill_null(self.medians[c]) for c in NUMERIC_FEATURES),
-            *(_category(c, schema).fill_null(self.modes[c]) for c in CATEGORICAL_FEATURES),
-        ).collect()
-        encoders = [
-            *(((pl.col(c) - self.means[c]) / self.stds[c]) for c in NUMERIC_FEATURES),
-            *((pl.col(c) == level).cast(pl.Float64) for c in CATEGORICAL_FEATURES for level in CATEGORY_LEVELS[c]),
-        ]
-        # Filled one contiguous column at a time (column-major): the matrix is the only
-        # full-size float array in memory, and no strided writes.
-        matrix = np.empty((normalised.height, len(encoders)), dtype=np.float64, order="F")
-        for index, encoder in enumerate(encoders):
-            matrix[:, index] = normalised.select(encoder).to_series().to_numpy()
+        rows = frame.select(FEATURES).collect() if isinstance(frame, pl.LazyFrame) else frame
+        numeric = [rows[c].cast(pl.Float64).fill_null(self.medians[c]).to_numpy() for c in NUMERIC_FEATURES]
+        return self._encoded(rows.height, numeric, [self._level_codes(rows[c], c) for c in CATEGORICAL_FEATURES])
+
+    def encode_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """`transform` for contract-valid records (every field present, categories in their one
+        spelling, as the API's validated houses are): the same matrix, without Polars' fixed cost
+        per expression (~0.1 ms), which made encoding one request's row cost ~2 ms."""
+        count = len(records)
+        numeric = [np.fromiter((r[c] for r in records), np.float64, count) for c in NUMERIC_FEATURES]
+        codes = []
+        for column in CATEGORICAL_FEATURES:
+            index = _LEVEL_INDEX[column]
+            codes.append(np.fromiter((index[r[column]] for r in records), np.uint8, count))
+        return self._encoded(count, numeric, codes)
+
+    def _level_codes(self, values: pl.Series, column: str) -> np.ndarray:
+        """Each value's level index (its one spelling); the mode's where missing, and one past
+        the last level (no column) where the value is no level."""
+        levels = CATEGORY_LEVELS[column]
+        codes = category_values(values, column).to_physical()
+        if not codes.null_count():
+            return codes.to_numpy()
+        codes = codes.fill_null(len(levels)).to_numpy(writable=True)
+        if values.null_count():
+            mode = self.modes[column]
+            codes[values.is_null().to_numpy()] = levels.index(mode) if mode in levels else len(levels)
+        return codes
+
+    def _encoded(self, height: int, numeric: list[np.ndarray], codes: list[np.ndarray]) -> np.ndarray:
+        """Standardised numerics, then one indicator column per category level, written one
+        contiguous column at a time: the matrix is the only full-size float array."""
+        matrix = np.empty((height, len(self.feature_names)), dtype=np.float64, order="F")
+        for index, (column, values) in enumerate(zip(NUMERIC_FEATURES, numeric, strict=True)):
+            np.subtract(values, self.means[column], out=matrix[:, index])
+            np.divide(matrix[:, index], self.stds[column], out=matrix[:, index])
+        index = len(NUMERIC_FEATURES)
+        for column, level_codes in zip(CATEGORICAL_FEATURES, codes, strict=True):
+            for level in range(len(CATEGORY_LEVELS[column])):
+                np.equal(level_codes, level, out=matrix[:, index], casting="unsafe")
+                index += 1
         return matrix
 
     def to_dict(self) -> dict[str, Any]:
