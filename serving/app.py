@@ -20,11 +20,12 @@ router (`serving.router`) sends each client to one variant by weight, sticky per
 503 for a failing model); `serving.recording` writes exactly one record per request.
 """
 
+import hashlib
 import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+import bridge_assets
 from bridge_assets.core.pyfunc import InvalidInput
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.tracking import MlflowSettings
@@ -60,7 +62,6 @@ class ServiceSettings:
     alias: str | None
     environment: dict[str, str]  # non-secret lake + MLflow variables (credentials: node env / file)
     spool_dir: str
-    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     api_keys_file: str | None = None
     unit: str = "GBP(£)"
     max_batch_records: int = DEFAULT_MAX_BATCH
@@ -118,7 +119,9 @@ async def _model_unavailable(request: Request, error: ModelUnavailable) -> JSONR
     return error_reply(request.url.path, 503, str(error))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, **ROLLING)
+# No access log: every request already has its interaction record, and Serve's log line per
+# request cost the replica CPU on the request path.
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, logging_config={"enable_access_log": False}, **ROLLING)
 @serve.ingress(api)
 class PredictionService:
     """The API: validates, routes by client to a variant's model, records every request."""
@@ -144,7 +147,7 @@ class PredictionService:
             }
         else:
             self.variants = {name: RemoteVariant(handle) for name, handle in remote.items()}
-        self.experiment = settings.experiment if "staging" in self.variants else ExperimentConfig(settings.experiment.salt, 0.0)
+        self.experiment = ExperimentConfig()  # Serve calls `reconfigure` before the first request
         self.api_keys = load_api_keys(os.environ, settings.api_keys_file)  # node env or file, never init args
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -161,6 +164,13 @@ class PredictionService:
         recorder = getattr(self, "recorder", None)
         if recorder is not None:
             log.info("interaction log on shutdown: %s", recorder.logger.close())
+
+    def reconfigure(self, experiment: dict[str, Any]) -> None:
+        """The experiment's weight and salt (the deployment's `user_config`): a new weight
+        reaches the running replicas without a restart; without a staging version, everyone
+        gets production."""
+        config = ExperimentConfig(**experiment)
+        self.experiment = config if "staging" in self.variants else ExperimentConfig(config.salt, 0.0)
 
     def served_versions(self) -> dict[str, str]:
         """For `deploy()` (through a handle): which version each variant runs."""
@@ -255,16 +265,35 @@ def model_deployment_name(variant: str) -> str:
     return f"Model{variant.title()}"
 
 
-def application(settings: ServiceSettings, replicas: int = 1, retiring: dict[str, str] | None = None) -> serve.Application:
+def application(
+    settings: ServiceSettings, experiment: ExperimentConfig, replicas: int = 1, retiring: dict[str, str] | None = None
+) -> serve.Application:
     """The ingress, `replicas` times; with placement `deployment`, bound to one `ModelVariant`
     deployment per variant in `settings.versions`. `retiring` (variant -> version): deployments
-    of the running application that this one drops, kept bound (never called) for its rollout."""
+    of the running application that this one drops, kept bound (never called) for its rollout.
+
+    Each deployment's version is a digest of its init arguments and of bridge's code, so a
+    redeploy restarts only replicas whose model or settings changed, while the experiment
+    (`user_config`) reaches running replicas through `reconfigure`."""
 
     def deployment(variant: str, version: str) -> serve.Application:
-        return ModelVariant.options(name=model_deployment_name(variant), num_replicas=replicas).bind(
-            settings.model_name, version, settings.alias_of(variant), settings.environment
-        )
+        init = (settings.model_name, version, settings.alias_of(variant), settings.environment)
+        options = ModelVariant.options(name=model_deployment_name(variant), num_replicas=replicas)
+        return options.options(version=code_version(init), _internal=True).bind(*init)
 
     remote = None if settings.model_placement == INGRESS else {name: deployment(name, v) for name, v in settings.versions.items()}
     kept = tuple(deployment(name, version) for name, version in (retiring or {}).items())
-    return PredictionService.options(num_replicas=replicas).bind(settings, remote, kept)
+    ingress = PredictionService.options(num_replicas=replicas, user_config=asdict(experiment))
+    return ingress.options(version=code_version(asdict(settings)), _internal=True).bind(settings, remote, kept)
+
+
+def code_version(init: object) -> str:
+    """What Serve compares to choose between restarting a deployment's replicas and only
+    reconfiguring them: a digest of the init arguments and of bridge's code (Serve 2.60 keeps
+    `version` internal and otherwise draws a random one on every `serve.run`, so every deploy
+    restarted every replica, and a new experiment weight reloaded both models)."""
+    digest = hashlib.sha256(json.dumps(init, sort_keys=True).encode())
+    for package in (Path(__file__).parent, Path(bridge_assets.__file__).parent):
+        for source in sorted(package.rglob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]

@@ -149,11 +149,12 @@ def deploy(
     """Roll Serve over to `version` (old replicas serve until new ones are healthy), with
     `staging_version` beside it for `staging_weight` of clients if given; its URL.
 
-    Any change (a version, a weight, the end of an experiment) is one rolling redeploy: no
-    request fails; the new replicas load their models before they take traffic. With placement
-    `deployment`, model deployments the new application drops (the staging one at the end of an
-    experiment) are first kept bound to the new ingress replicas, unused, and removed in a second
-    rollout, so no ingress replica still routing to one outlives it.
+    A new weight or salt reaches the running replicas in place (`reconfigure`, about a second);
+    a new version, the start or end of an experiment, or new settings is a rolling redeploy of
+    the replicas concerned: no request fails, new replicas load their models before they take
+    traffic. With placement `deployment`, model deployments the new application drops (staging's
+    at the end of an experiment) stay bound, unused, until the new ingress replicas have replaced
+    the old ones, and only then go, so no ingress replica still routing to one outlives it.
     """
     from ray import serve
 
@@ -172,7 +173,6 @@ def deploy(
         alias=alias,
         environment=replica_environment(env),
         spool_dir=str(spool_directory(everywhere)),
-        experiment=ExperimentConfig(salt, staging_weight if staging_version else 0.0),
         api_keys_file=everywhere.get("BRIDGE_API_KEYS_FILE") or None,
         unit=settings.unit,
         max_batch_records=settings.max_batch_records,
@@ -180,11 +180,12 @@ def deploy(
         log_flush_seconds=settings.log_flush_seconds,
         model_placement=settings.model_placement,
     )
+    experiment = ExperimentConfig(salt, staging_weight if staging_version else 0.0)
     kept = set() if settings.model_placement == INGRESS else set(versions)
     retiring = {variant: served for variant, served in _served_remotely().items() if variant not in kept}
     if retiring:
-        serve.run(application(service, settings.replicas, retiring), name=APP_NAME, route_prefix="/", blocking=False)
-    serve.run(application(service, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(application(service, experiment, settings.replicas, retiring), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(application(service, experiment, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
     wait_until_serving(settings.url, version, headers=_api_key_header(everywhere))
     return settings.url
 
