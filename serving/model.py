@@ -139,9 +139,11 @@ class LocalVariant:
 
     def __init__(self, model: ServedModel) -> None:
         self.model = model
+        # One batch queue per loaded version: Serve keeps the queue of a decorated method per
+        # function, shared by every instance, and would predict one variant's rows with another's model.
+        self.predict_one = serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)(self._predict_together)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def predict_one(self, rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    async def _predict_together(self, rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
         """Single-row requests that arrive together are predicted in one pass (one encode and one
         network call per batch; a request alone waits for no other). `bench/serve_load.py` kept
         it: less server CPU per request and more throughput at concurrency 16, for a fraction of
