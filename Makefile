@@ -80,7 +80,7 @@ test-stack: install system-deps
 	$(BIN)/python -m pytest -q -m stack bridge_assets_tests/test_stack.py
 
 bench: install
-	$(BIN)/python bench/features.py --rows 1000000
+	$(BIN)/python bench/features.py --rows 2000000
 	$(BIN)/python bench/train.py --rows 200000
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/simulate.py --rows 10000000
