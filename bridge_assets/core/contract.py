@@ -188,6 +188,7 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     if TARGET not in frame.columns:
         frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(TARGET))
 
+    frame = frame.rechunk()  # one chunk per column, as the series computed below: else every query re-aligns them all
     schema = frame.schema
     # The categories' fast casts in one parallel pass; the few odd spellings fixed after.
     casts = frame.select(pl.col(c).cast(pl.String).cast(CATEGORY_DTYPES[c], strict=False) for c in CATEGORY_LEVELS if schema[c] != CATEGORY_DTYPES[c])

@@ -146,7 +146,7 @@ class Preprocessor:
         if rows.height == 0:
             raise ValueError("cannot fit preprocessing on an empty training split")
         numeric = [pl.col(c).cast(pl.Float64) for c in NUMERIC_FEATURES]
-        imputed = [e.fill_null(e.median()) for e in numeric]
+        imputed = [e.fill_null(e.median()) if rows[c].null_count() else e for e, c in zip(numeric, NUMERIC_FEATURES)]
         schema = rows.schema
         stats = (
             rows.lazy()
