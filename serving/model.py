@@ -8,7 +8,7 @@ while skipping pandas per request; rows the API schema validated skip Polars too
 
 Where a version runs (`BRIDGE_SERVE_MODEL_PLACEMENT`): `ingress` loads every served version in
 every ingress replica, so a request never leaves the process that parsed it (a hop to another
-replica cost three quarters of the throughput on two cores); `deployment` keeps each version in
+replica per request cost most of the throughput on two cores); `deployment` keeps each version in
 its own replicas, for models too large to load once per ingress replica or that need their own
 resources (a GPU), at the cost of that hop.
 """
@@ -61,14 +61,9 @@ class ServedModel:
             net=model.network(),
         )
 
-    def predict(self, rows: pl.DataFrame, *, checked: bool = False) -> np.ndarray:
-        """Prices for raw rows; raises `InvalidInput` naming row and field for a contract breach.
-
-        `checked=True` skips the contract check for rows the API schema has already held to the
-        same rules (bounds and levels come from the contract); encoding still normalises them.
-        """
-        valid = rows if checked else check_rows(rows)
-        return self.model.predict_encoded(self.model.preprocessor.transform(valid), self.net)
+    def predict(self, rows: pl.DataFrame) -> np.ndarray:
+        """Prices for raw rows; raises `InvalidInput` naming row and field for a contract breach."""
+        return self.model.predict_encoded(self.model.preprocessor.transform(check_rows(rows)), self.net)
 
     def predict_records(self, records: list[dict[str, Any]]) -> np.ndarray:
         """Prices for rows the API schema validated (the contract's fields, bounds and levels, in
@@ -133,23 +128,36 @@ class ModelVariant:
         return await self.model.info()
 
 
+@serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
+async def _predicted_together(requests: list[tuple[ServedModel, dict[str, Any]]]) -> list[tuple[str, float]]:
+    """Single-row requests that arrive together, for whichever loaded version, predicted in one
+    pass per version (one encode and one network call; a request alone waits for no other).
+    One queue per process: Serve keeps a decorated callable's queue per function, so both
+    variants of an experiment share it, and their batches stay as large as without one; each
+    row goes to its own version's model. `bench/serve_load.py` kept batching: less server CPU
+    per reply and more throughput at concurrency 16, for a fraction of a millisecond more at
+    concurrency 1."""
+    by_model: dict[int, list[int]] = {}
+    for index, (model, _) in enumerate(requests):
+        by_model.setdefault(id(model), []).append(index)
+    answers: list[tuple[str, float]] = [("", 0.0)] * len(requests)
+    for indices in by_model.values():
+        model = requests[indices[0]][0]
+        prices = model.predict_records([requests[index][1] for index in indices]).tolist()
+        for index, price in zip(indices, prices, strict=True):
+            answers[index] = (model.version, price)
+    return answers
+
+
 class LocalVariant:
     """A version loaded in this process (placement `ingress`). Each call answers with the
     version that gave it, as `RemoteVariant` does."""
 
     def __init__(self, model: ServedModel) -> None:
         self.model = model
-        # One batch queue per loaded version: Serve keeps the queue of a decorated method per
-        # function, shared by every instance, and would predict one variant's rows with another's model.
-        self.predict_one = serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)(self._predict_together)
 
-    async def _predict_together(self, rows: list[dict[str, Any]]) -> list[tuple[str, float]]:
-        """Single-row requests that arrive together are predicted in one pass (one encode and one
-        network call per batch; a request alone waits for no other). `bench/serve_load.py` kept
-        it: less server CPU per request and more throughput at concurrency 16, for a fraction of
-        a millisecond more at concurrency 1."""
-        version, predictions = await self.predict_valid(rows)
-        return [(version, prediction) for prediction in predictions]
+    async def predict_one(self, row: dict[str, Any]) -> tuple[str, float]:
+        return await _predicted_together((self.model, row))
 
     async def predict_valid(self, rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
         """Rows the API schema validated (bounds and levels are the contract's)."""
