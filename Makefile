@@ -17,7 +17,7 @@ ifneq ($(wildcard $(STACK_ENV)),)
 demo serve: export BRIDGE_ENV_FILE := $(STACK_ENV)
 endif
 
-.PHONY: test-stack install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
+.PHONY: test-stack install demo dev mlflow serve stop test bench bench-deps lock clean stack stack-stop system-deps test-deps
 
 install: $(VENV)/.installed
 
@@ -79,7 +79,12 @@ test: install system-deps test-deps
 test-stack: install system-deps
 	$(BIN)/python -m pytest -q -m stack bridge_assets_tests/test_stack.py
 
-bench: install
+# wrk from Debian drives bench/serve_load.py (a C load generator takes little of the two cores).
+bench-deps:
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q wrk; }
+
+bench: install bench-deps
 	$(BIN)/python bench/features.py --rows 2000000
 	$(BIN)/python bench/train.py --rows 200000
 	$(BIN)/python bench/quality.py

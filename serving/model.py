@@ -134,9 +134,9 @@ async def _predicted_together(requests: list[tuple[ServedModel, dict[str, Any]]]
     pass per version (one encode and one network call; a request alone waits for no other).
     One queue per process: Serve keeps a decorated callable's queue per function, so both
     variants of an experiment share it, and their batches stay as large as without one; each
-    row goes to its own version's model. `bench/serve_load.py` kept batching: less server CPU
-    per reply and more throughput at concurrency 16, for a fraction of a millisecond more at
-    concurrency 1."""
+    row goes to its own version's model. Kept because it measured better under the serving
+    bench's load (wrk, 2 cores): less replica CPU per reply and more throughput at concurrency
+    16, for a fraction of a millisecond more p50 at concurrency 1."""
     by_model: dict[int, list[int]] = {}
     for index, (model, _) in enumerate(requests):
         by_model.setdefault(id(model), []).append(index)
