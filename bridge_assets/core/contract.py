@@ -191,7 +191,9 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     frame = frame.rechunk()  # one chunk per column, as the series computed below: else every query re-aligns them all
     schema = frame.schema
     # The categories' fast casts in one parallel pass; the few odd spellings fixed after.
-    casts = frame.select(pl.col(c).cast(pl.String).cast(CATEGORY_DTYPES[c], strict=False) for c in CATEGORY_LEVELS if schema[c] != CATEGORY_DTYPES[c])
+    casts = frame.select(
+        pl.col(c).cast(pl.String).cast(CATEGORY_DTYPES[c], strict=False) for c in CATEGORY_LEVELS if schema[c] != CATEGORY_DTYPES[c]
+    )
     typed: dict[str, pl.Expr | pl.Series] = {}
     for column in (*FEATURES, TARGET):
         raw = pl.col(column)
