@@ -27,9 +27,9 @@ that neighbours disturb least.
 
 It prints the spool's cost per record, then a table (req/s, p50, p99 — the mean of the rounds'
 own — and CPU ms per reply, per target and concurrency), then, last, the ratio lines against
-the goals: at c=16 ≥ 10x `mlflow models
-serve` with 2 workers and ≥ 1.5x the hand-written app; at c=1 a p50 no worse than the
-hand-written app's; during the experiment within 10% of no experiment.
+the goals: at c=16 ≥ 10x `mlflow models serve` with 2 workers and ≥ 1.5x the hand-written app;
+at c=1 a p50 no worse than the hand-written app's; during the experiment within 10% of no
+experiment.
 """
 
 from __future__ import annotations
@@ -194,6 +194,12 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
+def server_processes(process: subprocess.Popen) -> list[psutil.Process]:
+    """A started server and its workers."""
+    parent = psutil.Process(process.pid)
+    return [parent, *parent.children(recursive=True)]
+
+
 def bridge_processes(ray_temp_dir: str) -> list[psutil.Process]:
     """This instance's ingress replicas and HAProxy: below its raylet (other instances' too run here)."""
     raylet = next(p for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "raylet" and ray_temp_dir in " ".join(p.info["cmdline"] or []))
@@ -243,11 +249,7 @@ def main() -> int:
         bridge_url = deploy(name, version, "production")
         experiment = {"staging_version": other, "staging_weight": 0.5, "salt": "bench"}
         single, invocation = json.dumps(REQUEST).encode(), json.dumps({"dataframe_records": [REQUEST]}).encode()
-        def servers(process: subprocess.Popen) -> list[psutil.Process]:
-            parent = psutil.Process(process.pid)
-            return [parent, *parent.children(recursive=True)]
-
-        servers_of = {target: servers(process) for target, process in zip((MLFLOW_1, MLFLOW_2, HANDWRITTEN), processes, strict=True)}
+        servers_of = {target: server_processes(process) for target, process in zip((MLFLOW_1, MLFLOW_2, HANDWRITTEN), processes, strict=True)}
         targets = {
             BRIDGE: (bridge_url, "/predict", single, {}),
             EXPERIMENT: (bridge_url, "/predict", single, experiment),
