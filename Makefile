@@ -21,7 +21,7 @@ ifneq ($(wildcard $(STACK_ENV)),)
 demo serve: export BRIDGE_ENV_FILE := $(STACK_ENV)
 endif
 
-.PHONY: fuzz instance test-stack install demo dev mlflow serve stop test bench lock clean stack stack-stop system-deps test-deps
+.PHONY: fuzz instance test-stack install demo dev mlflow serve stop test bench bench-deps lock clean stack stack-stop system-deps test-deps
 
 install: $(VENV)/.installed
 
@@ -96,8 +96,13 @@ fuzz: install
 	BRIDGE_FUZZ_SEED=$${BRIDGE_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')} BRIDGE_FUZZ_SCALE=$${BRIDGE_FUZZ_SCALE:-5} \
 	  $(BIN)/python -m pytest -q -s -p no:cacheprovider bridge_assets_tests/test_fuzz.py
 
-bench: install
-	$(BIN)/python bench/features.py --rows 1000000
+# wrk from Debian drives bench/serve_load.py (a C load generator takes little of the two cores).
+bench-deps:
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q wrk; }
+
+bench: install bench-deps
+	$(BIN)/python bench/features.py --rows 2000000
 	$(BIN)/python bench/train.py --rows 200000
 	$(BIN)/python bench/quality.py
 	$(BIN)/python bench/simulate.py --rows 10000000

@@ -78,3 +78,14 @@ def test_price_may_be_absent_when_labels_are_withheld_but_not_when_required():
 def test_missing_feature_column_fails_the_whole_batch():
     with pytest.raises(ContractError, match="bedrooms"):
         validate(rows({}).drop("bedrooms"))
+
+
+def test_non_finite_and_unreadable_numbers_are_quarantined_with_their_reasons():
+    frame = rows({}, {"area": float("nan")}, {"area": float("inf")}, {"price": float("inf")}, {"bedrooms": float("nan")})
+    text = rows({}, {"bathrooms": "2.5"}, {"stories": " 3 "}).with_columns(pl.all().cast(pl.String))
+    assert validate(frame).quarantined["reason"].to_list() == [
+        "area must be > 0", "area must be > 0", "price must be > 0", "bedrooms is not a whole number; bedrooms outside 0-9"
+    ]
+    checked = validate(text)
+    assert checked.valid["row_id"].to_list() == ["r0", "r2"] and checked.valid["stories"].to_list() == [2, 3]
+    assert checked.quarantined["reason"].to_list() == ["bathrooms is not a whole number"]

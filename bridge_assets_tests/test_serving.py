@@ -421,9 +421,28 @@ def _scraped(*labels: str, timeout: float = 90.0) -> list[str]:
         time.sleep(2)
 
 
-def test_ab_both_variants_answer_sticky_recorded_and_ending_the_experiment_fails_no_request(service):
+def _known_load(url: str, tag: str, clients: int = 8, each: int = 40) -> dict[str, int]:
+    """`clients` threads sending `each` predictions at once, every request its own known id
+    (also its `X-Client-ID`); each id's status."""
+    statuses: dict[str, int] = {}
+
+    def client(index: int) -> None:
+        for i in range(each):
+            request_id = f"{tag}-{index}-{i}"
+            statuses[request_id] = call(url, "/predict", {**REFERENCE_REQUEST, "area": 1000 + i}, {"X-Request-ID": request_id, "X-Client-ID": request_id})[0]
+
+    senders = [threading.Thread(target=client, args=(index,)) for index in range(clients)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    return statuses
+
+
+def test_ab_sticky_exact_records_under_load_weight_change_in_place_and_ending_fails_no_request(service):
     version = _served(service.url)["model_version"]
     other = next(v for v in service.versions if v != version)
+    versions = {"production": version, "staging": other}
     deploy("housing-price", version, "production", staging_version=other, staging_weight=0.5, salt="ab-test")
     clients = [f"ab-{uuid.uuid4().hex[:6]}-{i}" for i in range(40)]
     seen = {}
@@ -432,19 +451,70 @@ def test_ab_both_variants_answer_sticky_recorded_and_ending_the_experiment_fails
         assert status == 200 and headers["X-Variant"] == body["response"]["variant"]
         seen[client] = (body["response"]["variant"], body["response"]["model_version"])
     assert {client: variant for client, (variant, _) in seen.items()} == {c: assign("ab-test", c, 0.5) for c in clients}
-    assert set(seen.values()) == {("production", version), ("staging", other)}
+    assert set(seen.values()) == set(versions.items())
     again = call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": clients[0]})[1]["response"]
     assert (again["variant"], again["model_version"]) == seen[clients[0]]  # sticky per client
     scraped = _scraped(f'model_version="{other}"', 'variant="staging"')  # where Prometheus scrapes Serve
     assert any(line.startswith("ray_bridge_request_latency_ms_bucket") for line in scraped)
 
+    statuses = _known_load(service.url, f"exact-{uuid.uuid4().hex[:6]}")  # 320 requests, 8 at a time
+    assert set(statuses.values()) == {200}
+    logs = _logged(service.store, set(statuses), len(statuses))
+    assert dict(logs.group_by("request_id").len().iter_rows()) == dict.fromkeys(statuses, 1)  # each exactly once
+    expected = {request_id: assign("ab-test", request_id, 0.5) for request_id in statuses}
+    assert {r["request_id"]: r["variant"] for r in logs.to_dicts()} == expected
+    assert all(r["model_version"] == versions[r["variant"]] for r in logs.to_dicts())
+    assert set(expected.values()) == {"production", "staging"}
+
+    pid = _served(service.url)["pid"]
     with continuous_load(service.url, new_client_each_time=True) as load:
-        deploy("housing-price", version, "production")  # ends the experiment: weight 0 first, then staging goes
+        deploy("housing-price", version, "production", staging_version=other, staging_weight=0.2, salt="ab-test")
+    assert load.failures == [] and load.versions == set(versions.values())
+    changed = _served(service.url)
+    assert (changed["pid"], changed["experiment"]["staging_weight"]) == (pid, 0.2)  # reconfigured in place, no restart
+    moved = {c for c in clients if assign("ab-test", c, 0.2) != seen[c][0]}
+    assert moved and {seen[c][0] for c in moved} == {"staging"}  # a smaller weight only moves staging's clients
+    assert {c: call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": c})[1]["response"]["variant"] for c in clients} == {
+        c: assign("ab-test", c, 0.2) for c in clients
+    }
+
+    with continuous_load(service.url, new_client_each_time=True) as load:
+        deploy("housing-price", version, "production")  # ends the experiment
     assert load.failures == []
     assert {call(service.url, "/predict", REFERENCE_REQUEST, {"X-Client-ID": c})[1]["response"]["variant"] for c in clients} == {"production"}
     logs = _logged(service.store, set(clients), len(clients))
     assert {r["request_id"]: (r["variant"], r["model_version"]) for r in logs.to_dicts()} == seen
     assert logs["client_id"].to_list() == logs["request_id"].to_list()
+
+
+def test_models_in_their_own_deployments_serve_alike_and_switching_placement_fails_no_request(service):
+    """Placement `deployment` (for models too heavy for every ingress replica): the same
+    answers and records; switching to it and back under load fails no request."""
+    version = _served(service.url)["model_version"]
+    other = next(v for v in service.versions if v != version)
+    batch = {"records": [REFERENCE_REQUEST, {**REFERENCE_REQUEST, "area": 5000}]}
+    expected = service.rounds[service.versions.index(version)].best.model.predict(pl.DataFrame(batch["records"]))
+    service.patch.setenv("BRIDGE_SERVE_MODEL_PLACEMENT", "deployment")
+    with continuous_load(service.url, new_client_each_time=True) as load:
+        deploy("housing-price", version, "production", staging_version=other, staging_weight=0.5, salt="placed")
+    assert load.failures == []
+    assert serve.status().applications["bridge"].deployments.keys() >= {"ModelProduction", "ModelStaging"}
+    info = _served(service.url)
+    assert (info["placement"], info["model_version"], info["experiment"]["versions"]) == ("deployment", version, {"production": version, "staging": other})
+    client = next(c for c in (f"placed-{i}" for i in range(100)) if assign("placed", c, 0.5) == "production")
+    placed = call(service.url, "/predict/batch", batch, {"X-Client-ID": client})[1]["response"]
+    assert placed["model_version"] == version and placed["predictions"] == pytest.approx(expected, rel=1e-6)
+    statuses = _known_load(service.url, f"placed-{uuid.uuid4().hex[:6]}", clients=4, each=10)
+    logs = _logged(service.store, set(statuses), len(statuses))
+    assert set(statuses.values()) == {200} and logs.height == len(statuses)
+    assert {r["request_id"]: r["variant"] for r in logs.to_dicts()} == {i: assign("placed", i, 0.5) for i in statuses}
+
+    service.patch.setenv("BRIDGE_SERVE_MODEL_PLACEMENT", "ingress")
+    with continuous_load(service.url, new_client_each_time=True) as load:
+        deploy("housing-price", version, "production")  # both model deployments retire after the new ingress serves
+    assert load.failures == []
+    assert set(serve.status().applications["bridge"].deployments) == {"PredictionService"}
+    assert _served(service.url)["placement"] == "ingress"
 
 
 def test_a_clean_stop_flushes_every_buffered_record(service):

@@ -8,19 +8,24 @@ Endpoints (OpenAPI at /docs):
   `instances`, `inputs`) with MLflow's `{"predictions": …}` and `{"error_code", "message"}`;
 - `GET /model` — name, version, alias, run id, feature version, the experiment, this replica.
 
-The ingress (`PredictionService`) validates, routes and records; each variant's version runs in
-its own deployment (`serving.model.ModelVariant`) behind a `DeploymentHandle`: production, and
-staging while an experiment runs. The router (`serving.router`) sends each client to one variant
-by weight, sticky per `X-Client-ID` (else per request id). Every reply carries `X-Request-ID`
+The ingress (`PredictionService`) validates, routes and records. The versions it serves —
+production, and staging while an experiment runs — are loaded inside each ingress replica by
+default, so the router picks a local model and a request never leaves the replica that parsed
+it; with placement `deployment` each version runs in its own deployment
+(`serving.model.ModelVariant`) behind a `DeploymentHandle` instead (see `serving.model`). The
+router (`serving.router`) sends each client to one variant by weight, sticky per `X-Client-ID`
+(else per request id). Every reply carries `X-Request-ID`
 (echoed once, by Serve), `X-Model-Version` and `X-Variant`. Refusals and errors come from
 `serving.guards` (401, 415, 413) and the handlers below (422 naming the field or the JSON error,
 503 for a failing model); `serving.recording` writes exactly one record per request.
 """
 
+import hashlib
+import json
 import logging
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +37,13 @@ from starlette.exceptions import HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+import bridge_assets
 from bridge_assets.core.pyfunc import InvalidInput
 from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.ml.tracking import MlflowSettings
 from serving.guards import ApiKeys, Guards, error_reply, load_api_keys, too_many_message
 from serving.interactions import InteractionLogger
-from serving.model import ROLLING, ModelVariant
+from serving.model import INGRESS, ROLLING, LocalVariant, ModelVariant, RemoteVariant, ServedModel, Variant
 from serving.recording import Exchange, Recorder, RecordRequests, RequestMetrics, exchange_of
 from serving.router import ExperimentConfig
 from serving.schemas import SCORING_REQUEST, BatchRequest, HouseFeatures, InvalidRows, ScoringShapeError, scoring_records, valid_rows
@@ -55,7 +62,6 @@ class ServiceSettings:
     alias: str | None
     environment: dict[str, str]  # non-secret lake + MLflow variables (credentials: node env / file)
     spool_dir: str
-    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     api_keys: ApiKeys = field(default_factory=ApiKeys)  # digests only: Ray stores this
     unit: str = "GBP(£)"
     max_batch_records: int = DEFAULT_MAX_BATCH
@@ -63,6 +69,11 @@ class ServiceSettings:
     log_flush_seconds: float = 10.0
     log_flush_rows: int = 5_000
     log_max_buffered: int = 200_000
+    model_placement: str = INGRESS  # or DEPLOYMENT: see serving.model
+
+    def alias_of(self, variant: str) -> str | None:
+        """The registry alias a variant's version is served under."""
+        return self.alias if variant == "production" else variant
 
 
 class ModelUnavailable(Exception):
@@ -117,17 +128,35 @@ async def _model_unavailable(request: Request, error: ModelUnavailable) -> JSONR
     return error_reply(request.url.path, 503, str(error))
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, **ROLLING)
+# No access log: every request already has its interaction record, and Serve's log line per
+# request cost the replica CPU on the request path.
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, logging_config={"enable_access_log": False}, **ROLLING)
 @serve.ingress(api)
 class PredictionService:
-    """The API in front of the variants: validates, routes by client, records every request."""
+    """The API: validates, routes by client to a variant's model, records every request."""
 
-    def __init__(self, settings: ServiceSettings, production: DeploymentHandle, staging: DeploymentHandle | None = None) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        remote: dict[str, DeploymentHandle] | None = None,
+        retiring: tuple[DeploymentHandle, ...] = (),
+    ) -> None:
+        """`remote`: a handle per variant (placement `deployment`); None loads every version in
+        this replica. `retiring`: deployments the previous ingress replicas may still call,
+        bound only so that Serve keeps them until this rollout has replaced those replicas."""
         os.environ.update(settings.environment)
         self.settings = settings
         self.versions = settings.versions
-        self.variants = {"production": production, "staging": staging}
-        self.experiment = settings.experiment if staging is not None else ExperimentConfig(settings.experiment.salt, 0.0)
+        self.variants: dict[str, Variant]
+        if remote is None:
+            client = MlflowSettings.from_env().activate()
+            self.variants = {
+                name: LocalVariant(ServedModel.load(client, settings.model_name, version, settings.alias_of(name)))
+                for name, version in settings.versions.items()
+            }
+        else:
+            self.variants = {name: RemoteVariant(handle) for name, handle in remote.items()}
+        self.experiment = ExperimentConfig()  # Serve calls `reconfigure` before the first request
         self.api_keys = settings.api_keys.including(load_api_keys(os.environ), "the Ray node's environment")
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
@@ -144,6 +173,13 @@ class PredictionService:
         recorder = getattr(self, "recorder", None)
         if recorder is not None:
             log.info("interaction log on shutdown: %s", recorder.logger.close())
+
+    def reconfigure(self, experiment: dict[str, Any]) -> None:
+        """The experiment's weight and salt (the deployment's `user_config`): a new weight
+        reaches the running replicas without a restart; without a staging version, everyone
+        gets production."""
+        config = ExperimentConfig(**experiment)
+        self.experiment = config if "staging" in self.variants else ExperimentConfig(config.salt, 0.0)
 
     def served_versions(self) -> dict[str, str]:
         """For `deploy()` (through a handle): which version each variant runs."""
@@ -163,7 +199,7 @@ class PredictionService:
         any other failure is a 503 — a non-finite price too: it is the model failing on an input
         its gates did not cover, not an answer."""
         try:
-            exchange.model_version, predictions = await getattr(self.variants[exchange.variant], method).remote(payload)
+            exchange.model_version, predictions = await getattr(self.variants[exchange.variant], method)(payload)
         except InvalidInput:
             raise
         except Exception as error:  # noqa: BLE001 - any model error is a 503, never a 500
@@ -186,10 +222,11 @@ class PredictionService:
 
     @api.get("/model")
     async def model_info(self) -> dict[str, Any]:
-        info = await self.variants["production"].info.remote()
+        info = await self.variants["production"].info()
         experiment = {"versions": self.versions, "staging_weight": self.experiment.staging_weight, "salt": self.experiment.salt}
         return {"status": 200, "message": "success",
-                "response": {**info, "variant": "production", "experiment": experiment, "replica": self.replica, "pid": os.getpid()}}  # fmt: skip
+                "response": {**info, "variant": "production", "experiment": experiment, "placement": self.settings.model_placement,
+                             "replica": self.replica, "pid": os.getpid()}}  # fmt: skip
 
     @api.post("/predict")
     async def predict(self, features: HouseFeatures, request: Request) -> JSONResponse:
@@ -235,14 +272,40 @@ class PredictionService:
         return JSONResponse({"predictions": exchange.predictions})
 
 
-def application(settings: ServiceSettings, replicas: int = 1) -> serve.Application:
-    """The ingress bound to one `ModelVariant` deployment per variant in `settings.versions`."""
+def model_deployment_name(variant: str) -> str:
+    """The deployment that runs a variant's version with placement `deployment`."""
+    return f"Model{variant.title()}"
 
-    def variant(name: str) -> serve.Application:
-        alias = settings.alias if name == "production" else name
-        return ModelVariant.options(name=f"Model{name.title()}", num_replicas=replicas).bind(
-            settings.model_name, settings.versions[name], alias, settings.environment
-        )
 
-    staging = variant("staging") if "staging" in settings.versions else None
-    return PredictionService.options(num_replicas=replicas).bind(settings, variant("production"), staging)
+def application(
+    settings: ServiceSettings, experiment: ExperimentConfig, replicas: int = 1, retiring: dict[str, str] | None = None
+) -> serve.Application:
+    """The ingress, `replicas` times; with placement `deployment`, bound to one `ModelVariant`
+    deployment per variant in `settings.versions`. `retiring` (variant -> version): deployments
+    of the running application that this one drops, kept bound (never called) for its rollout.
+
+    Each deployment's version is a digest of its init arguments and of bridge's code, so a
+    redeploy restarts only replicas whose model or settings changed, while the experiment
+    (`user_config`) reaches running replicas through `reconfigure`."""
+
+    def deployment(variant: str, version: str) -> serve.Application:
+        init = (settings.model_name, version, settings.alias_of(variant), settings.environment)
+        options = ModelVariant.options(name=model_deployment_name(variant), num_replicas=replicas)
+        return options.options(version=code_version(init), _internal=True).bind(*init)
+
+    remote = None if settings.model_placement == INGRESS else {name: deployment(name, v) for name, v in settings.versions.items()}
+    kept = tuple(deployment(name, version) for name, version in (retiring or {}).items())
+    ingress = PredictionService.options(num_replicas=replicas, user_config=asdict(experiment))
+    return ingress.options(version=code_version(asdict(settings)), _internal=True).bind(settings, remote, kept)
+
+
+def code_version(init: object) -> str:
+    """What Serve compares to choose between restarting a deployment's replicas and only
+    reconfiguring them: a digest of the init arguments and of bridge's code (Serve 2.60 keeps
+    `version` internal and otherwise draws a random one on every `serve.run`, so every deploy
+    restarted every replica, and a new experiment weight reloaded both models)."""
+    digest = hashlib.sha256(json.dumps(init, sort_keys=True).encode())
+    for package in (Path(__file__).parent, Path(bridge_assets.__file__).parent):
+        for source in sorted(package.rglob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]

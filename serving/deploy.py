@@ -15,26 +15,27 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import load_seed_data
-from bridge_assets.lake.settings import StorageSettings, load_environment
+from bridge_assets.lake.settings import StorageSettings, bridge_home, load_environment
 from bridge_assets.ml.registry import PRODUCTION_ALIAS
 from bridge_assets.ml.tracking import MlflowSettings
 from serving.cluster import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings, check_compatible, connect
 from serving.cluster import start_serve
 from serving.cluster import main as cluster_main
 from serving.guards import ApiKeys, load_api_keys
-from serving.model import ServedModel, version_for_alias
+from serving.model import INGRESS, PLACEMENTS, ServedModel, version_for_alias
 from serving.spool import spool_directory
 
 APP_NAME = "bridge"
@@ -55,6 +56,11 @@ class ServingSettings:
     max_body_bytes: int = 4 * 1_048_576  # 10,000 records (the batch limit) fit; see serving.app
     log_flush_seconds: float = 10.0
     haproxy: bool = True
+    model_placement: str = INGRESS
+
+    def __post_init__(self) -> None:
+        if self.model_placement not in PLACEMENTS:
+            raise ValueError(f"BRIDGE_SERVE_MODEL_PLACEMENT must be one of {', '.join(PLACEMENTS)}, got {self.model_placement!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
@@ -70,6 +76,7 @@ class ServingSettings:
             max_body_bytes=int(env.get("BRIDGE_SERVE_MAX_BODY", str(4 * 1_048_576))),
             log_flush_seconds=float(env.get("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "10")),
             haproxy=env.get("BRIDGE_SERVE_HAPROXY", "1") == "1",
+            model_placement=env.get("BRIDGE_SERVE_MODEL_PLACEMENT", INGRESS),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -84,6 +91,7 @@ class ServingSettings:
             "BRIDGE_SERVE_MAX_BODY": str(self.max_body_bytes),
             "BRIDGE_SERVE_LOG_FLUSH_SECONDS": str(self.log_flush_seconds),
             "BRIDGE_SERVE_HAPROXY": "1" if self.haproxy else "0",
+            "BRIDGE_SERVE_MODEL_PLACEMENT": self.model_placement,
         }
         return env | ({"RAY_ADDRESS": self.ray_address} if self.ray_address else {})
 
@@ -144,9 +152,12 @@ def deploy(
     """Roll Serve over to `version` (old replicas serve until new ones are healthy), with
     `staging_version` beside it for `staging_weight` of clients if given; its URL.
 
-    A new weight is a rolling redeploy (no request fails; both models reload). Ending an
-    experiment first sets the weight to 0 and only then removes the staging deployment, so no
-    ingress still routing to it outlives it.
+    A new weight or salt reaches the running replicas in place (`reconfigure`, about a second);
+    a new version, the start or end of an experiment, or new settings is a rolling redeploy of
+    the replicas concerned: no request fails, new replicas load their models before they take
+    traffic. With placement `deployment`, model deployments the new application drops (staging's
+    at the end of an experiment) stay bound, unused, until the new ingress replicas have replaced
+    the old ones, and only then go, so no ingress replica still routing to one outlives it.
     """
     from ray import serve
 
@@ -165,30 +176,49 @@ def deploy(
         alias=alias,
         environment=replica_environment(env),
         spool_dir=str(spool_directory(everywhere)),
-        experiment=ExperimentConfig(salt, staging_weight if staging_version else 0.0),
-        api_keys=ApiKeys.of(load_api_keys(everywhere), "BRIDGE_API_KEYS/BRIDGE_API_KEYS_FILE at deploy"),
+        api_keys=ApiKeys.of(load_api_keys(everywhere), "BRIDGE_API_KEYS/BRIDGE_API_KEYS_FILE at deploy", api_key_salt(everywhere)),
         unit=settings.unit,
         max_batch_records=settings.max_batch_records,
         max_body_bytes=settings.max_body_bytes,
         log_flush_seconds=settings.log_flush_seconds,
+        model_placement=settings.model_placement,
     )
-    running_staging = _served_versions().get("staging")
-    if staging_version is None and running_staging is not None:
-        draining = replace(service, versions={**versions, "staging": running_staging}, experiment=ExperimentConfig(salt, 0.0))
-        serve.run(application(draining, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
-    serve.run(application(service, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
+    experiment = ExperimentConfig(salt, staging_weight if staging_version else 0.0)
+    kept = set() if settings.model_placement == INGRESS else set(versions)
+    retiring = {variant: served for variant, served in _served_remotely().items() if variant not in kept}
+    if retiring:
+        serve.run(application(service, experiment, settings.replicas, retiring), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(application(service, experiment, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
     wait_until_serving(settings.url, version, headers=_api_key_header(everywhere))
     return settings.url
 
 
-def _served_versions() -> dict[str, str]:
-    """The versions the running application serves, by variant ({} when none runs)."""
+def api_key_salt(env: Mapping[str, str]) -> str:
+    """This installation's salt for the keys' digests, drawn once and kept: a salt drawn per
+    deploy would change the ingress's init arguments, and so restart its replicas, on every
+    deploy, where a weight change should only reconfigure them."""
+    path = bridge_home(env) / "serving" / "api-key-salt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staged = path.with_suffix(f".{os.getpid()}")
+        staged.write_text(secrets.token_hex(16))
+        os.replace(staged, path)  # never half-written; of two first deploys at once, the last one's stays
+    return path.read_text().strip()
+
+
+def _served_remotely() -> dict[str, str]:
+    """The running application's variants whose version runs in its own model deployment, with
+    that version (from the ingress's `served_versions`; {} when none runs)."""
     from ray import serve
 
+    from serving.app import model_deployment_name
+
     try:
-        return serve.get_app_handle(APP_NAME).served_versions.remote().result(timeout_s=30)
-    except Exception:  # noqa: BLE001 - no application (yet), or one from before variants
+        served = serve.get_app_handle(APP_NAME).served_versions.remote().result(timeout_s=30)
+        deployments = serve.status().applications[APP_NAME].deployments
+    except Exception:  # noqa: BLE001 - no application yet
         return {}
+    return {variant: version for variant, version in served.items() if model_deployment_name(variant) in deployments}
 
 
 def api_key_status() -> str:

@@ -118,28 +118,35 @@ def category_values(raw: pl.Series, column: str) -> pl.Series:
     if raw.dtype == dtype:
         return raw
     text = raw.cast(pl.String)
-    values = text.cast(dtype, strict=False)
+    return _respelled(text, text.cast(dtype, strict=False))
+
+
+def _respelled(text: pl.Series, values: pl.Series) -> pl.Series:
+    """`values` (text cast to its enum) with the text that did not match as sent stripped and
+    lower-cased first: only those few values pay for string work."""
     unmatched = (values.is_null() & text.is_not_null()).arg_true()
     if len(unmatched):
-        fixed = text.gather(unmatched).str.strip_chars().str.to_lowercase().cast(dtype, strict=False)
+        fixed = text.gather(unmatched).str.strip_chars().str.to_lowercase().cast(values.dtype, strict=False)
         values = values.scatter(unmatched, fixed)
-    return values.alias(raw.name)
+    return values.alias(text.name)
 
 
-def repeated_values(values: pl.Series) -> pl.Series:
-    """True for every occurrence of a value after its first.
+def repeated_values(values: pl.Series | pl.DataFrame) -> pl.Series:
+    """True for every occurrence of a value (or a frame's row) after its first.
 
-    Exact, but fast where repeats are rare: a sorted array of 64-bit hashes finds the few
-    hashes seen twice, and only rows carrying those are compared in full.
+    Exact, but fast where repeats are rare: sorted 64-bit hashes find the few hashes seen
+    twice, and only rows carrying those are compared in full.
     """
-    hashes = values.hash()
-    ordered = np.sort(hashes.to_numpy())
+    hashes = values.hash_rows() if isinstance(values, pl.DataFrame) else values.hash()
+    ordered = hashes.sort().to_numpy()
     seen_twice = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
     repeated = pl.repeat(False, len(values), eager=True, dtype=pl.Boolean)
     if len(seen_twice):
         candidates = hashes.is_in(pl.Series(seen_twice, dtype=hashes.dtype).implode()).arg_true()
-        repeated = repeated.scatter(candidates, ~values.gather(candidates).is_first_distinct())
-    return repeated.alias(values.name)
+        rows = values[candidates]
+        first = rows.select(pl.struct(pl.all())).to_series() if isinstance(rows, pl.DataFrame) else rows
+        repeated = repeated.scatter(candidates, ~first.is_first_distinct())
+    return repeated.alias(values.name if isinstance(values, pl.Series) else "repeated")
 
 
 def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -> list[tuple[pl.Expr, str]]:
@@ -163,6 +170,24 @@ def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -
     return [(condition.fill_null(False), message) for condition, message in checks]
 
 
+def _conforms(column: str, raw: pl.Expr, typed: pl.Expr, whole: bool, require_target: bool) -> pl.Expr:
+    """True where `column` meets the contract: none of `_problems`' conditions holds, in one or
+    two comparisons (a null typed value is missing or unreadable, which is a problem except for
+    an optional price that is absent). `whole`: the raw values are integers already."""
+    if column in CATEGORY_LEVELS:
+        ok = typed.is_not_null()
+    elif column in COUNT_BOUNDS:
+        ok = typed.is_between(*COUNT_BOUNDS[column])  # NaN sorts above every bound: refused too
+        ok = ok if whole else ok & (typed % 1 == 0)
+    else:
+        ok = typed.is_finite() & (typed > 0)
+        if column == "area":
+            ok = ok & (typed <= AREA_MAX)
+        if column == TARGET and not require_target:
+            ok = raw.is_null() | ok
+    return ok.fill_null(False)
+
+
 def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     """Split a raw batch into contract-conforming rows and quarantined rows with reasons.
 
@@ -177,12 +202,20 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     if TARGET not in frame.columns:
         frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(TARGET))
 
+    frame = frame.rechunk()  # one chunk per column, as the series computed below: else every query re-aligns them all
+    schema = frame.schema
+    # The categories' fast casts in one parallel pass; the few odd spellings fixed after.
+    casts = frame.select(
+        pl.col(c).cast(pl.String).cast(CATEGORY_DTYPES[c], strict=False) for c in CATEGORY_LEVELS if schema[c] != CATEGORY_DTYPES[c]
+    )
     typed: dict[str, pl.Expr | pl.Series] = {}
     for column in (*FEATURES, TARGET):
         raw = pl.col(column)
         if column in CATEGORY_LEVELS:
-            typed[column] = category_values(frame[column], column)
-        elif frame.schema[column].is_numeric() or frame.schema[column] == pl.Null:
+            typed[column] = _respelled(frame[column].cast(pl.String), casts[column]) if column in casts.columns else frame[column]
+        elif column in COUNT_BOUNDS and schema[column].is_integer():
+            typed[column] = raw.cast(pl.Int64)  # whole already: no round trip through floats
+        elif schema[column].is_numeric() or schema[column] == pl.Null:
             typed[column] = raw.cast(pl.Float64)
         else:  # text (CSV): anything that does not parse as a number is flagged, not dropped
             typed[column] = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
@@ -191,6 +224,21 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
         repeated_values(frame[ROW_ID]).alias("__repeated_id"),
     )
     row_id = pl.col(ROW_ID)
+    # One cheap boolean pass decides; reasons are spelled out only for the (few) bad rows.
+    conforming = [
+        row_id.is_not_null() & ~pl.col("__repeated_id"),
+        *(
+            _conforms(c, pl.col(c), pl.col(f"__typed_{c}"), schema[c].is_integer(), require_target)
+            for c in (*FEATURES, TARGET)
+        ),
+    ]
+    bad = staged.select(~pl.all_horizontal(conforming)).to_series()
+    valid = staged.select(ROW_ID, *(f"__typed_{c}" for c in (*FEATURES, TARGET))).filter(~bad).select(  # no raw text copied
+        row_id.cast(pl.String),
+        *(pl.col(f"__typed_{c}").cast(SCHEMA[c]).alias(c) for c in (*FEATURES, TARGET)),
+    )
+    if SEEN_AT in frame.columns:
+        valid = valid.with_columns(seen_at_values(frame[SEEN_AT]).filter(~bad))
     checks = [
         (row_id.is_null(), "row_id is missing"),
         (row_id.is_not_null() & pl.col("__repeated_id"), "duplicate row_id"),
@@ -200,13 +248,6 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
             for check in _problems(column, pl.col(column), pl.col(f"__typed_{column}"), require_target)
         ),
     ]
-    # One cheap boolean pass decides; reasons are spelled out only for the (few) bad rows.
-    bad = staged.select(pl.any_horizontal(condition for condition, _ in checks)).to_series()
-    valid = staged.filter(~bad).select(
-        row_id.cast(pl.String),
-        *(pl.col(f"__typed_{c}").cast(SCHEMA[c]).alias(c) for c in (*FEATURES, TARGET)),
-        *([seen_at_values(frame[SEEN_AT]).filter(~bad)] if SEEN_AT in frame.columns else []),
-    )
     reasons = [pl.when(condition).then(pl.lit(message)) for condition, message in checks]
     quarantined = staged.filter(bad).select(
         *(pl.col(c).cast(pl.String) for c in frame.columns if c != "reason"),

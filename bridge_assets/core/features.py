@@ -6,6 +6,7 @@ take the same code path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,7 @@ from bridge_assets.core.contract import (
     SEEN_AT,
     SEEN_AT_DTYPE,
     TARGET,
+    category_values,
     normalise_category,
     repeated_values,
 )
@@ -32,6 +34,8 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test")
 SPLIT_BOUNDS: tuple[float, float] = (0.64, 0.80)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
+_HASH_BLOCK_ROWS = 1 << 16
+_LEVEL_INDEX = {column: {level: index for index, level in enumerate(levels)} for column, levels in CATEGORY_LEVELS.items()}
 
 
 def stable_hash64(values: pl.Series) -> np.ndarray:
@@ -45,7 +49,8 @@ def stable_hash64(values: pl.Series) -> np.ndarray:
     array = values.cast(pl.String).fill_null("").to_arrow()
     if hasattr(array, "combine_chunks"):
         array = array.combine_chunks()
-    array = array.cast(pa.large_string())
+    if array.type != pa.large_string():  # Polars exports large strings already; a cast would load pyarrow.compute (~0.4 s)
+        array = array.cast(pa.large_string())
     _, offsets_buf, data_buf = array.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
     data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
@@ -53,10 +58,14 @@ def stable_hash64(values: pl.Series) -> np.ndarray:
     hashes = np.full(len(array), _FNV_OFFSET, dtype=np.uint64)
     width = int(lengths[0])
     if width and np.all(lengths == width) and np.all(starts == starts[0] + width * np.arange(len(starts))):
-        # Equal-length ids (the usual zero-padded kind): the bytes form a matrix, one column a step.
+        # Equal-length ids (the usual zero-padded kind): the bytes form a matrix, one column a
+        # step, in place and in blocks of rows that stay in the CPU's cache across the steps.
         matrix = data[starts[0] : starts[0] + width * len(starts)].reshape(-1, width)
-        for position in range(width):
-            hashes = (hashes ^ matrix[:, position].astype(np.uint64)) * _FNV_PRIME
+        for first in range(0, len(hashes), _HASH_BLOCK_ROWS):
+            block, block_bytes = hashes[first : first + _HASH_BLOCK_ROWS], matrix[first : first + _HASH_BLOCK_ROWS]
+            for position in range(width):
+                np.bitwise_xor(block, block_bytes[:, position], out=block)
+                np.multiply(block, _FNV_PRIME, out=block)
     else:
         padded = np.append(data, np.uint8(0))  # a safe byte to read past the ends of short strings
         for position in range(int(lengths.max(initial=0))):
@@ -76,7 +85,7 @@ def assign_split(row_ids: pl.Series) -> pl.Series:
     """Train/validation/test from a hash of `row_id`: a row never changes split as data grows."""
     unit = (stable_hash64(row_ids) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     index = np.searchsorted(np.asarray(SPLIT_BOUNDS), unit, side="right")
-    return pl.Series("split", np.asarray(SPLITS, dtype=object)[index], dtype=pl.String)
+    return pl.Series("split", SPLITS, dtype=pl.String).gather(index)  # no Python object per row
 
 
 def reference_split(n_rows: int, seed: int = 42) -> np.ndarray:
@@ -105,7 +114,7 @@ def drop_exact_duplicates(
     Returns the kept rows (original order) and how many were dropped.
     """
     subset = [*FEATURES, TARGET]
-    kept = rows.filter(~repeated_values(rows.select(pl.struct(subset)).to_series()))
+    kept = rows.filter(~repeated_values(rows.select(subset)))
     if earlier is not None:
         kept = kept.lazy().join(earlier.select(subset), on=subset, how="anti", nulls_equal=True)
         kept = kept.collect()
@@ -136,13 +145,14 @@ class Preprocessor:
     @classmethod
     def fit(cls, train: pl.DataFrame | pl.LazyFrame) -> Preprocessor:
         """Learn imputation and scaling statistics from training rows."""
-        if train.lazy().select(pl.len()).collect().item() == 0:
+        rows = train.lazy().select(FEATURES).collect()  # the split is filtered once
+        if rows.height == 0:
             raise ValueError("cannot fit preprocessing on an empty training split")
         numeric = [pl.col(c).cast(pl.Float64) for c in NUMERIC_FEATURES]
-        imputed = [e.fill_null(e.median()) for e in numeric]
-        schema = train.lazy().collect_schema()
+        imputed = [e.fill_null(e.median()) if rows[c].null_count() else e for e, c in zip(numeric, NUMERIC_FEATURES)]
+        schema = rows.schema
         stats = (
-            train.lazy()
+            rows.lazy()
             .select(
                 *(e.median().alias(f"median_{c}") for e, c in zip(numeric, NUMERIC_FEATURES)),
                 *(e.mean().alias(f"mean_{c}") for e, c in zip(imputed, NUMERIC_FEATURES)),
@@ -166,22 +176,55 @@ class Preprocessor:
     def transform(self, frame: pl.DataFrame | pl.LazyFrame) -> np.ndarray:
         """Raw housing rows (categories in any case) to a float64 matrix of `feature_names`.
 
-        The matrix is column-major (Fortran order); `np.ascontiguousarray` makes a row-major copy.
+        A missing value takes the training median or mode; a category that is no level encodes
+        as all zeros. The matrix is column-major (Fortran order); `np.ascontiguousarray` makes a
+        row-major copy.
         """
-        schema = frame.lazy().collect_schema()
-        normalised = frame.lazy().select(
-            *(pl.col(c).cast(pl.Float64).fill_null(self.medians[c]) for c in NUMERIC_FEATURES),
-            *(_category(c, schema).fill_null(self.modes[c]) for c in CATEGORICAL_FEATURES),
-        ).collect()
-        encoders = [
-            *(((pl.col(c) - self.means[c]) / self.stds[c]) for c in NUMERIC_FEATURES),
-            *((pl.col(c) == level).cast(pl.Float64) for c in CATEGORICAL_FEATURES for level in CATEGORY_LEVELS[c]),
-        ]
-        # Filled one contiguous column at a time (column-major): the matrix is the only
-        # full-size float array in memory, and no strided writes.
-        matrix = np.empty((normalised.height, len(encoders)), dtype=np.float64, order="F")
-        for index, encoder in enumerate(encoders):
-            matrix[:, index] = normalised.select(encoder).to_series().to_numpy()
+        rows = frame.select(FEATURES).collect() if isinstance(frame, pl.LazyFrame) else frame
+        numeric = [self._filled(rows[c].cast(pl.Float64), c) for c in NUMERIC_FEATURES]
+        return self._encoded(rows.height, numeric, [self._level_codes(rows[c], c) for c in CATEGORICAL_FEATURES])
+
+    def _filled(self, values: pl.Series, column: str) -> np.ndarray:
+        """A numeric column with the training median where missing (validated rows miss none)."""
+        return (values.fill_null(self.medians[column]) if values.null_count() else values).to_numpy()
+
+    def encode_records(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """`transform` for contract-valid records (every field present, categories in their one
+        spelling, as the API's validated houses are): the same matrix, without Polars' fixed cost
+        per expression (~0.1 ms), which made encoding one request's row cost ~2 ms."""
+        count = len(records)
+        numeric = [np.fromiter((r[c] for r in records), np.float64, count) for c in NUMERIC_FEATURES]
+        codes = []
+        for column in CATEGORICAL_FEATURES:
+            index = _LEVEL_INDEX[column]
+            codes.append(np.fromiter((index[r[column]] for r in records), np.uint8, count))
+        return self._encoded(count, numeric, codes)
+
+    def _level_codes(self, values: pl.Series, column: str) -> np.ndarray:
+        """Each value's level index (its one spelling); the mode's where missing, and one past
+        the last level (no column) where the value is no level."""
+        levels = CATEGORY_LEVELS[column]
+        codes = category_values(values, column).to_physical()
+        if not codes.null_count():
+            return codes.to_numpy()
+        codes = codes.fill_null(len(levels)).to_numpy(writable=True)
+        if values.null_count():
+            mode = self.modes[column]
+            codes[values.is_null().to_numpy()] = levels.index(mode) if mode in levels else len(levels)
+        return codes
+
+    def _encoded(self, height: int, numeric: list[np.ndarray], codes: list[np.ndarray]) -> np.ndarray:
+        """Standardised numerics, then one indicator column per category level, written one
+        contiguous column at a time: the matrix is the only full-size float array."""
+        matrix = np.empty((height, len(self.feature_names)), dtype=np.float64, order="F")
+        for index, (column, values) in enumerate(zip(NUMERIC_FEATURES, numeric, strict=True)):
+            np.subtract(values, self.means[column], out=matrix[:, index])
+            np.divide(matrix[:, index], self.stds[column], out=matrix[:, index])
+        index = len(NUMERIC_FEATURES)
+        for column, level_codes in zip(CATEGORICAL_FEATURES, codes, strict=True):
+            for level in range(len(CATEGORY_LEVELS[column])):
+                np.equal(level_codes, level, out=matrix[:, index], casting="unsafe")
+                index += 1
         return matrix
 
     def to_dict(self) -> dict[str, Any]:

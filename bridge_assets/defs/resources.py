@@ -167,6 +167,7 @@ class RayServing(dg.ConfigurableResource):
     max_body_bytes: int = 4 * 1_048_576
     log_flush_seconds: float = 10.0
     haproxy: bool = True
+    model_placement: str = "ingress"
 
     def settings(self) -> ServingSettings:
         return ServingSettings(**self.model_dump())
