@@ -101,12 +101,10 @@ bench-deps:
 	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q wrk; }
 
+# Every bench the README cites, at its sizes, one after another (bench/all.py prints the time of each); each one's
+# ratios and goals are printed again at the end.
 bench: install bench-deps
-	$(BIN)/python bench/features.py --rows 2000000
-	$(BIN)/python bench/train.py --rows 200000
-	$(BIN)/python bench/quality.py
-	$(BIN)/python bench/simulate.py --rows 10000000
-	$(BIN)/python bench/serve_load.py
+	$(BIN)/python bench/all.py
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//' > constraints.new && mv constraints.new constraints.txt
