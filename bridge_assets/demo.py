@@ -80,10 +80,6 @@ LOOP_CADENCES = {
     # Minutes here stand for days: the retrain's recency weights rows by age at that scale too.
     "BRIDGE_RETRAIN_HALF_LIFE_HOURS": "0.05",
     "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "2",
-    # The demo's two cores train and profile while they serve: latency before and after a
-    # promotion differs by load, not by model, so the guardrail judges errors strictly and
-    # latency only at 3x.
-    "BRIDGE_GUARDRAIL_LATENCY_FACTOR": "3",
 }
 TRAFFIC_RATE, TRAFFIC_SECONDS = 40, 30  # the loop's 1,200 houses: enough labelled rows to learn the rise
 WAIT_SECONDS = 420  # for any one step of the daemon's part

@@ -127,6 +127,9 @@ def serving_session(moto_endpoint: str) -> Iterator[SimpleNamespace]:
         "BRIDGE_SERVE_MAX_BATCH": str(MAX_BATCH),
         "BRIDGE_SERVE_MAX_BODY": str(MAX_BODY),
         "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "1",
+        # Tests move Production back and forth: without this, each move would start a watch that
+        # keeps the version moved from on a tenth of clients. The guardrail's tests turn it on.
+        "BRIDGE_GUARDRAIL_SECONDS": "0",
     }
     with _environment(env):
         lake = two_registered_versions("sim-serve", rows=2000, seed=8, max_epochs=15)

@@ -37,7 +37,7 @@ def test_records_are_written_in_batches_not_per_request(tmp_path):
     logged = read_interactions(store)
     assert logged.height == 100 and logged["request_id"].n_unique() == 100
     assert logged.filter(pl.col("request_id") == "r7-1")["area"].item() == 1001.0
-    assert set(logged["schema_version"]) == {2} and set(logged["client_id"]) == {"c"}
+    assert set(logged["schema_version"]) == {3} and set(logged["client_id"]) == {"c"}
     assert list((tmp_path / "spool").iterdir()) == []  # all published: the spool is gone
 
 
@@ -80,15 +80,16 @@ def test_rejected_requests_with_any_values_still_make_writable_records(tmp_path)
 
 def test_files_written_before_the_schema_version_column_still_read(tmp_path):
     store = LocalStore(tmp_path)
-    old_columns = [c for c in SCHEMA if c not in ("schema_version", "client_id", "replica")]
+    old_columns = [c for c in SCHEMA if c not in ("schema_version", "client_id", "replica", "model_ms")]
     store.write_parquet("interactions/date=2026-01-01/hour=00/old.parquet", pl.DataFrame(rows(2, "old"), schema=SCHEMA).select(old_columns))
     logger = InteractionLogger(lambda: store, "replica-d", spool_dir=tmp_path / "spool", flush_seconds=60)
     logger.log(rows(3, "new"))
     logger.close()
     logged = read_interactions(store).sort("request_id")
     assert logged.columns == list(SCHEMA) and logged.height == 5
-    assert logged["schema_version"].to_list() == [2, 2, 2, 1, 1]
+    assert logged["schema_version"].to_list() == [3, 3, 3, 1, 1]
     assert logged.filter(pl.col("schema_version") == 1)["client_id"].null_count() == 2
+    assert logged.filter(pl.col("schema_version") == 1)["model_ms"].null_count() == 2
     assert lake_identity(store) == store.uri("interactions/")
 
 

@@ -1,11 +1,17 @@
 """Promotion against the real Ray Serve of the session: simulated clients through the A/B
 router with delayed feedback into the A/B report, a rollback under continuous load that fails
 no request, the post-deploy guardrail rolling back a version that fails live traffic, and a
-recalibrated version priced alike by Serve, batch scoring and MLflow.
+recalibrated version priced alike by Serve, batch scoring and MLflow, and the canary that
+compares a new version with its predecessor over the same seconds.
 Deployment follows the registry through `registry_sensor`, as the daemon would run it."""
 
 import math
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,23 +55,26 @@ REQUEST = {
 @pytest.fixture
 def bridge(service):
     """The session's registry, and `follow()`: one registry_sensor tick and the deployment
-    run it requests, in one Dagster instance."""
+    run it requests, in one Dagster instance (definitions built per tick, so that settings a
+    test patches apply, as they would when `dagster dev` reloads)."""
     defs = build_defs()
     instance = dg.DagsterInstance.ephemeral()
-    sensor = defs.get_sensor_def("registry_sensor")
-    job = defs.resolve_implicit_global_asset_job_def()
 
     def follow() -> list[str]:
-        with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
-            result = sensor(context)
+        watched = build_defs()
+        with dg.build_sensor_context(instance=instance, resources=watched.resources) as context:
+            result = watched.get_sensor_def("registry_sensor")(context)
         for request in result.run_requests if isinstance(result, dg.SensorResult) else []:
-            run = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("production_deployment")], tags=request.tags)
+            run = watched.resolve_implicit_global_asset_job_def().execute_in_process(
+                instance=instance, asset_selection=[dg.AssetKey("production_deployment")], tags=request.tags
+            )
             assert run.success
         return [r.run_key for r in result.run_requests] if isinstance(result, dg.SensorResult) else []
 
     registry = Registry(service.client, service.settings.model_name, service.store, actor="tester")
     production = registry.version_for(PRODUCTION_ALIAS)
     yield registry, follow, defs, instance, production
+    service.patch.setenv("BRIDGE_GUARDRAIL_SECONDS", "0")  # moving back starts no watch with a canary
     registry.unstage("test done")
     if registry.version_for(PRODUCTION_ALIAS) != production:
         registry.set_production(production, reason="test done: back to the session's Production")
@@ -126,12 +135,27 @@ def test_rollback_under_load_fails_no_request(service, bridge):
     assert last.evidence["rolled_back"] == newer
 
 
+def _production_model(service, production: str, scratch: Path) -> TrainedModel:
+    source = Path(mlflow.artifacts.download_artifacts(f"models:/{service.settings.model_name}/{production}/artifacts", dst_path=str(scratch / "source")))
+    return TrainedModel.load(source / "weights.pth", source / "model.json")
+
+
+def _register(registry: Registry, model: TrainedModel, name: str, scratch: Path) -> str:
+    """`model` logged as a pyfunc and registered, as training would, but made by hand."""
+    saved = model.save(scratch / name)
+    with mlflow.start_run(run_name=name) as run:
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=HousingPyfunc(), signature=MODEL_SIGNATURE,
+            artifacts={"weights": str(saved["weights"]), "model": str(saved["model"])},
+        )  # fmt: skip
+    return registry.register(info.model_uri, {"bridge.run_id": run.info.run_id})
+
+
 def _overflowing_version(service, registry: Registry, production: str, scratch: Path) -> str:
     """A version that prices a house as exp(log mean price + 100·z(area)): finite and positive
     on every real house (the deploy probe passes), infinite for houses far larger than any in
     the real data — a fault only live traffic finds."""
-    source = Path(mlflow.artifacts.download_artifacts(f"models:/{service.settings.model_name}/{production}/artifacts", dst_path=str(scratch / "source")))
-    model = TrainedModel.load(source / "weights.pth", source / "model.json")
+    model = _production_model(service, production, scratch)
     config = replace(model.config, hidden=(4,), log_target=True, linear_skip=True)
     net = PriceNet(len(model.preprocessor.feature_names), config.hidden, config.linear_skip)
     with torch.no_grad():
@@ -143,23 +167,22 @@ def _overflowing_version(service, registry: Registry, production: str, scratch: 
     prices = overflowing.predict(real)
     assert np.isfinite(prices).all() and (prices > 0).all()
     assert not np.isfinite(overflowing.predict(pl.DataFrame([{**REQUEST, "area": 90_000}]))).any()
-    saved = overflowing.save(scratch / "overflowing")
-    with mlflow.start_run(run_name="overflowing") as run:
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=HousingPyfunc(), signature=MODEL_SIGNATURE,
-            artifacts={"weights": str(saved["weights"]), "model": str(saved["model"])},
-        )  # fmt: skip
-    return registry.register(info.model_uri, {"bridge.run_id": run.info.run_id})
+    return _register(registry, overflowing, "overflowing", scratch)
 
 
-def _traffic(service, tag: str) -> dict[str, int]:
-    """60 ordinary houses and 20 very large ones (valid: the contract allows 100,000 sq ft);
-    each request's status, by request id, once its record is in the lake."""
-    statuses = {}
-    for i in range(80):
+def _traffic(service, tag: str, requests: int, concurrency: int = 1, body=None) -> dict[str, int]:
+    """`requests` requests, each its own client (so the router spreads them over the variants),
+    from `concurrency` threads; by default every fourth house is far larger than any in the data
+    (valid: the contract allows 100,000 sq ft). Each request's status, by request id, once its
+    record is in the lake."""
+
+    def send(i: int) -> tuple[str, int]:
         request_id = f"{tag}-{i}"
-        status, _, _ = call(service.url, "/predict", {**REQUEST, "area": 90_000 if i % 4 == 0 else 1200 + i}, {"X-Request-ID": request_id})
-        statuses[request_id] = status
+        house = body or {**REQUEST, "area": 90_000 if i % 4 == 0 else 1200 + i}
+        return request_id, call(service.url, "/predict", house, {"X-Request-ID": request_id, "X-Client-ID": request_id})[0]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        statuses = dict(pool.map(send, range(requests)))
     deadline = time.monotonic() + 60
     while read_interactions(service.store).filter(pl.col("request_id").is_in(list(statuses))).height < len(statuses):
         assert time.monotonic() < deadline, "interaction records did not arrive"
@@ -167,35 +190,107 @@ def _traffic(service, tag: str) -> dict[str, int]:
     return statuses
 
 
-def test_the_guardrail_rolls_back_a_version_that_fails_live_traffic(service, bridge, tmp_path):
-    registry, follow, defs, instance, production = bridge
-    guardrail = defs.get_sensor_def("post_deploy_guardrail")
-    before = _traffic(service, "guardrail-before")
-    assert set(before.values()) == {200}
+def _watched(service) -> dg.Definitions:
+    """Definitions with the guardrail on (the session's service runs without it), judging after
+    20 requests a side."""
+    service.patch.setenv("BRIDGE_GUARDRAIL_SECONDS", "1800")
+    service.patch.setenv("BRIDGE_GUARDRAIL_MIN_REQUESTS", "20")
+    return build_defs()
 
-    bad = _overflowing_version(service, registry, production, tmp_path)
-    registry.set_production(bad, reason="test: an operator promotes without gates")
-    assert len(follow()) == 1  # the probe on the real data passes: it is deployed
-    assert call(service.url, "/model")[1]["response"]["model_version"] == bad
-    after = _traffic(service, "guardrail-after")
-    assert sorted(set(after.values())) == [200, 503]  # the large houses fail (non-finite price: a 503)
 
+def _tick(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.SensorResult | dg.SkipReason:
     with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
-        request = guardrail(context)
-    assert isinstance(request, dg.RunRequest), request
+        return defs.get_sensor_def("post_deploy_guardrail")(context)
+
+
+def _rolled_back(defs, instance, registry: Registry, follow, result, bad: str, production: str) -> str:
+    """The guardrail's rollback run, and the registry and Serve back on `production`; its reason."""
+    assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 1, result
+    (request,) = result.run_requests
     reason = request.run_config["ops"]["restore_previous_production"]["config"]["reason"]
-    assert "server-error rate 25.0%" in reason and f"v{bad}" in reason, reason
     rollback = defs.get_job_def("rollback_model").execute_in_process(instance=instance, run_config=request.run_config, tags=request.tags)
     assert rollback.success
-    assert len(follow()) == 1  # deployment follows the registry back
-    assert call(service.url, "/model")[1]["response"]["model_version"] == production
+    assert len(follow()) == 1  # deployment follows the registry back, without a canary
+    assert call(defs.resources["serving"].settings().url, "/model")[1]["response"]["experiment"]["versions"] == {"production": production}
     last = registry.history()[-1]
     assert (last.action, last.version, last.actor) == ("rollback", production, f"post_deploy_guardrail via dagster run {rollback.run_id[:8]}")
     assert last.reason == reason and last.evidence["rolled_back"] == bad
+    return reason
 
-    with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
-        again = guardrail(context)
-    assert isinstance(again, dg.SkipReason) and "a rollback" in again.skip_message  # no flapping
+
+def test_the_guardrail_rolls_back_a_version_that_fails_live_traffic(service, bridge, tmp_path):
+    """While a new version is watched, the previous one keeps a tenth of the clients; the
+    overflowing version's server errors, against none from its predecessor over the same
+    seconds, roll it back."""
+    registry, follow, defs, instance, production = bridge
+    watched = _watched(service)
+    bad = _overflowing_version(service, registry, production, tmp_path)
+    registry.set_production(bad, reason="test: an operator promotes without gates")
+    assert len(follow()) == 1  # the probe on the real data passes: it is deployed, with the canary
+    experiment = call(service.url, "/model")[1]["response"]["experiment"]
+    assert experiment["versions"] == {"production": bad, "previous": production} and experiment["previous_weight"] == 0.1
+    after = _traffic(service, "guardrail-after", 400)
+    logged = read_interactions(service.store).filter(pl.col("request_id").is_in(list(after)))
+    shares = {(variant, version): n for variant, version, n in logged.group_by("variant", "model_version").len().iter_rows()}
+    assert set(shares) == {("production", bad), ("previous", production)} and 20 <= shares[("previous", production)] <= 70
+    assert logged.filter(pl.col("variant") == "previous")["status"].to_list() == [200] * shares[("previous", production)]
+    assert sorted(set(after.values())) == [200, 503]  # the large houses fail on the new version (non-finite price: a 503)
+
+    reason = _rolled_back(watched, instance, registry, follow, _tick(watched, instance), bad, production)
+    assert "server-error rate" in reason and "Fisher" in reason and f"v{bad}:" in reason and f"v{production}:" in reason, reason
+    assert isinstance(again := _tick(watched, instance), dg.SkipReason) and "a rollback" in again.skip_message  # no flapping
+
+
+def _heavier_version(service, registry: Registry, production: str, scratch: Path) -> str:
+    """Production's preprocessing with two 4,096-wide hidden layers in front of a constant price:
+    right on every house, but each pass costs milliseconds where Production's costs a fraction
+    of one — a few more at one request at a time, a queue under load."""
+    model = _production_model(service, production, scratch)
+    config = replace(model.config, hidden=(4096, 4096), log_target=True, linear_skip=True)
+    net = PriceNet(len(model.preprocessor.feature_names), config.hidden, config.linear_skip)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.mul_(1e-3)
+    heavier = TrainedModel(config, model.preprocessor, math.log(load_seed_data()["price"].mean()), 1.0, net.state_dict())
+    return _register(registry, heavier, "heavier", scratch)
+
+
+@contextmanager
+def _cpu_hog(processes: int = 2) -> Iterator[None]:
+    """Processes that burn every core beside the service, as a training run would."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def test_the_canary_passes_an_equal_version_under_a_cpu_hog_and_rolls_back_a_heavier_one(service, bridge, tmp_path):
+    """Model time over the same seconds: a version as fast as its predecessor stays while two
+    processes burn both cores beside the service (both slow down alike); a version whose network
+    is far heavier is rolled back, its p95 model time and its predecessor's in the reason."""
+    registry, follow, defs, instance, production = bridge
+    watched = _watched(service)
+    equal = next(v for v in service.versions if v != production)  # the session's other version: same size
+    registry.set_production(equal, reason="test: an equal version")
+    assert len(follow()) == 1
+    with _cpu_hog():
+        statuses = _traffic(service, "canary-equal", 600, concurrency=8, body=REQUEST)
+    assert set(statuses.values()) == {200}
+    verdict = _tick(watched, instance)
+    assert isinstance(verdict, dg.SensorResult) and not verdict.run_requests
+    assert verdict.skip_reason and verdict.skip_reason.skip_message.startswith("healthy"), verdict.skip_reason
+
+    registry.set_production(production, reason="test: back, before the heavier version")
+    heavier = _heavier_version(service, registry, production, tmp_path)
+    registry.set_production(heavier, reason="test: an operator promotes without gates")
+    assert len(follow()) == 1
+    statuses = _traffic(service, "canary-heavier", 600, concurrency=8, body=REQUEST)
+    assert set(statuses.values()) == {200}  # it answers every request: only its time gives it away
+    reason = _rolled_back(watched, instance, registry, follow, _tick(watched, instance), heavier, production)
+    assert "p95 model time" in reason and "Mann-Whitney" in reason and "server-error" not in reason.split("(")[0], reason
 
 
 def test_deployment_follows_what_the_service_serves_and_reports_a_service_that_does_not_answer(service, bridge):

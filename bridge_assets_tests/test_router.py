@@ -35,3 +35,17 @@ def test_an_experiment_refuses_a_weight_outside_zero_to_one():
     assert ExperimentConfig("s", 0.3).variant_for("client-1") == assign("s", "client-1", 0.3)
     with pytest.raises(ValueError, match="staging_weight"):
         ExperimentConfig("s", 1.5)
+
+
+def test_the_canary_share_keeps_the_previous_version_for_its_clients_and_takes_none_from_staging():
+    """During a post-deploy watch the previous version keeps 10% of clients: from production's
+    side only (a staging client stays on staging), sticky, and gone when the watch ends."""
+    during = {c: assign("s", c, 0.5, 0.1) for c in CLIENTS}
+    without = {c: assign("s", c, 0.5) for c in CLIENTS}
+    share = sum(v == "previous" for v in during.values()) / len(CLIENTS)
+    assert abs(share - 0.1) <= 0.03, share
+    assert all(without[c] == "production" for c in CLIENTS if during[c] == "previous")
+    assert all(during[c] == without[c] for c in CLIENTS if during[c] != "previous")
+    assert {c: assign("s", c, 0.5, 0.1) for c in CLIENTS} == during  # sticky
+    with pytest.raises(ValueError, match="must not exceed 1"):
+        ExperimentConfig("s", 0.95, 0.1)

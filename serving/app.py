@@ -58,7 +58,7 @@ class ServiceSettings:
     """What the ingress needs; its init argument, which Ray stores: nothing secret in here."""
 
     model_name: str
-    versions: dict[str, str]  # variant -> registered version; "staging" only during an experiment
+    versions: dict[str, str]  # variant -> registered version; "staging" during an experiment, "previous" during a watch
     alias: str | None
     environment: dict[str, str]  # non-secret lake + MLflow variables (credentials: node env / file)
     spool_dir: str
@@ -72,8 +72,9 @@ class ServiceSettings:
     model_placement: str = INGRESS  # or DEPLOYMENT: see serving.model
 
     def alias_of(self, variant: str) -> str | None:
-        """The registry alias a variant's version is served under."""
-        return self.alias if variant == "production" else variant
+        """The registry alias a variant's version is served under (the previous Production
+        version, kept for a post-deploy watch, has none any more)."""
+        return self.alias if variant == "production" else None if variant == "previous" else variant
 
 
 class ModelUnavailable(Exception):
@@ -175,11 +176,14 @@ class PredictionService:
             log.info("interaction log on shutdown: %s", recorder.logger.close())
 
     def reconfigure(self, experiment: dict[str, Any]) -> None:
-        """The experiment's weight and salt (the deployment's `user_config`): a new weight
-        reaches the running replicas without a restart; without a staging version, everyone
-        gets production."""
+        """The weights and salt (the deployment's `user_config`): a new weight reaches the
+        running replicas without a restart; a variant this replica does not serve gets none."""
         config = ExperimentConfig(**experiment)
-        self.experiment = config if "staging" in self.variants else ExperimentConfig(config.salt, 0.0)
+        self.experiment = ExperimentConfig(
+            config.salt,
+            config.staging_weight if "staging" in self.variants else 0.0,
+            config.previous_weight if "previous" in self.variants else 0.0,
+        )
 
     def served_versions(self) -> dict[str, str]:
         """For `deploy()` (through a handle): which version each variant runs."""
@@ -199,7 +203,7 @@ class PredictionService:
         any other failure is a 503 — a non-finite price too: it is the model failing on an input
         its gates did not cover, not an answer."""
         try:
-            exchange.model_version, predictions = await getattr(self.variants[exchange.variant], method)(payload)
+            exchange.model_version, predictions, exchange.model_ms = await getattr(self.variants[exchange.variant], method)(payload)
         except InvalidInput:
             raise
         except Exception as error:  # noqa: BLE001 - any model error is a 503, never a 500
@@ -223,7 +227,8 @@ class PredictionService:
     @api.get("/model")
     async def model_info(self) -> dict[str, Any]:
         info = await self.variants["production"].info()
-        experiment = {"versions": self.versions, "staging_weight": self.experiment.staging_weight, "salt": self.experiment.salt}
+        experiment = {"versions": self.versions, "staging_weight": self.experiment.staging_weight,
+                      "previous_weight": self.experiment.previous_weight, "salt": self.experiment.salt}  # fmt: skip
         return {"status": 200, "message": "success",
                 "response": {**info, "variant": "production", "experiment": experiment, "placement": self.settings.model_placement,
                              "replica": self.replica, "pid": os.getpid()}}  # fmt: skip

@@ -13,6 +13,7 @@ leaves the old ones serving.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import secrets
@@ -22,7 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -147,10 +148,13 @@ def deploy(
     env: Mapping[str, str] = os.environ,
     staging_version: str | None = None,
     staging_weight: float = 0.0,
+    previous_version: str | None = None,
+    previous_weight: float = 0.0,
     salt: str = "bridge",
 ) -> str:
     """Roll Serve over to `version` (old replicas serve until new ones are healthy), with
-    `staging_version` beside it for `staging_weight` of clients if given; its URL.
+    `staging_version` beside it for `staging_weight` of clients if given, and the previous
+    Production version for `previous_weight` of them during a post-deploy watch; its URL.
 
     A new weight or salt reaches the running replicas in place (`reconfigure`, about a second);
     a new version, the start or end of an experiment, or new settings is a rolling redeploy of
@@ -170,6 +174,7 @@ def deploy(
     start_serve(cluster)
     everywhere = {**os.environ, **env}  # the spool and key file: also when `env` holds only the resources' variables
     versions = {"production": version} | ({"staging": staging_version} if staging_version else {})
+    versions |= {"previous": previous_version} if previous_version and previous_weight > 0 else {}
     service = ServiceSettings(
         model_name=model_name,
         versions=versions,
@@ -183,7 +188,7 @@ def deploy(
         log_flush_seconds=settings.log_flush_seconds,
         model_placement=settings.model_placement,
     )
-    experiment = ExperimentConfig(salt, staging_weight if staging_version else 0.0)
+    experiment = ExperimentConfig(salt, staging_weight if staging_version else 0.0, previous_weight if "previous" in versions else 0.0)
     kept = set() if settings.model_placement == INGRESS else set(versions)
     retiring = {variant: served for variant, served in _served_remotely().items() if variant not in kept}
     if retiring:
@@ -214,7 +219,7 @@ def _served_remotely() -> dict[str, str]:
     from serving.app import model_deployment_name
 
     try:
-        served = serve.get_app_handle(APP_NAME).served_versions.remote().result(timeout_s=30)
+        served = _ingress_says("served_versions")
         deployments = serve.status().applications[APP_NAME].deployments
     except Exception:  # noqa: BLE001 - no application yet
         return {}
@@ -223,9 +228,20 @@ def _served_remotely() -> dict[str, str]:
 
 def api_key_status() -> str:
     """What the running ingress says about API keys (one line): read from Serve, not assumed."""
+    return _ingress_says("api_key_status")
+
+
+def _ingress_says(method: str) -> Any:
+    """The running ingress's answer to `method`, through a Serve handle. A blocking handle call
+    refuses to run in a thread with a running asyncio loop (a caller inside Playwright's or
+    Jupyter's loop), so the call runs in a thread of its own."""
     from ray import serve
 
-    return serve.get_app_handle(APP_NAME).api_key_status.remote().result(timeout_s=30)
+    def ask() -> Any:
+        return getattr(serve.get_app_handle(APP_NAME), method).remote().result(timeout_s=30)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(ask).result()
 
 
 def _api_key_header(env: Mapping[str, str]) -> dict[str, str]:
@@ -241,8 +257,7 @@ class ServiceState:
 
     url: str
     status: Literal["serving", "empty", "down", "unreadable"]
-    versions: dict[str, str] = field(default_factory=dict)  # variant -> version; "staging" only while it takes clients
-    staging_weight: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)  # variant -> version; "staging", "previous" only while they take clients
     problem: str = ""
 
 
@@ -256,7 +271,7 @@ def service_state(env: Mapping[str, str] = os.environ, timeout: float = 5.0) -> 
             response = json.load(reply)["response"]
         experiment = response.get("experiment") or {}
         versions = {variant: str(v) for variant, v in (experiment.get("versions") or {"production": response["model_version"]}).items()}
-        weight = float(experiment.get("staging_weight") or 0.0)
+        weights = {variant: float(experiment.get(f"{variant}_weight") or 0.0) for variant in ("staging", "previous")}
     except urllib.error.HTTPError as error:
         if error.code in (404, 503):  # Serve's proxy with no application behind it
             return ServiceState(url, "empty", problem=f"Serve answers at {url} but serves no bridge application (HTTP {error.code})")
@@ -265,9 +280,10 @@ def service_state(env: Mapping[str, str] = os.environ, timeout: float = 5.0) -> 
         return ServiceState(url, "unreadable", problem=f"{url}/model gave no versions: {error}")
     except OSError as error:
         return ServiceState(url, "down", problem=f"nothing answers at {url}: {getattr(error, 'reason', error)}")
-    if weight <= 0:
-        versions.pop("staging", None)  # deployed beside Production, but serving no client
-    return ServiceState(url, "serving", versions, weight)
+    for variant, weight in weights.items():
+        if weight <= 0:
+            versions.pop(variant, None)  # deployed beside Production, but serving no client
+    return ServiceState(url, "serving", versions)
 
 
 def wait_until_serving(url: str, version: str, timeout: float = 180.0, headers: Mapping[str, str] | None = None) -> None:

@@ -13,7 +13,9 @@ orphaned spool) and is published exactly once. One record per `/predict` request
 down, records stay in the spool up to a bound; past it the oldest are dropped and counted
 (`dropped`), never silently.
 
-Records carry `schema_version` (2; files written before the column existed read as 1).
+Records carry `schema_version` (3; files written before the column existed read as 1). Version 3
+added `model_ms`: the answering version's own model time for the request's rows (the guardrail
+compares versions on it); older files read it as null.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from bridge_assets.lake.storage import ObjectStore
 from serving.spool import Published, Spool, spool_directory, sweep_spools
 
 PREFIX = "interactions/"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA: dict[str, pl.DataType] = {
     "schema_version": pl.Int16(),
     "request_id": pl.String(),
@@ -50,6 +52,7 @@ SCHEMA: dict[str, pl.DataType] = {
     "model_version": pl.String(),
     "variant": pl.String(),
     "latency_ms": pl.Float64(),
+    "model_ms": pl.Float64(),
     "prediction": pl.Float64(),
     "error": pl.String(),
     "client_id": pl.String(),
@@ -71,6 +74,7 @@ def record(
     model_version: str,
     variant: str,
     latency_ms: float,
+    model_ms: float | None = None,
     features: dict[str, Any] | None = None,
     prediction: float | None = None,
     error: str | None = None,
@@ -91,6 +95,7 @@ def record(
         "model_version": model_version,
         "variant": variant,
         "latency_ms": latency_ms,
+        "model_ms": model_ms,
         "prediction": _finite(prediction),
         "error": error,
         "client_id": client_id,
@@ -270,12 +275,24 @@ def _scan(store: ObjectStore, keys: list[str]) -> pl.LazyFrame:
 
 def read_interactions(store: ObjectStore, since: datetime | None = None) -> pl.DataFrame:
     """Every logged interaction (from `since` on, if given), once; files written before a
-    column existed read it as null (`schema_version` as 1). Records sit in the folder of their
-    own hour, so `since` lists only the hours from its own on."""
+    column existed read it as null (`schema_version` as 1)."""
+    return read_interaction_files(store, interaction_files(store, since), since)
+
+
+def interaction_files(store: ObjectStore, since: datetime | None = None) -> list[str]:
+    """The files that hold every record (from `since` on) once. Records sit in the folder of
+    their own hour, so `since` lists only the hours from its own on. A reader that keeps the
+    names it has read can later read only new ones; once an hour is compacted, its files give
+    way to the merged one (a name read before is then missing from the list)."""
     keys = _readable(store, store.list(PREFIX))
     if since is not None:
         first = since.astimezone(UTC).strftime("date=%Y-%m-%d/hour=%H")
         keys = [k for k in keys if k.removeprefix(PREFIX)[: len(first)] >= first]
+    return keys
+
+
+def read_interaction_files(store: ObjectStore, keys: list[str], since: datetime | None = None) -> pl.DataFrame:
+    """The records in `keys` (from `since` on), as today's schema."""
     if not keys:
         return pl.DataFrame(schema=SCHEMA)
     frame = _scan(store, keys)

@@ -16,6 +16,7 @@ resources (a GPU), at the cost of that hop.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +103,13 @@ ROLLING: dict[str, int] = {
 }
 
 
+# What a variant answers: the version that gave the prediction(s), and the milliseconds its own
+# model took for them (the batch's pass for that version): the post-deploy guardrail compares
+# versions on this, which waiting in queues does not enter and a busy machine slows for both alike.
+Answer = tuple[str, float, float]
+Answers = tuple[str, list[float], float]
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64, **ROLLING)
 class ModelVariant:
     """One registered version in its own replicas (placement `deployment`); the ingress calls it
@@ -115,12 +123,12 @@ class ModelVariant:
         os.environ.update(environment)
         self.model = LocalVariant(ServedModel.load(MlflowSettings.from_env().activate(), model_name, version, alias))
 
-    async def predict_one(self, row: dict[str, Any]) -> tuple[str, float]:
+    async def predict_one(self, row: dict[str, Any]) -> Answer:
         """Single rows from every ingress replica, batched here as in the ingress; the answer
         names the version that gave it (during a rollout it may not be the ingress's target)."""
         return await self.model.predict_one(row)
 
-    async def predict_valid(self, rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
+    async def predict_valid(self, rows: list[dict[str, Any]]) -> Answers:
         return await self.model.predict_valid(rows)
 
     async def info(self) -> dict[str, Any]:
@@ -128,7 +136,7 @@ class ModelVariant:
 
 
 @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-async def _predicted_together(requests: list[tuple[ServedModel, dict[str, Any]]]) -> list[tuple[str, float]]:
+async def _predicted_together(requests: list[tuple[ServedModel, dict[str, Any]]]) -> list[Answer]:
     """Single-row requests that arrive together, for whichever loaded version, predicted in one
     pass per version (one encode and one network call; a request alone waits for no other).
     One queue per process: Serve keeps a decorated callable's queue per function, so both
@@ -139,12 +147,14 @@ async def _predicted_together(requests: list[tuple[ServedModel, dict[str, Any]]]
     by_model: dict[int, list[int]] = {}
     for index, (model, _) in enumerate(requests):
         by_model.setdefault(id(model), []).append(index)
-    answers: list[tuple[str, float]] = [("", 0.0)] * len(requests)
+    answers: list[Answer] = [("", 0.0, 0.0)] * len(requests)
     for indices in by_model.values():
         model = requests[indices[0]][0]
+        started = time.perf_counter()
         prices = model.predict_records([requests[index][1] for index in indices]).tolist()
+        model_ms = (time.perf_counter() - started) * 1000
         for index, price in zip(indices, prices, strict=True):
-            answers[index] = (model.version, price)
+            answers[index] = (model.version, price, model_ms)
     return answers
 
 
@@ -155,12 +165,14 @@ class LocalVariant:
     def __init__(self, model: ServedModel) -> None:
         self.model = model
 
-    async def predict_one(self, row: dict[str, Any]) -> tuple[str, float]:
+    async def predict_one(self, row: dict[str, Any]) -> Answer:
         return await _predicted_together((self.model, row))
 
-    async def predict_valid(self, rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
+    async def predict_valid(self, rows: list[dict[str, Any]]) -> Answers:
         """Rows the API schema validated (bounds and levels are the contract's)."""
-        return self.model.version, self.model.predict_records(rows).tolist()
+        started = time.perf_counter()
+        prices = self.model.predict_records(rows).tolist()
+        return self.model.version, prices, (time.perf_counter() - started) * 1000
 
     async def info(self) -> dict[str, Any]:
         return self.model.info()
@@ -172,10 +184,10 @@ class RemoteVariant:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
-    async def predict_one(self, row: dict[str, Any]) -> tuple[str, float]:
+    async def predict_one(self, row: dict[str, Any]) -> Answer:
         return await self.handle.predict_one.remote(row)
 
-    async def predict_valid(self, rows: list[dict[str, Any]]) -> tuple[str, list[float]]:
+    async def predict_valid(self, rows: list[dict[str, Any]]) -> Answers:
         return await self.handle.predict_valid.remote(rows)
 
     async def info(self) -> dict[str, Any]:

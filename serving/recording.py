@@ -44,6 +44,7 @@ class Exchange:
     started: float = field(default_factory=time.perf_counter)
     rows: list[dict[str, Any] | None] = field(default_factory=lambda: [None])
     predictions: list[float] | None = None
+    model_ms: float | None = None  # the version's own model time for this request's rows
     error: str | None = None
 
 
@@ -94,7 +95,7 @@ class Recorder:
                 record(
                     request_id=exchange.request_id, row_index=index, endpoint=path[:200], status=status,
                     model_name=self.model_name, model_version=exchange.model_version, variant=exchange.variant,
-                    latency_ms=latency_ms, features=row, prediction=predictions[index] if predictions else None,
+                    latency_ms=latency_ms, model_ms=exchange.model_ms if status < 400 else None, features=row, prediction=predictions[index] if predictions else None,
                     error=error, client_id=exchange.client_id, replica=self.replica,
                 )  # fmt: skip
                 for index, row in enumerate(exchange.rows)

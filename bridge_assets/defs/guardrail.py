@@ -1,34 +1,24 @@
 """The post-deploy guardrail (step 9): for a while after a new Production version takes
-traffic, its live health is compared with its predecessor's; a breach rolls it back through
-`rollback_model`, recorded in the audit trail with the figures, and `registry_sensor` then
-puts the previous version back into Serve."""
+traffic, the previous version keeps a share of clients (`production_deployment` deploys it as
+the `previous` variant) and both are compared over the same seconds; a breach rolls the new
+version back through `rollback_model`, recorded in the audit trail with both versions' figures,
+and `registry_sensor` then puts the previous version back into Serve. When the watch ends
+without a breach, `registry_sensor` redeploys without the control group."""
 
-from datetime import UTC, datetime, timedelta
+import json
+from datetime import UTC, datetime
 
 import dagster as dg
 
+from bridge_assets.defs.audit import open_registry
 from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy
-from bridge_assets.defs.audit import open_registry
-from bridge_assets.defs.serving import production_deployment, rollback_model
-from bridge_assets.ml.guardrail import judge, traffic_health
-from bridge_assets.ml.registry import PRODUCTION, PRODUCTION_ALIAS
-from serving.interactions import read_interactions
+from bridge_assets.defs.serving import rollback_model
+from bridge_assets.ml.guardrail import WatchTally, judge, watch_of
+from bridge_assets.ml.registry import PRODUCTION_ALIAS
+from serving.interactions import interaction_files, read_interaction_files
 
 GUARDRAIL_ACTOR = "post_deploy_guardrail"
-
-
-def took_traffic_at(instance: dg.DagsterInstance, version: str) -> datetime | None:
-    """When `version` started serving: the first of the latest unbroken run of
-    `production_deployment` materializations that deployed it (a Staging change redeploys
-    the same Production version; that does not restart its watch)."""
-    started = None
-    for record in instance.fetch_materializations(production_deployment.key, limit=100).records:  # newest first
-        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
-        if "model_version" not in metadata or metadata["model_version"].value != version:
-            break
-        started = record.timestamp
-    return datetime.fromtimestamp(started, UTC) if started is not None else None
 
 
 @dg.sensor(
@@ -38,38 +28,37 @@ def took_traffic_at(instance: dg.DagsterInstance, version: str) -> datetime | No
 )
 def post_deploy_guardrail(
     context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
-) -> dg.RunRequest | dg.SkipReason:
-    """Watch the Production version for `BRIDGE_GUARDRAIL_SECONDS` after it takes traffic:
-    its server-error rate and p95 latency in the interaction records against the previous
-    Production version's over as long just before the switch. A breach requests
-    `rollback_model` once (run key: version and switch time) with the figures as the reason.
-    A version that came back by a rollback is not watched: rolling back again would flap."""
+) -> dg.SensorResult | dg.SkipReason:
+    """Watch the Production version for `BRIDGE_GUARDRAIL_SECONDS` after bridge moved it there:
+    its server errors and model time against the previous version's, which serves
+    `BRIDGE_GUARDRAIL_CANARY_SHARE` of clients meanwhile. Each tick reads only the record files
+    it has not read (the cursor keeps the tally). A breach requests `rollback_model` once (run
+    key: version and watch start) with both versions' figures as the reason. A version that
+    came back by a rollback is not watched: rolling back again would flap."""
     settings = promotion.settings()
     if settings.guardrail_seconds <= 0:
         return dg.SkipReason("the guardrail is off (BRIDGE_GUARDRAIL_SECONDS=0)")
     registry = open_registry(storage, mlflow_tracking, actor=GUARDRAIL_ACTOR)
     version = registry.version_for(PRODUCTION_ALIAS)
-    moves = [r for r in registry.history() if r.to_stage == PRODUCTION and r.action != "out_of_band"]
-    if version is None or not moves or moves[-1].version != version:
-        return dg.SkipReason(f"no Production version set by bridge to watch (production: {version or 'none'})")
-    move = moves[-1]
-    previous = move.evidence.get("previous_production")
-    if move.action == "rollback" or not previous or previous == version:
-        return dg.SkipReason(f"v{version} is not watched: {move.action} ({'no predecessor' if not previous else 'a rollback'})")
-    started = took_traffic_at(context.instance, version)
-    if started is None:
-        return dg.SkipReason(f"v{version} is not deployed yet")
-    now = datetime.now(UTC)
-    watch = timedelta(seconds=settings.guardrail_seconds)
-    if now - started > watch:
-        return dg.SkipReason(f"v{version} has served since {started:%Y-%m-%d %H:%M:%S} UTC: past its {watch} watch")
-    records = read_interactions(storage.open(), since=started - watch)
-    verdict = judge(traffic_health(records, version, started, now), traffic_health(records, previous, started - watch, started), settings)
+    watch = watch_of(registry.history(), version, settings, datetime.now(UTC))
+    if watch is None:
+        return dg.SkipReason(f"no watch runs on Production (v{version or 'none'}): not moved there by bridge from another version within {settings.guardrail_seconds:g} s, or a rollback")
+    store = storage.open()
+    tally = WatchTally.from_json(json.loads(context.cursor)) if context.cursor else None
+    files = interaction_files(store, since=watch.started)
+    if tally is None or tally.watch != WatchTally.key(watch) or not set(tally.files) <= set(files):
+        tally = WatchTally(WatchTally.key(watch))  # a new watch, or an hour compacted since: count afresh
+    unread = sorted(set(files) - set(tally.files))
+    tally.add(read_interaction_files(store, unread, since=watch.started), watch)
+    tally.files = files
+    verdict = judge(tally, watch, settings)
     context.log.info(verdict.reason)
+    cursor = json.dumps(tally.to_json())
     if not verdict.breach:
-        return dg.SkipReason(verdict.reason)
-    return dg.RunRequest(
-        run_key=f"guardrail/{version}/{started.isoformat()}",
+        return dg.SensorResult(skip_reason=verdict.reason, cursor=cursor)
+    request = dg.RunRequest(
+        run_key=f"guardrail/{watch.version}/{watch.started.isoformat()}",
         run_config={"ops": {"restore_previous_production": {"config": {"reason": verdict.reason, "actor": GUARDRAIL_ACTOR}}}},
-        tags={"bridge/guardrail": f"v{version}"},
+        tags={"bridge/guardrail": f"v{watch.version}"},
     )
+    return dg.SensorResult(run_requests=[request], cursor=cursor)

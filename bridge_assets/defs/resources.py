@@ -199,10 +199,12 @@ class PromotionPolicy(dg.ConfigurableResource):
     ab_salt: str
     promotion_policy: str
     guardrail_seconds: float
+    guardrail_canary_share: float
     guardrail_min_requests: int
     guardrail_error_margin: float
     guardrail_latency_factor: float
     guardrail_latency_slack_ms: float
+    guardrail_alpha: float
 
     def settings(self) -> PromotionSettings:
         return PromotionSettings(**{**self.model_dump(), "approvers": tuple(self.approvers)})

@@ -3,6 +3,7 @@
 import json
 import os
 import time
+from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
@@ -11,6 +12,7 @@ from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
+from bridge_assets.ml.guardrail import watch_of
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS
 from bridge_assets.monitoring.alerts import LoopEvent
 
@@ -90,8 +92,9 @@ def production_deployment(
     serving: RayServing,
     promotion: PromotionPolicy,
 ) -> dg.MaterializeResult:
-    """The Production version live in Ray Serve, and the Staging version beside it for the
-    A/B experiment's share of clients (`BRIDGE_AB_STAGING_WEIGHT`).
+    """The Production version live in Ray Serve, the Staging version beside it for the A/B
+    experiment's share of clients (`BRIDGE_AB_STAGING_WEIGHT`), and, while a new Production
+    version is watched, the previous one for the canary's share (`BRIDGE_GUARDRAIL_CANARY_SHARE`).
 
     Follows the registry: a version an alias points at is served only if bridge moved it
     there, or, moved by hand, if it has a passing gate record (the move is recorded as out of
@@ -113,19 +116,26 @@ def production_deployment(
     staging_version = staging.version if staging.allowed and policy.ab_staging_weight > 0 else None
     if staging_version == production.version:
         staging_version = None
+    watch = watch_of(registry.history(), production.version, policy, datetime.now(UTC))
+    previous_version = watch.previous if watch else None
     try:
         checked = probe(registry.client, settings.model_name, production.version, PRODUCTION_ALIAS)
         if staging_version:
             probe(registry.client, settings.model_name, staging_version, STAGING_ALIAS)
+        if previous_version:
+            probe(registry.client, settings.model_name, previous_version, None)
     except ValueError as error:
         raise dg.Failure(f"refused to deploy: {error}") from error
     env = {**storage.settings().to_env(), **settings.to_env(), **serving.settings().to_env()}
     url = deploy(
         settings.model_name, production.version, PRODUCTION_ALIAS, env=env,
-        staging_version=staging_version, staging_weight=policy.ab_staging_weight, salt=policy.ab_salt,
+        staging_version=staging_version, staging_weight=policy.ab_staging_weight,
+        previous_version=previous_version, previous_weight=policy.guardrail_canary_share, salt=policy.ab_salt,
     )  # fmt: skip
+    canary = f"v{previous_version} for {policy.guardrail_canary_share:.0%} of clients until {watch.ends:%H:%M:%S} UTC" if watch else "none"
     context.log.info(f"serving {settings.model_name} v{production.version} at {url}"
-                     + (f" with v{staging_version} for {policy.ab_staging_weight:.0%} of clients" if staging_version else ""))
+                     + (f" with v{staging_version} for {policy.ab_staging_weight:.0%} of clients" if staging_version else "")
+                     + (f"; the post-deploy watch keeps {canary}" if watch else ""))
     staging_refused = staging.version is not None and not staging.allowed
     return dg.MaterializeResult(
         metadata={
@@ -135,6 +145,7 @@ def production_deployment(
             "model_version": production.version,
             "staging_version": staging_version or "none",
             "staging_weight": policy.ab_staging_weight if staging_version else 0.0,
+            "canary": canary,
             "probe_rows": checked.rows,
             "probe_latency_ms": checked.latency_ms,
             "run_id": checked.model.run_id,
@@ -152,10 +163,11 @@ def production_deployment(
             ),
             dg.AssetCheckResult(
                 check_name=SERVING_CHECK, passed=True, severity=dg.AssetCheckSeverity.ERROR,
-                description=f"serving v{production.version}" + (f" and v{staging_version} (staging)" if staging_version else ""),
+                description=f"serving v{production.version}" + (f" and v{staging_version} (staging)" if staging_version else "")
+                + (f" and v{previous_version} (previous: the post-deploy watch's control)" if previous_version else ""),
             ),
         ],
-        data_version=dg.DataVersion(f"{settings.model_name}/{production.version}/{staging_version or '-'}"),
+        data_version=dg.DataVersion(f"{settings.model_name}/{production.version}/{staging_version or '-'}/{previous_version or '-'}"),
     )
 
 
@@ -197,7 +209,9 @@ def registry_sensor(
     for moved in (m for m in (production, staging) if m.newly_recorded):
         alerting.send(LoopEvent("out_of_band_move", moved.reason, registry.model_name, moved.version, {"alias": moved.alias, "deployable": moved.allowed}))
     wanted_staging = staging.version if staging.allowed and promotion.ab_staging_weight > 0 and staging.version != production.version else None
+    watch = watch_of(registry.history(), production.version, promotion.settings(), datetime.now(UTC))
     wanted = {"production": production.version} | ({"staging": wanted_staging} if wanted_staging else {})
+    wanted |= {"previous": watch.previous} if watch else {}  # the post-deploy watch's control group
     cursor = json.loads(context.cursor) if context.cursor else {}
     if not production.allowed:
         if cursor.get("refused") == production.version:

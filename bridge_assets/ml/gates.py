@@ -98,10 +98,21 @@ class PromotionSettings:
     ab_salt: str = "bridge"
     promotion_policy: str = "manual"  # on an A/B verdict: "manual" reports it, "automatic" acts on it
     guardrail_seconds: float = 1800.0  # how long a new Production version is watched (0: never)
+    guardrail_canary_share: float = 0.1  # share of clients the previous version keeps while it is watched
     guardrail_min_requests: int = 50  # on each side before live health is compared
-    guardrail_error_margin: float = 0.02  # allowed rise in server-error rate (absolute)
-    guardrail_latency_factor: float = 1.5  # allowed p95 latency ratio ...
-    guardrail_latency_slack_ms: float = 25.0  # ... plus this, so millisecond jitter is no breach
+    guardrail_error_margin: float = 0.02  # a rise in server-error rate below this is no breach (absolute) ...
+    guardrail_latency_factor: float = 1.5  # p95 model time may be this times the previous version's ...
+    guardrail_latency_slack_ms: float = 5.0  # ... plus this, so sub-millisecond jitter is no breach
+    guardrail_alpha: float = 0.01  # ... and a breach must also be beyond chance at this level
+
+    def __post_init__(self) -> None:
+        if self.guardrail_seconds > 0 and not 0 < self.guardrail_canary_share <= 0.5:
+            raise ValueError(
+                f"BRIDGE_GUARDRAIL_CANARY_SHARE must be in (0, 0.5], not {self.guardrail_canary_share}: the watch compares the "
+                "new version with the previous one over the same seconds (BRIDGE_GUARDRAIL_SECONDS=0 turns the guardrail off)"
+            )
+        if self.ab_staging_weight + self.guardrail_canary_share > 1:
+            raise ValueError("BRIDGE_AB_STAGING_WEIGHT + BRIDGE_GUARDRAIL_CANARY_SHARE must not exceed 1")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> PromotionSettings:
@@ -127,10 +138,12 @@ class PromotionSettings:
             ab_salt=env.get("BRIDGE_AB_SALT") or defaults.ab_salt,
             promotion_policy=_policy(env.get("BRIDGE_PROMOTION_POLICY") or defaults.promotion_policy),
             guardrail_seconds=number("BRIDGE_GUARDRAIL_SECONDS", defaults.guardrail_seconds),
+            guardrail_canary_share=number("BRIDGE_GUARDRAIL_CANARY_SHARE", defaults.guardrail_canary_share),
             guardrail_min_requests=int(number("BRIDGE_GUARDRAIL_MIN_REQUESTS", defaults.guardrail_min_requests)),
             guardrail_error_margin=number("BRIDGE_GUARDRAIL_ERROR_MARGIN", defaults.guardrail_error_margin),
             guardrail_latency_factor=number("BRIDGE_GUARDRAIL_LATENCY_FACTOR", defaults.guardrail_latency_factor),
             guardrail_latency_slack_ms=number("BRIDGE_GUARDRAIL_LATENCY_SLACK_MS", defaults.guardrail_latency_slack_ms),
+            guardrail_alpha=number("BRIDGE_GUARDRAIL_ALPHA", defaults.guardrail_alpha),
         )
 
 
