@@ -237,7 +237,8 @@ def main() -> int:
     })  # fmt: skip
     for name in ("MLFLOW_TRACKING_URI", "BRIDGE_S3_BUCKET", "RAY_ADDRESS", "BRIDGE_API_KEYS", "BRIDGE_API_KEYS_FILE"):
         os.environ.pop(name, None)
-    from serving.deploy import deploy, stop_serving
+    from serving.cluster import stop_serving
+    from serving.deploy import deploy
 
     name, version, other = prepare()
     processes: list[subprocess.Popen] = []

@@ -63,7 +63,8 @@ from bridge_assets.ml.tracking import MlflowSettings, unseen_batches
 from bridge_assets.ml.traffic import TrafficResult, send_traffic
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX
 from bridge_assets.monitoring.settings import MonitorSettings
-from serving.deploy import ServingSettings, stop_serving
+from serving.cluster import stop_serving
+from serving.deploy import ServingSettings
 from serving.interactions import read_interactions
 
 DEMO_BATCH = "demo-sim-s7"
