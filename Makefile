@@ -84,7 +84,7 @@ stack-stop: install
 	$(BIN)/python -m deploy.stack stop
 
 test: install system-deps test-deps $(S3_SERVER_DEPS)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 # The production-shaped stack end to end (Postgres, MLflow server, two Ray nodes, Dagster daemon).
 test-stack: install system-deps $(S3_SERVER_DEPS)

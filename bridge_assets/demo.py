@@ -75,7 +75,7 @@ SHIFT = Drift(price_factor=1.5)
 # value set in the environment or .env wins).
 LOOP_CADENCES = {
     "BRIDGE_SENSOR_INTERVAL": "5",
-    "BRIDGE_MONITOR_WINDOW_SECONDS": "120",
+    "BRIDGE_MONITOR_WINDOW_SECONDS": "60",  # the 30 s of traffic fit in one window
     "BRIDGE_RETRAIN_POLICY": "automatic",
     "BRIDGE_RETRAIN_COOLDOWN_SECONDS": "60",
     # Minutes here stand for days: the retrain's recency weights rows by age at that scale too.
@@ -375,9 +375,11 @@ def _closed_loop(store: ObjectStore, url: str) -> None:
         with _stage("drifted traffic, interaction logs, labels released"):
             _traffic_with_feedback(store, url, drift, seed=100 + rises, seconds=TRAFFIC_SECONDS, name=f"demo-loop-{rises}")
         with _stage("daemon: profiles, window reports, decay detected"):
+            # Reports of earlier windows are rewritten as their labels arrive: wait for an alarm on this Production
             window, alarms = _wait_for(
-                "a window report with an alarm",
-                lambda: next(((r.partition_key, _metadata(r)["alarms"]) for r in _materialized_since(instance, "drift_report", started) if _metadata(r).get("alarms")), None),
+                f"a window report with an alarm on v{production}",
+                lambda: next(((r.partition_key, _metadata(r)["alarms"]) for r in _materialized_since(instance, "drift_report", started)
+                              if any(alarm.startswith(f"v{production}/") for alarm in _metadata(r).get("alarms") or [])), None),
                 log_path,
             )  # fmt: skip
             print(f"  drift_report[{window}]: {len(alarms)} alarm(s)")

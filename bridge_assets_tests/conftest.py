@@ -46,6 +46,19 @@ LAKE_VARIABLES = (
 )
 
 
+# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`). Tests that bring up their
+# own Ray and Dagster (the demo in a subprocess, the production-shaped stack) form one group, and
+# everything that shares the session's Ray Serve, `dagster dev` and moto forms the other, so each
+# worker starts what its group needs once, and the demo's and the stack's waits overlap the rest.
+APART = ("test_cli_and_demo.py::test_demo_closes_the_loop", "test_stack.py::")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = "apart" if any(marker in item.nodeid for marker in APART) else "shared"
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment() -> Iterator[None]:
     """Each test ends with the process environment it started with. MLflow's set_tracking_uri
@@ -132,14 +145,18 @@ def serving_session(moto_endpoint: str) -> Iterator[SimpleNamespace]:
         "BRIDGE_GUARDRAIL_SECONDS": "0",
     }
     with _environment(env):
-        lake = two_registered_versions("sim-serve", rows=2000, seed=8, max_epochs=15)
-        store, settings, rounds, versions = lake.store, lake.settings, lake.rounds, lake.versions
-        client = settings.activate()
-        promote_to_production(client, settings.model_name, versions[0])
-        deployed = deploy_through_dagster()
-        assert deployed.success, deployed.all_events
-        (event,) = deployed.get_asset_materialization_events()
-        metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+        try:
+            lake = two_registered_versions("sim-serve", rows=2000, seed=8, max_epochs=15)
+            store, settings, rounds, versions = lake.store, lake.settings, lake.rounds, lake.versions
+            client = settings.activate()
+            promote_to_production(client, settings.model_name, versions[0])
+            deployed = deploy_through_dagster()
+            assert deployed.success, deployed.all_events
+            (event,) = deployed.get_asset_materialization_events()
+            metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+        except BaseException:  # no teardown follows a failed setup: leave no Ray behind
+            stop_serving()
+            raise
     yield SimpleNamespace(
         url=metadata["endpoint"].removesuffix("/predict"), env=env, store=store, client=client, settings=settings,
         versions=versions, rounds=rounds, metadata=metadata, moto=moto_endpoint,

@@ -191,6 +191,7 @@ def keep_artifact(path: Path) -> Path | None:
 SEED_BATCH = "housing-seed"
 SIM_BATCH = "e2e-sim"
 SIM_ROWS = 2000
+SIM_SEED = 11
 CORRUPT_FRACTION = 0.01
 TRAINING_CONFIG = {"presets": ["reference"], "max_epochs": 5, "seed": 3}
 
@@ -270,7 +271,7 @@ def run_first_round(dev: DagsterDev, timeout: float = 600.0) -> FirstRound:
     then launch a training round through GraphQL."""
     store = StorageSettings.from_env(dev.env).open()
     land_seed(store)
-    land_simulated(store, Simulation(SIM_ROWS, seed=11, corrupt_fraction=CORRUPT_FRACTION), SIM_BATCH)
+    land_simulated(store, Simulation(SIM_ROWS, seed=SIM_SEED, corrupt_fraction=CORRUPT_FRACTION), SIM_BATCH)
     batches = [SEED_BATCH, SIM_BATCH]
 
     def raw_partitions() -> dict[str, Materialization] | None:

@@ -1,19 +1,24 @@
 """The `bridge` CLI and `make demo`'s job, run as the user runs them: in subprocesses."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import polars as pl
+import pytest
 
 from bridge_assets.lake.feature_store import build_features
 from bridge_assets.lake.landing import land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import PROJECT_ROOT, StorageSettings, bridge_home
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
 from bridge_assets.ml.tracking import MlflowSettings
 from serving.cluster import pick_free_ports
 
@@ -125,16 +130,30 @@ def test_cli_says_when_there_is_nothing_and_hands_dagster_its_own_arguments(lake
     assert "rows in the batch (default: 10000)" in " ".join(simulate_help.split())
 
 
-def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: Path, monkeypatch):
-    home = tmp_path / "bridge"
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """A fresh `.bridge` for `make demo`'s job, as a user's first run finds it; the two demo
+    tests run it twice in a row there."""
+    root = tmp_path_factory.mktemp("demo")
+    home = root / "bridge"
     dagster_home = home / "dagster"
     dagster_home.mkdir(parents=True)
     (dagster_home / "dagster.yaml").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BRIDGE_", "AWS_", "MLFLOW_", "DAGSTER_"))}
     env.update(BRIDGE_ENV_FILE="", BRIDGE_HOME=str(home), DAGSTER_HOME=str(dagster_home), BRIDGE_RAY_TMPDIR=f"/tmp/bridge-ray-{os.getpid()}")
     env["BRIDGE_RAY_PORT"], env["BRIDGE_SERVE_PORT"] = map(str, pick_free_ports())
-    demo = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    yield SimpleNamespace(root=root, home=home, dagster_home=dagster_home, env=env)
+
+
+def _run_demo(demo_home: SimpleNamespace) -> str:
+    demo = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=demo_home.env, capture_output=True, text=True, cwd=demo_home.root)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    return demo.stdout
+
+
+def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(demo_home: SimpleNamespace, monkeypatch):
+    home, dagster_home = demo_home.home, demo_home.dagster_home
+    demo = SimpleNamespace(stdout=_run_demo(demo_home))
     assert "reference split of the real data (DuckDB): {'train': 348, 'test': 109, 'validation': 88}" in demo.stdout
 
     quarantine = pl.read_parquet(home / "lake" / "raw" / "quarantine" / "demo-sim-s7" / "rows.parquet")
@@ -176,6 +195,35 @@ def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(tmp_path: 
     assert "retrain_sensor" in launched["candidate_model"] and "bridge_automation" in launched["staged_model"]
     assert "registry_sensor" in launched["production_deployment"]
     assert f"latest: {version}" in demo.stdout
+
+
+def test_the_demo_run_again_promotes_on_an_ab_verdict_and_loops_on_the_new_production_under_the_canary(demo_home: SimpleNamespace):
+    """The second run: a challenger trained after the price rise passes the gates, wins an
+    online A/B experiment and is promoted on the verdict; the loop then runs on it while the
+    previous version keeps its canary share, and the retrain it triggers is either served beside
+    it or blocked by a named gate with Production unchanged: both are checked, neither accepted
+    silently."""
+    stdout = _run_demo(demo_home)
+    assert "landed simulated batch demo-shift-s8" in stdout
+    assert "A/B experiment: Production v1 against Staging v4" in stdout and "gates of v4: every gate passed" in stdout
+    (verdict,) = [line for line in stdout.splitlines() if line.strip().startswith("verdict: ")]
+    assert verdict.strip().startswith("verdict: promote"), verdict
+    assert "v4 is Production: A/B verdict promote" in stdout
+    (loop,) = [line for line in stdout.splitlines() if "bridge traffic: 1200 houses" in line]
+    variants = ast.literal_eval(loop.split("variants ")[1])  # the demo prints the dict
+    assert set(variants) == {"production", "previous"} and 0 < variants["previous"] < 0.2 * 1200, loop  # v1 keeps its canary share
+    assert "v4/production: realised decay" in stdout and "→ candidate v5" in stdout
+    registry = Registry(MlflowSettings.from_env(demo_home.env).activate(), "housing-price", StorageSettings.from_env(demo_home.env).open())
+    assert registry.version_for(PRODUCTION_ALIAS) == "4"
+    if "gates of v5: every gate passed" in stdout:
+        assert "serving {'production': '4', 'staging': '5'}" in stdout
+        assert registry.version_for(STAGING_ALIAS) == "5"
+    else:  # blocked: by a gate it names, recorded, and nothing moved
+        assert "gates of v5: BLOCKED" in stdout and "v5 stays a candidate; Production v4 keeps serving" in stdout
+        failed = [line for line in stdout.split("gates of v5: BLOCKED")[1].splitlines() if line.strip().startswith("FAIL ")]
+        assert failed, stdout[-3000:]
+        (record,) = [r for r in registry.history() if r.version == "5" and r.action == "gates_failed"]
+        assert failed[0].split()[1] in record.reason and registry.version_for(STAGING_ALIAS) != "5"
 
 
 def run_tags(instance: dg.DagsterInstance, run_id: str) -> dict[str, str]:

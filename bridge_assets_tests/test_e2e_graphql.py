@@ -10,10 +10,13 @@ import sys
 
 from mlflow.tracking import MlflowClient
 
+from bridge_assets.core.contract import ROW_ID
+from bridge_assets.core.simulator import simulate
+from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry
 from bridge_assets.ml.tracking import MlflowSettings
-from bridge_assets_tests.dagster_dev import CORRUPT_FRACTION, SIM_BATCH, SIM_ROWS, DagsterDev, FirstRound, materializations, run_tags
+from bridge_assets_tests.dagster_dev import CORRUPT_FRACTION, SIM_BATCH, SIM_ROWS, SIM_SEED, DagsterDev, FirstRound, materializations, run_tags
 
 LOCATION = "bridge_assets.definitions:defs"
 REPOSITORY = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__"}
@@ -80,8 +83,14 @@ def test_landed_batches_become_raw_partitions_through_the_landing_sensor(dagster
         )  # fmt: skip
     simulated = raw[SIM_BATCH].metadata
     assert simulated["rows_landed"] == SIM_ROWS
-    assert simulated["rows_valid"] + simulated["rows_quarantined"] == SIM_ROWS
-    assert 0 < simulated["rows_quarantined"] <= 2 * CORRUPT_FRACTION * SIM_ROWS
+    # The rows the simulator broke, found without the contract: where the batch differs from the
+    # same seed generated clean. Exactly those are quarantined, and every other row is valid.
+    clean, dirty = (simulate(SIM_ROWS, seed=SIM_SEED, batch_id=SIM_BATCH, corrupt_fraction=f) for f in (0.0, CORRUPT_FRACTION))
+    broken = {d[0] for d, c in zip(dirty.rows(), clean.rows(), strict=True) if d != c}
+    assert len(broken) > 0 and simulated["rows_quarantined"] == len(broken)
+    assert simulated["rows_valid"] == SIM_ROWS - len(broken)
+    quarantined = StorageSettings.from_env(dagster_dev.env).open().scan_parquet([quarantine_key(SIM_BATCH)]).collect()
+    assert set(quarantined[ROW_ID]) == broken
     node, checks = _checks(dagster_dev, "raw_housing")
     assert node["groupName"] == "ingestion"
     assert checks["quarantine_rate"]["executionForLatestMaterialization"]["status"] == "SUCCEEDED"

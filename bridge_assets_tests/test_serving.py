@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
@@ -354,17 +355,21 @@ def test_credentials_and_api_keys_never_reach_ray_logs_or_lake_and_logs_reach_s3
 def test_records_survive_a_killed_replica_exactly_once(service):
     """Two ingress replicas under load, one SIGKILLed: every 2xx has exactly one record, none
     twice. Publishing waits 10 minutes here, so the killed replica's records reach the lake
-    only through its spool, swept by a replica starting after it."""
+    only through its spool, swept by a replica starting after it: it had published none of them
+    at the kill, and replies it gave before the kill are found in the lake afterwards."""
     version = _served(service.url)["model_version"]
     service.patch.setenv("BRIDGE_SERVE_REPLICAS", "2")
     service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "600")
     deploy("housing-price", version, "production")
-    pids = set()
+    replicas: dict[int, str] = {}  # pid -> replica id, as each replica reports itself
     for _ in range(100):
-        pids.add(_served(service.url)["pid"])
-        if len(pids) == 2:
+        served = _served(service.url)
+        replicas[served["pid"]] = served["replica"]
+        if len(replicas) == 2:
             break
-    assert len(pids) == 2, pids
+    assert len(replicas) == 2, replicas
+    killed_pid = min(replicas)
+    killed = replicas[killed_pid]
     answered: dict[str, int] = {}
     stop = threading.Event()
     tag = f"kill-{uuid.uuid4().hex[:6]}"
@@ -384,7 +389,9 @@ def test_records_survive_a_killed_replica_exactly_once(service):
         sender.start()
     try:
         time.sleep(3)
-        os.kill(min(pids), signal.SIGKILL)
+        published = read_interactions(service.store).filter(pl.col("request_id").str.starts_with(tag) & (pl.col("replica") == killed))
+        killed_at = datetime.now(UTC)
+        os.kill(killed_pid, signal.SIGKILL)
         time.sleep(3)
     finally:
         stop.set()
@@ -405,6 +412,9 @@ def test_records_survive_a_killed_replica_exactly_once(service):
     assert {request_id for request_id in ok if counts.get(request_id) != 1} == set()  # every 2xx exactly once
     assert max(counts.values()) == 1  # nothing twice, whatever its status
     assert logs.filter(pl.col("request_id").is_in(list(ok)))["status"].unique().to_list() == [200]
+    assert published.height == 0  # at the kill, the killed replica had published nothing of this load ...
+    from_killed = logs.filter(pl.col("request_id").is_in(list(ok)) & (pl.col("replica") == killed))
+    assert from_killed.height > 0 and (from_killed["timestamp"] < killed_at).all()  # ... yet its replies are in the lake
 
 
 def _scraped(*labels: str, timeout: float = 90.0) -> list[str]:
