@@ -83,8 +83,17 @@ stack: install system-deps $(S3_SERVER_DEPS)
 stack-stop: install
 	$(BIN)/python -m deploy.stack stop
 
+# Two pytest processes side by side: the tests marked `apart` (the demo and the stack bring up
+# their own Ray and Dagster) and the rest (sharing one Ray, one `dagster dev`, one moto). The
+# apart run's output is printed after the other's; the target fails if either run does.
+APART_LOG := test-artifacts/pytest-apart.log
 test: install system-deps test-deps $(S3_SERVER_DEPS)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
+	@mkdir -p $(dir $(APART_LOG))
+	@echo "pytest -m apart (the demo, the stack) runs beside the rest; its output: $(APART_LOG)"
+	@$(BIN)/python -m pytest -q -p no:cacheprovider -m apart > $(APART_LOG) 2>&1 & apart=$$!; \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -m "not apart"; shared=$$?; \
+	  wait $$apart; apart_status=$$?; echo; echo "=== pytest -m apart"; cat $(APART_LOG); \
+	  echo "=== make test: rest exited $$shared, apart exited $$apart_status"; exit $$(( shared || apart_status ))
 
 # The production-shaped stack end to end (Postgres, MLflow server, two Ray nodes, Dagster daemon).
 test-stack: install system-deps $(S3_SERVER_DEPS)

@@ -470,6 +470,7 @@ def _post(url: str, body: dict, request_id: str) -> dict:
 
 def main() -> None:
     global _RUNNING_DAEMON
+    started = time.monotonic()
     load_environment()
     # A daemon without the loop's cadences (`make dev`'s, by default) would take hours: the demo
     # then starts its own for the loop, as it does where none runs.
@@ -547,6 +548,7 @@ def main() -> None:
     for record in _registry(store).history()[-12:]:
         print(f"  {record.line()}")
     print(f"\ntime per stage: {', '.join(f'{name} {seconds:.0f} s' for name, seconds in STAGE_SECONDS.items())}")
+    print(f"the whole run: {time.monotonic() - started:.0f} s")
     dagster_url = os.environ.get("BRIDGE_DAGSTER_URL") or f"http://127.0.0.1:{os.environ.get('BRIDGE_DAGSTER_PORT') or 3000}"
     print(f"\nopen the UI with `make dev` ({dagster_url}) to see these runs, the sensors' ticks and the")
     print(f"metadata; `make mlflow` ({MlflowSettings.from_env().ui_url}) for the runs and the registry.")

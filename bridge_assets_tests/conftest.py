@@ -46,17 +46,16 @@ LAKE_VARIABLES = (
 )
 
 
-# `make test` runs two pytest-xdist workers (`-n 2 --dist loadgroup`). Tests that bring up their
-# own Ray and Dagster (the demo in a subprocess, the production-shaped stack) form one group, and
-# everything that shares the session's Ray Serve, `dagster dev` and moto forms the other, so each
-# worker starts what its group needs once, and the demo's and the stack's waits overlap the rest.
-APART = ("test_cli_and_demo.py::test_demo_closes_the_loop", "test_stack.py::")
+# `make test` runs two pytest processes side by side: the tests that bring up their own Ray and
+# Dagster (the demo in a subprocess, the production-shaped stack), marked `apart` here, and
+# everything that shares the session's Ray Serve, `dagster dev` and moto. Each process starts
+# what its tests need once, and the demo's and the stack's waits overlap the rest.
+APART = ("test_cli_and_demo.py::test_demo_", "test_cli_and_demo.py::test_the_demo_run_again", "test_stack.py::")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        group = "apart" if any(marker in item.nodeid for marker in APART) else "shared"
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    if any(marker in item.nodeid for marker in APART):
+        item.add_marker(pytest.mark.apart)
 
 
 @pytest.fixture(autouse=True)
