@@ -216,7 +216,9 @@ def test_the_demo_run_again_promotes_on_an_ab_verdict_and_loops_on_the_new_produ
     registry = Registry(MlflowSettings.from_env(demo_home.env).activate(), "housing-price", StorageSettings.from_env(demo_home.env).open())
     assert registry.version_for(PRODUCTION_ALIAS) == "4"
     if "gates of v5: every gate passed" in stdout:
-        assert "serving {'production': '4', 'staging': '5'}" in stdout
+        (served,) = [ast.literal_eval(line.split("serving ", 1)[1].split(" (")[0])
+                     for line in stdout.split("gates of v5")[1].splitlines() if line.strip().startswith("serving {")]  # fmt: skip
+        assert (served["production"], served["staging"]) == ("4", "5") and served.get("previous") in (None, "1"), served  # v1: the canary
         assert registry.version_for(STAGING_ALIAS) == "5"
     else:  # blocked: by a gate it names, recorded, and nothing moved
         assert "gates of v5: BLOCKED" in stdout and "v5 stays a candidate; Production v4 keeps serving" in stdout
