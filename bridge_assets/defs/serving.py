@@ -12,8 +12,9 @@ from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
-from bridge_assets.ml.guardrail import watch_of
-from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS
+from bridge_assets.ml.gates import PromotionSettings
+from bridge_assets.ml.guardrail import Watch, watch_of
+from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Authorisation, Registry
 from bridge_assets.monitoring.alerts import LoopEvent
 
 
@@ -113,11 +114,8 @@ def production_deployment(
         raise dg.Failure(f"refused to deploy: {production.reason}")
     staging = registry.authorise(STAGING_ALIAS)
     policy = promotion.settings()
-    staging_version = staging.version if staging.allowed and policy.ab_staging_weight > 0 else None
-    if staging_version == production.version:
-        staging_version = None
-    watch = watch_of(registry.history(), production.version, policy, datetime.now(UTC))
-    previous_version = watch.previous if watch else None
+    versions, watch = wanted_versions(registry, production, staging, policy)
+    staging_version, previous_version = versions.get("staging"), versions.get("previous")
     try:
         checked = probe(registry.client, settings.model_name, production.version, PRODUCTION_ALIAS)
         if staging_version:
@@ -171,6 +169,22 @@ def production_deployment(
     )
 
 
+def wanted_versions(
+    registry: Registry, production: Authorisation, staging: Authorisation, policy: PromotionSettings
+) -> tuple[dict[str, str], Watch | None]:
+    """What the service should serve, by variant (the rule `production_deployment` deploys and
+    `registry_sensor` compares with Serve): Production; Staging if it may be deployed and the
+    A/B weight is on; the previous Production version while a post-deploy watch runs."""
+    assert production.version is not None
+    wanted = {"production": production.version}
+    if staging.version and staging.allowed and policy.ab_staging_weight > 0 and staging.version != production.version:
+        wanted["staging"] = staging.version
+    watch = watch_of(registry.history(), production.version, policy, datetime.now(UTC))
+    if watch:
+        wanted["previous"] = watch.previous  # the watch's control group
+    return wanted, watch
+
+
 DEPLOY_RETRY_SECONDS = 300  # a deployment that did not bring the service in line is requested again after this
 
 
@@ -208,10 +222,7 @@ def registry_sensor(
     staging = registry.authorise(STAGING_ALIAS)
     for moved in (m for m in (production, staging) if m.newly_recorded):
         alerting.send(LoopEvent("out_of_band_move", moved.reason, registry.model_name, moved.version, {"alias": moved.alias, "deployable": moved.allowed}))
-    wanted_staging = staging.version if staging.allowed and promotion.ab_staging_weight > 0 and staging.version != production.version else None
-    watch = watch_of(registry.history(), production.version, promotion.settings(), datetime.now(UTC))
-    wanted = {"production": production.version} | ({"staging": wanted_staging} if wanted_staging else {})
-    wanted |= {"previous": watch.previous} if watch else {}  # the post-deploy watch's control group
+    wanted, _ = wanted_versions(registry, production, staging, promotion.settings())
     cursor = json.loads(context.cursor) if context.cursor else {}
     if not production.allowed:
         if cursor.get("refused") == production.version:
