@@ -2,6 +2,8 @@
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -124,3 +126,15 @@ def two_registered_versions(batch_id: str, rows: int, seed: int, max_epochs: int
     rounds = [run_round(features, [preset("reference", max_epochs=max_epochs, seed=s)]) for s in (1, 2)]
     versions = [log_round(settings, r, feature_version=version.version).model_version for r in rounds]
     return RegisteredVersions(store, settings, rounds, versions)
+
+
+@contextmanager
+def cpu_hog(processes: int = 2) -> Iterator[None]:
+    """Processes that burn every core beside the service, as a training run would."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()

@@ -20,6 +20,7 @@ from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import PROJECT_ROOT, StorageSettings, bridge_home
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
 from bridge_assets.ml.tracking import MlflowSettings
+from bridge_assets_tests.dagster_dev import artifacts_dir
 from serving.cluster import pick_free_ports
 
 
@@ -145,15 +146,25 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamesp
     yield SimpleNamespace(root=root, home=home, dagster_home=dagster_home, env=env)
 
 
-def _run_demo(demo_home: SimpleNamespace) -> str:
+def _run_demo(demo_home: SimpleNamespace, name: str) -> str:
+    """`make demo`'s job; its whole output is kept in the test artifacts (a failed assertion
+    shows only a slice of it)."""
     demo = subprocess.run([sys.executable, "-m", "bridge_assets.demo"], env=demo_home.env, capture_output=True, text=True, cwd=demo_home.root)
+    (artifacts_dir() / f"{name}.log").write_text(demo.stdout + "\n--- stderr\n" + demo.stderr)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     return demo.stdout
 
 
+def _section(stdout: str, start: str, lines: int = 12) -> str:
+    """The demo's lines from the first that contains `start`: what a failed assertion shows."""
+    printed = stdout.splitlines()
+    first = next((i for i, line in enumerate(printed) if start in line), max(len(printed) - lines, 0))
+    return "\n".join(printed[first : first + lines])
+
+
 def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(demo_home: SimpleNamespace, monkeypatch):
     home, dagster_home = demo_home.home, demo_home.dagster_home
-    demo = SimpleNamespace(stdout=_run_demo(demo_home))
+    demo = SimpleNamespace(stdout=_run_demo(demo_home, "demo-first-run"))
     assert "reference split of the real data (DuckDB): {'train': 348, 'test': 109, 'validation': 88}" in demo.stdout
 
     quarantine = pl.read_parquet(home / "lake" / "raw" / "quarantine" / "demo-sim-s7" / "rows.parquet")
@@ -172,7 +183,8 @@ def test_demo_closes_the_loop_through_the_daemon_into_the_ui_instance(demo_home:
     # Production on the labelled traffic, the new version passes every gate and is served
     # beside Production, and it recovers most of the decay on the same post-rise rows.
     assert "v3 is recalibrate:" in demo.stdout
-    assert "gates of v3: every gate passed" in demo.stdout and "serving {'production': '1', 'staging': '3'}" in demo.stdout
+    assert "gates of v3: every gate passed" in demo.stdout, _section(demo.stdout, "gates of v3")
+    assert "serving {'production': '1', 'staging': '3'}" in demo.stdout, _section(demo.stdout, "registry_sensor serves the new version")
     (figures,) = [line for line in demo.stdout.splitlines() if "post-rise test rows: Production v1 RMSE" in line]
     ratio = float(figures.split(" × v1's")[0].rsplit(" = ", 1)[1])
     assert ratio <= 0.6, figures  # the issue's goal: new RMSE at most 0.6 x v1's
@@ -203,7 +215,7 @@ def test_the_demo_run_again_promotes_on_an_ab_verdict_and_loops_on_the_new_produ
     previous version keeps its canary share, and the retrain it triggers is either served beside
     it or blocked by a named gate with Production unchanged: both are checked, neither accepted
     silently."""
-    stdout = _run_demo(demo_home)
+    stdout = _run_demo(demo_home, "demo-second-run")
     assert "landed simulated batch demo-shift-s8" in stdout
     assert "A/B experiment: Production v1 against Staging v4" in stdout and "gates of v4: every gate passed" in stdout
     (verdict,) = [line for line in stdout.splitlines() if line.strip().startswith("verdict: ")]

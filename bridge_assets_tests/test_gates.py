@@ -33,7 +33,7 @@ from bridge_assets.ml.registry import (
 from bridge_assets.ml.round import run_round
 from bridge_assets.ml.tracking import MODEL_SIGNATURE, MlflowSettings, log_round
 from bridge_assets_tests.conftest import LAKE_VARIABLES
-from bridge_assets_tests.serving_support import free_port
+from bridge_assets_tests.serving_support import cpu_hog, free_port
 
 # Nearest-rank p99 of 30 calls is their maximum. A loaded test machine must not fail sound
 # models on time, so the budget is generous except where the slow model is judged.
@@ -151,6 +151,17 @@ def test_an_adversarial_candidate_is_blocked_by_its_gate(world, model, signature
         assert "airconditioning=yes" in gates[gate].summary and "airconditioning=no" not in gates[gate].summary
 
 
+def test_the_latency_gate_charges_a_model_its_own_time_not_a_busy_machines(world):
+    """Under processes that burn every core the sound candidate waits for a CPU on many calls;
+    that wait is measured (Linux schedstat) and not counted, so the fast model passes a tight
+    budget. The sleeping model above fails it whatever the machine does."""
+    with cpu_hog(processes=4):
+        _, gates = gates_of(world, world.candidate, TIGHT)
+    latency = gates["latency"]
+    assert latency.figures["waited_for_cpu_ms"] > 0 and latency.figures["p99_ms"] <= latency.figures["wall_p99_ms"], latency.figures
+    assert latency.passed, latency.summary
+
+
 def test_a_sound_candidate_passes_every_gate_into_staging_with_a_model_card(world):
     outcome, gates = gates_of(world, world.candidate)
     assert outcome.staged, outcome.report.explain()
@@ -262,9 +273,9 @@ def test_an_alias_moved_outside_bridge_is_deployed_only_with_a_passing_gate_reco
 
 def test_after_the_world_moved_the_champion_gate_judges_the_rows_production_never_saw(world):
     """Last in the module: it lands a batch, so the latest feature version changes."""
-    from bridge_assets.ml.round import split_rows
     from bridge_assets.core.simulator import Drift
     from bridge_assets.ml.gates import _champion_rows
+    from bridge_assets.ml.round import split_rows
 
     land_batch(world.store, "sim-risen", HousingSimulator.fit().generate(2000, seed=12, batch_id="sim-risen", drift=Drift(price_factor=1.5)))
     for batch in landed_batches(world.store):

@@ -6,12 +6,8 @@ compares a new version with its predecessor over the same seconds.
 Deployment follows the registry through `registry_sensor`, as the daemon would run it."""
 
 import math
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,7 +36,7 @@ from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
 from bridge_assets.ml.round import Incumbent, RoundPolicy, run_round
 from bridge_assets.ml.tracking import MODEL_SIGNATURE, load_registered, log_round
 from bridge_assets.ml.traffic import send_traffic
-from bridge_assets_tests.serving_support import call, continuous_load, free_port
+from bridge_assets_tests.serving_support import call, continuous_load, cpu_hog, free_port
 from bridge_assets_tests.webhook import alert_sink
 from serving.deploy import APP_NAME, deploy
 from serving.interactions import read_interactions
@@ -255,18 +251,6 @@ def _heavier_version(service, registry: Registry, production: str, scratch: Path
     return _register(registry, heavier, "heavier", scratch)
 
 
-@contextmanager
-def _cpu_hog(processes: int = 2) -> Iterator[None]:
-    """Processes that burn every core beside the service, as a training run would."""
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
-    try:
-        yield
-    finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
-
-
 def test_the_canary_passes_an_equal_version_under_a_cpu_hog_and_rolls_back_a_heavier_one(service, bridge, tmp_path):
     """Model time over the same seconds: a version as fast as its predecessor stays while two
     processes burn both cores beside the service (both slow down alike); a version whose network
@@ -276,7 +260,7 @@ def test_the_canary_passes_an_equal_version_under_a_cpu_hog_and_rolls_back_a_hea
     equal = next(v for v in service.versions if v != production)  # the session's other version: same size
     registry.set_production(equal, reason="test: an equal version")
     assert len(follow()) == 1
-    with _cpu_hog():
+    with cpu_hog():
         statuses = _traffic(service, "canary-equal", 600, concurrency=8, body=REQUEST)
     assert set(statuses.values()) == {200}
     verdict = _tick(watched, instance)

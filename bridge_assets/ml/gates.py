@@ -13,7 +13,7 @@ trained on them either. Gates:
 4. `edge_probe`: finite, positive predictions at every bound, a very large area, and every
    category level in any case;
 5. `slices`: MAE of each furnishing level and each yes/no value not worse than Production's;
-6. `latency`: single-row p99 within a budget;
+6. `latency`: single-row p99 within a budget, not counting time spent waiting for a CPU;
 7. `model_card`: a Markdown card logged on the version's run.
 
 `mlflow.models.evaluate` scores the predictions (logged in a `gates` run: the evidence) and
@@ -30,6 +30,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -62,7 +63,7 @@ GATES: dict[str, str] = {
     "signature": "input schema equals the contract: 12 features, their types, no extras",
     "edge_probe": "finite, positive predictions at bounds, a very large area, every category level in any case",
     "slices": "per-slice MAE (furnishing level, each yes/no) not worse than Production's beyond the tolerance",
-    "latency": "single-row prediction p99 within the budget",
+    "latency": "single-row prediction p99 within the budget (time waiting for a CPU not counted)",
     "model_card": "a Markdown model card logged on the version",
 }
 
@@ -341,27 +342,52 @@ def _slice_markdown(table: list[tuple], production_version: str) -> str:
     return "\n".join(lines)
 
 
+_RUN_QUEUE_STAT = Path("/proc/thread-self/schedstat")
+
+
+def _waited_for_cpu_ms() -> float:
+    """Milliseconds this thread has spent runnable but waiting for a CPU (Linux schedstat's
+    second field): time a busy machine adds, not the model. 0 where the kernel does not say."""
+    try:
+        return int(_RUN_QUEUE_STAT.read_text().split()[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _latency_gate(model: Any, row: pd.DataFrame, settings: PromotionSettings) -> GateResult:
-    """Nearest-rank p99 of single-row calls; stops early once p99 must exceed the budget."""
+    """Nearest-rank p99 of single-row calls; stops early once p99 must exceed the budget.
+
+    A call's time is its wall time less the time the thread waited for a CPU, so neighbours
+    (a training run, a test suite) do not fail a fast model, while a model that computes, sleeps
+    or waits on I/O is charged all of it. The wall-time p99 is reported beside."""
     allowed_slow = settings.latency_calls - math.ceil(0.99 * settings.latency_calls)
     timings: list[float] = []
+    wall: list[float] = []
     try:
         _predict(model, row)  # warm-up
         for _ in range(settings.latency_calls):
-            started = time.perf_counter()
+            waited, started = _waited_for_cpu_ms(), time.perf_counter()
             _predict(model, row)
-            timings.append((time.perf_counter() - started) * 1000)
+            wall.append((time.perf_counter() - started) * 1000)
+            timings.append(wall[-1] - (_waited_for_cpu_ms() - waited))
             if sum(t > settings.latency_p99_ms for t in timings) > allowed_slow:
                 break
     except Exception as error:  # noqa: BLE001
         return GateResult("latency", False, f"single-row prediction failed: {type(error).__name__}: {str(error)[:300]}")
-    if len(timings) < settings.latency_calls:  # stopped early: a lower bound of the p99, already over
-        p99 = sorted(timings, reverse=True)[allowed_slow]
-    else:
-        p99 = sorted(timings)[math.ceil(0.99 * len(timings)) - 1]
-    figures = {"calls": len(timings), "p50_ms": float(np.median(timings)), "p99_ms": p99, "budget_ms": settings.latency_p99_ms}
-    summary = f"p99 {p99:.1f} ms (budget {settings.latency_p99_ms:.0f} ms) over {len(timings)} single-row calls"
-    return GateResult("latency", p99 <= settings.latency_p99_ms, summary, figures)
+
+    def p99(values: list[float]) -> float:
+        if len(values) < settings.latency_calls:  # stopped early: a lower bound of the p99, already over
+            return sorted(values, reverse=True)[allowed_slow]
+        return sorted(values)[math.ceil(0.99 * len(values)) - 1]
+
+    waited_ms = sum(wall) - sum(timings)
+    figures = {"calls": len(timings), "p50_ms": float(np.median(timings)), "p99_ms": p99(timings), "budget_ms": settings.latency_p99_ms,
+               "wall_p99_ms": p99(wall), "waited_for_cpu_ms": waited_ms}  # fmt: skip
+    summary = (
+        f"p99 {figures['p99_ms']:.1f} ms (budget {settings.latency_p99_ms:.0f} ms) over {len(timings)} single-row calls"
+        + (f", not counting {waited_ms:.0f} ms waiting for a CPU (wall p99 {figures['wall_p99_ms']:.1f} ms)" if waited_ms >= 1 else "")
+    )
+    return GateResult("latency", figures["p99_ms"] <= settings.latency_p99_ms, summary, figures)
 
 
 def model_card(
