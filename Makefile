@@ -21,7 +21,7 @@ ifneq ($(wildcard $(STACK_ENV)),)
 demo serve: export BRIDGE_ENV_FILE := $(STACK_ENV)
 endif
 
-.PHONY: fuzz instance test-stack install demo dev mlflow serve stop test bench bench-deps lock clean stack stack-stop system-deps test-deps
+.PHONY: lint fuzz instance test-stack install demo dev mlflow serve stop test bench bench-deps lock clean stack stack-stop system-deps test-deps
 
 install: $(VENV)/.installed
 
@@ -83,11 +83,19 @@ stack: install system-deps $(S3_SERVER_DEPS)
 stack-stop: install
 	$(BIN)/python -m deploy.stack stop
 
+# The lint gate (ruff's checks and formatting, mypy with setup.cfg's flags) on the product's code;
+# `make test` runs it before pytest, so .ci/run enforces it.
+LINTED := bridge_assets serving
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy $(LINTED)
+
 # Two pytest processes side by side: the tests marked `apart` (the demo and the stack bring up
 # their own Ray and Dagster) and the rest (sharing one Ray, one `dagster dev`, one moto). The
 # apart run's output is printed after the other's; the target fails if either run does.
 APART_LOG := test-artifacts/pytest-apart.log
-test: install system-deps test-deps $(S3_SERVER_DEPS)
+test: install lint system-deps test-deps $(S3_SERVER_DEPS)
 	@mkdir -p $(dir $(APART_LOG))
 	@echo "pytest -m apart (the demo, the stack) runs beside the rest; its output: $(APART_LOG)"
 	@$(BIN)/python -m pytest -q -p no:cacheprovider -m apart > $(APART_LOG) 2>&1 & apart=$$!; \

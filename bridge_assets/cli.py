@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from bridge_assets.lake.settings import StorageSettings, load_environment
 
 if TYPE_CHECKING:
     from bridge_assets.core.simulator import Drift
+    from bridge_assets.ml.registry import Registry
 
 
 def _pairs(values: list[str]) -> dict[str, float]:
@@ -37,11 +39,20 @@ def _simulate(args: argparse.Namespace) -> int:
     from bridge_assets.lake.landing import Simulation, land_simulated
 
     store = StorageSettings.from_env().open()
-    knobs = {"drift": _drift(args), "corrupt_fraction": args.corrupt_fraction, "case_noise": args.case_noise}
-    simulation = Simulation(args.rows, withhold_labels=args.withhold_labels, **knobs, **_given(seed=args.seed))
+    simulation = Simulation(
+        args.rows,
+        drift=_drift(args),
+        corrupt_fraction=args.corrupt_fraction,
+        case_noise=args.case_noise,
+        withhold_labels=args.withhold_labels,
+    )
+    if args.seed is not None:  # else the dataclass's fresh seed
+        simulation = replace(simulation, seed=args.seed)
     with tqdm(total=args.rows, unit="rows", unit_scale=True, disable=args.quiet) as progress:
         landed = land_simulated(store, simulation, args.batch_id, fmt=args.format, on_block=progress.update)
-    print(f"landed {landed.rows} rows as batch {landed.batch.batch_id} (seed {simulation.seed}): {store.uri(landed.batch.key)}")
+    print(
+        f"landed {landed.rows} rows as batch {landed.batch.batch_id} (seed {simulation.seed}): {store.uri(landed.batch.key)}"
+    )
     if landed.warning():
         print(f"WARNING: {landed.warning()}", file=sys.stderr)
     return 0
@@ -62,9 +73,17 @@ def _drift(args: argparse.Namespace) -> Drift:
 def _add_drift_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--area-factor", type=float, default=1.0, help="covariate shift: multiply every area")
     parser.add_argument("--price-factor", type=float, default=1.0, help="label shift: multiply every price")
-    parser.add_argument("--shift", nargs="*", default=[], metavar="FEATURE=SD", help="latent shift of a feature, in SDs")
+    parser.add_argument(
+        "--shift", nargs="*", default=[], metavar="FEATURE=SD", help="latent shift of a feature, in SDs"
+    )
     parser.add_argument("--scale", nargs="*", default=[], metavar="FEATURE=FACTOR", help="latent spread of a feature")
-    parser.add_argument("--concept", nargs="*", default=[], metavar="FEATURE=FACTOR", help="concept drift: multiply a feature's price effect")
+    parser.add_argument(
+        "--concept",
+        nargs="*",
+        default=[],
+        metavar="FEATURE=FACTOR",
+        help="concept drift: multiply a feature's price effect",
+    )
 
 
 def _traffic(args: argparse.Namespace) -> int:
@@ -80,18 +99,32 @@ def _traffic(args: argparse.Namespace) -> int:
     total = max(1, round(args.rate * args.duration))
     with tqdm(total=total, unit="req", disable=args.quiet) as progress:
         result = send_traffic(
-            store, url, rate=args.rate, duration=args.duration, clients=args.clients, seed=args.seed,
-            drift=_drift(args), traffic_id=args.traffic_id, on_reply=progress.update, api_key=api_key,
-        )  # fmt: skip
-    print(f"traffic {result.traffic_id}: {result.sent} requests to {url}/predict, statuses {dict(result.statuses)}, "
-          f"variants {dict(result.variants)}")
+            store,
+            url,
+            rate=args.rate,
+            duration=args.duration,
+            clients=args.clients,
+            seed=args.seed,
+            drift=_drift(args),
+            traffic_id=args.traffic_id,
+            on_reply=progress.update,
+            api_key=api_key,
+        )
+    print(
+        f"traffic {result.traffic_id}: {result.sent} requests to {url}/predict, statuses {dict(result.statuses)}, "
+        f"variants {dict(result.variants)}"
+    )
     for failure in result.failures:
         print(f"  failed: {failure}", file=sys.stderr)
     if 401 in result.statuses:
-        print("  401: the service wants an API key: --api-key, or BRIDGE_API_KEYS / BRIDGE_API_KEYS_FILE", file=sys.stderr)
+        print(
+            "  401: the service wants an API key: --api-key, or BRIDGE_API_KEYS / BRIDGE_API_KEYS_FILE", file=sys.stderr
+        )
     if result.labels_withheld:
-        print(f"true prices of the {result.labels_withheld} answered requests withheld at {store.uri(result.withheld_key)}; "
-              f"release them with `bridge release-feedback {result.traffic_id}`")
+        print(
+            f"true prices of the {result.labels_withheld} answered requests withheld at {store.uri(result.withheld_key)}; "
+            f"release them with `bridge release-feedback {result.traffic_id}`"
+        )
     else:
         print("no request was answered: no true prices withheld")
     return 0 if result.ok == result.sent else 1
@@ -104,11 +137,6 @@ def _release_feedback(args: argparse.Namespace) -> int:
     key, rows = release_feedback(store, args.traffic_id, args.fraction, args.seed)
     print(f"released {rows} labels: {store.uri(key)}")
     return 0
-
-
-def _given(**values: object) -> dict[str, object]:
-    """Only the arguments the user gave (so dataclass defaults, e.g. a fresh seed, apply)."""
-    return {name: value for name, value in values.items() if value is not None}
 
 
 def _land_seed(_: argparse.Namespace) -> int:
@@ -137,8 +165,11 @@ def _features(args: argparse.Namespace) -> int:
     features = FeatureStore(store)
     latest = features.latest()
     if latest is None:
-        print(f"bridge: no feature version in {store.uri(features.prefix)} (BRIDGE_HOME or BRIDGE_S3_BUCKET "
-              "picks the lake): land batches and materialize housing_features first", file=sys.stderr)
+        print(
+            f"bridge: no feature version in {store.uri(features.prefix)} (BRIDGE_HOME or BRIDGE_S3_BUCKET "
+            "picks the lake): land batches and materialize housing_features first",
+            file=sys.stderr,
+        )
         return 1
     pinned = features.load(args.version) if args.version else latest
     if args.sql:
@@ -192,13 +223,15 @@ def _train(args: argparse.Namespace) -> int:
     if not record.new_version:
         print(f"nothing new registered: {record.model_uri} has the same data and configuration")
         return 0
-    print(f"registered {record.model_uri} ({record.best_name}) as candidate; with `make dev` running, "
-          "`candidates_sensor` puts it through the gates within a minute (else: "
-          "`bridge dagster asset materialize --select staged_model -m bridge_assets.definitions`)")
+    print(
+        f"registered {record.model_uri} ({record.best_name}) as candidate; with `make dev` running, "
+        "`candidates_sensor` puts it through the gates within a minute (else: "
+        "`bridge dagster asset materialize --select staged_model -m bridge_assets.definitions`)"
+    )
     return 0
 
 
-def _registry():
+def _registry() -> Registry:
     from bridge_assets.ml.registry import Registry
     from bridge_assets.ml.tracking import MlflowSettings
 
@@ -211,8 +244,10 @@ def _promote(args: argparse.Namespace) -> int:
 
     registry = _registry()
     previous = registry.promote_staging(args.version, override_reason=args.override_reason)
-    print(f"{registry.model_name} v{registry.version_for(PRODUCTION_ALIAS)} is Production (previous: {previous or 'none'}); "
-          "the registry sensor deploys it (or `make serve` / materialize production_deployment)")
+    print(
+        f"{registry.model_name} v{registry.version_for(PRODUCTION_ALIAS)} is Production (previous: {previous or 'none'}); "
+        "the registry sensor deploys it (or `make serve` / materialize production_deployment)"
+    )
     return 0
 
 
@@ -224,7 +259,8 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _approve(args: argparse.Namespace) -> int:
-    from bridge_assets.ml.gates import PromotionSettings, approve
+    from bridge_assets.ml.gates import approve
+    from bridge_assets.ml.promotion_settings import PromotionSettings
 
     registry = _registry()
     approve(registry, args.version, args.approver, args.reason, PromotionSettings.from_env())
@@ -236,7 +272,10 @@ def _history(args: argparse.Namespace) -> int:
     registry = _registry()
     records = registry.history(args.version)
     if not records:
-        print(f"bridge: no audit records for {registry.model_name}" + (f" v{args.version}" if args.version else ""), file=sys.stderr)
+        print(
+            f"bridge: no audit records for {registry.model_name}" + (f" v{args.version}" if args.version else ""),
+            file=sys.stderr,
+        )
         return 1
     for record in records:
         print(record.line())
@@ -245,7 +284,9 @@ def _history(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="bridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bridge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     simulate = commands.add_parser("simulate", help="land a simulated batch", formatter_class=defaults)
@@ -253,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, help="default: a new random seed (printed; same seed, same rows)")
     simulate.add_argument("--batch-id", help="default: sim-<time>-s<seed>")
     simulate.add_argument("--format", choices=("parquet", "csv"), default="parquet", help="file format landed")
-    simulate.add_argument("--corrupt-fraction", type=float, default=0.0, help="share of rows that break the contract (quarantined)")
+    simulate.add_argument(
+        "--corrupt-fraction", type=float, default=0.0, help="share of rows that break the contract (quarantined)"
+    )
     simulate.add_argument("--case-noise", type=float, default=0.0, help="share of rows with oddly-cased categories")
     simulate.add_argument("--withhold-labels", action="store_true", help="land prices later (release-labels)")
     _add_drift_arguments(simulate)
@@ -262,9 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("land-seed", help="land the real housing data").set_defaults(run=_land_seed)
 
-    traffic = commands.add_parser("traffic", help="simulated clients sending houses to the service", formatter_class=defaults)
+    traffic = commands.add_parser(
+        "traffic", help="simulated clients sending houses to the service", formatter_class=defaults
+    )
     traffic.add_argument("--url", help="service URL (default: BRIDGE_SERVE_HOST/PORT)")
-    traffic.add_argument("--api-key", help="sent as X-API-Key (default: the first of BRIDGE_API_KEYS / BRIDGE_API_KEYS_FILE)")
+    traffic.add_argument(
+        "--api-key", help="sent as X-API-Key (default: the first of BRIDGE_API_KEYS / BRIDGE_API_KEYS_FILE)"
+    )
     traffic.add_argument("--rate", type=float, default=20.0, help="requests per second")
     traffic.add_argument("--duration", type=float, default=30.0, help="seconds")
     traffic.add_argument("--clients", type=int, default=200, help="distinct X-Client-ID values")
@@ -274,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_drift_arguments(traffic)
     traffic.set_defaults(run=_traffic)
 
-    feedback = commands.add_parser("release-feedback", help="release the withheld true prices of a traffic run", formatter_class=defaults)
+    feedback = commands.add_parser(
+        "release-feedback", help="release the withheld true prices of a traffic run", formatter_class=defaults
+    )
     feedback.add_argument("traffic_id")
     feedback.add_argument("--fraction", type=float, default=1.0, help="release a random share only")
     feedback.add_argument("--seed", type=int, default=0)
@@ -288,10 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--version", help="describe (or with --sql query) this version (default: latest)")
     features.add_argument("--sql", help="DuckDB SQL over the view `features`")
     features.set_defaults(run=_features)
-    dagster = commands.add_parser("dagster", help="the dagster CLI on bridge's instance, e.g. `bridge dagster run list`")
+    dagster = commands.add_parser(
+        "dagster", help="the dagster CLI on bridge's instance, e.g. `bridge dagster run list`"
+    )
     dagster.add_argument("dagster_args", nargs=argparse.REMAINDER, help="arguments for `dagster`")
     dagster.set_defaults(run=_dagster)
-    train = commands.add_parser("train", help="train a round on a feature version and log it to MLflow", formatter_class=defaults)
+    train = commands.add_parser(
+        "train", help="train a round on a feature version and log it to MLflow", formatter_class=defaults
+    )
     train.add_argument("--preset", action="append", help="repeatable (default: default and reference)")
     train.add_argument("--split", choices=("hash", "reference"), default="hash")
     train.add_argument("--feature-version", help="default: latest")
@@ -313,10 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     history = commands.add_parser("history", help="print the registry's audit trail")
     history.add_argument("--version", help="only this model version")
     history.set_defaults(run=_history)
-    monitor = commands.add_parser("monitor", help="profile new interaction logs and report drift and decay per window", formatter_class=defaults)
-    monitor.add_argument("--window", action="append", default=[], help="window id (repeatable); default: the newest --last")
+    monitor = commands.add_parser(
+        "monitor", help="profile new interaction logs and report drift and decay per window", formatter_class=defaults
+    )
+    monitor.add_argument(
+        "--window", action="append", default=[], help="window id (repeatable); default: the newest --last"
+    )
     monitor.add_argument("--last", type=int, default=3, help="how many of the newest windows to report")
-    monitor.add_argument("--reference", action="append", default=[], help="first make the reference of this model version")
+    monitor.add_argument(
+        "--reference", action="append", default=[], help="first make the reference of this model version"
+    )
     monitor.set_defaults(run=_monitor)
     return parser
 
@@ -333,7 +392,9 @@ def _monitor(args: argparse.Namespace) -> int:
     settings, tracking = MonitorSettings.from_env(), MlflowSettings.from_env()
     for version in args.reference:
         reference = make_reference_profile(store, tracking, version)
-        print(f"reference of v{version}: held-out RMSE {reference.metrics['rmse']:,.0f} on {reference.heldout_rows} rows")
+        print(
+            f"reference of v{version}: held-out RMSE {reference.metrics['rmse']:,.0f} on {reference.heldout_rows} rows"
+        )
     profiled = profile_objects(store, unprofiled_objects(store), settings.window_seconds)
     print(f"profiled {len(profiled)} new interaction-log objects")
     alarmed = False

@@ -13,9 +13,23 @@ from bridge_assets.defs.features import feature_backlog_sensor, housing_features
 from bridge_assets.defs.guardrail import post_deploy_guardrail
 from bridge_assets.defs.landing import simulated_batch
 from bridge_assets.defs.monitoring import MONITORING_ASSETS, MONITORING_SENSORS, monitoring, retrain_model
-from bridge_assets.defs.promotion import ab_report, approve_model, candidates_sensor, experiment_sensor, feedback, staged_model
+from bridge_assets.defs.promotion import (
+    ab_report,
+    approve_model,
+    candidates_sensor,
+    experiment_sensor,
+    feedback,
+    staged_model,
+)
 from bridge_assets.defs.raw import landed_batches_sensor, raw_housing
-from bridge_assets.defs.resources import alerting, lake_storage, mlflow_tracking, promotion_policy, ray_serving, training_launcher
+from bridge_assets.defs.resources import (
+    alerting,
+    lake_storage,
+    mlflow_tracking,
+    promotion_policy,
+    ray_serving,
+    training_launcher,
+)
 from bridge_assets.defs.schedules import training_round_schedule
 from bridge_assets.defs.scoring import batch_predictions
 from bridge_assets.defs.serving import production_deployment, promote_model, registry_sensor, rollback_model
@@ -35,9 +49,30 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
 def build_defs(env: Mapping[str, str] = os.environ) -> dg.Definitions:
     """The whole code location, its resources wired to the environment `env`."""
     return dg.Definitions(
-        assets=[simulated_batch, raw_housing, housing_features, candidate_model, staged_model, feedback, ab_report, production_deployment, interaction_logs, batch_predictions, *MONITORING_ASSETS],
+        assets=[
+            simulated_batch,
+            raw_housing,
+            housing_features,
+            candidate_model,
+            staged_model,
+            feedback,
+            ab_report,
+            production_deployment,
+            interaction_logs,
+            batch_predictions,
+            *MONITORING_ASSETS,
+        ],
         jobs=[promote_model, rollback_model, approve_model, retrain_model],
-        sensors=[landed_batches_sensor, feature_backlog_sensor, automation_sensor, candidates_sensor, experiment_sensor, registry_sensor, post_deploy_guardrail, *MONITORING_SENSORS],
+        sensors=[
+            landed_batches_sensor,
+            feature_backlog_sensor,
+            automation_sensor,
+            candidates_sensor,
+            experiment_sensor,
+            registry_sensor,
+            post_deploy_guardrail,
+            *MONITORING_SENSORS,
+        ],
         schedules=[training_round_schedule(env)],
         # Each run is one or two assets on a small machine: steps in the run's own process spare
         # every step a second import of torch, MLflow and Ray (tens of seconds under load).

@@ -52,13 +52,13 @@ from bridge_assets.core.metrics import regression_metrics
 from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.defs.monitoring import REASON_TAG, RETRAIN_TAG
 from bridge_assets.lake.feature_store import FeatureStore
+from bridge_assets.lake.feedback import release_feedback, withheld_key
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings, load_environment
 from bridge_assets.lake.storage import ObjectStore
-from bridge_assets.lake.feedback import release_feedback, withheld_key
+from bridge_assets.ml.gate_checks import model_input
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, AuditRecord, Registry
-from bridge_assets.ml.gates import model_input
 from bridge_assets.ml.tracking import MlflowSettings, unseen_batches
 from bridge_assets.ml.traffic import TrafficResult, send_traffic
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX
@@ -110,7 +110,7 @@ def _dagster(*args: str, check: bool = True) -> bool:
     and `check` is off (a refusal the demo shows)."""
     print(f"$ dagster {' '.join(args)}")
     command = [sys.executable, "-m", "dagster", *args[:2], "-m", "bridge_assets.definitions", *args[2:]]
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0 and check:
         sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-4000:])
         raise SystemExit(f"`dagster {' '.join(args)}` failed")
@@ -165,8 +165,7 @@ def _gate(store: ObjectStore, version: str) -> bool:
         record = _wait_for(f"the gates on v{version} (automation)", lambda: _registry(store).gate_record(version), None)
     else:
         _materialize("staged_model", check=False)
-        record = _registry(store).gate_record(version)
-    assert record is not None, "staged_model recorded nothing"
+        record = _required(_registry(store).gate_record(version), f"a gate record of v{version} from staged_model")
     return _print_gates(record)
 
 
@@ -180,9 +179,21 @@ def _deploy(store: ObjectStore) -> None:
 
     def deployed() -> bool | None:
         latest = dg.DagsterInstance.get().fetch_materializations(dg.AssetKey("production_deployment"), limit=1).records
-        return True if latest and (_metadata(latest[0]).get("model_version"), _metadata(latest[0]).get("staging_version")) == wanted else None
+        return (
+            True
+            if latest
+            and (_metadata(latest[0]).get("model_version"), _metadata(latest[0]).get("staging_version")) == wanted
+            else None
+        )
 
     _wait_for(f"registry_sensor deploying v{wanted[0]} (Staging: {wanted[1]})", deployed, None)
+
+
+def _required(value: T | None, what: str) -> T:
+    """`value`, or the demo stops saying what it expected to find."""
+    if value is None:
+        raise SystemExit(f"the demo expected {what} and found none; see `make dev`")
+    return value
 
 
 def _print_gates(record: AuditRecord) -> bool:
@@ -202,28 +213,41 @@ def _promote(store: ObjectStore) -> bool:
     if promoted:
         print(f"v{registry.version_for(PRODUCTION_ALIAS)} is Production: {last.reason}")
     else:
-        print(f"promotion refused; Production stays v{registry.version_for(PRODUCTION_ALIAS)} (no 'promote' verdict for v{registry.version_for(STAGING_ALIAS)})")
+        print(
+            f"promotion refused; Production stays v{registry.version_for(PRODUCTION_ALIAS)} (no 'promote' verdict for v{registry.version_for(STAGING_ALIAS)})"
+        )
     return promoted
 
 
 def _worse_candidate(store: ObjectStore) -> None:
     """A deliberately worse candidate (the reference network after one epoch) stopped at a gate."""
     print("\na deliberately worse candidate: the reference network after one epoch")
-    _materialize("candidate_model", config={"ops": {"candidate_model": {"config": {"presets": ["reference"], "max_epochs": 1}}}})
+    _materialize(
+        "candidate_model", config={"ops": {"candidate_model": {"config": {"presets": ["reference"], "max_epochs": 1}}}}
+    )
     worse = _registry(store).version_for(CANDIDATE_ALIAS)
     if worse is not None and not _gate(store, worse):
-        print(f"v{worse} stays a candidate: {_registry(store).gate_record(worse).reason[:300]}")
+        record = _required(_registry(store).gate_record(worse), f"a gate record of v{worse}")
+        print(f"v{worse} stays a candidate: {record.reason[:300]}")
 
 
 def _experiment(store: ObjectStore) -> None:
     """Online A/B: Production and Staging behind the router, simulated clients, delayed
     feedback, the verdict, and a promotion that needs it."""
     registry = _registry(store)
-    production, staging = registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)
+    production = registry.version_for(PRODUCTION_ALIAS)
+    staging = _required(registry.version_for(STAGING_ALIAS), "a Staging version for the experiment")
     print(f"\nA/B experiment: Production v{production} against Staging v{staging} (half the clients each)")
     with _stage("A/B experiment (deploy both, traffic, feedback, verdict)"):
         _deploy(store)
-        _traffic_with_feedback(store, ServingSettings.from_env().url, SHIFT, seed=len(registry.history()), seconds=15, name=f"demo-ab-v{staging}")
+        _traffic_with_feedback(
+            store,
+            ServingSettings.from_env().url,
+            SHIFT,
+            seed=len(registry.history()),
+            seconds=15,
+            name=f"demo-ab-v{staging}",
+        )
         _materialize("feedback,ab_report")
         verdict = _registry(store).verdict(staging)
         if verdict is not None:
@@ -239,11 +263,17 @@ def _print_candidate() -> str:
     version = client.get_model_version_by_alias(settings.model_name, CANDIDATE_ALIAS)
     run = client.get_run(version.tags["bridge.run_id"])
     metrics = run.data.metrics
-    print(f"\ncandidate model: models:/{settings.model_name}/{version.version} (alias {CANDIDATE_ALIAS}, "
-          f"config {run.info.run_name}, feature version {version.tags['bridge.feature_version']})")
+    print(
+        f"\ncandidate model: models:/{settings.model_name}/{version.version} (alias {CANDIDATE_ALIAS}, "
+        f"config {run.info.run_name}, feature version {version.tags['bridge.feature_version']})"
+    )
     print(f"  MLflow store: {settings.tracking_uri}")
     print(f"  {'':<22}{'val RMSE':>12}{'val R²':>9}{'test RMSE':>12}{'test R²':>9}")
-    for label, prefix in ((run.info.run_name, ""), ("baseline: linear", "linear_"), ("baseline: log-linear", "log_linear_")):
+    for label, prefix in (
+        (run.info.run_name, ""),
+        ("baseline: linear", "linear_"),
+        ("baseline: log-linear", "log_linear_"),
+    ):
         print(
             f"  {label:<22}{metrics[prefix + 'val_rmse']:>12,.0f}{metrics[prefix + 'val_r2']:>9.4f}"
             f"{metrics[prefix + 'test_rmse']:>12,.0f}{metrics[prefix + 'test_r2']:>9.4f}"
@@ -283,7 +313,9 @@ def _serve(store: ObjectStore) -> str:
         body = {name: row[name] for name in FEATURES}
         reply = _post(f"{url}/predict", body, row["row_id"])
         print(f"  {row['row_id']}: predicted {reply['response']['prediction']:>12,.0f}   actual {row['price']:>12,.0f}")
-    bad = _post(f"{url}/predict", {**{name: traffic.row(0, named=True)[name] for name in FEATURES}, "bedrooms": 10}, "demo-bad")
+    bad = _post(
+        f"{url}/predict", {**{name: traffic.row(0, named=True)[name] for name in FEATURES}, "bedrooms": 10}, "demo-bad"
+    )
     print(f"  an invalid request (bedrooms 10) → {bad['status']}: {bad['message']}")
     return url
 
@@ -303,8 +335,10 @@ def _daemon() -> Iterator[Path | None]:
     with log_path.open("w") as log:
         daemon = subprocess.Popen(
             [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(workspace)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             yield log_path
         finally:
@@ -322,7 +356,9 @@ def _wait_for(what: str, found: Callable[[], T | None], log_path: Path | None) -
     while (value := found()) is None:
         if time.monotonic() > deadline:
             tail = log_path.read_text().splitlines()[-15:] if log_path else ["(the running daemon's own log)"]
-            raise SystemExit(f"gave up after {WAIT_SECONDS} s waiting for {what}; the daemon's log ends:\n" + "\n".join(tail))
+            raise SystemExit(
+                f"gave up after {WAIT_SECONDS} s waiting for {what}; the daemon's log ends:\n" + "\n".join(tail)
+            )
         time.sleep(2)
     return value
 
@@ -333,10 +369,14 @@ def _materialized_since(instance: dg.DagsterInstance, asset: str, since: float) 
 
 
 def _metadata(record: dg.EventLogRecord) -> dict:
-    return {k: v.value for k, v in record.asset_materialization.metadata.items()} if record.asset_materialization else {}
+    return (
+        {k: v.value for k, v in record.asset_materialization.metadata.items()} if record.asset_materialization else {}
+    )
 
 
-def _traffic_with_feedback(store: ObjectStore, url: str, drift: Drift, seed: int, seconds: float, name: str) -> TrafficResult:
+def _traffic_with_feedback(
+    store: ObjectStore, url: str, drift: Drift, seed: int, seconds: float, name: str
+) -> TrafficResult:
     """Simulated clients send houses, within one monitoring window (so one feedback batch
     holds them all); once their records are in the lake the true prices are released, late,
     as feedback. The traffic id is `name` (suffixed if an earlier attempt used it): row ids,
@@ -348,8 +388,12 @@ def _traffic_with_feedback(store: ObjectStore, url: str, drift: Drift, seed: int
     while store.exists(withheld_key(traffic_id)):
         attempt += 1
         traffic_id = f"{name}-{attempt}"
-    result = send_traffic(store, url, rate=TRAFFIC_RATE, duration=seconds, clients=100, seed=seed, drift=drift, traffic_id=traffic_id)
-    print(f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}")
+    result = send_traffic(
+        store, url, rate=TRAFFIC_RATE, duration=seconds, clients=100, seed=seed, drift=drift, traffic_id=traffic_id
+    )
+    print(
+        f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}"
+    )
     deadline = time.monotonic() + 60
     while read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height < result.ok:
         if time.monotonic() > deadline:
@@ -365,44 +409,74 @@ def _closed_loop(store: ObjectStore, url: str) -> None:
     traffic, releases labels and waits on what the daemon does."""
     instance = dg.DagsterInstance.get()
     registry = _registry(store)
-    production = registry.version_for(PRODUCTION_ALIAS)
+    production = _required(registry.version_for(PRODUCTION_ALIAS), "a Production version")
     rises = 1 + len(instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: "automatic"})))
     drift = Drift(price_factor=1.5**rises)  # prices rise again on every run of the demo
     feedback_before = {b.batch_id for b in landed_batches(store) if b.batch_id.startswith(FEEDBACK_BATCH_PREFIX)}
-    print(f"\nthe loop through the Dagster daemon: prices rose to {drift.price_factor:.2f}x what Production v{production} learned")
+    print(
+        f"\nthe loop through the Dagster daemon: prices rose to {drift.price_factor:.2f}x what Production v{production} learned"
+    )
     started = time.time()
     with _daemon() as log_path:
         with _stage("drifted traffic, interaction logs, labels released"):
-            _traffic_with_feedback(store, url, drift, seed=100 + rises, seconds=TRAFFIC_SECONDS, name=f"demo-loop-{rises}")
+            _traffic_with_feedback(
+                store, url, drift, seed=100 + rises, seconds=TRAFFIC_SECONDS, name=f"demo-loop-{rises}"
+            )
         with _stage("daemon: profiles, window reports, decay detected"):
             # Reports of earlier windows are rewritten as their labels arrive: wait for an alarm on this Production
             window, alarms = _wait_for(
                 f"a window report with an alarm on v{production}",
-                lambda: next(((r.partition_key, _metadata(r)["alarms"]) for r in _materialized_since(instance, "drift_report", started)
-                              if any(alarm.startswith(f"v{production}/") for alarm in _metadata(r).get("alarms") or [])), None),
+                lambda: next(
+                    (
+                        (r.partition_key, _metadata(r)["alarms"])
+                        for r in _materialized_since(instance, "drift_report", started)
+                        if any(alarm.startswith(f"v{production}/") for alarm in _metadata(r).get("alarms") or [])
+                    ),
+                    None,
+                ),
                 log_path,
-            )  # fmt: skip
+            )
             print(f"  drift_report[{window}]: {len(alarms)} alarm(s)")
             for alarm in alarms:
                 print(f"    {alarm[:200]}")
         with _stage("daemon: feedback batch, raw, new feature version"):
             version = _wait_for(
                 "the labelled traffic in a feature version",
-                lambda: next((v for v in [FeatureStore(store).latest()] if v and any(b.startswith(FEEDBACK_BATCH_PREFIX) and b not in feedback_before for b in v.batch_ids)), None),
+                lambda: next(
+                    (
+                        v
+                        for v in [FeatureStore(store).latest()]
+                        if v
+                        and any(b.startswith(FEEDBACK_BATCH_PREFIX) and b not in feedback_before for b in v.batch_ids)
+                    ),
+                    None,
+                ),
                 log_path,
-            )  # fmt: skip
-            print(f"  feature version {version.version}: {version.rows} rows, with {', '.join(b for b in version.batch_ids if b.startswith(FEEDBACK_BATCH_PREFIX) and b not in feedback_before)}")
+            )
+            print(
+                f"  feature version {version.version}: {version.rows} rows, with {', '.join(b for b in version.batch_ids if b.startswith(FEEDBACK_BATCH_PREFIX) and b not in feedback_before)}"
+            )
         with _stage("daemon: automatic retraining"):
             run = _wait_for(
                 "the automatic retraining run",
-                lambda: next((r for r in instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: "automatic"}, created_after=_utc(started)))
-                              if r.dagster_run.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)), None),
+                lambda: next(
+                    (
+                        r
+                        for r in instance.get_run_records(
+                            dg.RunsFilter(tags={RETRAIN_TAG: "automatic"}, created_after=_utc(started))
+                        )
+                        if r.dagster_run.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
+                    ),
+                    None,
+                ),
                 log_path,
-            )  # fmt: skip
+            )
             if run.dagster_run.status != dg.DagsterRunStatus.SUCCESS:
                 raise SystemExit(f"the retraining run {run.dagster_run.run_id} failed; see it with `make dev`")
-            candidate = _registry(store).version_for(CANDIDATE_ALIAS)
-            print(f"  run {run.dagster_run.run_id[:8]} ({run.dagster_run.tags.get(REASON_TAG, '')[:120]}) → candidate v{candidate}")
+            candidate = _required(_registry(store).version_for(CANDIDATE_ALIAS), "the retrained candidate")
+            print(
+                f"  run {run.dagster_run.run_id[:8]} ({run.dagster_run.tags.get(REASON_TAG, '')[:120]}) → candidate v{candidate}"
+            )
         with _stage("daemon: gates on the new candidate (automation)"):
             record = _wait_for(f"the gates on v{candidate}", lambda: _registry(store).gate_record(candidate), log_path)
             passed = _print_gates(record)
@@ -413,11 +487,20 @@ def _closed_loop(store: ObjectStore, url: str) -> None:
         with _stage("daemon: registry_sensor serves the new version"):
             _wait_for(
                 f"v{candidate} deployed beside Production",
-                lambda: next((r for r in _materialized_since(instance, "production_deployment", started) if _metadata(r).get("staging_version") == candidate), None),
+                lambda: next(
+                    (
+                        r
+                        for r in _materialized_since(instance, "production_deployment", started)
+                        if _metadata(r).get("staging_version") == candidate
+                    ),
+                    None,
+                ),
                 log_path,
-            )  # fmt: skip
+            )
             experiment = json.load(urllib.request.urlopen(f"{url}/model", timeout=30))["response"]["experiment"]
-            print(f"  serving {experiment['versions']} (Staging for {experiment['staging_weight']:.0%} of clients): the A/B experiment runs on live traffic")
+            print(
+                f"  serving {experiment['versions']} (Staging for {experiment['staging_weight']:.0%} of clients): the A/B experiment runs on live traffic"
+            )
 
 
 def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None:
@@ -429,7 +512,7 @@ def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None
     settings = MlflowSettings.from_env()
     client = settings.activate()
     features = FeatureStore(store)
-    latest = features.latest()
+    latest = _required(features.latest(), "a feature version")
     unseen = unseen_batches(client, settings.model_name, production, features, latest.batch_ids) or []
     rows = features.scan(latest).collect().filter((pl.col("split") == "test") & pl.col("batch_id").is_in(unseen))
     if rows.is_empty():
@@ -437,20 +520,34 @@ def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None
         return
     actual = rows["price"].to_numpy()
     rmse = {
-        v: regression_metrics(actual, mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{v}").predict(model_input(rows)))["rmse"]
+        v: regression_metrics(
+            actual, mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{v}").predict(model_input(rows))
+        )["rmse"]
         for v in (production, candidate)
     }
     trained = client.get_model_version(settings.model_name, production)
-    before = client.get_run(trained.run_id).data.metrics["test_rmse"]
-    own_test = features.scan(trained.tags["bridge.feature_version"]).filter(pl.col("split") == "test").select(pl.col("price").mean()).collect().item()
+    before = client.get_run(_required(trained.run_id, f"the run of v{production}")).data.metrics["test_rmse"]
+    own_test = (
+        features.scan(trained.tags["bridge.feature_version"])
+        .filter(pl.col("split") == "test")
+        .select(pl.col("price").mean())
+        .collect()
+        .item()
+    )
     relative = {"before": before / own_test, **{v: value / actual.mean() for v, value in rmse.items()}}
     details = client.get_model_version(settings.model_name, candidate)
-    print(f"  v{candidate} is {details.tags.get('bridge.option', 'scratch')}: {details.tags.get('bridge.choice', '')[:200]}")
-    print(f"  on the same {rows.height} post-rise test rows: Production v{production} RMSE {rmse[production]:,.0f}, "
-          f"v{candidate} RMSE {rmse[candidate]:,.0f} = {rmse[candidate] / rmse[production]:.2f} × v{production}'s")
+    print(
+        f"  v{candidate} is {details.tags.get('bridge.option', 'scratch')}: {details.tags.get('bridge.choice', '')[:200]}"
+    )
+    print(
+        f"  on the same {rows.height} post-rise test rows: Production v{production} RMSE {rmse[production]:,.0f}, "
+        f"v{candidate} RMSE {rmse[candidate]:,.0f} = {rmse[candidate] / rmse[production]:.2f} × v{production}'s"
+    )
     recovered = (relative[production] - relative[candidate]) / (relative[production] - relative["before"])
-    print(f"  decay recovered: {recovered:.0%} (RMSE / mean price: v{production} {relative['before']:.1%} before the rise, "
-          f"{relative[production]:.1%} after; v{candidate} {relative[candidate]:.1%})")
+    print(
+        f"  decay recovered: {recovered:.0%} (RMSE / mean price: v{production} {relative['before']:.1%} before the rise, "
+        f"{relative[production]:.1%} after; v{candidate} {relative[candidate]:.1%})"
+    )
 
 
 def _utc(epoch: float) -> datetime:
@@ -488,19 +585,35 @@ def main() -> None:
         land_batch(store, DEMO_BATCH, blocks)
         print(f"landed simulated batch {DEMO_BATCH} ({DEMO_ROWS} rows, 2% corrupt)")
     elif SHIFT_BATCH not in {b.batch_id for b in landed_batches(store)}:
-        land_batch(store, SHIFT_BATCH, HousingSimulator.fit().generate(DEMO_ROWS, seed=8, batch_id=SHIFT_BATCH, drift=SHIFT))
-        print(f"landed simulated batch {SHIFT_BATCH} ({DEMO_ROWS} rows; prices rose 50%: the challenger trains after a shift)")
+        land_batch(
+            store, SHIFT_BATCH, HousingSimulator.fit().generate(DEMO_ROWS, seed=8, batch_id=SHIFT_BATCH, drift=SHIFT)
+        )
+        print(
+            f"landed simulated batch {SHIFT_BATCH} ({DEMO_ROWS} rows; prices rose 50%: the challenger trains after a shift)"
+        )
 
     instance = dg.DagsterInstance.get()
     batch_ids = [b.batch_id for b in landed_batches(store)]
     if _RUNNING_DAEMON:  # the stack's: its landing and feature sensors take the batches
         print("a Dagster daemon runs on this instance: its sensors validate the batches and build the features")
         with _stage("raw batches (validation, quarantine)"):
-            _wait_for("raw partitions of every landed batch",
-                      lambda: True if set(batch_ids) <= instance.get_materialized_partitions(dg.AssetKey("raw_housing")) else None, None)  # fmt: skip
+            _wait_for(
+                "raw partitions of every landed batch",
+                lambda: (
+                    True if set(batch_ids) <= instance.get_materialized_partitions(dg.AssetKey("raw_housing")) else None
+                ),
+                None,
+            )
         with _stage("feature table"):
-            _wait_for("a feature version with every batch",
-                      lambda: True if (latest := FeatureStore(store).latest()) and set(batch_ids) <= set(latest.batch_ids) else None, None)  # fmt: skip
+            _wait_for(
+                "a feature version with every batch",
+                lambda: (
+                    True
+                    if (latest := FeatureStore(store).latest()) and set(batch_ids) <= set(latest.batch_ids)
+                    else None
+                ),
+                None,
+            )
     else:  # what the landing and feature sensors do under `dagster dev`, done here
         known = set(instance.get_dynamic_partitions("raw_batches"))
         instance.add_dynamic_partitions("raw_batches", [b for b in batch_ids if b not in known])
@@ -549,11 +662,15 @@ def main() -> None:
         print(f"  {record.line()}")
     print(f"\ntime per stage: {', '.join(f'{name} {seconds:.0f} s' for name, seconds in STAGE_SECONDS.items())}")
     print(f"the whole run: {time.monotonic() - started:.0f} s")
-    dagster_url = os.environ.get("BRIDGE_DAGSTER_URL") or f"http://127.0.0.1:{os.environ.get('BRIDGE_DAGSTER_PORT') or 3000}"
+    dagster_url = (
+        os.environ.get("BRIDGE_DAGSTER_URL") or f"http://127.0.0.1:{os.environ.get('BRIDGE_DAGSTER_PORT') or 3000}"
+    )
     print(f"\nopen the UI with `make dev` ({dagster_url}) to see these runs, the sensors' ticks and the")
     print(f"metadata; `make mlflow` ({MlflowSettings.from_env().ui_url}) for the runs and the registry.")
     if not any(record.action == "ab_verdict" for record in _registry(store).history()):
-        print("Run `make demo` again for the online A/B experiment, its verdict and the promotion, then the loop on the new")
+        print(
+            "Run `make demo` again for the online A/B experiment, its verdict and the promotion, then the loop on the new"
+        )
         print("Production.", end=" ")
     print("The demo stopped the service: `make serve` brings Production back (`make stop` ends it).")
 

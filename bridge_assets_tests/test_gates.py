@@ -22,7 +22,8 @@ from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import StorageSettings
-from bridge_assets.ml.gates import PromotionSettings, approve, run_gates
+from bridge_assets.ml.gates import approve, run_gates
+from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.registry import (
     CANDIDATE_ALIAS,
     PRODUCTION_ALIAS,

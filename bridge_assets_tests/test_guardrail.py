@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import polars as pl
 
-from bridge_assets.ml.gates import PromotionSettings
 from bridge_assets.ml.guardrail import Watch, WatchTally, judge, watch_of
+from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.registry import PRODUCTION, AuditRecord
 from serving.interactions import SCHEMA, record
 

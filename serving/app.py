@@ -33,9 +33,10 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 import bridge_assets
 from bridge_assets.core.pyfunc import InvalidInput
@@ -46,7 +47,15 @@ from serving.interactions import InteractionLogger
 from serving.model import INGRESS, ROLLING, LocalVariant, ModelVariant, RemoteVariant, ServedModel, Variant
 from serving.recording import Exchange, Recorder, RecordRequests, RequestMetrics, exchange_of
 from serving.router import ExperimentConfig
-from serving.schemas import SCORING_REQUEST, BatchRequest, HouseFeatures, InvalidRows, ScoringShapeError, scoring_records, valid_rows
+from serving.schemas import (
+    SCORING_REQUEST,
+    BatchRequest,
+    HouseFeatures,
+    InvalidRows,
+    ScoringShapeError,
+    scoring_records,
+    valid_rows,
+)
 
 log = logging.getLogger("bridge.serving")
 DEFAULT_MAX_BATCH = 10_000
@@ -115,7 +124,9 @@ async def _invalid_request(request: Request, error: RequestValidationError) -> J
     if broken is not None:
         message = f"body is not valid JSON: {broken.get('ctx', {}).get('error', broken['msg'])} at character {broken['loc'][-1]}"
     else:
-        message = f"invalid input: {', '.join(sorted({'.'.join(str(p) for p in e['loc'][1:]) or 'body' for e in errors}))}"
+        message = (
+            f"invalid input: {', '.join(sorted({'.'.join(str(p) for p in e['loc'][1:]) or 'body' for e in errors}))}"
+        )
     exchange = exchange_of(request)
     exchange.error = message
     body = getattr(error, "body", None)
@@ -131,7 +142,9 @@ async def _model_unavailable(request: Request, error: ModelUnavailable) -> JSONR
 
 # No access log: every request already has its interaction record, and Serve's log line per
 # request cost the replica CPU on the request path.
-@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, logging_config={"enable_access_log": False}, **ROLLING)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=32, logging_config={"enable_access_log": False}, **ROLLING
+)
 @serve.ingress(api)
 class PredictionService:
     """The API: validates, routes by client to a variant's model, records every request."""
@@ -161,12 +174,16 @@ class PredictionService:
         self.api_keys = settings.api_keys.including(load_api_keys(os.environ), "the Ray node's environment")
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside Serve (unit use)
+        except RayServeException:  # outside Serve (unit use): no replica context
             self.replica = uuid.uuid4().hex[:8]
         logger = InteractionLogger(
-            StorageSettings.from_env().open, self.replica, spool_dir=Path(settings.spool_dir),
-            flush_rows=settings.log_flush_rows, flush_seconds=settings.log_flush_seconds, max_buffered=settings.log_max_buffered,
-        )  # fmt: skip
+            StorageSettings.from_env().open,
+            self.replica,
+            spool_dir=Path(settings.spool_dir),
+            flush_rows=settings.log_flush_rows,
+            flush_seconds=settings.log_flush_seconds,
+            max_buffered=settings.log_max_buffered,
+        )
         self.recorder = Recorder(logger, settings.model_name, self.replica, RequestMetrics())
         api.state.service = self
 
@@ -203,21 +220,37 @@ class PredictionService:
         any other failure is a 503 — a non-finite price too: it is the model failing on an input
         its gates did not cover, not an answer."""
         try:
-            exchange.model_version, predictions, exchange.model_ms = await getattr(self.variants[exchange.variant], method)(payload)
+            exchange.model_version, predictions, exchange.model_ms = await getattr(
+                self.variants[exchange.variant], method
+            )(payload)
         except InvalidInput:
             raise
-        except Exception as error:  # noqa: BLE001 - any model error is a 503, never a 500
-            log.exception("model failure (%s v%s, request %s)", exchange.variant, exchange.model_version, exchange.request_id)
-            raise ModelUnavailable(f"model unavailable: {type(getattr(error, 'cause', None) or error).__name__}") from error
+        except Exception as error:
+            log.exception(
+                "model failure (%s v%s, request %s)", exchange.variant, exchange.model_version, exchange.request_id
+            )
+            raise ModelUnavailable(
+                f"model unavailable: {type(getattr(error, 'cause', None) or error).__name__}"
+            ) from error
         if not np.isfinite(np.asarray(predictions, dtype=np.float64)).all():
-            log.error("non-finite prediction (%s v%s, request %s)", exchange.variant, exchange.model_version, exchange.request_id)
+            log.error(
+                "non-finite prediction (%s v%s, request %s)",
+                exchange.variant,
+                exchange.model_version,
+                exchange.request_id,
+            )
             raise ModelUnavailable(f"model v{exchange.model_version} produced a non-finite price")
         return predictions
 
     def _prediction_reply(self, exchange: Exchange, **result: Any) -> JSONResponse:
         """The reference's success body, with the model and variant that answered."""
-        response = {**result, "unit": self.settings.unit, "model_name": self.settings.model_name,
-                    "model_version": exchange.model_version, "variant": exchange.variant}  # fmt: skip
+        response = {
+            **result,
+            "unit": self.settings.unit,
+            "model_name": self.settings.model_name,
+            "model_version": exchange.model_version,
+            "variant": exchange.variant,
+        }
         return JSONResponse({"status": 200, "message": "House price prediction successful", "response": response})
 
     @api.get("/health")
@@ -227,11 +260,24 @@ class PredictionService:
     @api.get("/model")
     async def model_info(self) -> dict[str, Any]:
         info = await self.variants["production"].info()
-        experiment = {"versions": self.versions, "staging_weight": self.experiment.staging_weight,
-                      "previous_weight": self.experiment.previous_weight, "salt": self.experiment.salt}  # fmt: skip
-        return {"status": 200, "message": "success",
-                "response": {**info, "variant": "production", "experiment": experiment, "placement": self.settings.model_placement,
-                             "replica": self.replica, "pid": os.getpid()}}  # fmt: skip
+        experiment = {
+            "versions": self.versions,
+            "staging_weight": self.experiment.staging_weight,
+            "previous_weight": self.experiment.previous_weight,
+            "salt": self.experiment.salt,
+        }
+        return {
+            "status": 200,
+            "message": "success",
+            "response": {
+                **info,
+                "variant": "production",
+                "experiment": experiment,
+                "placement": self.settings.model_placement,
+                "replica": self.replica,
+                "pid": os.getpid(),
+            },
+        }
 
     @api.post("/predict")
     async def predict(self, features: HouseFeatures, request: Request) -> JSONResponse:
@@ -244,7 +290,9 @@ class PredictionService:
     async def predict_batch(self, batch: BatchRequest, request: Request) -> JSONResponse:
         exchange = exchange_of(request)
         if len(batch.records) > self.settings.max_batch_records:
-            exchange.error = too_many_message(len(batch.records), self.settings.max_body_bytes, self.settings.max_batch_records)
+            exchange.error = too_many_message(
+                len(batch.records), self.settings.max_body_bytes, self.settings.max_batch_records
+            )
             return error_reply("/predict/batch", 413, exchange.error)
         exchange.rows = [r.model_dump() for r in batch.records]
         exchange.predictions = await self._predicted(exchange, "predict_valid", exchange.rows)
@@ -266,13 +314,17 @@ class PredictionService:
             exchange.error = "body is not valid JSON: nested too deeply"
             return error_reply("/invocations", 400, exchange.error)
         if len(records) > self.settings.max_batch_records:
-            exchange.error = too_many_message(len(records), self.settings.max_body_bytes, self.settings.max_batch_records)
+            exchange.error = too_many_message(
+                len(records), self.settings.max_body_bytes, self.settings.max_batch_records
+            )
             return error_reply("/invocations", 413, exchange.error)
         try:
-            exchange.rows = valid_rows(records)
+            exchange.rows = [*valid_rows(records)]
         except InvalidRows as error:  # one record for the refused request, as on every endpoint
             exchange.error = str(error)
-            return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": exchange.error, "detail": error.detail}, 422)
+            return JSONResponse(
+                {"error_code": "INVALID_PARAMETER_VALUE", "message": exchange.error, "detail": error.detail}, 422
+            )
         exchange.predictions = await self._predicted(exchange, "predict_valid", exchange.rows)
         return JSONResponse({"predictions": exchange.predictions})
 
@@ -295,12 +347,17 @@ def application(
 
     def deployment(variant: str, version: str) -> serve.Application:
         init = (settings.model_name, version, settings.alias_of(variant), settings.environment)
-        options = ModelVariant.options(name=model_deployment_name(variant), num_replicas=replicas)
+        # `@serve.deployment` made the classes Deployments; its annotations keep them classes.
+        options = ModelVariant.options(name=model_deployment_name(variant), num_replicas=replicas)  # type: ignore[attr-defined]
         return options.options(version=code_version(init), _internal=True).bind(*init)
 
-    remote = None if settings.model_placement == INGRESS else {name: deployment(name, v) for name, v in settings.versions.items()}
+    remote = (
+        None
+        if settings.model_placement == INGRESS
+        else {name: deployment(name, v) for name, v in settings.versions.items()}
+    )
     kept = tuple(deployment(name, version) for name, version in (retiring or {}).items())
-    ingress = PredictionService.options(num_replicas=replicas, user_config=asdict(experiment))
+    ingress = PredictionService.options(num_replicas=replicas, user_config=asdict(experiment))  # type: ignore[attr-defined]
     return ingress.options(version=code_version(asdict(settings)), _internal=True).bind(settings, remote, kept)
 
 

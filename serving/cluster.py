@@ -91,12 +91,20 @@ class NodePorts:
             "--runtime-env-agent-port": self.ray_base + 6,
         }
         if head:
-            named |= {"--port": self.ray_base, "--ray-client-server-port": self.ray_base + 7, "--dashboard-port": self.ray_base + 8}
+            named |= {
+                "--port": self.ray_base,
+                "--ray-client-server-port": self.ray_base + 7,
+                "--dashboard-port": self.ray_base + 8,
+            }
         return named
 
     def ray_env(self, head: bool) -> dict[str, str]:
         """Ray's ports that only its environment sets (head-only daemons' metrics)."""
-        return {"AUTOSCALER_METRIC_PORT": str(self.ray_base + 90), "DASHBOARD_METRIC_PORT": str(self.ray_base + 91)} if head else {}
+        return (
+            {"AUTOSCALER_METRIC_PORT": str(self.ray_base + 90), "DASHBOARD_METRIC_PORT": str(self.ray_base + 91)}
+            if head
+            else {}
+        )
 
     @property
     def worker_range(self) -> range:
@@ -127,8 +135,13 @@ class NodePorts:
         return [self.serve_http, self.haproxy_stats, self.haproxy_metrics, self.fallback_proxy]
 
     def all(self, head: bool) -> list[int]:
-        ray = [*self.ray_named(head).values(), *map(int, self.ray_env(head).values()), *self.worker_range,
-               *self.ingress_http_range, *self.ingress_grpc_range]  # fmt: skip
+        ray = [
+            *self.ray_named(head).values(),
+            *map(int, self.ray_env(head).values()),
+            *self.worker_range,
+            *self.ingress_http_range,
+            *self.ingress_grpc_range,
+        ]
         return sorted({*ray, *self.serve_ports()})
 
 
@@ -236,7 +249,11 @@ def _port_holders(ports: Iterable[int]) -> dict[int, str]:
     for connection in connections:
         if connection.status == psutil.CONN_LISTEN and connection.laddr.port in wanted:
             try:
-                who = f"pid {connection.pid} ({psutil.Process(connection.pid).name()})" if connection.pid else "another user"
+                who = (
+                    f"pid {connection.pid} ({psutil.Process(connection.pid).name()})"
+                    if connection.pid
+                    else "another user"
+                )
             except psutil.NoSuchProcess:
                 who = "a process that just ended"
             holders[connection.laddr.port] = who
@@ -270,10 +287,11 @@ def _is_ours(process: psutil.Process, temp_dir: str, node_ids: set[str]) -> bool
             if (option.startswith("--") and _points_into(value, temp_dir)) or any(node in arg for node in node_ids):
                 return True
         return any(
-            opened.mode != "r" and _points_into(opened.path, temp_dir)
+            opened.mode != "r"
+            and _points_into(opened.path, temp_dir)
             and not Path(opened.path).name.startswith("python-core-driver")  # a driver's own log
             for opened in process.open_files()
-        )  # fmt: skip
+        )
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
@@ -314,10 +332,18 @@ def check_compatible(settings: ClusterSettings) -> None:
     state = settings.state()
     if state is None or not _healthy(state["ray_port"], instance_processes(settings)):
         return
-    running = {"BRIDGE_RAY_PORT": state["ray_port"], "BRIDGE_SERVE_PORT": state["serve_port"],
-               "BRIDGE_SERVE_HOST": state["serve_host"], "BRIDGE_SERVE_HAPROXY": "1" if state["haproxy"] else "0"}  # fmt: skip
-    asked = {"BRIDGE_RAY_PORT": settings.ray_port, "BRIDGE_SERVE_PORT": settings.serve_port,
-             "BRIDGE_SERVE_HOST": settings.serve_host, "BRIDGE_SERVE_HAPROXY": "1" if settings.haproxy else "0"}  # fmt: skip
+    running = {
+        "BRIDGE_RAY_PORT": state["ray_port"],
+        "BRIDGE_SERVE_PORT": state["serve_port"],
+        "BRIDGE_SERVE_HOST": state["serve_host"],
+        "BRIDGE_SERVE_HAPROXY": "1" if state["haproxy"] else "0",
+    }
+    asked = {
+        "BRIDGE_RAY_PORT": settings.ray_port,
+        "BRIDGE_SERVE_PORT": settings.serve_port,
+        "BRIDGE_SERVE_HOST": settings.serve_host,
+        "BRIDGE_SERVE_HAPROXY": "1" if settings.haproxy else "0",
+    }
     changed = [f"{name}={asked[name]} (running: {running[name]})" for name in running if running[name] != asked[name]]
     if changed:
         raise ClusterError(
@@ -374,7 +400,9 @@ def _start_head(settings: ClusterSettings) -> str:
         )
     sid, started_at = _ray_start(settings, 0, ["--head", "--include-dashboard=false"])
     record = {k: v for k, v in asdict(settings).items() if k != "address"} | {
-        "haproxy_dir": str(settings.haproxy_dir), "nodes": [_node_record(settings, 0, sid, started_at)]}  # fmt: skip
+        "haproxy_dir": str(settings.haproxy_dir),
+        "nodes": [_node_record(settings, 0, sid, started_at)],
+    }
     _write_state(settings, record)
     return settings.local_address
 
@@ -386,23 +414,44 @@ def start_local_node(settings: ClusterSettings, index: int, num_cpus: int = 1) -
         raise ClusterError(f"cannot start Ray node {index}: port(s) in use: {sorted(busy)}")
     sid, started_at = _ray_start(settings, index, ["--address", settings.local_address], num_cpus=num_cpus)
     record = settings.state() or {}
-    _write_state(settings, record | {"nodes": [*record.get("nodes", []), _node_record(settings, index, sid, started_at)]})
+    _write_state(
+        settings, record | {"nodes": [*record.get("nodes", []), _node_record(settings, index, sid, started_at)]}
+    )
 
 
-def _ray_start(settings: ClusterSettings, index: int, role: list[str], num_cpus: int | None = None) -> tuple[int, float]:
+def _ray_start(
+    settings: ClusterSettings, index: int, role: list[str], num_cpus: int | None = None
+) -> tuple[int, float]:
     ports = settings.ports(index)
     named = [str(arg) for option, port in ports.ray_named(head=index == 0).items() for arg in (option, port)]
     command = [
-        _ray_cli(), "start", *role, *named, "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
-        "--min-worker-port", str(ports.worker_range.start), "--max-worker-port", str(ports.worker_range.stop - 1),
-        "--num-cpus", str(num_cpus or settings.num_cpus), "--object-store-memory", str(settings.object_store_mb * 1024 * 1024),
-        "--temp-dir", settings.temp_dir,
-    ]  # fmt: skip
+        _ray_cli(),
+        "start",
+        *role,
+        *named,
+        "--node-ip-address",
+        "127.0.0.1",
+        "--disable-usage-stats",
+        "--min-worker-port",
+        str(ports.worker_range.start),
+        "--max-worker-port",
+        str(ports.worker_range.stop - 1),
+        "--num-cpus",
+        str(num_cpus or settings.num_cpus),
+        "--object-store-memory",
+        str(settings.object_store_mb * 1024 * 1024),
+        "--temp-dir",
+        settings.temp_dir,
+    ]
     attempt = 1
     while True:
         started_at = time.time()
         starter = subprocess.Popen(
-            command, env=_node_env(settings, index), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=_node_env(settings, index),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             output, _ = starter.communicate(timeout=300)
@@ -414,7 +463,9 @@ def _ray_start(settings: ClusterSettings, index: int, role: list[str], num_cpus:
         # this attempt's debris: its session id stays ours while any member of it lives
         terminate(_session_members(starter.pid))
         if b"timed out during startup" not in output or attempt == START_ATTEMPTS:
-            raise ClusterError(f"`ray start` failed for {settings.temp_dir}:\n{output.decode(errors='replace')[-3000:]}")
+            raise ClusterError(
+                f"`ray start` failed for {settings.temp_dir}:\n{output.decode(errors='replace')[-3000:]}"
+            )
         attempt += 1
 
 
@@ -431,9 +482,15 @@ def _session_members(sid: int) -> list[psutil.Process]:
 
 def _node_record(settings: ClusterSettings, index: int, sid: int, started_at: float) -> dict:
     ports = settings.ports(index)
-    return {"index": index, "sid": sid, "started_at": started_at, "ports": asdict(ports),
-            "ray_ports": ports.ray_named(head=index == 0),
-            "worker_ports": [ports.worker_range.start, ports.worker_range.stop - 1], "serve_env": ports.serve_env(index == 0)}  # fmt: skip
+    return {
+        "index": index,
+        "sid": sid,
+        "started_at": started_at,
+        "ports": asdict(ports),
+        "ray_ports": ports.ray_named(head=index == 0),
+        "worker_ports": [ports.worker_range.start, ports.worker_range.stop - 1],
+        "serve_env": ports.serve_env(index == 0),
+    }
 
 
 def _write_state(settings: ClusterSettings, record: dict) -> None:
@@ -448,7 +505,10 @@ def pick_free_ports(nodes: int = 1, avoid: Iterable[int] = ()) -> tuple[int, int
     range (10002-19999), Serve's default replica ranges (30000-31000, 40000-41000) and the
     kernel's ephemeral ports (32768+)."""
     while True:
-        ray_port, serve_port = 20_000 + RAY_PORTS_PER_NODE * random.randrange(26 - nodes), random.randrange(25_000, 26_400)
+        ray_port, serve_port = (
+            20_000 + RAY_PORTS_PER_NODE * random.randrange(26 - nodes),
+            random.randrange(25_000, 26_400),
+        )
         settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
         ports = [port for index in range(nodes) for port in settings.ports(index).all(head=index == 0)]
         if len(set(ports)) == len(ports) and not set(ports) & set(avoid) and not _port_holders(ports):
@@ -584,8 +644,11 @@ def shutdown_serve(settings: ClusterSettings, timeout: float = 120.0) -> str:
     try:
         done = subprocess.run(
             [sys.executable, "-m", "serving.cluster", "shutdown-serve", address],
-            env=ray_env(), capture_output=True, timeout=timeout,
-        )  # fmt: skip
+            env=ray_env(),
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return f"did not shut down within {timeout:.0f} s (replicas were killed without a flush)"
     if done.returncode == 0:
@@ -639,7 +702,11 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
         shutil.rmtree(settings.haproxy_dir, ignore_errors=True)
         shutil.rmtree(settings.temp_dir, ignore_errors=True)
         return StopReport([], [], {}, "was not running", _sweep_spools(env))
-    serve = shutdown_serve(settings) if _healthy(settings.ray_port, processes) else "was unreachable (Ray half-dead; no graceful flush)"
+    serve = (
+        shutdown_serve(settings)
+        if _healthy(settings.ray_port, processes)
+        else "was unreachable (Ray half-dead; no graceful flush)"
+    )
     ports = instance_ports(settings)
     stopped = _clean_up(settings, instance_processes(settings) or processes)
     left = [process.pid for process in stopped if _alive(process)]

@@ -32,8 +32,15 @@ from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.settings import StorageSettings, bridge_home, load_environment
 from bridge_assets.ml.registry import PRODUCTION_ALIAS
 from bridge_assets.ml.tracking import MlflowSettings
-from serving.cluster import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings, check_compatible, connect
-from serving.cluster import start_serve
+from serving.cluster import (
+    DEFAULT_RAY_PORT,
+    DEFAULT_SERVE_PORT,
+    ClusterError,
+    ClusterSettings,
+    check_compatible,
+    connect,
+    start_serve,
+)
 from serving.cluster import main as cluster_main
 from serving.guards import ApiKeys, load_api_keys
 from serving.model import INGRESS, PLACEMENTS, ServedModel, version_for_alias
@@ -61,7 +68,9 @@ class ServingSettings:
 
     def __post_init__(self) -> None:
         if self.model_placement not in PLACEMENTS:
-            raise ValueError(f"BRIDGE_SERVE_MODEL_PLACEMENT must be one of {', '.join(PLACEMENTS)}, got {self.model_placement!r}")
+            raise ValueError(
+                f"BRIDGE_SERVE_MODEL_PLACEMENT must be one of {', '.join(PLACEMENTS)}, got {self.model_placement!r}"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
@@ -115,7 +124,7 @@ def probe(client: object, model_name: str, version: str, alias: str | None) -> P
     """Load a version and predict the real rows; raise ValueError saying why it is unfit."""
     try:
         served = ServedModel.load(client, model_name, version, alias)  # type: ignore[arg-type]
-    except Exception as error:  # noqa: BLE001 - any load failure refuses the version
+    except Exception as error:
         raise ValueError(f"version {version} of {model_name} does not load: {type(error).__name__}: {error}") from error
     rows = load_seed_data().select(FEATURES)
     started = time.perf_counter()
@@ -181,18 +190,27 @@ def deploy(
         alias=alias,
         environment=replica_environment(env),
         spool_dir=str(spool_directory(everywhere)),
-        api_keys=ApiKeys.of(load_api_keys(everywhere), "BRIDGE_API_KEYS/BRIDGE_API_KEYS_FILE at deploy", api_key_salt(everywhere)),
+        api_keys=ApiKeys.of(
+            load_api_keys(everywhere), "BRIDGE_API_KEYS/BRIDGE_API_KEYS_FILE at deploy", api_key_salt(everywhere)
+        ),
         unit=settings.unit,
         max_batch_records=settings.max_batch_records,
         max_body_bytes=settings.max_body_bytes,
         log_flush_seconds=settings.log_flush_seconds,
         model_placement=settings.model_placement,
     )
-    experiment = ExperimentConfig(salt, staging_weight if staging_version else 0.0, previous_weight if "previous" in versions else 0.0)
+    experiment = ExperimentConfig(
+        salt, staging_weight if staging_version else 0.0, previous_weight if "previous" in versions else 0.0
+    )
     kept = set() if settings.model_placement == INGRESS else set(versions)
     retiring = {variant: served for variant, served in _served_remotely().items() if variant not in kept}
     if retiring:
-        serve.run(application(service, experiment, settings.replicas, retiring), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(
+            application(service, experiment, settings.replicas, retiring),
+            name=APP_NAME,
+            route_prefix="/",
+            blocking=False,
+        )
     serve.run(application(service, experiment, settings.replicas), name=APP_NAME, route_prefix="/", blocking=False)
     wait_until_serving(settings.url, version, headers=_api_key_header(everywhere))
     return settings.url
@@ -257,7 +275,9 @@ class ServiceState:
 
     url: str
     status: Literal["serving", "empty", "down", "unreadable"]
-    versions: dict[str, str] = field(default_factory=dict)  # variant -> version; "staging", "previous" only while they take clients
+    versions: dict[str, str] = field(
+        default_factory=dict
+    )  # variant -> version; "staging", "previous" only while they take clients
     problem: str = ""
 
 
@@ -270,11 +290,16 @@ def service_state(env: Mapping[str, str] = os.environ, timeout: float = 5.0) -> 
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             response = json.load(reply)["response"]
         experiment = response.get("experiment") or {}
-        versions = {variant: str(v) for variant, v in (experiment.get("versions") or {"production": response["model_version"]}).items()}
+        versions = {
+            variant: str(v)
+            for variant, v in (experiment.get("versions") or {"production": response["model_version"]}).items()
+        }
         weights = {variant: float(experiment.get(f"{variant}_weight") or 0.0) for variant in ("staging", "previous")}
     except urllib.error.HTTPError as error:
         if error.code in (404, 503):  # Serve's proxy with no application behind it
-            return ServiceState(url, "empty", problem=f"Serve answers at {url} but serves no bridge application (HTTP {error.code})")
+            return ServiceState(
+                url, "empty", problem=f"Serve answers at {url} but serves no bridge application (HTTP {error.code})"
+            )
         return ServiceState(url, "unreadable", problem=f"{url}/model answered HTTP {error.code}")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         return ServiceState(url, "unreadable", problem=f"{url}/model gave no versions: {error}")
@@ -286,13 +311,17 @@ def service_state(env: Mapping[str, str] = os.environ, timeout: float = 5.0) -> 
     return ServiceState(url, "serving", versions)
 
 
-def wait_until_serving(url: str, version: str, timeout: float = 180.0, headers: Mapping[str, str] | None = None) -> None:
+def wait_until_serving(
+    url: str, version: str, timeout: float = 180.0, headers: Mapping[str, str] | None = None
+) -> None:
     """Block until `url` answers with `version` (raise TimeoutError otherwise)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(urllib.request.Request(f"{url}/model", headers=dict(headers or {})), timeout=5) as reply:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"{url}/model", headers=dict(headers or {})), timeout=5
+            ) as reply:
                 served = json.load(reply)["response"]["model_version"]
             if served == version:
                 return

@@ -31,8 +31,11 @@ MLFLOW_ENDPOINT = "/invocations"
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 BODY_PATHS = frozenset({"/predict", "/predict/batch", MLFLOW_ENDPOINT})  # the POST endpoints: JSON bodies
 MLFLOW_ERROR_CODES = {
-    401: "UNAUTHENTICATED", 413: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"
-}  # fmt: skip
+    401: "UNAUTHENTICATED",
+    413: "REQUEST_LIMIT_EXCEEDED",
+    500: "INTERNAL_ERROR",
+    503: "TEMPORARILY_UNAVAILABLE",
+}
 
 
 def service_of(scope: dict) -> Any:
@@ -137,7 +140,11 @@ def _content_type_error(headers: dict[bytes, bytes]) -> str | None:
     declared = headers.get(b"content-type", b"").decode("latin-1")
     if declared.split(";")[0].strip().lower() == "application/json":
         return None
-    return f"Content-Type must be application/json (got {declared!r})" if declared else "Content-Type must be application/json (none sent)"
+    return (
+        f"Content-Type must be application/json (got {declared!r})"
+        if declared
+        else "Content-Type must be application/json (none sent)"
+    )
 
 
 class Guards:
@@ -158,7 +165,9 @@ class Guards:
             refusal = (401, problem)
         elif scope["method"] == "POST" and path in BODY_PATHS and (problem := _content_type_error(headers)):
             refusal = (415, problem)
-        elif (declared := headers.get(b"content-length")) is not None and (not declared.isdigit() or int(declared) > max_body):
+        elif (declared := headers.get(b"content-length")) is not None and (
+            not declared.isdigit() or int(declared) > max_body
+        ):
             refusal = (413, too_large_message(max_body, max_records))
         if refusal is not None:
             scope["state"]["exchange"].error = refusal[1]

@@ -126,11 +126,15 @@ def _finite(value: Any) -> float | None:
 def write_spooled(store: ObjectStore, stem: str, start: int, end: int, lines: bytes) -> int:
     """Spooled lines as Parquet, one object per hour, named by spool and byte range (writing
     the same range again replaces the same objects); the number of objects."""
-    wide = {name: pl.Int64() if dtype.is_integer() or name == "timestamp" else dtype for name, dtype in SCHEMA.items()}
-    frame = pl.read_ndjson(io.BytesIO(lines), schema=wide).cast(SCHEMA)  # its reader takes 64-bit integers only
-    partitions = frame.with_columns(pl.col("timestamp").dt.strftime("date=%Y-%m-%d/hour=%H").alias("partition")).partition_by(
-        "partition", maintain_order=True, as_dict=True, include_key=False
+    wide = pl.Schema(
+        {name: pl.Int64() if dtype.is_integer() or name == "timestamp" else dtype for name, dtype in SCHEMA.items()}
     )
+    frame = pl.read_ndjson(io.BytesIO(lines), schema=wide).cast(
+        pl.Schema(SCHEMA)
+    )  # its reader takes 64-bit integers only
+    partitions = frame.with_columns(
+        pl.col("timestamp").dt.strftime("date=%Y-%m-%d/hour=%H").alias("partition")
+    ).partition_by("partition", maintain_order=True, as_dict=True, include_key=False)
     for (partition,), rows in partitions.items():
         store.write_parquet(f"{PREFIX}{partition}/{stem}-{start:012d}-{end:012d}.parquet", rows)
     return len(partitions)
@@ -260,15 +264,21 @@ def _readable(store: ObjectStore, keys: list[str]) -> list[str]:
             merged.add(listed["merged"])
             covered.update(listed["sources"])
     return [
-        k for k in keys
-        if k.endswith(".parquet") and k not in covered and (not k.rsplit("/", 1)[-1].startswith(COMPACTED) or k in merged)
-    ]  # fmt: skip
+        k
+        for k in keys
+        if k.endswith(".parquet")
+        and k not in covered
+        and (not k.rsplit("/", 1)[-1].startswith(COMPACTED) or k in merged)
+    ]
 
 
 def _scan(store: ObjectStore, keys: list[str]) -> pl.LazyFrame:
     """Files of any schema version as today's schema (missing columns null; `schema_version` 1)."""
     frame = pl.scan_parquet(
-        [store.uri(k) for k in keys], schema=SCHEMA, missing_columns="insert", storage_options=store.polars_storage_options
+        [store.uri(k) for k in keys],
+        schema=SCHEMA,
+        missing_columns="insert",
+        storage_options=store.polars_storage_options,
     )
     return frame.with_columns(pl.col("schema_version").fill_null(1))
 

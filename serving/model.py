@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import polars as pl
@@ -62,7 +62,9 @@ class ServedModel:
 
     def predict(self, rows: pl.DataFrame) -> np.ndarray:
         """Prices for raw rows; raises `InvalidInput` naming row and field for a contract breach."""
-        return self._calibrated(self.model.predict_encoded(self.model.preprocessor.transform(check_rows(rows)), self.net))
+        return self._calibrated(
+            self.model.predict_encoded(self.model.preprocessor.transform(check_rows(rows)), self.net)
+        )
 
     def predict_records(self, records: list[dict[str, Any]]) -> np.ndarray:
         """Prices for rows the API schema validated (the contract's fields, bounds and levels, in
@@ -92,10 +94,18 @@ def version_for_alias(client: MlflowClient, name: str, alias: str) -> str:
 INGRESS, DEPLOYMENT = "ingress", "deployment"
 PLACEMENTS = (INGRESS, DEPLOYMENT)
 
+
 # How every bridge deployment rolls over: new replicas start beside the old ones, which serve
 # until the new ones are healthy (zero failed requests); a constructor that keeps failing gives
 # up after two retries and leaves the old replicas serving.
-ROLLING: dict[str, int] = {
+class RolloutOptions(TypedDict):
+    health_check_period_s: int
+    graceful_shutdown_timeout_s: int
+    max_surge_percent: int
+    max_constructor_retry_count: int
+
+
+ROLLING: RolloutOptions = {
     "health_check_period_s": 5,
     "graceful_shutdown_timeout_s": 30,
     "max_surge_percent": 100,

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +31,7 @@ from serving.interactions import InteractionLogger, record
 log = logging.getLogger("bridge.serving")
 UNRECORDED_GETS = frozenset({"/health", "/model", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 ENDPOINTS = frozenset({"/predict", "/predict/batch", "/invocations"})
-LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000]
+LATENCY_BOUNDARIES_MS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0]
 
 
 @dataclass
@@ -61,10 +62,21 @@ class RequestMetrics:
         from ray.serve.metrics import Counter, Histogram
 
         tags = ("model_version", "variant", "endpoint")
-        self.requests = Counter("bridge_requests", description="Requests answered, by status.", tag_keys=(*tags, "status"))
-        self.errors = Counter("bridge_request_errors", description="Requests answered with a 5xx.", tag_keys=tags)
+        self.requests = Counter(
+            "bridge_requests",
+            description="Requests answered, by status.",
+            tag_keys=(*tags, "status"),  # type: ignore[arg-type]  # Ray annotates tag_keys as a 1-tuple
+        )
+        self.errors = Counter(
+            "bridge_request_errors",
+            description="Requests answered with a 5xx.",
+            tag_keys=tags,  # type: ignore[arg-type]
+        )
         self.latency = Histogram(
-            "bridge_request_latency_ms", description="Time to the reply's start.", boundaries=LATENCY_BOUNDARIES_MS, tag_keys=tags
+            "bridge_request_latency_ms",
+            description="Time to the reply's start.",
+            boundaries=LATENCY_BOUNDARIES_MS,
+            tag_keys=tags,  # type: ignore[arg-type]
         )
 
     def observe(self, exchange: Exchange, endpoint: str, status: int, latency_ms: float) -> None:
@@ -78,7 +90,9 @@ class RequestMetrics:
 class Recorder:
     """Turns a finished exchange into records (spooled) and metrics, for one replica."""
 
-    def __init__(self, logger: InteractionLogger, model_name: str, replica: str, metrics: RequestMetrics | None) -> None:
+    def __init__(
+        self, logger: InteractionLogger, model_name: str, replica: str, metrics: RequestMetrics | None
+    ) -> None:
         self.logger = logger
         self.model_name = model_name
         self.replica = replica
@@ -93,11 +107,21 @@ class Recorder:
         self.logger.log(
             [
                 record(
-                    request_id=exchange.request_id, row_index=index, endpoint=path[:200], status=status,
-                    model_name=self.model_name, model_version=exchange.model_version, variant=exchange.variant,
-                    latency_ms=latency_ms, model_ms=exchange.model_ms if status < 400 else None, features=row, prediction=predictions[index] if predictions else None,
-                    error=error, client_id=exchange.client_id, replica=self.replica,
-                )  # fmt: skip
+                    request_id=exchange.request_id,
+                    row_index=index,
+                    endpoint=path[:200],
+                    status=status,
+                    model_name=self.model_name,
+                    model_version=exchange.model_version,
+                    variant=exchange.variant,
+                    latency_ms=latency_ms,
+                    model_ms=exchange.model_ms if status < 400 else None,
+                    features=row,
+                    prediction=predictions[index] if predictions else None,
+                    error=error,
+                    client_id=exchange.client_id,
+                    replica=self.replica,
+                )
                 for index, row in enumerate(exchange.rows)
             ]
         )
@@ -127,11 +151,14 @@ class RecordRequests:
         recorded = not (scope["method"] in ("GET", "HEAD") and scope["path"] in UNRECORDED_GETS)
         started = False
 
-        async def send_recorded(message: dict) -> None:
+        async def send_recorded(message: MutableMapping[str, Any]) -> None:
             nonlocal started
             if message["type"] == "http.response.start" and not started:
                 started = True
-                answered = [(b"x-model-version", exchange.model_version.encode()), (b"x-variant", exchange.variant.encode())]
+                answered = [
+                    (b"x-model-version", exchange.model_version.encode()),
+                    (b"x-variant", exchange.variant.encode()),
+                ]
                 if echo_id:
                     answered.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": [*message.get("headers", []), *answered]}
@@ -146,7 +173,7 @@ class RecordRequests:
                 exchange.error = "client disconnected before the reply"
                 service.recorder.write(exchange, scope["path"], 499)
             raise
-        except Exception as error:  # noqa: BLE001 - an exception outside the handlers: a recorded 500
+        except Exception as error:
             log.exception("unhandled error on %s (request %s)", scope["path"], request_id)
             if started:
                 raise

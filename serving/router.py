@@ -48,7 +48,9 @@ class ExperimentConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         if self.staging_weight + self.previous_weight > 1.0:
-            raise ValueError(f"staging_weight + previous_weight must not exceed 1, got {self.staging_weight} + {self.previous_weight}")
+            raise ValueError(
+                f"staging_weight + previous_weight must not exceed 1, got {self.staging_weight} + {self.previous_weight}"
+            )
 
     def variant_for(self, client_key: str) -> Variant:
         return assign(self.salt, client_key, self.staging_weight, self.previous_weight)

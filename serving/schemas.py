@@ -29,15 +29,18 @@ def _a_number(value: Any) -> Any:
 
 YesNo = Annotated[Literal["yes", "no"], BeforeValidator(_normalised)]
 Furnishing = Annotated[Literal["furnished", "semi-furnished", "unfurnished"], BeforeValidator(_normalised)]
-Area = Annotated[float, BeforeValidator(_a_number), Field(gt=0, le=AREA_MAX, allow_inf_nan=False, description=f"0 < area ≤ {AREA_MAX:.0f}")]
+# Bounds go on the fields (not inside `Annotated` after the validator), so OpenAPI says them in
+# JSON Schema's words (minimum, exclusiveMinimum, maximum) for clients and schema-driven fuzzers.
+Area = Annotated[float, BeforeValidator(_a_number)]
+
+
+Count = Annotated[int, BeforeValidator(_a_number)]
 
 
 def _count(name: str) -> Any:
+    """The contract's bounds of one count feature, as the field's constraints."""
     low, high = COUNT_BOUNDS[name]
-    return Annotated[int, BeforeValidator(_a_number), Field(ge=low, le=high, description=f"{low}–{high}")]
-
-
-Bedrooms, Bathrooms, Stories, Parking = (_count(name) for name in ("bedrooms", "bathrooms", "stories", "parking"))
+    return Field(ge=low, le=high, description=f"{low}–{high}")
 
 
 class HouseFeatures(BaseModel):
@@ -47,11 +50,20 @@ class HouseFeatures(BaseModel):
         extra="forbid",
         json_schema_extra={
             "example": {
-                "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
-                "airconditioning": "yes", "prefarea": "no", "furnishingstatus": "furnished",
-                "area": 1200, "bedrooms": 3, "bathrooms": 2, "stories": 2, "parking": 1,
-            }  # fmt: skip
-        }
+                "mainroad": "yes",
+                "guestroom": "no",
+                "basement": "yes",
+                "hotwaterheating": "no",
+                "airconditioning": "yes",
+                "prefarea": "no",
+                "furnishingstatus": "furnished",
+                "area": 1200,
+                "bedrooms": 3,
+                "bathrooms": 2,
+                "stories": 2,
+                "parking": 1,
+            }
+        },
     )
     mainroad: YesNo
     guestroom: YesNo
@@ -60,11 +72,11 @@ class HouseFeatures(BaseModel):
     airconditioning: YesNo
     prefarea: YesNo
     furnishingstatus: Furnishing
-    area: Area
-    bedrooms: Bedrooms
-    bathrooms: Bathrooms
-    stories: Stories
-    parking: Parking
+    area: Area = Field(gt=0, le=AREA_MAX, allow_inf_nan=False, description=f"0 < area ≤ {AREA_MAX:.0f}")
+    bedrooms: Count = _count("bedrooms")
+    bathrooms: Count = _count("bathrooms")
+    stories: Count = _count("stories")
+    parking: Count = _count("parking")
 
 
 class BatchRequest(BaseModel):
@@ -97,7 +109,9 @@ def _scoring_request_schema() -> dict[str, Any]:
     }
 
 
-SCORING_REQUEST = {"requestBody": {"required": True, "content": {"application/json": {"schema": _scoring_request_schema()}}}}
+SCORING_REQUEST = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": _scoring_request_schema()}}}
+}
 
 
 class ScoringShapeError(ValueError):
@@ -109,7 +123,9 @@ class InvalidRows(ValueError):
 
     def __init__(self, error: ValidationError) -> None:
         self.detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in error.errors()]
-        faults = [f"row {e['loc'][0]}: {'.'.join(map(str, e['loc'][1:])) or 'row'} ({e['msg']})" for e in error.errors()]
+        faults = [
+            f"row {e['loc'][0]}: {'.'.join(map(str, e['loc'][1:])) or 'row'} ({e['msg']})" for e in error.errors()
+        ]
         shown = "; ".join(faults[:10]) + (f"; and {len(faults) - 10} more" if len(faults) > 10 else "")
         super().__init__(f"invalid input: {shown}")
 
@@ -124,10 +140,16 @@ def scoring_records(payload: Any) -> list[dict[str, Any]]:
         raise ScoringShapeError("the request body must be a JSON object")
     keys = [k for k in SCORING_KEYS if k in payload]
     if len(keys) != 1:
-        raise ScoringShapeError(f"the request must have exactly one of {', '.join(SCORING_KEYS)}; got {', '.join(keys) or 'none'}")
+        raise ScoringShapeError(
+            f"the request must have exactly one of {', '.join(SCORING_KEYS)}; got {', '.join(keys) or 'none'}"
+        )
     key, data = keys[0], payload[keys[0]]
     if key == "dataframe_split":
-        if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("columns"), list)
+            or not isinstance(data.get("data"), list)
+        ):
             raise ScoringShapeError("dataframe_split needs 'columns' (a list of names) and 'data' (a list of rows)")
         columns = data["columns"]
         for index, row in enumerate(data["data"]):

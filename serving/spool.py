@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bridge_assets.lake.settings import bridge_home
 from bridge_assets.lake.storage import ObjectStore
@@ -65,7 +65,7 @@ class Published:
     files: int = 0
     dropped: int = 0
 
-    def __iadd__(self, other: Published) -> Published:
+    def __iadd__(self, other: Published) -> Self:
         self.records += other.records
         self.files += other.files
         self.dropped += other.dropped
@@ -116,7 +116,11 @@ def _header_end(fd: int) -> tuple[int, dict[str, Any]]:
 
 
 def publish_pending(
-    path: Path, fd: int, store: ObjectStore, write_range: RangeWriter, max_pending: int | None = None,
+    path: Path,
+    fd: int,
+    store: ObjectStore,
+    write_range: RangeWriter,
+    max_pending: int | None = None,
     done: Published | None = None,
 ) -> Published:
     """Publish the spool's unpublished complete lines (the caller holds the spool's lock);

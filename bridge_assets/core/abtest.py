@@ -83,7 +83,9 @@ def summarise(variant: str, errors: np.ndarray, clients: np.ndarray, alpha: floa
     z = float(stats.norm.ppf(1 - alpha / 2))
     mae, mae_ci = _cluster_mean_ci(np.abs(errors), clients, z)
     mse, (mse_low, mse_high) = _cluster_mean_ci(errors**2, clients, z)
-    rmse_ci = (math.sqrt(max(mse_low, 0.0)), math.sqrt(mse_high)) if math.isfinite(mse_high) else (float("nan"), float("nan"))
+    rmse_ci = (
+        (math.sqrt(max(mse_low, 0.0)), math.sqrt(mse_high)) if math.isfinite(mse_high) else (float("nan"), float("nan"))
+    )
     return VariantSummary(variant, len(errors), len(np.unique(clients)), mae, mae_ci, math.sqrt(mse), rmse_ci)
 
 
@@ -122,13 +124,23 @@ def compare_variants(
     b = per_client_mae(staging_errors, staging_clients) if len(staging_errors) else np.array([])
     nan = float("nan")
     if len(a) < 2 or len(b) < 2:
-        verdict, reason = "inconclusive", f"too few clients with feedback (production {len(a)}, staging {len(b)}; need ≥ 2 each)"
-        return ABReport(production, staging, nan, (nan, nan), nan, nan, nan, nan, 0, 0, min_effect, alpha, power, verdict, reason)
+        verdict, reason = (
+            "inconclusive",
+            f"too few clients with feedback (production {len(a)}, staging {len(b)}; need ≥ 2 each)",
+        )
+        return ABReport(
+            production, staging, nan, (nan, nan), nan, nan, nan, nan, 0, 0, min_effect, alpha, power, verdict, reason
+        )
 
     var_a, var_b = a.var(ddof=1), b.var(ddof=1)
     difference = float(b.mean() - a.mean())
     se = math.sqrt(var_a / len(a) + var_b / len(b))
-    df = (var_a / len(a) + var_b / len(b)) ** 2 / ((var_a / len(a)) ** 2 / (len(a) - 1) + (var_b / len(b)) ** 2 / (len(b) - 1)) if se > 0 else float(len(a) + len(b) - 2)
+    df = (
+        (var_a / len(a) + var_b / len(b)) ** 2
+        / ((var_a / len(a)) ** 2 / (len(a) - 1) + (var_b / len(b)) ** 2 / (len(b) - 1))
+        if se > 0
+        else float(len(a) + len(b) - 2)
+    )
     t = difference / se if se > 0 else 0.0
     p = float(2 * stats.t.sf(abs(t), df)) if se > 0 else 1.0
     margin = float(stats.t.ppf(1 - alpha / 2, df)) * se
@@ -143,10 +155,29 @@ def compare_variants(
     elif p < alpha:
         verdict, reason = "keep", f"Staging is worse: {figures} < {alpha}"
     elif min(len(a), len(b)) >= needed:
-        verdict, reason = "keep", f"no difference of {min_effect:.0%} or more with {min(len(a), len(b))} clients per arm (needed {needed}): {figures}"
+        verdict, reason = (
+            "keep",
+            f"no difference of {min_effect:.0%} or more with {min(len(a), len(b))} clients per arm (needed {needed}): {figures}",
+        )
     else:
-        verdict, reason = "inconclusive", f"not significant yet: {figures}; needs ~{needed} clients (~{needed_labels} labels) per arm, has {len(a)}/{len(b)}"
+        verdict, reason = (
+            "inconclusive",
+            f"not significant yet: {figures}; needs ~{needed} clients (~{needed_labels} labels) per arm, has {len(a)}/{len(b)}",
+        )
     return ABReport(
-        production, staging, difference, (difference - margin, difference + margin), relative, float(t), float(df), p,
-        needed, needed_labels, min_effect, alpha, power, verdict, reason,
-    )  # fmt: skip
+        production,
+        staging,
+        difference,
+        (difference - margin, difference + margin),
+        relative,
+        float(t),
+        float(df),
+        p,
+        needed,
+        needed_labels,
+        min_effect,
+        alpha,
+        power,
+        verdict,
+        reason,
+    )

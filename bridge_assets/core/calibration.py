@@ -64,7 +64,9 @@ class Recalibration:
         """One line for people: what the stage does to prices."""
         factor = f"× {np.exp(self.offset):.4f}"
         how = factor if self.kind == "log_offset" else f"exp({self.offset:.4f}) · prediction^{self.slope:.4f}"
-        return f"{self.kind}: price = {how} (fitted on {self.rows} rows{': ' + self.fitted_on if self.fitted_on else ''})"
+        return (
+            f"{self.kind}: price = {how} (fitted on {self.rows} rows{': ' + self.fitted_on if self.fitted_on else ''})"
+        )
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -32,9 +32,20 @@ CATEGORICAL_FEATURES: tuple[str, ...] = (*BINARY_FEATURES, FURNISHING)
 FEATURES: tuple[str, ...] = (*NUMERIC_FEATURES, *CATEGORICAL_FEATURES)
 # Column order of the seed CSV (Kaggle "Housing Prices Dataset").
 SEED_COLUMNS: tuple[str, ...] = (
-    "price", "area", "bedrooms", "bathrooms", "stories", "mainroad", "guestroom", "basement",
-    "hotwaterheating", "airconditioning", "parking", "prefarea", "furnishingstatus",
-)  # fmt: skip
+    "price",
+    "area",
+    "bedrooms",
+    "bathrooms",
+    "stories",
+    "mainroad",
+    "guestroom",
+    "basement",
+    "hotwaterheating",
+    "airconditioning",
+    "parking",
+    "prefarea",
+    "furnishingstatus",
+)
 
 CATEGORY_LEVELS: dict[str, tuple[str, ...]] = {
     **{name: ("yes", "no") for name in BINARY_FEATURES},
@@ -72,7 +83,9 @@ def seen_at_values(column: pl.Series) -> pl.Series:
     """A `seen_at` column as UTC datetimes; an unreadable value becomes null (the caller falls
     back to the batch's landing time), never a reason to quarantine a row."""
     if isinstance(column.dtype, pl.Datetime):
-        typed = column.dt.replace_time_zone("UTC") if column.dtype.time_zone is None else column.dt.convert_time_zone("UTC")
+        typed = (
+            column.dt.replace_time_zone("UTC") if column.dtype.time_zone is None else column.dt.convert_time_zone("UTC")
+        )
     else:
         typed = column.cast(pl.String).str.to_datetime(strict=False, time_zone="UTC")
     return typed.cast(SEEN_AT_DTYPE).alias(SEEN_AT)
@@ -206,13 +219,17 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     schema = frame.schema
     # The categories' fast casts in one parallel pass; the few odd spellings fixed after.
     casts = frame.select(
-        pl.col(c).cast(pl.String).cast(CATEGORY_DTYPES[c], strict=False) for c in CATEGORY_LEVELS if schema[c] != CATEGORY_DTYPES[c]
+        pl.col(c).cast(pl.String).cast(CATEGORY_DTYPES[c], strict=False)
+        for c in CATEGORY_LEVELS
+        if schema[c] != CATEGORY_DTYPES[c]
     )
     typed: dict[str, pl.Expr | pl.Series] = {}
     for column in (*FEATURES, TARGET):
         raw = pl.col(column)
         if column in CATEGORY_LEVELS:
-            typed[column] = _respelled(frame[column].cast(pl.String), casts[column]) if column in casts.columns else frame[column]
+            typed[column] = (
+                _respelled(frame[column].cast(pl.String), casts[column]) if column in casts.columns else frame[column]
+            )
         elif column in COUNT_BOUNDS and schema[column].is_integer():
             typed[column] = raw.cast(pl.Int64)  # whole already: no round trip through floats
         elif schema[column].is_numeric() or schema[column] == pl.Null:
@@ -233,9 +250,13 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
         ),
     ]
     bad = staged.select(~pl.all_horizontal(conforming)).to_series()
-    valid = staged.select(ROW_ID, *(f"__typed_{c}" for c in (*FEATURES, TARGET))).filter(~bad).select(  # no raw text copied
-        row_id.cast(pl.String),
-        *(pl.col(f"__typed_{c}").cast(SCHEMA[c]).alias(c) for c in (*FEATURES, TARGET)),
+    valid = (
+        staged.select(ROW_ID, *(f"__typed_{c}" for c in (*FEATURES, TARGET)))
+        .filter(~bad)
+        .select(  # no raw text copied
+            row_id.cast(pl.String),
+            *(pl.col(f"__typed_{c}").cast(SCHEMA[c]).alias(c) for c in (*FEATURES, TARGET)),
+        )
     )
     if SEEN_AT in frame.columns:
         valid = valid.with_columns(seen_at_values(frame[SEEN_AT]).filter(~bad))

@@ -35,7 +35,9 @@ SPLIT_BOUNDS: tuple[float, float] = (0.64, 0.80)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 _HASH_BLOCK_ROWS = 1 << 16
-_LEVEL_INDEX = {column: {level: index for index, level in enumerate(levels)} for column, levels in CATEGORY_LEVELS.items()}
+_LEVEL_INDEX = {
+    column: {level: index for index, level in enumerate(levels)} for column, levels in CATEGORY_LEVELS.items()
+}
 
 
 def stable_hash64(values: pl.Series) -> np.ndarray:
@@ -49,7 +51,9 @@ def stable_hash64(values: pl.Series) -> np.ndarray:
     array = values.cast(pl.String).fill_null("").to_arrow()
     if hasattr(array, "combine_chunks"):
         array = array.combine_chunks()
-    if array.type != pa.large_string():  # Polars exports large strings already; a cast would load pyarrow.compute (~0.4 s)
+    if (
+        array.type != pa.large_string()
+    ):  # Polars exports large strings already; a cast would load pyarrow.compute (~0.4 s)
         array = array.cast(pa.large_string())
     _, offsets_buf, data_buf = array.buffers()
     offsets = np.frombuffer(offsets_buf, dtype=np.int64)[array.offset : array.offset + len(array) + 1]
@@ -105,9 +109,7 @@ def reference_split(n_rows: int, seed: int = 42) -> np.ndarray:
     return labels
 
 
-def drop_exact_duplicates(
-    rows: pl.DataFrame, earlier: pl.LazyFrame | None = None
-) -> tuple[pl.DataFrame, int]:
+def drop_exact_duplicates(rows: pl.DataFrame, earlier: pl.LazyFrame | None = None) -> tuple[pl.DataFrame, int]:
     """Drop rows equal on every feature and the price to an earlier row (here or in `earlier`).
 
     Rows that share all features but differ in price are real observations and are kept.
@@ -116,8 +118,7 @@ def drop_exact_duplicates(
     subset = [*FEATURES, TARGET]
     kept = rows.filter(~repeated_values(rows.select(subset)))
     if earlier is not None:
-        kept = kept.lazy().join(earlier.select(subset), on=subset, how="anti", nulls_equal=True)
-        kept = kept.collect()
+        kept = kept.lazy().join(earlier.select(subset), on=subset, how="anti", nulls_equal=True).collect()
     return kept, rows.height - kept.height
 
 
@@ -204,10 +205,10 @@ class Preprocessor:
         """Each value's level index (its one spelling); the mode's where missing, and one past
         the last level (no column) where the value is no level."""
         levels = CATEGORY_LEVELS[column]
-        codes = category_values(values, column).to_physical()
-        if not codes.null_count():
-            return codes.to_numpy()
-        codes = codes.fill_null(len(levels)).to_numpy(writable=True)
+        physical = category_values(values, column).to_physical()
+        if not physical.null_count():
+            return physical.to_numpy()
+        codes = physical.fill_null(len(levels)).to_numpy(writable=True)
         if values.null_count():
             mode = self.modes[column]
             codes[values.is_null().to_numpy()] = levels.index(mode) if mode in levels else len(levels)

@@ -34,7 +34,13 @@ class LinearModel:
 
     @classmethod
     def fit(
-        cls, features: np.ndarray, target: np.ndarray, *, log_target: bool = False, ridge: float = 0.0, weights: np.ndarray | None = None
+        cls,
+        features: np.ndarray,
+        target: np.ndarray,
+        *,
+        log_target: bool = False,
+        ridge: float = 0.0,
+        weights: np.ndarray | None = None,
     ) -> LinearModel:
         """Ordinary (or ridge) least squares, optionally weighted per row (recency); the one-hot
         columns' collinearity is harmless."""

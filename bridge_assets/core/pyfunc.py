@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import polars as pl
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.contract import FEATURES, ROW_ID, validate
@@ -41,11 +41,11 @@ def check_rows(frame: pl.DataFrame) -> pl.DataFrame:
     return checked.valid
 
 
-class HousingPyfunc(mlflow.pyfunc.PythonModel):
+class HousingPyfunc(PythonModel):
     """Loads `weights` (.pth), `model` (JSON: preprocessing, config) and, if the version has one,
     `calibration` (JSON: the recalibration stage applied after the network) from the artifacts."""
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         self.model = TrainedModel.load(context.artifacts["weights"], context.artifacts["model"])
         self.net = self.model.network()
         stage = context.artifacts.get("calibration")

@@ -40,8 +40,8 @@ class Recency:
         micros = seen_at.cast(pl.Datetime("us", "UTC")).dt.epoch("us")
         if micros.null_count() == len(micros):
             return np.zeros(len(micros))
-        newest, oldest = micros.max(), micros.min()
-        return (newest - micros.fill_null(oldest)).to_numpy().astype(np.float64) / MICROSECONDS_PER_HOUR
+        filled = micros.fill_null(micros.min()).to_numpy().astype(np.float64)  # exact: epoch µs < 2**53
+        return (filled.max() - filled) / MICROSECONDS_PER_HOUR
 
     def weights(self, seen_at: pl.Series) -> np.ndarray:
         """One weight per row, in (0, 1] inside the window and 0 outside it."""

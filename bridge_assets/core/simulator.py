@@ -61,9 +61,7 @@ def load_seed_data() -> pl.DataFrame:
     """The 545 real rows with stable row ids `housing-seed-0000` … in file order."""
     frame = pl.read_csv(seed_data_path(), schema_overrides={"area": pl.Float64, "price": pl.Float64})
     return frame.select(
-        pl.format("{}-{}", pl.lit(SEED_BATCH_ID), pl.int_range(pl.len()).cast(pl.String).str.zfill(4)).alias(
-            ROW_ID
-        ),
+        pl.format("{}-{}", pl.lit(SEED_BATCH_ID), pl.int_range(pl.len()).cast(pl.String).str.zfill(4)).alias(ROW_ID),
         *SEED_COLUMNS,
     )
 
@@ -91,9 +89,7 @@ class Drift:
     concept: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = (set(self.shift) | set(self.scale) | set(self.concept) | set(self.category_weights)) - set(
-            FEATURES
-        )
+        unknown = (set(self.shift) | set(self.scale) | set(self.concept) | set(self.category_weights)) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown feature(s) in drift: {sorted(unknown)}")
         if self.area_factor <= 0 or self.price_factor <= 0 or any(v <= 0 for v in self.scale.values()):
@@ -136,7 +132,7 @@ class HousingSimulator:
             else:  # area
                 ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
                 scores[:, j] = ndtri((ranks + 0.5) / n)
-        correlation = np.corrcoef(scores, rowvar=False)
+        correlation = np.atleast_2d(np.corrcoef(scores, rowvar=False))
         log_area = np.sort(np.log(seed["area"].to_numpy()))
         coefficients, noise = _fit_price_model(seed)
         return cls(
@@ -291,4 +287,3 @@ def simulate(
     )
     frames = list(blocks)
     return pl.concat(frames) if frames else pl.DataFrame(schema=load_seed_data().schema)
-

@@ -215,9 +215,13 @@ def train_model(
     torch.manual_seed(config.seed)
     if warm_start is not None:
         if (config.hidden, config.linear_skip, config.log_target) != (
-            warm_start.config.hidden, warm_start.config.linear_skip, warm_start.config.log_target
-        ):  # fmt: skip
-            raise ValueError(f"config {config.name!r} describes another network than the model it fine-tunes ({warm_start.config.name!r})")
+            warm_start.config.hidden,
+            warm_start.config.linear_skip,
+            warm_start.config.log_target,
+        ):
+            raise ValueError(
+                f"config {config.name!r} describes another network than the model it fine-tunes ({warm_start.config.name!r})"
+            )
         preprocessor = warm_start.preprocessor
     preprocessor = preprocessor or Preprocessor.fit(train_rows)
     x_train = preprocessor.transform(train_rows)
@@ -259,7 +263,7 @@ def train_model(
     best_state = copy.deepcopy(net.state_dict())
     history: list[dict[str, float | None]] = [{"epoch": 0, "train_loss": None, "val_loss": best_loss}]
     for epoch in range(1, config.max_epochs + 1):
-        if weights is None:
+        if draw is None:
             order = torch.randperm(len(features), generator=generator)
         else:
             order = torch.multinomial(draw, len(features), replacement=True, generator=generator)

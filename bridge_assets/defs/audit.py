@@ -32,5 +32,7 @@ def audit_markdown(registry: Registry, limit: int = 30) -> dg.MetadataValue:
     lines = ["| at (UTC) | version | action | from → to | by | reason |", "|---|---|---|---|---|---|"]
     for r in registry.history()[-limit:]:
         reason = r.reason.replace("|", "/").replace("\n", " ")[:200]
-        lines.append(f"| {r.at[:19]} | {r.version} | {r.action} | {r.from_stage or '-'} → {r.to_stage or '-'} | {r.actor} | {reason} |")
+        lines.append(
+            f"| {r.at[:19]} | {r.version} | {r.action} | {r.from_stage or '-'} → {r.to_stage or '-'} | {r.actor} | {reason} |"
+        )
     return dg.MetadataValue.md("\n".join(lines))

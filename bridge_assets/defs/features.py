@@ -10,8 +10,8 @@ from bridge_assets.core.contract import FEATURES, SCHEMA, TARGET
 from bridge_assets.core.features import SPLIT_BOUNDS, SPLITS
 from bridge_assets.defs.cadence import freshness_hours, sensor_interval
 from bridge_assets.defs.metadata import markdown_preview, table_schema
-from bridge_assets.defs.raw import raw_housing
 from bridge_assets.defs.policies import STORAGE_RETRY
+from bridge_assets.defs.raw import raw_housing
 from bridge_assets.defs.resources import LakeStorage
 from bridge_assets.lake.feature_store import FeatureBuild, FeatureStore, build_features, feature_backlog
 
@@ -41,7 +41,11 @@ def _checks(rows: pl.LazyFrame, schema: pl.Schema, counts: dict[str, int]) -> li
     nulls = rows.select(pl.col(required).null_count()).collect().row(0, named=True) if not missing_or_wrong else {}
     total = sum(counts.values())
     shares = {s: counts.get(s, 0) / total for s in SPLITS} if total else {}
-    off = {s: round(shares[s] - EXPECTED_SHARE[s], 4) for s in SPLITS if abs(shares[s] - EXPECTED_SHARE[s]) > SPLIT_TOLERANCE}
+    off = {
+        s: round(shares[s] - EXPECTED_SHARE[s], 4)
+        for s in SPLITS
+        if abs(shares[s] - EXPECTED_SHARE[s]) > SPLIT_TOLERANCE
+    }
     judged = total >= MIN_ROWS_FOR_PROPORTIONS
     return [
         dg.AssetCheckResult(check_name="schema", passed=not missing_or_wrong, metadata={"problems": missing_or_wrong}),
@@ -132,7 +136,7 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
             "rows_awaiting_label": build.awaiting_label,
             "published": not blocking_failed,
             "manifest": dg.MetadataValue.path(store.uri(f"{features.prefix}versions/{version.version}.json")),
-            "dagster/column_schema": table_schema(schema).value,
+            "dagster/column_schema": table_schema(schema),
             "dagster/row_count": version.rows,
             "preview": markdown_preview(rows.head(5).collect()),
         },

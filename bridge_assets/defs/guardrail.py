@@ -27,7 +27,10 @@ GUARDRAIL_ACTOR = "post_deploy_guardrail"
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def post_deploy_guardrail(
-    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy
+    context: dg.SensorEvaluationContext,
+    storage: LakeStorage,
+    mlflow_tracking: MlflowTracking,
+    promotion: PromotionPolicy,
 ) -> dg.SensorResult | dg.SkipReason:
     """Watch the Production version for `BRIDGE_GUARDRAIL_SECONDS` after bridge moved it there:
     its server errors and model time against the previous version's, which serves
@@ -42,7 +45,9 @@ def post_deploy_guardrail(
     version = registry.version_for(PRODUCTION_ALIAS)
     watch = watch_of(registry.history(), version, settings, datetime.now(UTC))
     if watch is None:
-        return dg.SkipReason(f"no watch runs on Production (v{version or 'none'}): not moved there by bridge from another version within {settings.guardrail_seconds:g} s, or a rollback")
+        return dg.SkipReason(
+            f"no watch runs on Production (v{version or 'none'}): not moved there by bridge from another version within {settings.guardrail_seconds:g} s, or a rollback"
+        )
     store = storage.open()
     tally = WatchTally.from_json(json.loads(context.cursor)) if context.cursor else None
     files = interaction_files(store, since=watch.started)
@@ -58,7 +63,9 @@ def post_deploy_guardrail(
         return dg.SensorResult(skip_reason=verdict.reason, cursor=cursor)
     request = dg.RunRequest(
         run_key=f"guardrail/{watch.version}/{watch.started.isoformat()}",
-        run_config={"ops": {"restore_previous_production": {"config": {"reason": verdict.reason, "actor": GUARDRAIL_ACTOR}}}},
+        run_config={
+            "ops": {"restore_previous_production": {"config": {"reason": verdict.reason, "actor": GUARDRAIL_ACTOR}}}
+        },
         tags={"bridge/guardrail": f"v{watch.version}"},
     )
     return dg.SensorResult(run_requests=[request], cursor=cursor)

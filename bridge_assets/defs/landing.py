@@ -1,5 +1,6 @@
 """Landing: the simulator as an asset, so a batch can be landed from the Dagster UI."""
 
+from dataclasses import replace
 from typing import Literal
 
 import dagster as dg
@@ -42,9 +43,15 @@ def simulated_batch(
 ) -> dg.MaterializeResult:
     """Lands one batch of simulated housing rows (step 22); the landing sensor picks it up."""
     store = storage.open()
-    knobs = {"corrupt_fraction": config.corrupt_fraction, "case_noise": config.case_noise}
-    seed = {"seed": config.seed} if config.seed is not None else {}
-    simulation = Simulation(config.rows, drift=config.drift(), withhold_labels=config.withhold_labels, **knobs, **seed)
+    simulation = Simulation(
+        config.rows,
+        drift=config.drift(),
+        corrupt_fraction=config.corrupt_fraction,
+        case_noise=config.case_noise,
+        withhold_labels=config.withhold_labels,
+    )
+    if config.seed is not None:  # else the dataclass's fresh seed
+        simulation = replace(simulation, seed=config.seed)
     landed = land_simulated(store, simulation, config.batch_id, fmt=config.format)
     context.log.info(f"landed {landed.rows} rows as {store.uri(landed.batch.key)} (seed {simulation.seed})")
     if landed.warning():

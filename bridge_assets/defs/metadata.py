@@ -12,8 +12,6 @@ def markdown_preview(frame: pl.DataFrame, rows: int = 5) -> dg.MetadataValue:
         return dg.MetadataValue.md(str(frame.head(rows)))
 
 
-def table_schema(schema: pl.Schema) -> dg.MetadataValue:
-    """A Polars schema as Dagster's column schema (shown on the asset page)."""
-    return dg.MetadataValue.table_schema(
-        dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in schema.items()])
-    )
+def table_schema(schema: pl.Schema) -> dg.TableSchema:
+    """A Polars schema as Dagster's column schema (`dagster/column_schema`, shown on the asset page)."""
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in schema.items()])

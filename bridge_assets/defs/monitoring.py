@@ -11,7 +11,6 @@ Thin: everything is computed by `bridge_assets.monitoring`; these definitions de
 - `retrain_sensor` applies `BRIDGE_RETRAIN_POLICY` to each new report's alarms.
 """
 
-
 import base64
 import hashlib
 import json
@@ -22,23 +21,23 @@ from collections.abc import Mapping
 import dagster as dg
 from pydantic import Field
 
+from bridge_assets.defs.audit import open_registry
 from bridge_assets.defs.cadence import freshness_hours, sensor_interval
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.promotion import feedback
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking
-from bridge_assets.defs.audit import open_registry
 from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import landed_batches
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
+from bridge_assets.monitoring.alerts import EventKind, LoopEvent
 from bridge_assets.monitoring.drift import DriftSettings
 from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, report_window, unprofiled_objects
 from bridge_assets.monitoring.profiles import window_rows, window_slices, window_versions, windows_with_members
 from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
 from bridge_assets.monitoring.report import summary_markdown
-from bridge_assets.monitoring.alerts import LoopEvent
 from bridge_assets.monitoring.retrain import (
     FEEDBACK_BATCH_PREFIX,
     RetrainAttempt,
@@ -49,8 +48,9 @@ from bridge_assets.monitoring.retrain import (
 )
 from bridge_assets.monitoring.settings import MonitorSettings, drift_settings_from_json
 
-monitor_windows = dg.DynamicPartitionsDefinition(name="monitor_windows")
-model_versions = dg.DynamicPartitionsDefinition(name="model_versions")
+MONITOR_WINDOWS, MODEL_VERSIONS = "monitor_windows", "model_versions"
+monitor_windows = dg.DynamicPartitionsDefinition(name=MONITOR_WINDOWS)
+model_versions = dg.DynamicPartitionsDefinition(name=MODEL_VERSIONS)
 MONITORING_OWNER = "team:ml-engineering"
 RETRAIN_TAG = "bridge/retrain"
 REASON_TAG = "bridge/retrain_reason"
@@ -130,7 +130,11 @@ def interaction_profiles(
     )
 
 
-@dg.sensor(target=[interaction_profiles], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("interaction_logs_sensor", 15))
+@dg.sensor(
+    target=[interaction_profiles],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval("interaction_logs_sensor", 15),
+)
 def interaction_logs_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """Requests profiles for log objects that have none. The lake says what is done (an
     object's profile index), the cursor what is already requested, so a restart or retry
@@ -142,13 +146,21 @@ def interaction_logs_sensor(context: dg.SensorEvaluationContext, storage: LakeSt
     cursor = {key: requested[key] for key in pending if key in requested} | {key: now for key in new}
     run_config = {"ops": {"interaction_profiles": {"config": {"objects": new}}}}
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=f"objects:{_digest(new)}:{int(now)}", run_config=run_config)] if new else [],
+        run_requests=[dg.RunRequest(run_key=f"objects:{_digest(new)}:{int(now)}", run_config=run_config)]
+        if new
+        else [],
         cursor=json.dumps(cursor),
         skip_reason=None if new else f"no new interaction logs ({len(pending)} awaiting a running profile)",
     )
 
 
-@dg.asset(partitions_def=monitor_windows, deps=[interaction_profiles], group_name="monitoring", kinds={"whylogs"}, owners=[MONITORING_OWNER])
+@dg.asset(
+    partitions_def=monitor_windows,
+    deps=[interaction_profiles],
+    group_name="monitoring",
+    kinds={"whylogs"},
+    owners=[MONITORING_OWNER],
+)
 def window_profiles(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """A window's traffic: object profiles merged per model version and variant; rejected
     requests counted per reason."""
@@ -157,9 +169,14 @@ def window_profiles(context: dg.AssetExecutionContext, storage: LakeStorage) -> 
     slices = window_slices(store, window)
     for part in slices:
         if part.profile is not None:
-            store.put_bytes(f"monitoring/profiles/merged/{window}/{part.model_version}--{part.variant}.bin", part.profile.serialize())
+            store.put_bytes(
+                f"monitoring/profiles/merged/{window}/{part.model_version}--{part.variant}.bin",
+                part.profile.serialize(),
+            )
     table = ["| version | variant | predictions | rejected | objects |", "|---|---|---|---|---|"]
-    table += [f"| {s.model_version} | {s.variant} | {s.rows} | {json.dumps(s.rejected)} | {len(s.objects)} |" for s in slices]
+    table += [
+        f"| {s.model_version} | {s.variant} | {s.rows} | {json.dumps(s.rejected)} | {len(s.objects)} |" for s in slices
+    ]
     return dg.MaterializeResult(
         metadata={
             "predictions": sum(s.rows for s in slices),
@@ -167,11 +184,19 @@ def window_profiles(context: dg.AssetExecutionContext, storage: LakeStorage) -> 
             "objects": len({o for s in slices for o in s.objects}),
             "slices": dg.MetadataValue.md("\n".join(table)),
         },
-        data_version=dg.DataVersion(_digest([f"{s.model_version}/{s.variant}/{s.rows}/{sorted(s.objects)}" for s in slices])),
+        data_version=dg.DataVersion(
+            _digest([f"{s.model_version}/{s.variant}/{s.rows}/{sorted(s.objects)}" for s in slices])
+        ),
     )
 
 
-@dg.asset(partitions_def=monitor_windows, deps=[window_profiles, feedback], group_name="monitoring", kinds={"parquet"}, owners=[MONITORING_OWNER])
+@dg.asset(
+    partitions_def=monitor_windows,
+    deps=[window_profiles, feedback],
+    group_name="monitoring",
+    kinds={"parquet"},
+    owners=[MONITORING_OWNER],
+)
 def labelled_traffic(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """A window's predictions whose labels have been released, landed as a raw batch
     (`feedback-<window>`): through the same contract and quarantine, into the next feature
@@ -196,7 +221,10 @@ def labelled_traffic(context: dg.AssetExecutionContext, storage: LakeStorage) ->
 
 def _alarm_check(name: str, alarms: list[str], metadata: dict) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
-        check_name=name, passed=not alarms, metadata={"alarms": dg.MetadataValue.json(alarms), **metadata}, description="; ".join(alarms)[:1000] or None
+        check_name=name,
+        passed=not alarms,
+        metadata={"alarms": dg.MetadataValue.json(alarms), **metadata},
+        description="; ".join(alarms)[:1000] or None,
     )
 
 
@@ -219,12 +247,17 @@ REPORT_CHECKS = {
     freshness_policy=dg.FreshnessPolicy.time_window(
         fail_window=freshness_hours("drift_report", 6), warn_window=freshness_hours("drift_report", 6) / 2
     ),
-    check_specs=[dg.AssetCheckSpec(name, asset="drift_report", description=text) for name, text in REPORT_CHECKS.items()],
+    check_specs=[
+        dg.AssetCheckSpec(name, asset="drift_report", description=text) for name, text in REPORT_CHECKS.items()
+    ],
 )
 def drift_report(
-    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring,
+    context: dg.AssetExecutionContext,
+    storage: LakeStorage,
+    mlflow_tracking: MlflowTracking,
+    monitoring: Monitoring,
     alerting: Alerting,
-) -> dg.MaterializeResult:  # fmt: skip
+) -> dg.MaterializeResult:
     """Drift and decay of a window against each model version's reference: JSON and HTML in
     the lake, summary and plots here, checks that fail when a threshold is crossed."""
     store = storage.open()
@@ -234,11 +267,23 @@ def drift_report(
     prediction_alarms = [a for a in report.alarms if "prediction drift" in a]
     realised = [a for a in report.alarms if "realised decay" in a]
     estimated = [a for a in report.alarms if "estimated decay" in a]
-    found = {"drift": feature_alarms + prediction_alarms, "decay": realised + estimated}
+    found: dict[EventKind, list[str]] = {"drift": feature_alarms + prediction_alarms, "decay": realised + estimated}
     for kind, alarms in found.items():
         if alarms:
-            details = {"window": report.window, "alarms": alarms, "report": store.uri(keys["html"]), "retrain_policy": settings.retrain_policy}
-            alerting.send(LoopEvent(kind, f"{kind} in window {report.window}: {'; '.join(alarms)}"[:500], mlflow_tracking.model_name, details=details))  # type: ignore[arg-type]
+            details = {
+                "window": report.window,
+                "alarms": alarms,
+                "report": store.uri(keys["html"]),
+                "retrain_policy": settings.retrain_policy,
+            }
+            alerting.send(
+                LoopEvent(
+                    kind,
+                    f"{kind} in window {report.window}: {'; '.join(alarms)}"[:500],
+                    mlflow_tracking.model_name,
+                    details=details,
+                )
+            )
     plots = [
         f"**v{part.model_version} / {part.variant} — {column}**\n\n![{column}](data:image/png;base64,{base64.b64encode(png).decode()})"
         for part in report.slices
@@ -257,11 +302,15 @@ def drift_report(
             "retrain_policy": settings.retrain_policy,
             "retrain_how": dg.MetadataValue.md(
                 "Launch the `retrain_model` job (it pins the newest feature version, which holds this window's labelled traffic "
-                "once it has been validated)." if report.alarms else "nothing to do"
+                "once it has been validated)."
+                if report.alarms
+                else "nothing to do"
             ),
         },
         check_results=[
-            _alarm_check("no_feature_drift", feature_alarms, {"report": dg.MetadataValue.path(store.uri(keys["html"]))}),
+            _alarm_check(
+                "no_feature_drift", feature_alarms, {"report": dg.MetadataValue.path(store.uri(keys["html"]))}
+            ),
             _alarm_check("no_prediction_drift", prediction_alarms, {}),
             _alarm_check("no_realised_decay", realised, {}),
             _alarm_check("no_estimated_decay", estimated, {}),
@@ -272,23 +321,40 @@ def drift_report(
 FRESHNESS_WATCHED = [housing_features.key, drift_report.key]  # the assets with a freshness policy
 
 
-@dg.sensor(minimum_interval_seconds=sensor_interval("freshness_sensor", 60), default_status=dg.DefaultSensorStatus.RUNNING)
-def freshness_sensor(context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking, alerting: Alerting) -> dg.SkipReason:
+@dg.sensor(
+    minimum_interval_seconds=sensor_interval("freshness_sensor", 60), default_status=dg.DefaultSensorStatus.RUNNING
+)
+def freshness_sensor(
+    context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking, alerting: Alerting
+) -> dg.SkipReason:
     """An alert when an asset with a freshness policy (`housing_features`, `drift_report`) turns
     FAIL in the daemon's freshness evaluation: no new data or no monitor for too long — once per
     failure, not once per tick."""
     records = context.instance.get_freshness_state_records(FRESHNESS_WATCHED)
     reported: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    failing = {key.to_user_string(): record for key, record in records.items() if str(record.freshness_state.value) == "FAIL"}
+    failing = {
+        key.to_user_string(): record for key, record in records.items() if str(record.freshness_state.value) == "FAIL"
+    }
     for name, record in failing.items():
         if reported.get(name) != record.updated_at.isoformat():
             summary = f"{name} is overdue by its freshness policy (FAIL since {record.updated_at:%Y-%m-%d %H:%M} UTC)"
-            alerting.send(LoopEvent("freshness_failed", summary, mlflow_tracking.model_name, details={"asset": name, "since": record.updated_at.isoformat()}))
+            alerting.send(
+                LoopEvent(
+                    "freshness_failed",
+                    summary,
+                    mlflow_tracking.model_name,
+                    details={"asset": name, "since": record.updated_at.isoformat()},
+                )
+            )
     context.update_cursor(json.dumps({name: record.updated_at.isoformat() for name, record in failing.items()}))
     return dg.SkipReason(f"failing freshness: {sorted(failing) or 'none'}")
 
 
-@dg.sensor(target=[window_profiles, labelled_traffic, drift_report], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("monitor_windows_sensor", 30))
+@dg.sensor(
+    target=[window_profiles, labelled_traffic, drift_report],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval("monitor_windows_sensor", 30),
+)
 def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """(Re)requests a window when its members change (a late object too), new labels land, or
     the reference of a version it served arrives."""
@@ -301,7 +367,7 @@ def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeSto
         for window, members in windows_with_members(store).items()
     }
     changed = sorted(w for w, digest in current.items() if seen.get(w) != digest)
-    known = set(context.instance.get_dynamic_partitions(monitor_windows.name))
+    known = set(context.instance.get_dynamic_partitions(MONITOR_WINDOWS))
     new_partitions = [w for w in changed if w not in known]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=w, run_key=f"{w}:{current[w]}") for w in changed],
@@ -311,8 +377,15 @@ def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeSto
     )
 
 
-@dg.asset(partitions_def=model_versions, group_name="monitoring", kinds={"whylogs", "mlflow", "scikitlearn"}, owners=[MONITORING_OWNER])
-def model_reference(context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+@dg.asset(
+    partitions_def=model_versions,
+    group_name="monitoring",
+    kinds={"whylogs", "mlflow", "scikitlearn"},
+    owners=[MONITORING_OWNER],
+)
+def model_reference(
+    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking
+) -> dg.MaterializeResult:
     """A registered version's reference: training features and held-out predictions
     (profile), held-out metrics and the loss estimator; in the lake and on its MLflow run."""
     reference = make_reference_profile(storage.open(), mlflow_tracking.settings(), context.partition_key)
@@ -329,14 +402,24 @@ def model_reference(context: dg.AssetExecutionContext, storage: LakeStorage, mlf
     )
 
 
-@dg.sensor(target=[model_reference], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("registered_versions_sensor", 60))
-def registered_versions_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.SensorResult:
+@dg.sensor(
+    target=[model_reference],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval("registered_versions_sensor", 60),
+)
+def registered_versions_sensor(
+    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking
+) -> dg.SensorResult:
     """Requests a reference for each registered version that has none in the lake."""
     store = storage.open()
     settings = mlflow_tracking.settings()
-    have = {k.split("/")[3] for k in store.list(f"{REFERENCE_PREFIX}{settings.model_name}/") if k.endswith("/reference.json")}
+    have = {
+        k.split("/")[3]
+        for k in store.list(f"{REFERENCE_PREFIX}{settings.model_name}/")
+        if k.endswith("/reference.json")
+    }
     missing = [v for v in registered_versions(settings) if v not in have]
-    known = set(context.instance.get_dynamic_partitions(model_versions.name))
+    known = set(context.instance.get_dynamic_partitions(MODEL_VERSIONS))
     add = [v for v in missing if v not in known]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=v, run_key=f"reference:{v}") for v in missing],
@@ -351,19 +434,38 @@ retrain_model = dg.define_asset_job(
     tags={RETRAIN_TAG: "manual"},
     description="Ready retraining run (manual policy): a training round on the newest feature version.",
 )
-OPEN_STATUSES = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+OPEN_STATUSES = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def _alarms_of(metadata: Mapping[str, dg.MetadataValue]) -> list[str]:
+    """The alarms a drift report's materialization recorded (none if it recorded none)."""
+    value = metadata["alarms"].value if "alarms" in metadata else []
+    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
 
 
 def _feedback_pending(store: ObjectStore, window: str, included: set[str]) -> list[str]:
     """Feedback batches of `window` landed but not yet in the feature version."""
-    return [b.batch_id for b in landed_batches(store) if b.batch_id.startswith(f"{FEEDBACK_BATCH_PREFIX}{window}") and b.batch_id not in included]
+    return [
+        b.batch_id
+        for b in landed_batches(store)
+        if b.batch_id.startswith(f"{FEEDBACK_BATCH_PREFIX}{window}") and b.batch_id not in included
+    ]
 
 
 def _attempt(registry: Registry, served: set[str], alarms: list[str]) -> RetrainAttempt | None:
     """The newest version a round made to replace the current Production (tag `bridge.incumbent`),
     with what became of it: the evidence `plan_retrain` escalates on."""
     production = registry.version_for(PRODUCTION_ALIAS)
-    made = [v for v in registry.client.search_model_versions(f"name='{registry.model_name}'") if production and v.tags.get("bridge.incumbent") == production]
+    made = [
+        v
+        for v in registry.client.search_model_versions(f"name='{registry.model_name}'")
+        if production and v.tags.get("bridge.incumbent") == production
+    ]
     if not made:
         return None
     newest = max(made, key=lambda v: int(v.version))
@@ -377,7 +479,11 @@ def _attempt(registry: Registry, served: set[str], alarms: list[str]) -> Retrain
     )
 
 
-@dg.sensor(target=[candidate_model], default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=sensor_interval("retrain_sensor", 30))
+@dg.sensor(
+    target=[candidate_model],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=sensor_interval("retrain_sensor", 30),
+)
 def retrain_sensor(
     context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring
 ) -> dg.SensorResult:
@@ -405,18 +511,30 @@ def retrain_sensor(
     for record in records:
         metadata = record.asset_materialization.metadata if record.asset_materialization else {}
         window = record.partition_key or ""
-        alarms = [a for a in (metadata["alarms"].value if "alarms" in metadata else []) if a.split("/", 1)[0].removeprefix("v") in served]
-        if alarms and context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: "automatic", WINDOW_TAG: window}), limit=1):
+        alarms = [a for a in _alarms_of(metadata) if a.split("/", 1)[0].removeprefix("v") in served]
+        if alarms and context.instance.get_run_records(
+            dg.RunsFilter(tags={RETRAIN_TAG: "automatic", WINDOW_TAG: window}), limit=1
+        ):
             alarms = []  # this window's traffic is already in a retrained round
         open_runs = sum(
-            len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: kind}, statuses=OPEN_STATUSES))) for kind in ("automatic", "manual")
+            len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: kind}, statuses=OPEN_STATUSES)))
+            for kind in ("automatic", "manual")
         )
         since = time.time() - state["last_request"] if state["last_request"] else None
-        decision = decide_retrain(settings.retrain_policy, alarms, open_retrains=open_runs, seconds_since_last_request=since, cooldown_seconds=settings.retrain_cooldown_seconds)
+        decision = decide_retrain(
+            settings.retrain_policy,
+            alarms,
+            open_retrains=open_runs,
+            seconds_since_last_request=since,
+            cooldown_seconds=settings.retrain_cooldown_seconds,
+        )
         if decision.action == "request":
             pending = _feedback_pending(store, window, set(latest.batch_ids) if latest else set())
             if pending or latest is None:
-                return dg.SensorResult(skip_reason=f"waiting for labelled traffic {pending} to reach a feature version", cursor=json.dumps(state))
+                return dg.SensorResult(
+                    skip_reason=f"waiting for labelled traffic {pending} to reach a feature version",
+                    cursor=json.dumps(state),
+                )
             plan = plan_retrain(alarms, _attempt(registry, served, alarms))
             if plan.action == "skip" and "awaits its gates" in plan.reason:
                 return dg.SensorResult(skip_reason=f"window {window}: {plan.reason}", cursor=json.dumps(state))
@@ -429,18 +547,36 @@ def retrain_sensor(
                     "recency_window_hours": settings.retrain_window_hours,
                 }
                 tags = {
-                    RETRAIN_TAG: "automatic", ACTION_TAG: plan.action, REASON_TAG: f"{plan.reason} — {decision.reason}"[:1000],
-                    WINDOW_TAG: window, "bridge/feature_version": latest.version,
-                }  # fmt: skip
+                    RETRAIN_TAG: "automatic",
+                    ACTION_TAG: plan.action,
+                    REASON_TAG: f"{plan.reason} — {decision.reason}"[:1000],
+                    WINDOW_TAG: window,
+                    "bridge/feature_version": latest.version,
+                }
                 return dg.SensorResult(
-                    run_requests=[dg.RunRequest(run_key=f"retrain:{record.storage_id}", run_config={"ops": {"candidate_model": {"config": round_config}}}, tags=tags)],
+                    run_requests=[
+                        dg.RunRequest(
+                            run_key=f"retrain:{record.storage_id}",
+                            run_config={"ops": {"candidate_model": {"config": round_config}}},
+                            tags=tags,
+                        )
+                    ],
                     cursor=json.dumps(state),
                 )
             decision = RetrainDecision("skip", plan.reason)
         state = {**state, "after": record.storage_id}
         context.log.info(f"window {window}: {decision.action} ({decision.reason})")
-    return dg.SensorResult(skip_reason=f"{settings.retrain_policy} policy: {decision.action} ({decision.reason})"[:1000], cursor=json.dumps(state))
+    return dg.SensorResult(
+        skip_reason=f"{settings.retrain_policy} policy: {decision.action} ({decision.reason})"[:1000],
+        cursor=json.dumps(state),
+    )
 
 
 MONITORING_ASSETS = [interaction_profiles, window_profiles, labelled_traffic, drift_report, model_reference]
-MONITORING_SENSORS = [interaction_logs_sensor, monitor_windows_sensor, registered_versions_sensor, retrain_sensor, freshness_sensor]
+MONITORING_SENSORS = [
+    interaction_logs_sensor,
+    monitor_windows_sensor,
+    registered_versions_sensor,
+    retrain_sensor,
+    freshness_sensor,
+]

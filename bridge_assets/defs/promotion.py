@@ -8,10 +8,10 @@ import hashlib
 import dagster as dg
 from pydantic import Field
 
+from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
 from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy
-from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
 from bridge_assets.defs.serving_logs import interaction_logs
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import FeatureStore
@@ -31,12 +31,17 @@ from bridge_assets.monitoring.alerts import LoopEvent
     # Every new candidate meets the gates, whoever trained it (schedule, retrain policy, a
     # person); a new feature version alone does not re-judge the same candidate.
     automation_condition=dg.AutomationCondition.eager().ignore(dg.AssetSelection.assets(housing_features)),
-    check_specs=[dg.AssetCheckSpec(name, asset="staged_model", blocking=True, description=text) for name, text in GATES.items()],
+    check_specs=[
+        dg.AssetCheckSpec(name, asset="staged_model", blocking=True, description=text) for name, text in GATES.items()
+    ],
 )
 def staged_model(
-    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy,
+    context: dg.AssetExecutionContext,
+    storage: LakeStorage,
+    mlflow_tracking: MlflowTracking,
+    promotion: PromotionPolicy,
     alerting: Alerting,
-) -> dg.MaterializeResult:  # fmt: skip
+) -> dg.MaterializeResult:
     """The `candidate` version judged by every gate; `staging` points at it only if all pass
     (and, when sign-off is required, after an approval). A failed gate fails its check with
     the numbers and the run; the outcome is recorded in the audit trail either way."""
@@ -50,7 +55,15 @@ def staged_model(
     context.log.info(f"{registry.model_name} v{version}: {status}. {report.explain()}")
     if status == "blocked":
         failed = {r.name: r.summary for r in report.failures()}
-        alerting.send(LoopEvent("gates_failed", f"v{version} blocked: {report.explain()}"[:500], registry.model_name, version, {"failed": failed}))
+        alerting.send(
+            LoopEvent(
+                "gates_failed",
+                f"v{version} blocked: {report.explain()}"[:500],
+                registry.model_name,
+                version,
+                {"failed": failed},
+            )
+        )
     return dg.MaterializeResult(
         metadata={
             "model_version": version,
@@ -69,9 +82,11 @@ def staged_model(
                 passed=result.passed,
                 severity=dg.AssetCheckSeverity.ERROR,
                 description=result.summary,
-                metadata={"summary": result.summary, "skipped": result.skipped, **{
-                    k: dg.MetadataValue.md(v) if k == "table" else v for k, v in result.figures.items()
-                }},
+                metadata={
+                    "summary": result.summary,
+                    "skipped": result.skipped,
+                    **{k: dg.MetadataValue.md(v) if k == "table" else v for k, v in result.figures.items()},
+                },
             )
             for result in report.results
         ],
@@ -84,7 +99,9 @@ def staged_model(
     minimum_interval_seconds=sensor_interval("candidates_sensor", 30),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
-def candidates_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.SensorResult | dg.SkipReason:
+def candidates_sensor(
+    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking
+) -> dg.SensorResult | dg.SkipReason:
     """The gates for a candidate registered outside Dagster (`bridge train`, a notebook): no
     `candidate_model` materialization exists for the automation to follow, so this requests
     `staged_model` once for it. Candidates of Dagster runs are left to the automation."""
@@ -94,7 +111,9 @@ def candidates_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage,
         return dg.SkipReason(f"no version of {registry.model_name} is a candidate")
     if (judged := registry.gate_record(version)) is not None:
         return dg.SkipReason(f"v{version} was judged by the gates ({judged.action})")
-    trained_by = registry.client.get_model_version(registry.model_name, version).tags.get("bridge.dagster_run_id", "none")
+    trained_by = registry.client.get_model_version(registry.model_name, version).tags.get(
+        "bridge.dagster_run_id", "none"
+    )
     if trained_by != "none":
         return dg.SkipReason(f"v{version} was registered by dagster run {trained_by[:8]}: the automation gates it")
     if context.cursor == version:
@@ -111,9 +130,12 @@ class ApprovalConfig(dg.Config):
 
 @dg.op
 def sign_off(
-    context: dg.OpExecutionContext, config: ApprovalConfig, storage: LakeStorage, mlflow_tracking: MlflowTracking,
+    context: dg.OpExecutionContext,
+    config: ApprovalConfig,
+    storage: LakeStorage,
+    mlflow_tracking: MlflowTracking,
     promotion: PromotionPolicy,
-) -> str:  # fmt: skip
+) -> str:
     """Record a listed approver's sign-off and move `staging` to the version."""
     registry = open_registry(storage, mlflow_tracking, run_actor(context))
     try:
@@ -158,9 +180,12 @@ def feedback(storage: LakeStorage) -> dg.MaterializeResult:
 
 @dg.asset(deps=[feedback], group_name="registry", kinds={"scipy"}, owners=["team:ml-engineering"])
 def ab_report(
-    context: dg.AssetExecutionContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy,
+    context: dg.AssetExecutionContext,
+    storage: LakeStorage,
+    mlflow_tracking: MlflowTracking,
+    promotion: PromotionPolicy,
     alerting: Alerting,
-) -> dg.MaterializeResult:  # fmt: skip
+) -> dg.MaterializeResult:
     """Staging against Production on delayed ground truth: per-variant MAE/RMSE with
     intervals, Welch's t on per-client MAE, the sample size for the minimum effect, and the
     verdict (promote / keep / inconclusive), recorded on the Staging version."""
@@ -168,16 +193,33 @@ def ab_report(
     joined = _feedback(registry.store)
     evidence = evaluate_experiment(joined, registry, promotion.settings())
     if evidence is None:
-        return dg.MaterializeResult(metadata={"verdict": "none", "reason": "no experiment: Production and Staging must both be set"})
+        return dg.MaterializeResult(
+            metadata={"verdict": "none", "reason": "no experiment: Production and Staging must both be set"}
+        )
     record = record_verdict(registry, evidence, joined)
     report = evidence.report
-    context.log.info(f"A/B v{evidence.staging_version} vs v{evidence.production_version}: {report.verdict} ({report.reason})")
+    context.log.info(
+        f"A/B v{evidence.staging_version} vs v{evidence.production_version}: {report.verdict} ({report.reason})"
+    )
     acted = act_on_verdict(registry, evidence, promotion.promotion_policy)
     context.log.info(acted.summary)
     if report.verdict != "inconclusive":
-        alerting.send(LoopEvent("ab_verdict", f"A/B verdict {report.verdict}: {acted.summary}", registry.model_name, evidence.staging_version,
-                                {"verdict": report.verdict, "reason": report.reason, "production_version": evidence.production_version,
-                                 "policy": promotion.promotion_policy, "action": acted.action, "audit_record": record.key}))  # fmt: skip
+        alerting.send(
+            LoopEvent(
+                "ab_verdict",
+                f"A/B verdict {report.verdict}: {acted.summary}",
+                registry.model_name,
+                evidence.staging_version,
+                {
+                    "verdict": report.verdict,
+                    "reason": report.reason,
+                    "production_version": evidence.production_version,
+                    "policy": promotion.promotion_policy,
+                    "action": acted.action,
+                    "audit_record": record.key,
+                },
+            )
+        )
     return dg.MaterializeResult(
         metadata={
             "verdict": report.verdict,
@@ -195,7 +237,9 @@ def ab_report(
             "plots": dg.MetadataValue.md(plots_markdown(evidence)),
             "audit_record": record.key,
         },
-        data_version=dg.DataVersion(f"{evidence.staging_version}/{report.verdict}/{report.production.labels + report.staging.labels}"),
+        data_version=dg.DataVersion(
+            f"{evidence.staging_version}/{report.verdict}/{report.production.labels + report.staging.labels}"
+        ),
     )
 
 
@@ -204,7 +248,9 @@ def ab_report(
     minimum_interval_seconds=sensor_interval("experiment_sensor", 60),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
-def experiment_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking) -> dg.SensorResult | dg.SkipReason:
+def experiment_sensor(
+    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking
+) -> dg.SensorResult | dg.SkipReason:
     """While Production and Staging both exist, newly released labels bring a fresh
     `feedback` + `ab_report` (its verdict then goes to the promotion policy)."""
     registry = open_registry(storage, mlflow_tracking)
@@ -215,4 +261,7 @@ def experiment_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage,
     state = hashlib.sha256("\n".join([production, staging, *releases]).encode()).hexdigest()[:16]
     if not releases or context.cursor == state:
         return dg.SkipReason(f"no new labels for the experiment v{staging} vs v{production}")
-    return dg.SensorResult(run_requests=[dg.RunRequest(run_key=state, tags={"bridge/experiment": f"{staging}-vs-{production}"})], cursor=state)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=state, tags={"bridge/experiment": f"{staging}-vs-{production}"})],
+        cursor=state,
+    )

@@ -11,7 +11,8 @@ from bridge_assets.defs.resources import LakeStorage
 from bridge_assets.lake.landing import landed_batches
 from bridge_assets.lake.raw import validate_batch
 
-raw_batches = dg.DynamicPartitionsDefinition(name="raw_batches")
+RAW_BATCHES = "raw_batches"
+raw_batches = dg.DynamicPartitionsDefinition(name=RAW_BATCHES)
 MAX_QUARANTINE_RATE = 0.05
 
 
@@ -30,7 +31,8 @@ def raw_housing(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.M
     batch = next((b for b in landed_batches(store) if b.batch_id == batch_id), None)
     if batch is None:
         raise dg.Failure(  # bad data, not an outage: retrying cannot help
-            f"batch {batch_id!r} is registered but nothing has landed at landing/batches/{batch_id}/", allow_retries=False
+            f"batch {batch_id!r} is registered but nothing has landed at landing/batches/{batch_id}/",
+            allow_retries=False,
         )
     try:
         result = validate_batch(store, batch)
@@ -79,7 +81,7 @@ def landed_batches_sensor(context: dg.SensorEvaluationContext, storage: LakeStor
     landed = [b.batch_id for b in landed_batches(storage.open())]
     done = context.instance.get_materialized_partitions(dg.AssetKey("raw_housing"))
     new = [batch_id for batch_id in landed if batch_id not in handled and batch_id not in done]
-    known = set(context.instance.get_dynamic_partitions(raw_batches.name))
+    known = set(context.instance.get_dynamic_partitions(RAW_BATCHES))
     to_register = [batch_id for batch_id in landed if batch_id not in known]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=batch_id, run_key=batch_id) for batch_id in new],

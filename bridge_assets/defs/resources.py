@@ -5,8 +5,8 @@ Secrets reach Dagster only as `dg.EnvVar`, so they never appear in run config, t
 
 import os
 import sys
-from dataclasses import asdict
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any, Literal
 
 import dagster as dg
@@ -15,11 +15,11 @@ from dagster_docker import PipesDockerClient
 
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
-from serving.deploy import ServingSettings
 from bridge_assets.ml.container import container_spec
-from bridge_assets.ml.gates import PromotionSettings
+from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.tracking import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PROJECT_ROOT, MlflowSettings
 from bridge_assets.monitoring.alerts import LoopEvent, send_alert
+from serving.deploy import ServingSettings
 
 
 class LakeStorage(dg.ConfigurableResource):
@@ -141,8 +141,14 @@ class TrainingLauncher(dg.ConfigurableResource):
         client = self.client()
         if isinstance(client, PipesDockerClient):  # no secrets in what `docker inspect` shows
             with container_spec(env) as spec:
-                return client.run(context=context, image=self.image, command=self.command(), extras=extras,
-                                  env=spec.environment, container_kwargs={"volumes": spec.volumes})  # fmt: skip
+                return client.run(
+                    context=context,
+                    image=self.image,
+                    command=self.command(),
+                    extras=extras,
+                    env=spec.environment,
+                    container_kwargs={"volumes": spec.volumes},
+                )
         return client.run(context=context, command=self.command(), extras=extras, env=dict(env))
 
 

@@ -45,7 +45,9 @@ def training_round_schedule(env: Mapping[str, str] = os.environ) -> dg.ScheduleD
         if training:
             return dg.SkipReason(f"training run {training[0]} is still in progress")
         return dg.RunRequest(
-            run_config={"ops": {candidate_model.key.to_python_identifier(): {"config": {"feature_version": latest.version}}}},
+            run_config={
+                "ops": {candidate_model.key.to_python_identifier(): {"config": {"feature_version": latest.version}}}
+            },
             tags={TRIGGER_TAG: "schedule", "bridge/feature_version": latest.version},
         )
 

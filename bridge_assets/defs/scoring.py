@@ -71,7 +71,7 @@ def batch_predictions(
             "model_uri": f"models:/{settings.model_name}/{version}",
             "feature_version": model.feature_version,
             "rows": scored.height,
-            "mean_prediction": float(scored["prediction"].mean()) if scored.height else 0.0,
+            "mean_prediction": float(scored["prediction"].to_numpy().mean()) if scored.height else 0.0,
             "uri": dg.MetadataValue.path(store.uri(key)),
             "preview": markdown_preview(scored.head(5)),
         },

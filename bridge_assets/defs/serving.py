@@ -4,23 +4,26 @@ import json
 import os
 import time
 from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
+from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
 from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
-from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
-from bridge_assets.ml.gates import PromotionSettings
 from bridge_assets.ml.guardrail import Watch, watch_of
+from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Authorisation, Registry
-from bridge_assets.monitoring.alerts import LoopEvent
+from bridge_assets.monitoring.alerts import EventKind, LoopEvent
 
 
 class PromotionConfig(dg.Config):
     version: str = Field(default="", description="version to promote (default: the one in Staging)")
-    override_reason: str = Field(default="", description="promote without a 'promote' A/B verdict, for this reason (recorded)")
+    override_reason: str = Field(
+        default="", description="promote without a 'promote' A/B verdict, for this reason (recorded)"
+    )
     actor: str = Field(default="", description="who asks (recorded; default: this run)")
 
 
@@ -52,7 +55,11 @@ class RollbackConfig(dg.Config):
 
 @dg.op
 def restore_previous_production(
-    context: dg.OpExecutionContext, config: RollbackConfig, storage: LakeStorage, mlflow_tracking: MlflowTracking, alerting: Alerting
+    context: dg.OpExecutionContext,
+    config: RollbackConfig,
+    storage: LakeStorage,
+    mlflow_tracking: MlflowTracking,
+    alerting: Alerting,
 ) -> str:
     """Point Production back at the version it had before (from the audit trail); recorded.
     The registry sensor then brings the service in line."""
@@ -62,8 +69,15 @@ def restore_previous_production(
     except ValueError as error:
         raise dg.Failure(f"rollback refused: {error}") from error
     context.log.info(f"{registry.model_name}: Production rolled back from v{current} to v{restored}")
-    alerting.send(LoopEvent("rollback", f"Production rolled back from v{current} to v{restored}: {config.reason}"[:500],
-                            registry.model_name, restored, {"rolled_back": current, "actor": registry.actor, "reason": config.reason}))  # fmt: skip
+    alerting.send(
+        LoopEvent(
+            "rollback",
+            f"Production rolled back from v{current} to v{restored}: {config.reason}"[:500],
+            registry.model_name,
+            restored,
+            {"rolled_back": current, "actor": registry.actor, "reason": config.reason},
+        )
+    )
     return restored
 
 
@@ -81,11 +95,19 @@ SERVING_CHECK = "serving_matches_registry"
     group_name="serving",
     kinds={"ray", "fastapi"},
     owners=["team:ml-engineering"],
-    check_specs=[dg.AssetCheckSpec(AUTHORISED_CHECK, asset="production_deployment",
-                                   description="the served versions were moved there by bridge, or passed their gates"),
-                 dg.AssetCheckSpec(SERVING_CHECK, asset="production_deployment",
-                                   description="the service answers and serves the versions the registry says (registry_sensor asks it)")],
-)  # fmt: skip
+    check_specs=[
+        dg.AssetCheckSpec(
+            AUTHORISED_CHECK,
+            asset="production_deployment",
+            description="the served versions were moved there by bridge, or passed their gates",
+        ),
+        dg.AssetCheckSpec(
+            SERVING_CHECK,
+            asset="production_deployment",
+            description="the service answers and serves the versions the registry says (registry_sensor asks it)",
+        ),
+    ],
+)
 def production_deployment(
     context: dg.AssetExecutionContext,
     storage: LakeStorage,
@@ -126,14 +148,26 @@ def production_deployment(
         raise dg.Failure(f"refused to deploy: {error}") from error
     env = {**storage.settings().to_env(), **settings.to_env(), **serving.settings().to_env()}
     url = deploy(
-        settings.model_name, production.version, PRODUCTION_ALIAS, env=env,
-        staging_version=staging_version, staging_weight=policy.ab_staging_weight,
-        previous_version=previous_version, previous_weight=policy.guardrail_canary_share, salt=policy.ab_salt,
-    )  # fmt: skip
-    canary = f"v{previous_version} for {policy.guardrail_canary_share:.0%} of clients until {watch.ends:%H:%M:%S} UTC" if watch else "none"
-    context.log.info(f"serving {settings.model_name} v{production.version} at {url}"
-                     + (f" with v{staging_version} for {policy.ab_staging_weight:.0%} of clients" if staging_version else "")
-                     + (f"; the post-deploy watch keeps {canary}" if watch else ""))
+        settings.model_name,
+        production.version,
+        PRODUCTION_ALIAS,
+        env=env,
+        staging_version=staging_version,
+        staging_weight=policy.ab_staging_weight,
+        previous_version=previous_version,
+        previous_weight=policy.guardrail_canary_share,
+        salt=policy.ab_salt,
+    )
+    canary = (
+        f"v{previous_version} for {policy.guardrail_canary_share:.0%} of clients until {watch.ends:%H:%M:%S} UTC"
+        if watch
+        else "none"
+    )
+    context.log.info(
+        f"serving {settings.model_name} v{production.version} at {url}"
+        + (f" with v{staging_version} for {policy.ab_staging_weight:.0%} of clients" if staging_version else "")
+        + (f"; the post-deploy watch keeps {canary}" if watch else "")
+    )
     staging_refused = staging.version is not None and not staging.allowed
     return dg.MaterializeResult(
         metadata={
@@ -160,12 +194,17 @@ def production_deployment(
                 metadata={"production": production.reason, "staging": staging.reason},
             ),
             dg.AssetCheckResult(
-                check_name=SERVING_CHECK, passed=True, severity=dg.AssetCheckSeverity.ERROR,
-                description=f"serving v{production.version}" + (f" and v{staging_version} (staging)" if staging_version else "")
+                check_name=SERVING_CHECK,
+                passed=True,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=f"serving v{production.version}"
+                + (f" and v{staging_version} (staging)" if staging_version else "")
                 + (f" and v{previous_version} (previous: the post-deploy watch's control)" if previous_version else ""),
             ),
         ],
-        data_version=dg.DataVersion(f"{settings.model_name}/{production.version}/{staging_version or '-'}/{previous_version or '-'}"),
+        data_version=dg.DataVersion(
+            f"{settings.model_name}/{production.version}/{staging_version or '-'}/{previous_version or '-'}"
+        ),
     )
 
 
@@ -190,23 +229,40 @@ DEPLOY_RETRY_SECONDS = 300  # a deployment that did not bring the service in lin
 
 def _deployment_in_flight(instance: dg.DagsterInstance) -> bool:
     """A production_deployment run is queued or running: its outcome is what to wait for."""
-    unfinished = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED]
+    unfinished = [
+        dg.DagsterRunStatus.QUEUED,
+        dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED,
+    ]
     runs = instance.get_runs(dg.RunsFilter(statuses=unfinished), limit=20)
     return any(production_deployment.key in (run.asset_selection or set()) for run in runs)
 
 
-def _check(passed: bool, description: str, **metadata: object) -> dg.AssetCheckEvaluation:
+def _check(passed: bool, description: str, **metadata: Any) -> dg.AssetCheckEvaluation:
     return dg.AssetCheckEvaluation(
-        asset_key=production_deployment.key, check_name=SERVING_CHECK, passed=passed,
-        severity=dg.AssetCheckSeverity.ERROR, description=description, metadata=metadata,
-    )  # fmt: skip
+        asset_key=production_deployment.key,
+        check_name=SERVING_CHECK,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=description,
+        metadata=metadata,
+    )
 
 
-@dg.sensor(target=[production_deployment], minimum_interval_seconds=sensor_interval("registry_sensor", 30), default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(
+    target=[production_deployment],
+    minimum_interval_seconds=sensor_interval("registry_sensor", 30),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
 def registry_sensor(
-    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, promotion: PromotionPolicy,
-    serving: RayServing, alerting: Alerting,
-) -> dg.SensorResult | dg.SkipReason:  # fmt: skip
+    context: dg.SensorEvaluationContext,
+    storage: LakeStorage,
+    mlflow_tracking: MlflowTracking,
+    promotion: PromotionPolicy,
+    serving: RayServing,
+    alerting: Alerting,
+) -> dg.SensorResult | dg.SkipReason:
     """Deployment follows the registry, checked against what the service itself says it
     serves (its `/model`), not against what was last deployed: up but serving other versions
     (a crash, a hand deploy, a stop of the app) → `production_deployment` is requested; not
@@ -221,39 +277,79 @@ def registry_sensor(
         return dg.SkipReason("no Production version yet")
     staging = registry.authorise(STAGING_ALIAS)
     for moved in (m for m in (production, staging) if m.newly_recorded):
-        alerting.send(LoopEvent("out_of_band_move", moved.reason, registry.model_name, moved.version, {"alias": moved.alias, "deployable": moved.allowed}))
+        alerting.send(
+            LoopEvent(
+                "out_of_band_move",
+                moved.reason,
+                registry.model_name,
+                moved.version,
+                {"alias": moved.alias, "deployable": moved.allowed},
+            )
+        )
     wanted, _ = wanted_versions(registry, production, staging, promotion.settings())
     cursor = json.loads(context.cursor) if context.cursor else {}
     if not production.allowed:
         if cursor.get("refused") == production.version:
             return dg.SkipReason(f"refused to deploy v{production.version} (reported)")
         refusal = dg.AssetCheckEvaluation(
-            asset_key=production_deployment.key, check_name=AUTHORISED_CHECK, passed=False,
-            severity=dg.AssetCheckSeverity.ERROR, metadata={"reason": production.reason, "version": production.version},
+            asset_key=production_deployment.key,
+            check_name=AUTHORISED_CHECK,
+            passed=False,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={"reason": production.reason, "version": production.version},
             description=production.reason,
-        )  # fmt: skip
+        )
         return dg.SensorResult(asset_events=[refusal], cursor=json.dumps(cursor | {"refused": production.version}))
     served = service_state({**os.environ, **serving.settings().to_env()})
     state = {"wanted": wanted, "served": served.versions, "status": served.status, "in_line": cursor.get("in_line")}
     if served.status == "serving" and served.versions == wanted:
-        events = [_check(True, f"the service serves {wanted}")] if cursor.get("status") not in (None, "serving") or cursor.get("served") != wanted else []
-        return dg.SensorResult(asset_events=events, cursor=json.dumps(state | {"in_line": wanted}),
-                               skip_reason=None if events else f"the service serves what the registry says: {wanted}")  # fmt: skip
+        events = (
+            [_check(True, f"the service serves {wanted}")]
+            if cursor.get("status") not in (None, "serving") or cursor.get("served") != wanted
+            else []
+        )
+        return dg.SensorResult(
+            asset_events=events,
+            cursor=json.dumps(state | {"in_line": wanted}),
+            skip_reason=None if events else f"the service serves what the registry says: {wanted}",
+        )
     if served.status in ("down", "unreadable"):
         if cursor.get("status") == served.status and cursor.get("wanted") == wanted:
             return dg.SkipReason(f"still {served.status} (reported): {served.problem}")
         summary = f"the service does not serve the registry's {wanted}: {served.problem}"
-        kind = "service_down" if served.status == "down" else "deployment_mismatch"
-        alerting.send(LoopEvent(kind, summary, registry.model_name, production.version, {"wanted": wanted, "url": served.url}))  # type: ignore[arg-type]
-        return dg.SensorResult(asset_events=[_check(False, summary, url=served.url, wanted=str(wanted))], cursor=json.dumps(state))
+        kind: EventKind = "service_down" if served.status == "down" else "deployment_mismatch"
+        alerting.send(
+            LoopEvent(kind, summary, registry.model_name, production.version, {"wanted": wanted, "url": served.url})
+        )
+        return dg.SensorResult(
+            asset_events=[_check(False, summary, url=served.url, wanted=str(wanted))], cursor=json.dumps(state)
+        )
     if _deployment_in_flight(context.instance):
-        return dg.SkipReason(f"a production_deployment run is under way (serving {served.versions or 'nothing'}, wanted {wanted})")
+        return dg.SkipReason(
+            f"a production_deployment run is under way (serving {served.versions or 'nothing'}, wanted {wanted})"
+        )
     now = time.time()
-    if cursor.get("wanted") == wanted and cursor.get("served") == served.versions and now - cursor.get("requested_at", 0) < DEPLOY_RETRY_SECONDS:
-        return dg.SkipReason(f"deployment of {wanted} requested {now - cursor['requested_at']:.0f} s ago; serving {served.versions or 'nothing'}")
+    if (
+        cursor.get("wanted") == wanted
+        and cursor.get("served") == served.versions
+        and now - cursor.get("requested_at", 0) < DEPLOY_RETRY_SECONDS
+    ):
+        return dg.SkipReason(
+            f"deployment of {wanted} requested {now - cursor['requested_at']:.0f} s ago; serving {served.versions or 'nothing'}"
+        )
     if cursor.get("in_line") == wanted:  # it served this registry state, and no longer does: not a registry move
         mismatch = f"{served.url} serves {served.versions or 'nothing'} where the registry says {wanted}: redeploying"
-        alerting.send(LoopEvent("deployment_mismatch", mismatch, registry.model_name, production.version, {"wanted": wanted, "served": served.versions}))
+        alerting.send(
+            LoopEvent(
+                "deployment_mismatch",
+                mismatch,
+                registry.model_name,
+                production.version,
+                {"wanted": wanted, "served": served.versions},
+            )
+        )
     key = "/".join(f"{k}={v}" for k, v in sorted(wanted.items())) + f"@{int(now)}"
-    request = dg.RunRequest(run_key=key, tags={"bridge/registry_state": key, "bridge/served": json.dumps(served.versions)})
+    request = dg.RunRequest(
+        run_key=key, tags={"bridge/registry_state": key, "bridge/served": json.dumps(served.versions)}
+    )
     return dg.SensorResult(run_requests=[request], cursor=json.dumps(state | {"requested_at": now}))

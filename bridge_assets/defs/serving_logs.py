@@ -22,8 +22,15 @@ class LogCompactionConfig(dg.Config):
     )
 
 
-@dg.asset(group_name="serving", kinds={"parquet"}, owners=["team:ml-engineering"], automation_condition=dg.AutomationCondition.on_cron("20 * * * *"))
-def interaction_logs(context: dg.AssetExecutionContext, config: LogCompactionConfig, storage: LakeStorage) -> dg.MaterializeResult:
+@dg.asset(
+    group_name="serving",
+    kinds={"parquet"},
+    owners=["team:ml-engineering"],
+    automation_condition=dg.AutomationCondition.on_cron("20 * * * *"),
+)
+def interaction_logs(
+    context: dg.AssetExecutionContext, config: LogCompactionConfig, storage: LakeStorage
+) -> dg.MaterializeResult:
     """The interaction logs, compacted per closed hour and kept for the retention period; the
     lake's housekeeping too: what killed writers left (staging files, incomplete multipart
     uploads older than an hour) is swept."""

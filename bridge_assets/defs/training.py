@@ -29,10 +29,20 @@ class TrainingRoundConfig(dg.Config):
         description="what the round compares: recalibrate Production, fine-tune Production's weights on the rows it never saw, "
         f"train the presets from scratch (the first two need a Production version); some of {list(OPTIONS)}",
     )
-    recency_half_life_hours: float | None = Field(default=None, gt=0, description="weight training rows by age with this half-life")
-    recency_window_hours: float | None = Field(default=None, gt=0, description="train from scratch only on rows this recent")
-    min_gain: float = Field(default=0.01, ge=0, description="how much lower (and beyond chance) a costlier option's recent validation RMSE must be")
-    calibration: Literal["log_offset", "log_linear"] = Field(default="log_offset", description="the recalibration stage's form")
+    recency_half_life_hours: float | None = Field(
+        default=None, gt=0, description="weight training rows by age with this half-life"
+    )
+    recency_window_hours: float | None = Field(
+        default=None, gt=0, description="train from scratch only on rows this recent"
+    )
+    min_gain: float = Field(
+        default=0.01,
+        ge=0,
+        description="how much lower (and beyond chance) a costlier option's recent validation RMSE must be",
+    )
+    calibration: Literal["log_offset", "log_linear"] = Field(
+        default="log_offset", description="the recalibration stage's form"
+    )
 
     @field_validator("options")
     @classmethod

@@ -138,7 +138,9 @@ class FeatureStore:
         per_split = dict(zip(counts["split"], counts["len"], strict=True))
         return Part(batch_id, key, sha, rows.height, per_split, landed_at.isoformat() if landed_at else None)
 
-    def commit(self, new_parts: list[Part], base: FeatureVersion | None = None, *, publish: bool = True) -> FeatureVersion:
+    def commit(
+        self, new_parts: list[Part], base: FeatureVersion | None = None, *, publish: bool = True
+    ) -> FeatureVersion:
         """A version of `base`'s parts plus `new_parts`, manifest written after the parts; with
         `publish`, `LATEST` then points at it (else call `publish` once it has passed checks)."""
         parts = (base.parts if base else ()) + tuple(new_parts)
@@ -166,7 +168,11 @@ class FeatureStore:
             raise ValueError(f"version {pinned.version} has no parts")
         schema = pl.Schema({**self.store.scan_parquet([pinned.parts[-1].key]).collect_schema(), SEEN_AT: SEEN_AT_DTYPE})
         landed = {p.batch_id: datetime.fromisoformat(p.landed_at) for p in pinned.parts if p.landed_at}
-        by_batch = pl.col("batch_id").replace_strict(landed, default=None, return_dtype=SEEN_AT_DTYPE) if landed else pl.lit(None, SEEN_AT_DTYPE)
+        by_batch = (
+            pl.col("batch_id").replace_strict(landed, default=None, return_dtype=SEEN_AT_DTYPE)
+            if landed
+            else pl.lit(None, SEEN_AT_DTYPE)
+        )
         rows = self.store.scan_parquet([p.key for p in pinned.parts], schema=schema)
         return rows.with_columns(pl.coalesce(pl.col(SEEN_AT), by_batch).alias(SEEN_AT))
 
@@ -305,5 +311,5 @@ def build_features(store: ObjectStore, table: str = DEFAULT_TABLE, *, publish: b
         raise ValueError(
             f"no labelled, validated rows yet in {store.uri('raw/valid/')}: land and validate a batch first"
         )
-    version = features.commit(parts, base, publish=publish) if parts else base
+    version = features.commit(parts, base, publish=publish) if parts or base is None else base
     return FeatureBuild(version, base.version if base else None, outcomes)

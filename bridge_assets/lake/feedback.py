@@ -27,7 +27,11 @@ from bridge_assets.lake.storage import ObjectStore
 
 WITHHELD_FEEDBACK_PREFIX = "simulator/withheld-feedback/"
 LABELS_PREFIX = "feedback/labels/"
-LABEL_SCHEMA: dict[str, pl.DataType] = {"request_id": pl.String(), "price": pl.Float64(), "released_at": pl.Datetime("us", "UTC")}
+LABEL_SCHEMA: dict[str, pl.DataType] = {
+    "request_id": pl.String(),
+    "price": pl.Float64(),
+    "released_at": pl.Datetime("us", "UTC"),
+}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -44,7 +48,9 @@ def withheld_key(traffic_id: str) -> str:
 def withhold_feedback(store: ObjectStore, traffic_id: str, request_ids: list[str], prices: list[float]) -> str:
     """Keep the true prices of requests about to be sent (written before sending, never lost)."""
     key = withheld_key(traffic_id)
-    frame = pl.DataFrame({"request_id": request_ids, "price": prices}, schema={"request_id": pl.String(), "price": pl.Float64()})
+    frame = pl.DataFrame(
+        {"request_id": request_ids, "price": prices}, schema={"request_id": pl.String(), "price": pl.Float64()}
+    )
     store.put_bytes(key, _parquet(frame), exclusive=True)
     return key
 
@@ -78,7 +84,11 @@ def release_feedback(store: ObjectStore, traffic_id: str, fraction: float = 1.0,
         labels = labels.sample(fraction=fraction, seed=seed)
     released_at = datetime.now(UTC)
     key = f"{LABELS_PREFIX}{traffic_id}-{released_at:%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:6]}.parquet"
-    store.put_bytes(key, _parquet(labels.with_columns(pl.lit(released_at, dtype=LABEL_SCHEMA["released_at"]).alias("released_at"))), exclusive=True)
+    store.put_bytes(
+        key,
+        _parquet(labels.with_columns(pl.lit(released_at, dtype=LABEL_SCHEMA["released_at"]).alias("released_at"))),
+        exclusive=True,
+    )
     return key, labels.height
 
 
@@ -94,7 +104,9 @@ def read_feedback_labels(store: ObjectStore, *, deduplicate: bool = True) -> pl.
     keys = [k for k in store.list(LABELS_PREFIX) if k.endswith(".parquet")]
     if not keys:
         return pl.DataFrame(schema=LABEL_SCHEMA)
-    labels = store.scan_parquet(keys).select(*(pl.col(name).cast(dtype) for name, dtype in LABEL_SCHEMA.items())).collect()
+    labels = (
+        store.scan_parquet(keys).select(*(pl.col(name).cast(dtype) for name, dtype in LABEL_SCHEMA.items())).collect()
+    )
     labels = labels.sort("released_at", maintain_order=True)
     return labels.unique("request_id", keep="first", maintain_order=True) if deduplicate else labels
 

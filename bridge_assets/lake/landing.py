@@ -201,7 +201,9 @@ def land_simulated(
         for key in store.list(BATCHES_PREFIX)
         if key.endswith("/simulation.json") and json.loads(store.get_text(key)).get("recipe") == recipe
     ]
-    batch, rows = land_batch(store, batch_id, blocks, fmt=fmt, withhold_labels=simulation.withhold_labels, on_block=on_block)
+    batch, rows = land_batch(
+        store, batch_id, blocks, fmt=fmt, withhold_labels=simulation.withhold_labels, on_block=on_block
+    )
     record = {"schema_version": 1, "rows": rows, "withhold_labels": simulation.withhold_labels, "recipe": recipe}
     store.put_text(simulation_key(batch_id), json.dumps(record, sort_keys=True))
     return SimulatedLanding(batch, rows, simulation, sorted(set(repeats) - {batch_id}))
@@ -237,7 +239,9 @@ def land_labels(store: ObjectStore, batch_id: str, labels: pl.DataFrame) -> str:
     """Land ground truth for a batch: one row per `row_id` with its `price` (once: immutable)."""
     key = labels_key(batch_id)
     if store.exists(key):
-        raise FileExistsError(f"labels for batch {batch_id!r} have already landed at {store.uri(key)}; labels are immutable")
+        raise FileExistsError(
+            f"labels for batch {batch_id!r} have already landed at {store.uri(key)}; labels are immutable"
+        )
     store.write_parquet(key, labels.select(pl.col(ROW_ID).cast(pl.String), pl.col(TARGET).cast(pl.Float64)))
     return key
 

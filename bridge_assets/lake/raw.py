@@ -1,7 +1,7 @@
 """Raw zone: each landed batch validated against the contract, bad rows quarantined.
 
-    raw/valid/<batch_id>/rows.parquet        typed, normalised rows that passed the contract
-    raw/quarantine/<batch_id>/rows.parquet   rows as sent (text) plus `reason`; absent if none
+raw/valid/<batch_id>/rows.parquet        typed, normalised rows that passed the contract
+raw/quarantine/<batch_id>/rows.parquet   rows as sent (text) plus `reason`; absent if none
 """
 
 from __future__ import annotations

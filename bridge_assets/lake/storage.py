@@ -10,6 +10,7 @@ store's root (the local folder, or `s3://bucket/prefix`).
 
 from __future__ import annotations
 
+import builtins
 import io
 import os
 import shutil
@@ -120,7 +121,7 @@ class ObjectStore(ABC):
             handle.write(data)
 
     @abstractmethod
-    def sweep_temporaries(self, older_than_seconds: float = 3600.0) -> list[str]:
+    def sweep_temporaries(self, older_than_seconds: float = 3600.0) -> builtins.list[str]:
         """Remove what writers killed mid-write left behind (never an object readers see); what
         was removed. Age protects writers still at work."""
 
@@ -136,7 +137,7 @@ class ObjectStore(ABC):
         frame.write_parquet(buffer, statistics=True)
         self.put_bytes(key, buffer.getvalue())
 
-    def scan_parquet(self, keys: list[str], *, schema: pl.Schema | None = None) -> pl.LazyFrame:
+    def scan_parquet(self, keys: builtins.list[str], *, schema: pl.Schema | None = None) -> pl.LazyFrame:
         """Lazily read Parquet objects without downloading them first. Their schemas must agree,
         unless `schema` is given: then a column an object lacks reads as nulls (older objects
         written before a column was added)."""
@@ -258,7 +259,11 @@ class S3Store(ObjectStore):
             with local_file.open("rb") as body:
                 self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body, IfNoneMatch="*")
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            if error.response.get("Error", {}).get("Code") in (
+                "PreconditionFailed",
+                "412",
+                "ConditionalRequestConflict",
+            ):
                 raise FileExistsError(f"{self.uri(key)} already exists") from error
             raise
 
@@ -272,10 +277,14 @@ class S3Store(ObjectStore):
         removed = _remove_stale(Path(tempfile.gettempdir()).glob(f"{_TEMP_MARK}*"), older_than_seconds)
         cutoff = time.time() - older_than_seconds
         try:
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._key("")):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self._key("")
+            ):
                 for upload in page.get("Uploads", []):
                     if upload["Initiated"].timestamp() <= cutoff:
-                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                        self.client.abort_multipart_upload(
+                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
                         removed.append(f"s3://{self.bucket}/{upload['Key']} (multipart upload {upload['UploadId']})")
         except ClientError as error:  # s3rver (the local stack) cannot list uploads: nothing to abort there
             if error.response.get("Error", {}).get("Code") != "NotImplemented":

@@ -30,7 +30,7 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-from bridge_assets.ml.gates import PromotionSettings
+from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.registry import PRODUCTION, AuditRecord
 
 # Histogram bins for model time: log-spaced from 10 µs to 100 s, 4% wide.
@@ -48,7 +48,9 @@ class Watch:
     ends: datetime
 
 
-def watch_of(history: list[AuditRecord], version: str | None, settings: PromotionSettings, now: datetime) -> Watch | None:
+def watch_of(
+    history: list[AuditRecord], version: str | None, settings: PromotionSettings, now: datetime
+) -> Watch | None:
     """The watch on `version` if one runs at `now`: it became Production by a bridge move (not a
     rollback, not a hand move) from a different version, less than `guardrail_seconds` ago."""
     if settings.guardrail_seconds <= 0 or version is None:
@@ -110,25 +112,39 @@ class WatchTally:
 
     def add(self, records: pl.DataFrame, watch: Watch) -> None:
         """Count the records of both versions from the watch's start (one per request)."""
-        for side, variant, version in ((self.new, "production", watch.version), (self.previous, "previous", watch.previous)):
+        for side, variant, version in (
+            (self.new, "production", watch.version),
+            (self.previous, "previous", watch.previous),
+        ):
             mine = records.filter(
-                (pl.col("variant") == variant) & (pl.col("model_version") == version) & (pl.col("row_index") == 0)
-                & (pl.col("timestamp") >= watch.started) & ((pl.col("status") < 400) | (pl.col("status") >= 500))
-            )  # fmt: skip
+                (pl.col("variant") == variant)
+                & (pl.col("model_version") == version)
+                & (pl.col("row_index") == 0)
+                & (pl.col("timestamp") >= watch.started)
+                & ((pl.col("status") < 400) | (pl.col("status") >= 500))
+            )
             side.requests += mine.height
             side.server_errors += mine.filter(pl.col("status") >= 500).height
-            timed = mine.filter((pl.col("status") < 400) & (pl.col("endpoint") == "/predict"))["model_ms"].drop_nulls().to_numpy()
+            timed = (
+                mine.filter((pl.col("status") < 400) & (pl.col("endpoint") == "/predict"))["model_ms"]
+                .drop_nulls()
+                .to_numpy()
+            )
             bins = np.clip(np.searchsorted(BIN_EDGES_MS, timed, side="right") - 1, 0, len(BIN_CENTRES_MS) - 1)
             for index, count in zip(*np.unique(bins, return_counts=True), strict=True):
                 side.model_ms_bins[int(index)] = side.model_ms_bins.get(int(index), 0) + int(count)
 
     def to_json(self) -> dict:
-        side = lambda s: {"requests": s.requests, "server_errors": s.server_errors, "bins": {str(k): v for k, v in s.model_ms_bins.items()}}  # noqa: E731
+        side = lambda s: {
+            "requests": s.requests,
+            "server_errors": s.server_errors,
+            "bins": {str(k): v for k, v in s.model_ms_bins.items()},
+        }
         return {"watch": self.watch, "files": self.files, "new": side(self.new), "previous": side(self.previous)}
 
     @classmethod
     def from_json(cls, data: dict) -> WatchTally:
-        side = lambda s: VersionTally(s["requests"], s["server_errors"], {int(k): v for k, v in s["bins"].items()})  # noqa: E731
+        side = lambda s: VersionTally(s["requests"], s["server_errors"], {int(k): v for k, v in s["bins"].items()})
         return cls(data["watch"], list(data["files"]), side(data["new"]), side(data["previous"]))
 
 
@@ -147,13 +163,20 @@ def judge(tally: WatchTally, watch: Watch, settings: PromotionSettings) -> Guard
     observed = f"{new.describe(watch.version)}; over the same seconds {previous.describe(watch.previous)}"
     fewest = min(new.requests, previous.requests)
     if fewest < settings.guardrail_min_requests:
-        return GuardrailVerdict(False, False, f"too few requests yet (need {settings.guardrail_min_requests} on each side): {observed}")
+        return GuardrailVerdict(
+            False, False, f"too few requests yet (need {settings.guardrail_min_requests} on each side): {observed}"
+        )
     breaches = []
-    table = [[new.server_errors, new.requests - new.server_errors], [previous.server_errors, previous.requests - previous.server_errors]]
+    table = [
+        [new.server_errors, new.requests - new.server_errors],
+        [previous.server_errors, previous.requests - previous.server_errors],
+    ]
     errors_p = float(stats.fisher_exact(table, alternative="greater").pvalue)
     rise = new.error_rate - previous.error_rate
     if rise > settings.guardrail_error_margin and errors_p < settings.guardrail_alpha:
-        breaches.append(f"server-error rate {new.error_rate:.1%} against {previous.error_rate:.1%} (+{rise:.1%} > {settings.guardrail_error_margin:.1%}, Fisher p={errors_p:.1g})")
+        breaches.append(
+            f"server-error rate {new.error_rate:.1%} against {previous.error_rate:.1%} (+{rise:.1%} > {settings.guardrail_error_margin:.1%}, Fisher p={errors_p:.1g})"
+        )
     if min(new.timed, previous.timed) >= settings.guardrail_min_requests:
         new_p95, previous_p95 = new.p95_ms(), previous.p95_ms()
         assert new_p95 is not None and previous_p95 is not None

@@ -22,7 +22,14 @@ from bridge_assets.lake.feature_store import FeatureStore, FeatureVersion
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import PRODUCTION_ALIAS
 from bridge_assets.ml.round import Incumbent, RoundPolicy, RoundResult, run_round
-from bridge_assets.ml.tracking import MlflowSettings, RoundRecord, load_registered, log_round, loss_curve_png, unseen_batches
+from bridge_assets.ml.tracking import (
+    MlflowSettings,
+    RoundRecord,
+    load_registered,
+    log_round,
+    loss_curve_png,
+    unseen_batches,
+)
 
 
 def metrics_table(result: RoundResult) -> str:
@@ -73,7 +80,9 @@ def materialization_metadata(result: RoundResult, record: RoundRecord, settings:
     }
 
 
-def production_incumbent(settings: MlflowSettings, features: FeatureStore, version: FeatureVersion) -> tuple[Incumbent | None, frozenset[str]]:
+def production_incumbent(
+    settings: MlflowSettings, features: FeatureStore, version: FeatureVersion
+) -> tuple[Incumbent | None, frozenset[str]]:
     """The Production version as a round's incumbent, and the batches of `version` it never saw
     (the round's recent rows); (None, empty) before there is a Production."""
     client = settings.activate()

@@ -98,11 +98,14 @@ def write_audit(store: ObjectStore, record: AuditRecord) -> AuditRecord:
 
 def read_audit(store: ObjectStore, model_name: str | None = None, version: str | None = None) -> list[AuditRecord]:
     """The trail in the order it was written, optionally for one model (and version)."""
-    records = [AuditRecord.from_json(store.get_text(key), key) for key in store.list(AUDIT_PREFIX) if key.endswith(".json")]
+    records = [
+        AuditRecord.from_json(store.get_text(key), key) for key in store.list(AUDIT_PREFIX) if key.endswith(".json")
+    ]
     return [
-        r for r in records
+        r
+        for r in records
         if (model_name is None or r.model_name == model_name) and (version is None or r.version == str(version))
-    ]  # fmt: skip
+    ]
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,9 @@ class Registry:
         """Register a logged model as a new version: alias `candidate`, stage None, recorded."""
         version = str(mlflow.register_model(model_uri, self.model_name, tags={**tags, STAGE_TAG: NONE}).version)
         self.client.set_registered_model_alias(self.model_name, CANDIDATE_ALIAS, version)
-        self.record("register", version, to_stage=NONE, evidence={"model_uri": model_uri, "run_id": tags.get("bridge.run_id")})
+        self.record(
+            "register", version, to_stage=NONE, evidence={"model_uri": model_uri, "run_id": tags.get("bridge.run_id")}
+        )
         return version
 
     def stage_version(self, version: str, *, reason: str, evidence: Mapping[str, Any]) -> str | None:
@@ -226,7 +231,9 @@ class Registry:
         the last entry is the current one, the one before it is where a rollback goes."""
         stack: list[str] = []
         for record in self.history():
-            if record.to_stage != PRODUCTION or (record.action == "out_of_band" and not record.evidence.get("deployable")):
+            if record.to_stage != PRODUCTION or (
+                record.action == "out_of_band" and not record.evidence.get("deployable")
+            ):
                 continue
             if record.action == "rollback" and len(stack) >= 2 and stack[-2] == record.version:
                 stack.pop()
@@ -271,19 +278,27 @@ class Registry:
             return Authorisation(alias, None, True, False, f"no version behind `{alias}`")
         moves = [r for r in self.history() if r.to_stage == stage and r.action != "out_of_band"]
         if moves and moves[-1].version == version:
-            return Authorisation(alias, version, True, False, f"v{version} set by bridge ({moves[-1].action} by {moves[-1].actor})")
+            return Authorisation(
+                alias, version, True, False, f"v{version} set by bridge ({moves[-1].action} by {moves[-1].actor})"
+            )
         gates = self.gate_record(version)
         passed = gates is not None and gates.action == "gates_passed"
-        reason = (
-            f"`{alias}` was moved to v{version} outside bridge; "
-            + (f"v{version} passed its gates ({gates.key}), so it may be served" if passed
-               else f"v{version} has no passing gate record ({gates.reason if gates else 'never evaluated'}): not deployed")
-        )  # fmt: skip
+        reason = f"`{alias}` was moved to v{version} outside bridge; " + (
+            f"v{version} passed its gates ({gates.key}), so it may be served"
+            if gates is not None and passed
+            else f"v{version} has no passing gate record ({gates.reason if gates else 'never evaluated'}): not deployed"
+        )
         already = [r for r in self.history(version) if r.action == "out_of_band" and r.to_stage == stage]
         record = not already or (moves and already[-1].key < moves[-1].key)
         if record:
-            self.record("out_of_band", version, from_stage=self.stage(version), to_stage=stage, reason=reason,
-                        evidence={"alias": alias, "gate_record": gates.key if gates else None, "deployable": passed})  # fmt: skip
+            self.record(
+                "out_of_band",
+                version,
+                from_stage=self.stage(version),
+                to_stage=stage,
+                reason=reason,
+                evidence={"alias": alias, "gate_record": gates.key if gates else None, "deployable": passed},
+            )
         return Authorisation(alias, version, passed, True, reason, newly_recorded=bool(record))
 
     def promote_staging(self, version: str | None = None, *, override_reason: str | None = None) -> str | None:
@@ -301,9 +316,15 @@ class Registry:
         verdict = self.verdict(version)
         evidence: dict[str, Any] = {}
         if verdict is not None and verdict.evidence.get("verdict") == "promote":
-            reason, evidence = f"A/B verdict promote ({verdict.reason})", {"verdict_record": verdict.key, **verdict.evidence}
+            reason, evidence = (
+                f"A/B verdict promote ({verdict.reason})",
+                {"verdict_record": verdict.key, **verdict.evidence},
+            )
         elif override_reason:
-            reason, evidence = f"override: {override_reason}", {"override": True, "verdict_record": verdict.key if verdict else None}
+            reason, evidence = (
+                f"override: {override_reason}",
+                {"override": True, "verdict_record": verdict.key if verdict else None},
+            )
         elif production is None:
             reason = "first Production version: nothing to compare against"
         else:

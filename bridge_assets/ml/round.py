@@ -146,10 +146,10 @@ class RoundResult:
         lowest = min(self.candidates, key=lambda c: c.metrics[SELECTION_METRIC])
         text = f"{best.config.name} ({best.option}): validation RMSE {best.metrics[SELECTION_METRIC]:,.0f} on {rows}"
         if lowest is not best:
-            text += (
-                f"; {lowest.config.name} ({lowest.option}) scored {lowest.metrics[SELECTION_METRIC]:,.0f} but "
-                + ("did not beat every baseline" if not self.qualifies(lowest)
-                   else f"a costlier option must be better by more than {self.policy.min_gain:.0%} and beyond chance on these rows")
+            text += f"; {lowest.config.name} ({lowest.option}) scored {lowest.metrics[SELECTION_METRIC]:,.0f} but " + (
+                "did not beat every baseline"
+                if not self.qualifies(lowest)
+                else f"a costlier option must be better by more than {self.policy.min_gain:.0%} and beyond chance on these rows"
             )
         if not self.qualifies(best):
             text += "; no candidate beat every baseline on validation"
@@ -158,7 +158,11 @@ class RoundResult:
     def choice_table(self) -> str:
         """Markdown: every option the round ran (or skipped), on the same rows, and the choice."""
         recent = any("recent_test_rmse" in c.metrics for c in self.candidates)
-        head = "| option | model | rows trained | recalibration | val RMSE | val MAE | test RMSE |" + (" recent test RMSE |" if recent else "") + " beats baselines | |"
+        head = (
+            "| option | model | rows trained | recalibration | val RMSE | val MAE | test RMSE |"
+            + (" recent test RMSE |" if recent else "")
+            + " beats baselines | |"
+        )
         lines = [head, "|" + "---|" * (head.count("|") - 1)]
         best = self.best
         for c in sorted(self.candidates, key=lambda c: OPTIONS.index(c.option)):
@@ -172,7 +176,8 @@ class RoundResult:
         for name, scores in self.baselines.items():
             lines.append(
                 f"| baseline | {name} |  |  | {scores['val_rmse']:,.0f} | {scores['val_mae']:,.0f} | {scores['test_rmse']:,.0f} |"
-                + (f" {scores['recent_test_rmse']:,.0f} |" if recent else "") + "  |  |"
+                + (f" {scores['recent_test_rmse']:,.0f} |" if recent else "")
+                + "  |  |"
             )
         for option, why in self.skipped.items():
             lines.append(f"| {option} | not run: {why} |" + " |" * (head.count("|") - 3))
@@ -216,7 +221,9 @@ def recency_weights(rows: pl.DataFrame, recency: Recency) -> np.ndarray | None:
     if not recency.active:
         return None
     if SEEN_AT not in rows.columns:
-        raise ValueError("recency weighting needs a `seen_at` column: rebuild the feature table (parts carry it since bridge 0.2)")
+        raise ValueError(
+            "recency weighting needs a `seen_at` column: rebuild the feature table (parts carry it since bridge 0.2)"
+        )
     return recency.weights(rows[SEEN_AT])
 
 
@@ -275,7 +282,7 @@ def run_round(
     x_train = encode.transform(train)
     for name, log_target in BASELINES.items():
         linear = LinearModel.fit(x_train, train[TARGET].to_numpy(), log_target=log_target, weights=weights)
-        baselines[name] = evaluate(lambda rows, linear=linear: linear.predict(encode.transform(rows)))[0]
+        baselines[name] = evaluate(lambda rows: linear.predict(encode.transform(rows)))[0]  # noqa: B023 (evaluate calls it at once)
 
     candidates: list[Candidate] = []
     skipped: dict[str, str] = {}
@@ -286,9 +293,16 @@ def run_round(
         validation: a model that already learned the new level needs none."""
         if stage_rows is None:
             return candidate
-        stage = Recalibration.fit(stage_rows[TARGET].to_numpy(), candidate.model.predict(stage_rows), policy.calibration, _recent_words(policy))
+        stage = Recalibration.fit(
+            stage_rows[TARGET].to_numpy(),
+            candidate.model.predict(stage_rows),
+            policy.calibration,
+            _recent_words(policy),
+        )
         staged = replace(candidate, calibration=stage)
-        staged.metrics, staged.val_errors = evaluate(lambda rows: staged.predict_encoded(staged.model.preprocessor.transform(rows)))
+        staged.metrics, staged.val_errors = evaluate(
+            lambda rows: staged.predict_encoded(staged.model.preprocessor.transform(rows))
+        )
         return staged if clearly_better(staged.val_errors, candidate.val_errors, policy.min_gain) else candidate
 
     for option in OPTIONS:
@@ -299,7 +313,9 @@ def run_round(
                 model = train_model(train, validation, config, preprocessor=encode, sample_weights=weights)
                 note = f"recency {policy.recency.describe()}" if policy.recency.active else ""
                 candidate = Candidate(config, model, {}, "scratch", None, train.height, note)
-                candidate.metrics, candidate.val_errors = evaluate(lambda rows, model=model: model.predict_encoded(model.preprocessor.transform(rows)))
+                candidate.metrics, candidate.val_errors = evaluate(
+                    lambda rows: model.predict_encoded(model.preprocessor.transform(rows))  # noqa: B023
+                )
                 candidates.append(with_stage(candidate))
             continue
         if incumbent is None:
@@ -309,14 +325,37 @@ def run_round(
             skipped[option] = f"fewer than {MIN_RECENT_ROWS} training or validation rows the incumbent never saw"
             continue
         if option == "recalibrate":
-            stage = Recalibration.fit(recent_train[TARGET].to_numpy(), incumbent.model.predict(recent_train), policy.calibration, _recent_words(policy))
+            stage = Recalibration.fit(
+                recent_train[TARGET].to_numpy(),
+                incumbent.model.predict(recent_train),
+                policy.calibration,
+                _recent_words(policy),
+            )
             config = replace(incumbent.model.config, name=f"v{incumbent.version}-recalibrated")
-            candidate = Candidate(config, incumbent.model, {}, "recalibrate", stage, 0, f"Production v{incumbent.version}'s network, unchanged")
+            candidate = Candidate(
+                config,
+                incumbent.model,
+                {},
+                "recalibrate",
+                stage,
+                0,
+                f"Production v{incumbent.version}'s network, unchanged",
+            )
         else:
             config = replace(incumbent.model.config, name=f"v{incumbent.version}-finetuned")
             model = train_model(recent_train, validation, config, warm_start=incumbent.model)
-            candidate = Candidate(config, model, {}, "finetune", None, recent_train.height, f"from Production v{incumbent.version}'s weights")
-        candidate.metrics, candidate.val_errors = evaluate(lambda rows, c=candidate: c.predict_encoded(c.model.preprocessor.transform(rows)))
+            candidate = Candidate(
+                config,
+                model,
+                {},
+                "finetune",
+                None,
+                recent_train.height,
+                f"from Production v{incumbent.version}'s weights",
+            )
+        candidate.metrics, candidate.val_errors = evaluate(
+            lambda rows: candidate.predict_encoded(candidate.model.preprocessor.transform(rows))  # noqa: B023
+        )
         candidates.append(with_stage(candidate) if option == "finetune" else candidate)
     if not candidates:
         raise ValueError(f"no option of {list(policy.options)} could run: {skipped}")
@@ -329,7 +368,14 @@ def run_round(
     # The incumbent is named only when the round judged against what it never saw: a round on
     # the data it was trained on did not set out to replace it.
     return RoundResult(
-        candidates, baselines, split, rows, policy, incumbent.version if incumbent and use_recent else None, "recent" if use_recent else "all", skipped
+        candidates,
+        baselines,
+        split,
+        rows,
+        policy,
+        incumbent.version if incumbent and use_recent else None,
+        "recent" if use_recent else "all",
+        skipped,
     )
 
 

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric
 from mlflow.models import ModelSignature
-from mlflow.types.schema import AnyType, ColSpec, Schema
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import AnyType, ColSpec, Schema
 
 import bridge_assets.core as core_package
 from bridge_assets.core.calibration import FILE_NAME as CALIBRATION_FILE
@@ -159,14 +160,19 @@ def git_lineage(root: Path = PROJECT_ROOT) -> dict[str, str]:
 
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+            done = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10, check=False
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"bridge.git_commit": commit or "unknown", "bridge.git_dirty": "unknown" if status is None else str(bool(status)).lower()}
+    return {
+        "bridge.git_commit": commit or "unknown",
+        "bridge.git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+    }
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,9 @@ class RoundRecord:
 def _code_snapshot(directory: Path) -> Path:
     """A copy of `bridge_assets.core` as a package `bridge_assets` holding only the core."""
     package = directory / "bridge_assets"
-    shutil.copytree(Path(core_package.__file__).parent, package / "core", ignore=shutil.ignore_patterns("data", "__pycache__"))
+    shutil.copytree(
+        Path(core_package.__file__).parent, package / "core", ignore=shutil.ignore_patterns("data", "__pycache__")
+    )
     (package / "__init__.py").write_text('"""Snapshot of the bridge ML core logged with a model."""\n')
     return package
 
@@ -208,9 +216,15 @@ def loss_curve_png(candidate: Candidate) -> bytes:
 
     history = candidate.model.history
     figure, axes = plt.subplots(figsize=(6, 3.2), dpi=100)
-    axes.plot([h["epoch"] for h in history[1:]], [h["train_loss"] for h in history[1:]], label="train")
-    axes.plot([h["epoch"] for h in history], [h["val_loss"] for h in history], label="validation")
-    axes.axvline(candidate.model.best_epoch, color="grey", linestyle=":", label=f"best epoch {candidate.model.best_epoch}")
+
+    def series(key: str, first: int) -> np.ndarray:
+        return np.array([h[key] for h in history[first:]], dtype=float)  # None (no loss yet) reads as NaN
+
+    axes.plot(series("epoch", 1), series("train_loss", 1), label="train")
+    axes.plot(series("epoch", 0), series("val_loss", 0), label="validation")
+    axes.axvline(
+        candidate.model.best_epoch, color="grey", linestyle=":", label=f"best epoch {candidate.model.best_epoch}"
+    )
     axes.set(xlabel="epoch", ylabel="MSE (scaled target)", title=f"{candidate.config.name} loss")
     axes.legend()
     figure.tight_layout()
@@ -225,12 +239,14 @@ def _log_candidate(
 ) -> tuple[str, str]:
     """Log one configuration as a nested run; returns its run id and logged-model URI."""
     config = candidate.config
-    with mlflow.start_run(run_name=config.name, nested=True, tags={**tags, "bridge.config_hash": config.config_hash()}) as run:
+    with mlflow.start_run(
+        run_name=config.name, nested=True, tags={**tags, "bridge.config_hash": config.config_hash()}
+    ) as run:
         run_id = run.info.run_id
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
         logged_at = int(time.time() * 1000)
         epochs = [
-            Metric(key, value, logged_at, step=int(h["epoch"]))
+            Metric(key, value, logged_at, step=int(h["epoch"] or 0))
             for h in candidate.model.history
             for key, value in (("train_loss", h["train_loss"]), ("val_loss", h["val_loss"]))
             if value is not None
@@ -246,8 +262,12 @@ def _log_candidate(
         calibration = None
         if candidate.calibration is not None:
             calibration = candidate.calibration.save(files["model"].parent / CALIBRATION_FILE)
-            mlflow.log_params({"calibration_kind": candidate.calibration.kind, "calibration_rows": candidate.calibration.rows})
-            mlflow.log_metrics({"calibration_offset": candidate.calibration.offset, "calibration_slope": candidate.calibration.slope})
+            mlflow.log_params(
+                {"calibration_kind": candidate.calibration.kind, "calibration_rows": candidate.calibration.rows}
+            )
+            mlflow.log_metrics(
+                {"calibration_offset": candidate.calibration.offset, "calibration_slope": candidate.calibration.slope}
+            )
             mlflow.set_tag("bridge.calibration", candidate.calibration.describe()[:5000])
         curve = workdir / f"{config.name}-loss_curve.png"
         curve.write_bytes(loss_curve_png(candidate))
@@ -256,7 +276,9 @@ def _log_candidate(
     return run_id, logged.model_uri
 
 
-def log_pyfunc(weights: Path, description: Path, workdir: Path, calibration: Path | None = None) -> mlflow.models.model.ModelInfo:
+def log_pyfunc(
+    weights: Path, description: Path, workdir: Path, calibration: Path | None = None
+) -> mlflow.models.model.ModelInfo:
     """Log a saved `TrainedModel` (and its recalibration stage, if any) as the pyfunc `model` of
     the active run."""
     artifacts = {"weights": str(weights), "model": str(description)}
@@ -291,18 +313,34 @@ def log_round(
     }
     run_ids: dict[str, str] = {}
     model_uris: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="bridge-round-") as scratch, mlflow.start_run(
-        run_name=f"round {feature_version}", tags={**tags, "bridge.kind": "training_round"}
-    ) as parent:
+    with (
+        tempfile.TemporaryDirectory(prefix="bridge-round-") as scratch,
+        mlflow.start_run(run_name=f"round {feature_version}", tags={**tags, "bridge.kind": "training_round"}) as parent,
+    ):
         for candidate in result.candidates:
             name = candidate.config.name
             run_ids[name], model_uris[name] = _log_candidate(client, candidate, result, tags, Path(scratch))
         best = result.best
         mlflow.log_metrics({f"best_{k}": v for k, v in best.metrics.items()})
         mlflow.log_metrics({f"{name}_{k}": v for name, scores in result.baselines.items() for k, v in scores.items()})
-        mlflow.set_tags({"bridge.best_config": best.config.name, "bridge.best_run_id": run_ids[best.config.name], **round_tags(result)})
+        mlflow.set_tags(
+            {
+                "bridge.best_config": best.config.name,
+                "bridge.best_run_id": run_ids[best.config.name],
+                **round_tags(result),
+            }
+        )
         mlflow.log_text(result.choice_table(), "round_choice.md")
-        mlflow.log_dict({**result.policy.to_dict(), "incumbent": result.incumbent, "validation": result.validation, "rows": result.rows, "skipped": result.skipped}, "round.json")
+        mlflow.log_dict(
+            {
+                **result.policy.to_dict(),
+                "incumbent": result.incumbent,
+                "validation": result.validation,
+                "rows": result.rows,
+                "skipped": result.skipped,
+            },
+            "round.json",
+        )
         experiment_id = parent.info.experiment_id
         parent_id = parent.info.run_id
     version_tags = {
@@ -314,21 +352,40 @@ def log_round(
     existing = equal_version(client, settings.model_name, version_tags)
     if existing is not None:  # same data and configuration: nothing new to register
         client.set_tag(parent_id, "bridge.registered", f"nothing new: equals version {existing}")
-        logging.getLogger("bridge.tracking").warning("nothing new registered: %s v%s has the same data and configuration", settings.model_name, existing)
-        return RoundRecord(experiment_id, parent_id, run_ids, best.config.name, run_ids[best.config.name], settings.model_name, existing, new_version=False)
+        logging.getLogger("bridge.tracking").warning(
+            "nothing new registered: %s v%s has the same data and configuration", settings.model_name, existing
+        )
+        return RoundRecord(
+            experiment_id,
+            parent_id,
+            run_ids,
+            best.config.name,
+            run_ids[best.config.name],
+            settings.model_name,
+            existing,
+            new_version=False,
+        )
     version = register_candidate(client, settings.model_name, model_uris[best.config.name], version_tags, store)
-    return RoundRecord(experiment_id, parent_id, run_ids, best.config.name, run_ids[best.config.name], settings.model_name, version)
+    return RoundRecord(
+        experiment_id, parent_id, run_ids, best.config.name, run_ids[best.config.name], settings.model_name, version
+    )
 
 
 def load_registered(model_name: str, version: str) -> tuple[TrainedModel, Recalibration | None]:
     """A registered version's network and its recalibration stage, read fully from its artifacts
     (the files the pyfunc loads) in the active MLflow store, without pandas or the pyfunc wrapper."""
     with tempfile.TemporaryDirectory(prefix="bridge-model-") as scratch:  # read fully, then gone
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{version}/artifacts", dst_path=scratch))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model_name}/{version}/artifacts", dst_path=scratch
+            )
+        )
         return TrainedModel.load(local / "weights.pth", local / "model.json"), Recalibration.load_optional(local)
 
 
-def unseen_batches(client: MlflowClient, model_name: str, version: str, features: FeatureStore, batch_ids: list[str]) -> list[str] | None:
+def unseen_batches(
+    client: MlflowClient, model_name: str, version: str, features: FeatureStore, batch_ids: list[str]
+) -> list[str] | None:
     """The batches of `batch_ids` a registered version never trained on (not in its feature
     version, tag `bridge.feature_version`): the world since it was made. None if unknown."""
     trained_on = client.get_model_version(model_name, str(version)).tags.get("bridge.feature_version")

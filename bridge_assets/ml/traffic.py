@@ -84,7 +84,9 @@ def send_traffic(
     traffic_id = traffic_id or f"traffic-{datetime.now(UTC):%Y%m%dT%H%M%S}-s{seed}"
     count = max(1, math.ceil(rate * duration))
     houses = pl.concat(HousingSimulator.fit().generate(count, seed=seed, batch_id=traffic_id, drift=drift))
-    result = TrafficResult(traffic_id, withhold_feedback(store, traffic_id, houses[ROW_ID].to_list(), houses[TARGET].to_list()))
+    result = TrafficResult(
+        traffic_id, withhold_feedback(store, traffic_id, houses[ROW_ID].to_list(), houses[TARGET].to_list())
+    )
     senders = client_ids(count, clients, seed)
     bodies = houses.select(FEATURES).with_columns(pl.col(pl.Enum, pl.Categorical).cast(pl.String)).to_dicts()
     lock = threading.Lock()
@@ -95,7 +97,9 @@ def send_traffic(
         delay = started + index / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        headers = {"X-Client-ID": senders[index], "X-Request-ID": houses[ROW_ID][index]} | ({"X-API-Key": api_key} if api_key else {})
+        headers = {"X-Client-ID": senders[index], "X-Request-ID": houses[ROW_ID][index]} | (
+            {"X-API-Key": api_key} if api_key else {}
+        )
         try:
             status, reply = _post(f"{url.rstrip('/')}/predict", bodies[index], headers)
         except OSError as error:

@@ -50,14 +50,18 @@ class LoopEvent:
         return json.dumps(asdict(self), default=str, sort_keys=True).encode()
 
 
-def send_alert(url: str | None, event: LoopEvent, attempts: int = 3, timeout: float = 3.0, backoff: float = 0.5) -> bool:
+def send_alert(
+    url: str | None, event: LoopEvent, attempts: int = 3, timeout: float = 3.0, backoff: float = 0.5
+) -> bool:
     """POST `event` to `url` (no URL: nothing to do); True when a 2xx came back."""
     if not url:
         return False
-    request = urllib.request.Request(url, data=event.to_json(), headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        url, data=event.to_json(), headers={"Content-Type": "application/json"}, method="POST"
+    )
     for attempt in range(1, attempts + 1):
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - the configured webhook
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 if 200 <= response.status < 300:
                     return True
                 problem = f"HTTP {response.status}"

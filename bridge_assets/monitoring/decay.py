@@ -63,15 +63,27 @@ def judge_realised(stats: ErrorStats | None, baseline_rmse: float, min_labels: i
     bar = baseline_rmse * (1 + tolerance)
     low = stats.rmse_ci[0]
     if low > bar:
-        return DecayVerdict(True, True, f"live RMSE {stats.rmse:,.0f} (95% CI from {low:,.0f}) > test RMSE {baseline_rmse:,.0f} +{tolerance:.0%}")
-    return DecayVerdict(True, False, f"live RMSE {stats.rmse:,.0f} within test RMSE {baseline_rmse:,.0f} +{tolerance:.0%}")
+        return DecayVerdict(
+            True,
+            True,
+            f"live RMSE {stats.rmse:,.0f} (95% CI from {low:,.0f}) > test RMSE {baseline_rmse:,.0f} +{tolerance:.0%}",
+        )
+    return DecayVerdict(
+        True, False, f"live RMSE {stats.rmse:,.0f} within test RMSE {baseline_rmse:,.0f} +{tolerance:.0%}"
+    )
 
 
-def judge_estimated(estimated_rmse: float, baseline_rmse: float, rows: int, min_rows: int, tolerance: float) -> DecayVerdict:
+def judge_estimated(
+    estimated_rmse: float, baseline_rmse: float, rows: int, min_rows: int, tolerance: float
+) -> DecayVerdict:
     """The label-free estimate, held to the same bar (it has no labels to wait for, only rows)."""
     if rows < min_rows or not math.isfinite(estimated_rmse):
         return DecayVerdict(False, False, f"{rows} rows < {min_rows} needed to judge")
     bar = baseline_rmse * (1 + tolerance)
     if estimated_rmse > bar:
-        return DecayVerdict(True, True, f"estimated RMSE {estimated_rmse:,.0f} > test RMSE {baseline_rmse:,.0f} +{tolerance:.0%}")
-    return DecayVerdict(True, False, f"estimated RMSE {estimated_rmse:,.0f} within test RMSE {baseline_rmse:,.0f} +{tolerance:.0%}")
+        return DecayVerdict(
+            True, True, f"estimated RMSE {estimated_rmse:,.0f} > test RMSE {baseline_rmse:,.0f} +{tolerance:.0%}"
+        )
+    return DecayVerdict(
+        True, False, f"estimated RMSE {estimated_rmse:,.0f} within test RMSE {baseline_rmse:,.0f} +{tolerance:.0%}"
+    )

@@ -16,7 +16,9 @@ the KS statistic for a yes/no column).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import numpy as np
 from whylogs_sketching import frequent_items_error_type
@@ -68,7 +70,17 @@ class ColumnDrift:
         return asdict(self)
 
 
-def _distribution(view: DatasetProfileView, column: str) -> tuple[str, dict[str, float] | None, object | None, int]:
+class QuantileSketch(Protocol):
+    """What drift reads of whylogs' KLL sketch (datasketches' `kll_doubles_sketch`)."""
+
+    def get_quantiles(self, ranks: list[float]) -> Sequence[float]: ...
+
+    def get_cdf(self, points: list[float]) -> Sequence[float]: ...
+
+
+def _distribution(
+    view: DatasetProfileView, column: str
+) -> tuple[str, dict[str, float] | None, QuantileSketch | None, int]:
     """(kind, level counts or None, KLL sketch or None, rows) of a column in a profile."""
     profile = view.get_column(column)
     counts = profile.get_metric("counts")
@@ -77,23 +89,46 @@ def _distribution(view: DatasetProfileView, column: str) -> tuple[str, dict[str,
     if types is not None and types.fractional.value > 0:
         return "continuous", None, profile.get_metric("distribution").kll.value, rows
     items = profile.get_metric("frequent_items").frequent_strings.value
-    levels = {value: float(est) for value, est, _, _ in items.get_frequent_items(frequent_items_error_type.NO_FALSE_NEGATIVES)}
+    levels = {
+        value: float(est) for value, est, _, _ in items.get_frequent_items(frequent_items_error_type.NO_FALSE_NEGATIVES)
+    }
     kind = "ordinal" if types is not None and types.integral.value > 0 else "categorical"
     return kind, levels, None, rows
 
 
-def _discrete(reference: dict[str, float], window: dict[str, float], ordered: bool) -> tuple[float, np.ndarray, np.ndarray]:
+def _discrete(
+    reference: dict[str, float], window: dict[str, float], ordered: bool
+) -> tuple[float, np.ndarray, np.ndarray]:
     levels = sorted(set(reference) | set(window), key=(lambda v: float(v)) if ordered else str)
     p = np.array([reference.get(v, 0.0) for v in levels])
     q = np.array([window.get(v, 0.0) for v in levels])
     p_share, q_share = p / p.sum(), q / q.sum()
-    ks = float(np.max(np.abs(np.cumsum(p_share) - np.cumsum(q_share)))) if ordered else float(np.abs(p_share - q_share).sum() / 2)
+    ks = (
+        float(np.max(np.abs(np.cumsum(p_share) - np.cumsum(q_share))))
+        if ordered
+        else float(np.abs(p_share - q_share).sum() / 2)
+    )
     return ks, p, q
 
 
-def _continuous(reference: object, window: object, reference_rows: int, window_rows: int) -> tuple[float, np.ndarray, np.ndarray]:
-    points = np.unique(np.concatenate([reference.get_quantiles(np.linspace(0, 1, 201).tolist()), window.get_quantiles(np.linspace(0, 1, 201).tolist())]))
-    ks = float(np.max(np.abs(np.asarray(reference.get_cdf(points.tolist())[:-1]) - np.asarray(window.get_cdf(points.tolist())[:-1]))))
+def _continuous(
+    reference: QuantileSketch, window: QuantileSketch, reference_rows: int, window_rows: int
+) -> tuple[float, np.ndarray, np.ndarray]:
+    points = np.unique(
+        np.concatenate(
+            [
+                reference.get_quantiles(np.linspace(0, 1, 201).tolist()),
+                window.get_quantiles(np.linspace(0, 1, 201).tolist()),
+            ]
+        )
+    )
+    ks = float(
+        np.max(
+            np.abs(
+                np.asarray(reference.get_cdf(points.tolist())[:-1]) - np.asarray(window.get_cdf(points.tolist())[:-1])
+            )
+        )
+    )
     edges = np.unique(reference.get_quantiles(np.linspace(0.1, 0.9, PSI_BINS - 1).tolist()))
     p = np.diff(np.concatenate([[0.0], reference.get_cdf(edges.tolist())[:-1], [1.0]])) * reference_rows
     q = np.diff(np.concatenate([[0.0], window.get_cdf(edges.tolist())[:-1], [1.0]])) * window_rows
@@ -109,20 +144,27 @@ def _psi_hellinger(p: np.ndarray, q: np.ndarray) -> tuple[float, float]:
     return psi, hellinger
 
 
-def column_drift(reference: DatasetProfileView, window: DatasetProfileView, column: str, settings: DriftSettings) -> ColumnDrift | None:
+def column_drift(
+    reference: DatasetProfileView, window: DatasetProfileView, column: str, settings: DriftSettings
+) -> ColumnDrift | None:
     """Effect sizes of one column, window against reference; None if either lacks rows."""
     if reference.get_column(column) is None or window.get_column(column) is None:
         return None
     kind, ref_levels, ref_kll, m = _distribution(reference, column)
-    window_kind, win_levels, win_kll, n = _distribution(window, column)
+    _, win_levels, win_kll, n = _distribution(window, column)
     if m == 0 or n == 0:
         return None
-    if kind == "continuous" and window_kind == "continuous":
+    if ref_kll is not None and win_kll is not None:  # both continuous
         ks, p, q = _continuous(ref_kll, win_kll, m, n)
     else:
         if ref_levels is None or win_levels is None:  # a float column that arrived as integers
             kind = "continuous"
-            ks, p, q = _continuous(reference.get_column(column).get_metric("distribution").kll.value, window.get_column(column).get_metric("distribution").kll.value, m, n)
+            ks, p, q = _continuous(
+                reference.get_column(column).get_metric("distribution").kll.value,
+                window.get_column(column).get_metric("distribution").kll.value,
+                m,
+                n,
+            )
         else:
             ks, p, q = _discrete(ref_levels, win_levels, ordered=kind == "ordinal")
     psi, hellinger = _psi_hellinger(p, q)
@@ -141,7 +183,9 @@ def column_drift(reference: DatasetProfileView, window: DatasetProfileView, colu
     return ColumnDrift(column, kind, m, n, ks, psi, hellinger, ks_bar, psi_bar, bool(reasons), reasons)
 
 
-def profile_drift(reference: DatasetProfileView, window: DatasetProfileView, columns: list[str], settings: DriftSettings) -> list[ColumnDrift]:
+def profile_drift(
+    reference: DatasetProfileView, window: DatasetProfileView, columns: list[str], settings: DriftSettings
+) -> list[ColumnDrift]:
     """Drift of every named column present with rows in both profiles."""
     results = (column_drift(reference, window, column, settings) for column in columns)
     return [result for result in results if result is not None]

@@ -30,7 +30,9 @@ def loss_features(rows: pl.DataFrame, predictions: np.ndarray) -> np.ndarray:
     for name in CATEGORICAL_FEATURES:
         text = rows[name].cast(pl.String).str.strip_chars().str.to_lowercase()
         levels = CATEGORY_LEVELS[name]
-        columns.append(text.replace_strict(list(levels), list(range(len(levels))), default=-1, return_dtype=pl.Float64).to_numpy())
+        columns.append(
+            text.replace_strict(list(levels), list(range(len(levels))), default=-1, return_dtype=pl.Float64).to_numpy()
+        )
     columns.append(np.asarray(predictions, dtype=np.float64))
     return np.column_stack(columns)
 
@@ -77,7 +79,7 @@ class LossEstimator:
     @classmethod
     def from_bytes(cls, data: bytes) -> LossEstimator:
         """Only for bytes bridge wrote to its own lake (pickle runs code on load)."""
-        loaded = pickle.loads(data)  # noqa: S301 - our own artifact
+        loaded = pickle.loads(data)
         if not isinstance(loaded, cls):
             raise TypeError("not a LossEstimator")
         return loaded

@@ -8,7 +8,13 @@ from functools import cache
 import polars as pl
 
 from bridge_assets.lake.storage import ObjectStore
-from bridge_assets.monitoring.profiles import ObjectProfile, list_log_objects, object_sha, profile_object, profiled_objects
+from bridge_assets.monitoring.profiles import (
+    ObjectProfile,
+    list_log_objects,
+    object_sha,
+    profile_object,
+    profiled_objects,
+)
 from bridge_assets.monitoring.reference import Reference, load_reference
 from bridge_assets.monitoring.report import WindowReport, build_report, write_report
 from bridge_assets.monitoring.settings import MonitorSettings
@@ -42,7 +48,9 @@ def reference_loader(store: ObjectStore, model_name: str) -> Callable[[str], Ref
     return cache(lambda version: load_reference(store, model_name, version))
 
 
-def report_window(store: ObjectStore, window: str, settings: MonitorSettings, model_name: str) -> tuple[WindowReport, dict[str, str]]:
+def report_window(
+    store: ObjectStore, window: str, settings: MonitorSettings, model_name: str
+) -> tuple[WindowReport, dict[str, str]]:
     """Build and write a window's report; returns it and the keys of JSON and HTML."""
     report = build_report(store, window, settings, reference_loader(store, model_name), feedback_joiner(store))
     return report, write_report(store, report)

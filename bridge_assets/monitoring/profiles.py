@@ -126,10 +126,22 @@ def read_log_object(store: ObjectStore, key: str) -> pl.DataFrame:
     """One interaction-log object; a column added by a newer writer may be missing (null)."""
     with store.local_copy(key) as path:
         frame = pl.read_parquet(path)
-    wanted = ("request_id", "row_index", "status", "timestamp", "model_version", "variant", "error", PREDICTION, *FEATURES)
+    wanted = (
+        "request_id",
+        "row_index",
+        "status",
+        "timestamp",
+        "model_version",
+        "variant",
+        "error",
+        PREDICTION,
+        *FEATURES,
+    )
     frame = frame.with_columns(pl.lit(None).alias(c) for c in wanted if c not in frame.columns)
     return frame.with_columns(
-        pl.col("request_id").cast(pl.String), pl.col("row_index").cast(pl.Int32), pl.col("timestamp").cast(pl.Datetime("us", "UTC"))
+        pl.col("request_id").cast(pl.String),
+        pl.col("row_index").cast(pl.Int32),
+        pl.col("timestamp").cast(pl.Datetime("us", "UTC")),
     )
 
 
@@ -146,7 +158,9 @@ def profile_object(store: ObjectStore, key: str, window_seconds: int) -> ObjectP
         frame = frame.join(_profiled_records(store, key), on=list(ROW_KEY), how="anti", nulls_equal=True)
     store.write_parquet(f"{OBJECTS_PREFIX}{sha}.records.parquet", frame.select(ROW_KEY))
     frame = frame.with_columns(
-        pl.col("timestamp").map_batches(lambda s: _windows(s, window_seconds), return_dtype=pl.String).alias("__window"),
+        pl.col("timestamp")
+        .map_batches(lambda s: _windows(s, window_seconds), return_dtype=pl.String)
+        .alias("__window"),
         pl.col("model_version").cast(pl.String).fill_null("unknown"),
         pl.col("variant").cast(pl.String).fill_null("production"),
     )
@@ -161,7 +175,14 @@ def profile_object(store: ObjectStore, key: str, window_seconds: int) -> ObjectP
         member = f"{WINDOWS_PREFIX}{window}/{sha}--{_safe(version)}--{_safe(variant)}"
         if traffic.height:
             store.put_bytes(f"{member}.bin", profile_frame(traffic.select(MONITORED_COLUMNS)).serialize())
-        group = {"window": window, "model_version": version, "variant": variant, "rows": traffic.height, "rejected": reasons, "object": key}
+        group = {
+            "window": window,
+            "model_version": version,
+            "variant": variant,
+            "rows": traffic.height,
+            "rejected": reasons,
+            "object": key,
+        }
         store.put_text(f"{member}.json", json.dumps(group))
         groups.append(group)
     store.put_text(index_key, json.dumps({"key": key, "groups": groups, "profiled_at": datetime.now(UTC).isoformat()}))
@@ -173,7 +194,7 @@ def _profiled_records(store: ObjectStore, merged_key: str) -> pl.DataFrame:
     sources = json.loads(store.get_text(merged_key.removesuffix(".parquet") + ".json"))["sources"]
     keys = [f"{OBJECTS_PREFIX}{object_sha(k)}.records.parquet" for k in sources]
     frames = [store.scan_parquet([k]).collect() for k in keys if store.exists(k)]
-    schema = {"request_id": pl.String(), "row_index": pl.Int32(), "timestamp": pl.Datetime("us", "UTC")}
+    schema = pl.Schema({"request_id": pl.String(), "row_index": pl.Int32(), "timestamp": pl.Datetime("us", "UTC")})
     return pl.concat([f.cast(schema) for f in frames]) if frames else pl.DataFrame(schema=schema)
 
 
@@ -241,14 +262,27 @@ def window_rows(store: ObjectStore, window: str) -> pl.DataFrame:
     start, end = window_bounds(window)
     seconds = int((end - start).total_seconds())
     hours = range(int(start.timestamp()) // 3600, (int(end.timestamp()) - 1) // 3600 + 1)
-    keys = [k for hour in hours for k in list_log_objects(store, f"{INTERACTIONS_PREFIX}{datetime.fromtimestamp(hour * 3600, UTC):date=%Y-%m-%d/hour=%H}/")]
+    keys = [
+        k
+        for hour in hours
+        for k in list_log_objects(
+            store, f"{INTERACTIONS_PREFIX}{datetime.fromtimestamp(hour * 3600, UTC):date=%Y-%m-%d/hour=%H}/"
+        )
+    ]
     frames = []
     for key in keys:
         frame = read_log_object(store, key)
-        frame = frame.with_columns(pl.col("timestamp").map_batches(lambda s: _windows(s, seconds), return_dtype=pl.String).alias("__window"))
-        frames.append(frame.filter((pl.col("__window") == window) & (pl.col("status") == 200) & pl.col(PREDICTION).is_not_null()).drop("__window"))
+        frame = frame.with_columns(
+            pl.col("timestamp").map_batches(lambda s: _windows(s, seconds), return_dtype=pl.String).alias("__window")
+        )
+        frames.append(
+            frame.filter(
+                (pl.col("__window") == window) & (pl.col("status") == 200) & pl.col(PREDICTION).is_not_null()
+            ).drop("__window")
+        )
     if not frames:
         return pl.DataFrame()
     return pl.concat(frames, how="diagonal_relaxed").with_columns(
-        pl.col("model_version").cast(pl.String).fill_null("unknown"), pl.col("variant").cast(pl.String).fill_null("production")
+        pl.col("model_version").cast(pl.String).fill_null("unknown"),
+        pl.col("variant").cast(pl.String).fill_null("production"),
     )

@@ -69,12 +69,16 @@ class Reference:
         }
 
 
-def build_reference(rows: pl.DataFrame, predict: Predict, *, model_name: str, version: str, feature_version: str, split: str = "hash") -> Reference:
+def build_reference(
+    rows: pl.DataFrame, predict: Predict, *, model_name: str, version: str, feature_version: str, split: str = "hash"
+) -> Reference:
     """Profile the training rows' features and the held-out rows' predictions; fit the nanny."""
     parts = split_rows(rows, split)
     train, heldout = parts["train"], parts["test"]
     predictions = np.asarray(predict(heldout.select(FEATURES)), dtype=np.float64)
-    profile = merge_views([profile_frame(train.select(FEATURES)), profile_frame(pl.DataFrame({PREDICTION: predictions}))])
+    profile = merge_views(
+        [profile_frame(train.select(FEATURES)), profile_frame(pl.DataFrame({PREDICTION: predictions}))]
+    )
     actual = heldout[TARGET].to_numpy()
     return Reference(
         model_name=model_name,
@@ -92,10 +96,16 @@ def build_reference(rows: pl.DataFrame, predict: Predict, *, model_name: str, ve
 def save_reference(store: ObjectStore, reference: Reference) -> dict[str, str]:
     """Write the reference to the lake (summary last: its presence means complete)."""
     prefix = reference_prefix(reference.model_name, reference.version)
-    keys = {"profile": f"{prefix}profile.bin", "estimator": f"{prefix}estimator.pkl", "summary": f"{prefix}reference.json"}
+    keys = {
+        "profile": f"{prefix}profile.bin",
+        "estimator": f"{prefix}estimator.pkl",
+        "summary": f"{prefix}reference.json",
+    }
     store.put_bytes(keys["profile"], reference.profile.serialize())
     store.put_bytes(keys["estimator"], reference.estimator.to_bytes())
-    store.put_text(keys["summary"], json.dumps({**reference.summary(), "created_at": datetime.now(UTC).isoformat()}, indent=2))
+    store.put_text(
+        keys["summary"], json.dumps({**reference.summary(), "created_at": datetime.now(UTC).isoformat()}, indent=2)
+    )
     return keys
 
 
@@ -124,7 +134,9 @@ def registered_versions(settings: MlflowSettings) -> list[str]:
     return sorted((str(v.version) for v in client.search_model_versions(f"name='{settings.model_name}'")), key=int)
 
 
-def _rows_it_was_made_for(client: Any, model_name: str, tags: dict[str, str], features: FeatureStore, feature_version: str) -> pl.DataFrame:
+def _rows_it_was_made_for(
+    client: Any, model_name: str, tags: dict[str, str], features: FeatureStore, feature_version: str
+) -> pl.DataFrame:
     """The version's feature rows; for a version whose round validated on recent rows, only the
     rows of batches its incumbent never saw: the world it was made for is what its live error is
     judged against (its error on the old regime's rows says nothing about it)."""
@@ -135,7 +147,7 @@ def _rows_it_was_made_for(client: Any, model_name: str, tags: dict[str, str], fe
     unseen = unseen_batches(client, model_name, incumbent, features, features.load(feature_version).batch_ids)
     recent = rows.filter(pl.col("batch_id").is_in(unseen or []))
     counts = recent.group_by("split").len()
-    return recent if counts.height == 3 and counts["len"].min() >= MIN_RECENT_ROWS else rows
+    return recent if counts.height == 3 and int(counts["len"].to_numpy().min()) >= MIN_RECENT_ROWS else rows
 
 
 def make_reference_profile(store: ObjectStore, settings: MlflowSettings, version: str) -> Reference:
@@ -154,13 +166,23 @@ def make_reference_profile(store: ObjectStore, settings: MlflowSettings, version
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{version}")
 
     def predict(frame: pl.DataFrame) -> np.ndarray:
-        return np.asarray(model.predict(frame.with_columns(pl.col(pl.Enum).cast(pl.String)).to_pandas()), dtype=np.float64)
+        return np.asarray(
+            model.predict(frame.with_columns(pl.col(pl.Enum).cast(pl.String)).to_pandas()), dtype=np.float64
+        )
 
     reference = build_reference(
-        rows, predict, model_name=settings.model_name, version=str(version), feature_version=feature_version, split=registered.tags.get("bridge.split", "hash")
+        rows,
+        predict,
+        model_name=settings.model_name,
+        version=str(version),
+        feature_version=feature_version,
+        split=registered.tags.get("bridge.split", "hash"),
     )
     if registered.tags.get("bridge.incumbent"):
-        reference.made_for = {"option": registered.tags.get("bridge.option", "scratch"), "incumbent": registered.tags["bridge.incumbent"]}
+        reference.made_for = {
+            "option": registered.tags.get("bridge.option", "scratch"),
+            "incumbent": registered.tags["bridge.incumbent"],
+        }
     keys = save_reference(store, reference)
     with tempfile.TemporaryDirectory(prefix="bridge-reference-") as scratch:
         for name in ("profile", "summary"):

@@ -19,11 +19,17 @@ from datetime import UTC, datetime
 import numpy as np
 import polars as pl
 
-
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.monitoring.decay import error_stats, judge_estimated, judge_realised
 from bridge_assets.monitoring.drift import ColumnDrift, profile_drift
-from bridge_assets.monitoring.profiles import MONITORED_COLUMNS, PREDICTION, WindowSlice, window_bounds, window_rows, window_slices
+from bridge_assets.monitoring.profiles import (
+    MONITORED_COLUMNS,
+    PREDICTION,
+    WindowSlice,
+    window_bounds,
+    window_rows,
+    window_slices,
+)
 from bridge_assets.monitoring.reference import Reference
 from bridge_assets.monitoring.settings import MonitorSettings
 from bridge_assets.monitoring.whylogs_compat import DatasetProfileView
@@ -79,12 +85,18 @@ class SliceReport:
 
     def alarms(self) -> list[str]:
         label = f"v{self.model_version}/{self.variant}"
-        found = [f"{label}: feature drift in {d.column} ({'; '.join(d.reasons)})" for d in self.drift if d.drifted and d.column != PREDICTION]
+        found = [
+            f"{label}: feature drift in {d.column} ({'; '.join(d.reasons)})"
+            for d in self.drift
+            if d.drifted and d.column != PREDICTION
+        ]
         if self.prediction_drifted:
-            found.append(f"{label}: prediction drift ({'; '.join(next(d for d in self.drift if d.column == PREDICTION).reasons)})")
-        if self.realised_decay:
+            found.append(
+                f"{label}: prediction drift ({'; '.join(next(d for d in self.drift if d.column == PREDICTION).reasons)})"
+            )
+        if self.realised_decay and self.realised:
             found.append(f"{label}: realised decay ({self.realised['verdict']['reason']})")
-        if self.estimated_decay:
+        if self.estimated_decay and self.estimated:
             found.append(f"{label}: estimated decay ({self.estimated['verdict']['reason']})")
         return found
 
@@ -158,17 +170,23 @@ def build_report(
     reports = []
     for part in slices:
         reference = reference_for(part.model_version)
-        report = SliceReport(part.model_version, part.variant, part.rows, part.rejected, reference.summary() if reference else None)
+        report = SliceReport(
+            part.model_version, part.variant, part.rows, part.rejected, reference.summary() if reference else None
+        )
         if reference is not None and part.profile is not None:
             report.drift = profile_drift(reference.profile, part.profile, list(MONITORED_COLUMNS), settings.drift)
             mine = _slice_rows(rows, part)
             baseline = reference.metrics["rmse"]
-            estimate = reference.estimator.estimate_rmse(mine, mine[PREDICTION].to_numpy()) if mine.height else float("nan")
+            estimate = (
+                reference.estimator.estimate_rmse(mine, mine[PREDICTION].to_numpy()) if mine.height else float("nan")
+            )
             report.estimated = {
                 "rmse": estimate,
                 "rows": mine.height,
                 "baseline_rmse": baseline,
-                "verdict": judge_estimated(estimate, baseline, mine.height, settings.min_labels, settings.decay_tolerance).to_dict(),
+                "verdict": judge_estimated(
+                    estimate, baseline, mine.height, settings.min_labels, settings.decay_tolerance
+                ).to_dict(),
             }
             labelled = _slice_rows(joined, part)
             stats = error_stats(labelled["error"].to_numpy()) if labelled.height else None
@@ -212,7 +230,10 @@ def distribution_png(reference: DatasetProfileView, window: DatasetProfileView, 
                 items = col.get_metric("frequent_items").to_summary_dict()["frequent_strings"]
                 total = sum(i.est for i in items) or 1
                 shares[label] = {i.value: i.est / total for i in items}
-            levels = sorted(set(shares["reference"]) | set(shares["window"]), key=lambda v: (not v.lstrip("-").isdigit(), float(v) if v.lstrip("-").isdigit() else 0, v))
+            levels = sorted(
+                set(shares["reference"]) | set(shares["window"]),
+                key=lambda v: (not v.lstrip("-").isdigit(), float(v) if v.lstrip("-").isdigit() else 0, v),
+            )
             x = np.arange(len(levels))
             axes.bar(x - 0.2, [shares["reference"].get(v, 0) for v in levels], 0.4, label="reference")
             axes.bar(x + 0.2, [shares["window"].get(v, 0) for v in levels], 0.4, label="window")
@@ -229,7 +250,10 @@ def distribution_png(reference: DatasetProfileView, window: DatasetProfileView, 
 
 def summary_markdown(report: WindowReport) -> str:
     """One row per version/variant and column: effect sizes, bars, verdicts (Dagster metadata)."""
-    lines = ["| version | variant | column | KS | PSI | Hellinger | KS bar | drift |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| version | variant | column | KS | PSI | Hellinger | KS bar | drift |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for part in report.slices:
         for d in part.drift:
             lines.append(
@@ -243,7 +267,9 @@ def summary_markdown(report: WindowReport) -> str:
         live = f"{realised['rmse']:,.0f} ({realised['labels']})" if realised.get("labels") else "no labels"
         estimate = f"{part.estimated['rmse']:,.0f}" if part.estimated and np.isfinite(part.estimated["rmse"]) else "n/a"
         test = f"{part.reference['metrics']['rmse']:,.0f}" if part.reference else "no reference"
-        lines.append(f"| {part.model_version} | {part.variant} | {part.rows} | {sum(part.rejected.values())} | {live} | {estimate} | {test} |")
+        lines.append(
+            f"| {part.model_version} | {part.variant} | {part.rows} | {sum(part.rejected.values())} | {live} | {estimate} | {test} |"
+        )
     if report.retrain_outcomes:
         lines += ["", "Retrained versions:", *(f"- {outcome}" for outcome in report.retrain_outcomes)]
     return "\n".join(lines)
@@ -255,12 +281,16 @@ def render_html(report: WindowReport) -> str:
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>bridge drift report {html.escape(report.window)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
-        ".alarm{color:#b00}img{margin:4px}</style></head><body>",
+        (
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+            ".alarm{color:#b00}img{margin:4px}</style></head><body>"
+        ),
         f"<h1>Window {html.escape(data['start'])} – {html.escape(data['end'])}</h1>",
         f"<p>generated {html.escape(report.generated_at)}</p>",
         "<h2>Alarms</h2>",
-        "<ul>" + "".join(f"<li class='alarm'>{html.escape(a)}</li>" for a in report.alarms) + "</ul>" if report.alarms else "<p>none</p>",
+        "<ul>" + "".join(f"<li class='alarm'>{html.escape(a)}</li>" for a in report.alarms) + "</ul>"
+        if report.alarms
+        else "<p>none</p>",
     ]
     for part in report.slices:
         parts.append(f"<h2>Model version {html.escape(part.model_version)} — {html.escape(part.variant)}</h2>")
@@ -268,14 +298,19 @@ def render_html(report: WindowReport) -> str:
         if part.reference is None:
             parts.append("<p>No reference profile for this version yet.</p>")
             continue
-        parts.append("<table><tr><th>column</th><th>KS</th><th>PSI</th><th>Hellinger</th><th>KS bar</th><th>drift</th></tr>")
+        parts.append(
+            "<table><tr><th>column</th><th>KS</th><th>PSI</th><th>Hellinger</th><th>KS bar</th><th>drift</th></tr>"
+        )
         for d in part.drift:
             parts.append(
                 f"<tr><td>{d.column}</td><td>{d.ks:.3f}</td><td>{d.psi:.3f}</td><td>{d.hellinger:.3f}</td><td>{d.ks_bar:.3f}</td>"
                 f"<td class='{'alarm' if d.drifted else ''}'>{'yes' if d.drifted else 'no'}</td></tr>"
             )
         parts.append("</table>")
-        for label, block in (("Realised error (feedback)", part.realised), ("Estimated error (no labels)", part.estimated)):
+        for label, block in (
+            ("Realised error (feedback)", part.realised),
+            ("Estimated error (no labels)", part.estimated),
+        ):
             if block:
                 parts.append(f"<h3>{label}</h3><pre>{html.escape(json.dumps(block, indent=2, default=str))}</pre>")
         for column, png in part.plots.items():
@@ -297,5 +332,3 @@ def write_report(store: ObjectStore, report: WindowReport) -> dict[str, str]:
     keys["html"] = f"{prefix}report.html"
     store.put_text(keys["html"], render_html(report))
     return keys
-
-

@@ -96,7 +96,9 @@ def decide_retrain(
     if open_retrains:
         return RetrainDecision("skip", f"a retrain is already open ({open_retrains}); not requesting another")
     if seconds_since_last_request is not None and seconds_since_last_request < cooldown_seconds:
-        return RetrainDecision("skip", f"cool-down: last retrain requested {seconds_since_last_request:.0f}s ago (< {cooldown_seconds}s)")
+        return RetrainDecision(
+            "skip", f"cool-down: last retrain requested {seconds_since_last_request:.0f}s ago (< {cooldown_seconds}s)"
+        )
     return RetrainDecision("request", reason)
 
 
@@ -131,11 +133,16 @@ def plan_retrain(alarms: list[str], attempt: RetrainAttempt | None) -> RetrainPl
     if not any("realised decay" in alarm for alarm in alarms):
         return RetrainPlan("full", FULL_ROUND, "no labelled decay to recalibrate on")
     if attempt is None:
-        return RetrainPlan("recalibrate", ("recalibrate",), "labelled decay: recalibrating Production is the cheapest fix")
+        return RetrainPlan(
+            "recalibrate", ("recalibrate",), "labelled decay: recalibrating Production is the cheapest fix"
+        )
     if attempt.gates_passed is None:
         return RetrainPlan("skip", (), f"v{attempt.version} ({attempt.option}) awaits its gates")
     if attempt.served and not attempt.decayed:
-        return RetrainPlan("skip", (), f"v{attempt.version} ({attempt.option}) is served and shows no realised decay of its own")
-    why = "was blocked by its gates" if not attempt.gates_passed else "decays too" if attempt.decayed else "is not served"
+        return RetrainPlan(
+            "skip", (), f"v{attempt.version} ({attempt.option}) is served and shows no realised decay of its own"
+        )
+    why = (
+        "was blocked by its gates" if not attempt.gates_passed else "decays too" if attempt.decayed else "is not served"
+    )
     return RetrainPlan("full", FULL_ROUND, f"v{attempt.version} ({attempt.option}) {why}: a full round")
-

@@ -31,17 +31,27 @@ if not hasattr(np, "unicode_"):  # numpy 2 removed the alias whylogs 1.6.4 still
     np.unicode_ = np.str_  # type: ignore[attr-defined]
 os.environ.setdefault("WHYLOGS_NO_ANALYTICS", "True")  # no telemetry from library use
 
-import whylogs as why  # noqa: E402
-from whylogs.core.preprocessing import NumpyView, PreprocessedColumn  # noqa: E402
-from whylogs.core.view.dataset_profile_view import DatasetProfileView  # noqa: E402
+import whylogs as why
+from whylogs.core.preprocessing import NumpyView, PreprocessedColumn
+from whylogs.core.view.dataset_profile_view import DatasetProfileView
 
 WHYLOGS_VERSION = why.__version__
 _STOCK_SPLIT = PreprocessedColumn._pandas_split
 _MAX_FREQUENT_ITEM_SIZE = 128  # FrequentItemsMetric.max_frequent_item_size
 _FAST = contextvars.ContextVar("bridge_fast_whylogs", default=False)
-_SHORT_STRINGS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("bridge_short_strings", default=frozenset())
+_SHORT_STRINGS: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "bridge_short_strings", default=frozenset()
+)
 
-__all__ = ["DatasetProfileView", "WHYLOGS_VERSION", "deserialize", "merge_views", "profile_frame", "stock_profile", "why"]
+__all__ = [
+    "WHYLOGS_VERSION",
+    "DatasetProfileView",
+    "deserialize",
+    "merge_views",
+    "profile_frame",
+    "stock_profile",
+    "why",
+]
 
 
 def _fast_split(self: PreprocessedColumn, series: pd.Series, parse_numeric_string: bool = False) -> None:
@@ -61,7 +71,9 @@ def _fast_split(self: PreprocessedColumn, series: pd.Series, parse_numeric_strin
         # An object array in the numpy view is what the stock pandas view yields per value,
         # minus the Python loops (type masks here, a 128-character slice per frequent item).
         self.null_count = 0
-        self.numpy = NumpyView(floats=np.array([], dtype=np.float64), ints=np.array([], dtype=np.int64), strings=series.to_numpy())
+        self.numpy = NumpyView(
+            floats=np.array([], dtype=np.float64), ints=np.array([], dtype=np.int64), strings=series.to_numpy()
+        )
         self.pandas.tensors = pd.Series([], dtype="object")
         self.pandas.objs = series.iloc[:0]
         return
@@ -127,5 +139,3 @@ def merge_views(views: list[DatasetProfileView]) -> DatasetProfileView | None:
 def stock_profile(frame: pl.DataFrame) -> DatasetProfileView:
     """Stock `why.log(frame.to_pandas())`: what `profile_frame` must equal (tests, bench)."""
     return why.log(pandas=frame.with_columns(pl.col(pl.Categorical, pl.Enum).cast(pl.String)).to_pandas()).view()
-
-
