@@ -17,13 +17,19 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from bridge_assets.lake.settings import StorageSettings
-from bridge_assets.ml.registry import promote_to_production
-from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, deploy_through_dagster, free_port, two_registered_versions
-from bridge_assets_tests.dagster_dev import DagsterDev, FirstRound, keep_artifact, run_first_round
-from bridge_assets_tests.webhook import AlertSink, alert_sink
-from serving.cluster import pick_free_ports
-from serving.cluster import stop_serving
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.ml.registry import promote_to_production
+from bridge_assets_tests.dagster_dev import DagsterDev, FirstRound, keep_artifact, run_first_round
+from bridge_assets_tests.serving_support import (
+    MAX_BATCH,
+    MAX_BODY,
+    deploy_through_dagster,
+    free_port,
+    pick_free_ports,
+    two_registered_versions,
+)
+from bridge_assets_tests.webhook import AlertSink, alert_sink
+from serving.cluster import stop_serving
 
 # Tests never read a developer's `.env` (it could point them at a real lake or bucket).
 os.environ["BRIDGE_ENV_FILE"] = ""

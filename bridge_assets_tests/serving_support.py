@@ -1,13 +1,14 @@
 """Helpers shared by the tests that talk to the prediction service over HTTP."""
 
 import json
+import random
 import socket
 import subprocess
 import sys
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.round import RoundResult, run_round
 from bridge_assets.ml.tracking import MlflowSettings, log_round
+from serving.cluster import RAY_PORTS_PER_NODE, ClusterSettings
+from serving.processes import port_holders
 
 REFERENCE_REQUEST = {
     "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
@@ -138,3 +141,19 @@ def cpu_hog(processes: int = 2) -> Iterator[None]:
         for hog in hogs:
             hog.kill()
             hog.wait()
+
+
+def pick_free_ports(nodes: int = 1, avoid: Iterable[int] = ()) -> tuple[int, int]:
+    """A `BRIDGE_RAY_PORT` and `BRIDGE_SERVE_PORT` whose derived ports (for `nodes` nodes) are
+    all free now and not in `avoid`: each test instance of Ray its own ports. Below 30000, clear of Ray's default worker
+    range (10002-19999), Serve's default replica ranges (30000-31000, 40000-41000) and the
+    kernel's ephemeral ports (32768+)."""
+    while True:
+        ray_port, serve_port = (
+            20_000 + RAY_PORTS_PER_NODE * random.randrange(26 - nodes),
+            random.randrange(25_000, 26_400),
+        )
+        settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
+        ports = [port for index in range(nodes) for port in settings.ports(index).all(head=index == 0)]
+        if len(set(ports)) == len(ports) and not set(ports) & set(avoid) and not port_holders(ports):
+            return ray_port, serve_port

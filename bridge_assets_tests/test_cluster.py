@@ -25,9 +25,8 @@ from types import SimpleNamespace
 import psutil
 import pytest
 
-from serving.cluster import (
-    ClusterError, ClusterSettings, NodePorts, instance_ports, instance_processes, pick_free_ports, start_local_ray, stop_serving,
-)  # fmt: skip
+from bridge_assets_tests.serving_support import pick_free_ports
+from serving.cluster import ClusterError, ClusterSettings, NodePorts, instance_ports, instance_processes, start_local_ray, stop_serving
 
 # Connects to the instance named by the environment exactly as `deploy()` does (the path a
 # `production_deployment` run under `make dev` takes), serves a tiny app, then waits.

@@ -43,6 +43,7 @@ from bridge_assets_tests.dagster_dev import artifacts_dir
 from deploy import stack as stack_module
 from deploy.stack import StackSettings
 from serving.interactions import read_interactions
+from serving.processes import session_members
 
 pytestmark = pytest.mark.stack  # `make test-stack` runs these alone
 
@@ -349,7 +350,10 @@ def _executable(process: psutil.Process) -> str:
 
 
 def _node_processes(stack: SimpleNamespace, index: int) -> list[psutil.Process]:
-    return stack_module.worker_node_processes(stack.stack, index)
+    """Node `index`'s raylet and everything under it (its workers, replicas, proxy), found by the
+    node's recorded session; the head's processes are never among them."""
+    node = next(n for n in stack.stack.processes["ray"]["nodes"] if n["index"] == index)
+    return session_members(node["sid"], node["started_at"], descendants=True)
 
 
 def test_service_survives_the_worker_node(stack: SimpleNamespace, loop: SimpleNamespace) -> None:

@@ -30,7 +30,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -44,7 +43,7 @@ from pathlib import Path
 import psutil
 
 from bridge_assets.lake.settings import PROJECT_ROOT, bridge_home
-from serving.cluster import terminate
+from serving.processes import free_port, listening, port_free, session_members, terminate, write_atomically
 
 COMPONENTS = ("postgres", "s3", "mlflow", "ray", "dagster")
 # Each process (group) the stack starts, and the deploy/compose.yaml services that run it as
@@ -141,43 +140,15 @@ class Stack:
         with _SAVING:  # parts start concurrently
             self.settings.directory.mkdir(parents=True, exist_ok=True)
             state = {"processes": self.processes, "env": self.env, "secrets": self.secrets}
-            _write_private(self.settings.state_file, json.dumps(state, indent=2))
-            _write_private(self.settings.env_file, "".join(f"{k}={v}\n" for k, v in sorted(self.env.items())))
+            write_atomically(self.settings.state_file, json.dumps(state, indent=2), private=True)
+            write_atomically(self.settings.env_file, "".join(f"{k}={v}\n" for k, v in sorted(self.env.items())), private=True)
 
     def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """A stack process's environment: the caller's, the stack's variables over it."""
         return {**base, **self.env, "BRIDGE_ENV_FILE": ""}
 
 
-def _write_private(path: Path, text: str) -> None:
-    partial = path.with_suffix(".partial")
-    partial.write_text(text)
-    partial.chmod(0o600)
-    partial.replace(path)
-
-
 # ---------------------------------------------------------------- processes and ports
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("0.0.0.0", port))  # Ray and HAProxy bind some ports on all interfaces
-        except OSError:
-            return False
-    return True
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait(what: str, ready, timeout: float, log: Path | None = None, pid: int | None = None) -> None:
@@ -221,29 +192,10 @@ def _spawn(stack: Stack, name: str, command: list[str], env: Mapping[str, str], 
     return record
 
 
-def _session_processes(record: dict) -> list[psutil.Process]:
-    """The processes of a recorded session and their descendants (PostgreSQL's children open
-    sessions of their own), never others: session ids are checked against the recorded start
-    time, so a recycled id matches nothing."""
-    found: dict[int, psutil.Process] = {}
-    for process in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(process.pid) == record["sid"] and process.create_time() >= record["started_at"] - 1:
-                found[process.pid] = process
-        except (psutil.NoSuchProcess, ProcessLookupError, PermissionError):
-            continue
-    for process in list(found.values()):
-        try:
-            found |= {child.pid: child for child in process.children(recursive=True)}
-        except psutil.NoSuchProcess:
-            continue
-    return list(found.values())
-
-
 def _stop_recorded(stack: Stack, name: str) -> None:
     record = stack.processes.pop(name, None)
     if record is not None:
-        terminate(_session_processes(record), grace_seconds=10)
+        terminate(session_members(record["sid"], record["started_at"], descendants=True), grace_seconds=10)
         stack.save()
 
 
@@ -381,7 +333,7 @@ def start_s3(stack: Stack) -> None:
     data.mkdir(parents=True, exist_ok=True)
     server_env = {**os.environ, "S3_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "S3_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]}
     record = _spawn(stack, "s3", [node, str(S3_SERVER), str(data), str(port)], server_env, port)
-    _wait(f"the S3 server on 127.0.0.1:{port}", lambda: _listening(port), 60, Path(record["log"]), record["pid"])
+    _wait(f"the S3 server on 127.0.0.1:{port}", lambda: listening(port), 60, Path(record["log"]), record["pid"])
     stack.env |= {
         "BRIDGE_S3_BUCKET": stack.settings.bucket,
         "BRIDGE_S3_PREFIX": stack.settings.prefix,
@@ -439,7 +391,7 @@ def _http_ok(url: str) -> bool:
 def _ray_block_free(ray_port: int, serve_port: int, nodes: int) -> bool:
     from serving.cluster import NodePorts
 
-    return all(_port_free(p) for i in range(nodes) for p in NodePorts.derive(ray_port, serve_port, i, {}).all(i == 0))
+    return all(port_free(p) for i in range(nodes) for p in NodePorts.derive(ray_port, serve_port, i, {}).all(i == 0))
 
 
 def _ray_ports(settings: StackSettings, nodes: int = 2) -> tuple[int, int]:
@@ -534,13 +486,6 @@ def stop_ray(stack: Stack) -> str:
     return report.message(ClusterSettings.from_env(env))
 
 
-def worker_node_processes(stack: Stack, index: int = 1) -> list[psutil.Process]:
-    """Node `index`'s raylet and everything under it (its workers, replicas, proxy), found by the
-    node's recorded session; the head's processes are never among them."""
-    node = next(n for n in stack.processes["ray"]["nodes"] if n["index"] == index)
-    return _session_processes(node)
-
-
 # ---------------------------------------------------------------- Dagster webserver and daemon
 
 DAGSTER_YAML = """\
@@ -603,7 +548,7 @@ def start_code_location(stack: Stack, base_env: Mapping[str, str] = os.environ) 
                "-h", "127.0.0.1", "-p", str(port), "--location-name", "bridge"]  # fmt: skip
     record = _spawn(stack, "dagster-code", command, stack.child_env(base_env), port, PROJECT_ROOT)
     (stack.settings.directory / "dagster" / "workspace.yaml").write_text(WORKSPACE_YAML.format(port=port))
-    _wait(f"the code location's gRPC server on 127.0.0.1:{port}", lambda: _listening(port), 400, Path(record["log"]), record["pid"])
+    _wait(f"the code location's gRPC server on 127.0.0.1:{port}", lambda: listening(port), 400, Path(record["log"]), record["pid"])
 
 
 def start_dagster(stack: Stack, base_env: Mapping[str, str] = os.environ) -> None:
@@ -636,7 +581,7 @@ def stop_dagster(stack: Stack) -> None:
     for name in ("dagster-daemon", "dagster-webserver"):
         record = stack.processes.get(name)
         if record:
-            terminate(_session_processes(record), grace_seconds=20)
+            terminate(session_members(record["sid"], record["started_at"], descendants=True), grace_seconds=20)
     Path(stack.processes["dagster-daemon"]["log"]).unlink(missing_ok=True)
 
 
@@ -686,7 +631,7 @@ def start(
 
 
 def _alive(record: dict) -> bool:
-    return bool(_session_processes(record))
+    return bool(session_members(record["sid"], record["started_at"], descendants=True))
 
 
 def stop(settings: StackSettings) -> list[str]:

@@ -19,19 +19,18 @@ import fcntl
 import hashlib
 import json
 import os
-import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
+
+from serving.processes import alive, listening, port_holders, session_members, terminate, write_atomically
 
 DEFAULT_RAY_PORT = 6390
 DEFAULT_SERVE_PORT = 8000
@@ -232,34 +231,6 @@ def _ray_cli() -> str:
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.settimeout(1)
-        return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _port_holders(ports: Iterable[int]) -> dict[int, str]:
-    """Ports of `ports` that something listens on, with who if this user may see it."""
-    wanted = set(ports)
-    try:
-        connections = psutil.net_connections(kind="inet")
-    except psutil.AccessDenied:  # macOS without root: ask the ports themselves
-        return {port: "another process" for port in sorted(wanted) if _listening(port)}
-    holders = {}
-    for connection in connections:
-        if connection.status == psutil.CONN_LISTEN and connection.laddr.port in wanted:
-            try:
-                who = (
-                    f"pid {connection.pid} ({psutil.Process(connection.pid).name()})"
-                    if connection.pid
-                    else "another user"
-                )
-            except psutil.NoSuchProcess:
-                who = "a process that just ended"
-            holders[connection.laddr.port] = who
-    return holders
-
-
 def _node_ids(temp_dir: str) -> set[str]:
     """Ids of the Ray nodes started under `temp_dir` (Ray names per-node files `<what>_port_<id>`)."""
     ids = set()
@@ -320,7 +291,7 @@ def _healthy(ray_port: int, processes: list[psutil.Process]) -> bool:
             names.add(process.name())
         except psutil.NoSuchProcess:
             continue
-    return {"gcs_server", "raylet"} <= names and _listening(ray_port)
+    return {"gcs_server", "raylet"} <= names and listening(ray_port)
 
 
 def check_compatible(settings: ClusterSettings) -> None:
@@ -391,7 +362,7 @@ def _start_head(settings: ClusterSettings) -> str:
             f"BRIDGE_SERVE_PORT={settings.serve_port} puts Serve's ports {inside} inside Ray's block "
             f"{head.ray_base}..{head.ray_base + RAY_PORTS_PER_NODE - 1} (BRIDGE_RAY_PORT={settings.ray_port}): move one of them"
         )
-    busy = _port_holders(head.all(head=True))
+    busy = port_holders(head.all(head=True))
     if busy:
         raise ClusterError(
             f"cannot start Ray for {settings.temp_dir}: port(s) in use: "
@@ -409,7 +380,7 @@ def _start_head(settings: ClusterSettings) -> str:
 
 def start_local_node(settings: ClusterSettings, index: int, num_cpus: int = 1) -> None:
     """Add worker node `index` (≥ 1) on this host to the instance's head, on its own ports."""
-    busy = _port_holders(settings.ports(index).all(head=False))
+    busy = port_holders(settings.ports(index).all(head=False))
     if busy:
         raise ClusterError(f"cannot start Ray node {index}: port(s) in use: {sorted(busy)}")
     sid, started_at = _ray_start(settings, index, ["--address", settings.local_address], num_cpus=num_cpus)
@@ -461,23 +432,12 @@ def _ray_start(
         if starter.returncode == 0:
             return starter.pid, started_at
         # this attempt's debris: its session id stays ours while any member of it lives
-        terminate(_session_members(starter.pid))
+        terminate(session_members(starter.pid))
         if b"timed out during startup" not in output or attempt == START_ATTEMPTS:
             raise ClusterError(
                 f"`ray start` failed for {settings.temp_dir}:\n{output.decode(errors='replace')[-3000:]}"
             )
         attempt += 1
-
-
-def _session_members(sid: int) -> list[psutil.Process]:
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == sid:
-                members.append(process)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return members
 
 
 def _node_record(settings: ClusterSettings, index: int, sid: int, started_at: float) -> dict:
@@ -494,25 +454,7 @@ def _node_record(settings: ClusterSettings, index: int, sid: int, started_at: fl
 
 
 def _write_state(settings: ClusterSettings, record: dict) -> None:
-    partial = settings.state_file.with_suffix(".partial")
-    partial.write_text(json.dumps(record, indent=2))
-    partial.replace(settings.state_file)
-
-
-def pick_free_ports(nodes: int = 1, avoid: Iterable[int] = ()) -> tuple[int, int]:
-    """A `BRIDGE_RAY_PORT` and `BRIDGE_SERVE_PORT` whose derived ports (for `nodes` nodes) are
-    all free now and not in `avoid`: for tests and second instances. Below 30000, clear of Ray's default worker
-    range (10002-19999), Serve's default replica ranges (30000-31000, 40000-41000) and the
-    kernel's ephemeral ports (32768+)."""
-    while True:
-        ray_port, serve_port = (
-            20_000 + RAY_PORTS_PER_NODE * random.randrange(26 - nodes),
-            random.randrange(25_000, 26_400),
-        )
-        settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
-        ports = [port for index in range(nodes) for port in settings.ports(index).all(head=index == 0)]
-        if len(set(ports)) == len(ports) and not set(ports) & set(avoid) and not _port_holders(ports):
-            return ray_port, serve_port
+    write_atomically(settings.state_file, json.dumps(record, indent=2))
 
 
 def instance_ports(settings: ClusterSettings) -> list[int]:
@@ -520,25 +462,6 @@ def instance_ports(settings: ClusterSettings) -> list[int]:
     state = settings.state() or {}
     indexes = [node["index"] for node in state.get("nodes", [])] or [0]
     return sorted({port for index in indexes for port in settings.ports(index).all(head=index == 0)})
-
-
-def terminate(processes: Iterable[psutil.Process], grace_seconds: float = 5.0) -> list[psutil.Process]:
-    """SIGTERM, then SIGKILL what is left after `grace_seconds`; the processes that were alive."""
-    alive = []
-    for process in processes:
-        try:
-            process.send_signal(signal.SIGTERM)
-            alive.append(process)
-        except psutil.NoSuchProcess:
-            continue
-    _, left = psutil.wait_procs(alive, timeout=grace_seconds)
-    for process in left:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            continue
-    psutil.wait_procs(left, timeout=grace_seconds)
-    return alive
 
 
 def _clean_up(settings: ClusterSettings, processes: list[psutil.Process]) -> list[psutil.Process]:
@@ -709,15 +632,8 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
     )
     ports = instance_ports(settings)
     stopped = _clean_up(settings, instance_processes(settings) or processes)
-    left = [process.pid for process in stopped if _alive(process)]
-    return StopReport(sorted(p.pid for p in stopped), left, _port_holders(ports), serve, _sweep_spools(env))
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    left = [process.pid for process in stopped if alive(process)]
+    return StopReport(sorted(p.pid for p in stopped), left, port_holders(ports), serve, _sweep_spools(env))
 
 
 def main(argv: list[str]) -> int:
