@@ -401,7 +401,7 @@ def _monitor(args: argparse.Namespace) -> int:
     for window in args.window or sorted(windows_with_members(store))[-args.last :]:
         report, keys = report_window(store, window, settings, tracking.model_name)
         alarmed |= bool(report.alarms)
-        print(f"{window}: {'; '.join(report.alarms) or 'no alarms'}\n  {store.uri(keys['html'])}")
+        print(f"{window}: {'; '.join(a.text for a in report.alarms) or 'no alarms'}\n  {store.uri(keys['html'])}")
     return 1 if alarmed else 0
 
 

@@ -1,6 +1,8 @@
 """Monitoring maths without servers: the fast whylogs path against stock whylogs, drift
 effect sizes on simulated shifts, and the label-free error estimate."""
 
+import json
+
 import numpy as np
 import pandas as pd
 import polars as pl
@@ -11,6 +13,7 @@ from bridge_assets.core.simulator import Drift
 from bridge_assets.monitoring.decay import error_stats, judge_realised
 from bridge_assets.monitoring.drift import DriftSettings, profile_drift
 from bridge_assets.monitoring.profiles import MONITORED_COLUMNS, PREDICTION
+from bridge_assets.monitoring.report import Alarm
 from bridge_assets.monitoring.retrain import FULL_ROUND, RetrainAttempt, decide_retrain, plan_retrain
 from bridge_assets.monitoring.settings import drift_settings_from_json
 from bridge_assets.monitoring.whylogs_compat import profile_frame, stock_profile
@@ -115,7 +118,7 @@ def test_realised_decay_needs_enough_labels_and_a_confident_excess():
 
 
 def test_retrain_policy_never_storms():
-    alarms = ["v1/production: realised decay"]
+    alarms = [Alarm("1", "production", "realised decay", "live RMSE 3,000,000 > test RMSE 1,000,000 +10%")]
     assert decide_retrain("manual", alarms, open_retrains=0, seconds_since_last_request=None, cooldown_seconds=60).action == "alert"
     assert decide_retrain("automatic", alarms, open_retrains=0, seconds_since_last_request=None, cooldown_seconds=60).action == "request"
     assert decide_retrain("automatic", alarms, open_retrains=1, seconds_since_last_request=None, cooldown_seconds=60).action == "skip"
@@ -124,10 +127,11 @@ def test_retrain_policy_never_storms():
 
 
 def test_the_retrain_plan_recalibrates_first_and_escalates_only_when_that_did_not_fix_it():
-    decayed = ["v1/production: realised decay (live RMSE 3,000,000 > test RMSE 1,000,000 +10%)"]
+    decayed = [Alarm("1", "production", "realised decay", "live RMSE 3,000,000 > test RMSE 1,000,000 +10%")]
     first = plan_retrain(decayed, None)
     assert (first.action, first.options) == ("recalibrate", ("recalibrate",))
-    assert plan_retrain(["v1/production: feature drift in area (KS 0.2)"], None).options == FULL_ROUND  # no labels to fit on
+    drifted = Alarm("1", "production", "feature drift", "KS 0.2", column="area")
+    assert plan_retrain([drifted], None).options == FULL_ROUND  # no labels to fit on
 
     def attempt(**changes) -> RetrainAttempt:
         return RetrainAttempt(**{"version": "3", "option": "recalibrate", "gates_passed": True, "served": True, "decayed": False, **changes})
@@ -136,5 +140,14 @@ def test_the_retrain_plan_recalibrates_first_and_escalates_only_when_that_did_no
     handled = plan_retrain(decayed, attempt())
     assert handled.action == "skip" and "no realised decay of its own" in handled.reason
     for outcome, why in ((attempt(gates_passed=False, served=False), "blocked by its gates"), (attempt(decayed=True), "decays too")):
-        escalated = plan_retrain(decayed + ["v3/staging: realised decay (…)"], outcome)
+        escalated = plan_retrain(decayed + [Alarm("3", "staging", "realised decay", "…")], outcome)
         assert (escalated.action, escalated.options) == ("full", FULL_ROUND) and why in escalated.reason
+
+
+def test_an_alarm_is_data_for_code_and_a_sentence_for_people():
+    """retrain_sensor reads alarms back from metadata as records; people read the sentence."""
+    drifted = Alarm("1", "production", "feature drift", "KS 0.21 > 0.1", column="area")
+    assert drifted.text == "v1/production: feature drift in area (KS 0.21 > 0.1)" and drifted.family == "drift"
+    decayed = Alarm("12", "staging", "realised decay", "live RMSE 3.0M")
+    assert decayed.text == "v12/staging: realised decay (live RMSE 3.0M)" and decayed.family == "decay"
+    assert [Alarm.from_dict(json.loads(json.dumps(a.to_dict()))) for a in (drifted, decayed)] == [drifted, decayed]

@@ -37,7 +37,7 @@ from bridge_assets.monitoring.drift import DriftSettings
 from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, report_window, unprofiled_objects
 from bridge_assets.monitoring.profiles import window_rows, window_slices, window_versions, windows_with_members
 from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
-from bridge_assets.monitoring.report import summary_markdown
+from bridge_assets.monitoring.report import Alarm, AlarmKind, alarm_texts, summary_markdown
 from bridge_assets.monitoring.retrain import (
     FEEDBACK_BATCH_PREFIX,
     RetrainAttempt,
@@ -49,6 +49,7 @@ from bridge_assets.monitoring.retrain import (
 from bridge_assets.monitoring.settings import MonitorSettings, drift_settings_from_json
 
 MONITOR_WINDOWS, MODEL_VERSIONS = "monitor_windows", "model_versions"
+ALARM_RECORDS = "alarm_records"  # drift_report metadata: its alarms as data, what retrain_sensor reads
 monitor_windows = dg.DynamicPartitionsDefinition(name=MONITOR_WINDOWS)
 model_versions = dg.DynamicPartitionsDefinition(name=MODEL_VERSIONS)
 MONITORING_OWNER = "team:ml-engineering"
@@ -219,12 +220,13 @@ def labelled_traffic(context: dg.AssetExecutionContext, storage: LakeStorage) ->
     )
 
 
-def _alarm_check(name: str, alarms: list[str], metadata: dict) -> dg.AssetCheckResult:
+def _alarm_check(name: str, alarms: list[Alarm], metadata: dict) -> dg.AssetCheckResult:
+    texts = alarm_texts(alarms)
     return dg.AssetCheckResult(
         check_name=name,
         passed=not alarms,
-        metadata={"alarms": dg.MetadataValue.json(alarms), **metadata},
-        description="; ".join(alarms)[:1000] or None,
+        metadata={"alarms": dg.MetadataValue.json(texts), **metadata},
+        description="; ".join(texts)[:1000] or None,
     )
 
 
@@ -263,12 +265,13 @@ def drift_report(
     store = storage.open()
     settings = monitoring.settings()
     report, keys = report_window(store, context.partition_key, settings, mlflow_tracking.model_name)
-    feature_alarms = [a for a in report.alarms if "feature drift" in a]
-    prediction_alarms = [a for a in report.alarms if "prediction drift" in a]
-    realised = [a for a in report.alarms if "realised decay" in a]
-    estimated = [a for a in report.alarms if "estimated decay" in a]
-    found: dict[EventKind, list[str]] = {"drift": feature_alarms + prediction_alarms, "decay": realised + estimated}
-    for kind, alarms in found.items():
+
+    def of_kind(kind: AlarmKind) -> list[Alarm]:
+        return [a for a in report.alarms if a.kind == kind]
+
+    families: tuple[EventKind, ...] = ("drift", "decay")
+    for family in families:
+        alarms = alarm_texts([a for a in report.alarms if a.family == family])
         if alarms:
             details = {
                 "window": report.window,
@@ -278,8 +281,8 @@ def drift_report(
             }
             alerting.send(
                 LoopEvent(
-                    kind,
-                    f"{kind} in window {report.window}: {'; '.join(alarms)}"[:500],
+                    family,
+                    f"{family} in window {report.window}: {'; '.join(alarms)}"[:500],
                     mlflow_tracking.model_name,
                     details=details,
                 )
@@ -292,7 +295,8 @@ def drift_report(
     missing = [s.model_version for s in report.slices if s.reference is None]
     return dg.MaterializeResult(
         metadata={
-            "alarms": dg.MetadataValue.json(report.alarms),
+            "alarms": dg.MetadataValue.json(alarm_texts(report.alarms)),  # for people
+            ALARM_RECORDS: dg.MetadataValue.json([a.to_dict() for a in report.alarms]),  # for retrain_sensor
             "retrain_outcomes": dg.MetadataValue.json(report.retrain_outcomes),
             "summary": dg.MetadataValue.md(summary_markdown(report)),
             "plots": dg.MetadataValue.md("\n\n".join(plots) or "no reference yet"),
@@ -309,11 +313,11 @@ def drift_report(
         },
         check_results=[
             _alarm_check(
-                "no_feature_drift", feature_alarms, {"report": dg.MetadataValue.path(store.uri(keys["html"]))}
+                "no_feature_drift", of_kind("feature drift"), {"report": dg.MetadataValue.path(store.uri(keys["html"]))}
             ),
-            _alarm_check("no_prediction_drift", prediction_alarms, {}),
-            _alarm_check("no_realised_decay", realised, {}),
-            _alarm_check("no_estimated_decay", estimated, {}),
+            _alarm_check("no_prediction_drift", of_kind("prediction drift"), {}),
+            _alarm_check("no_realised_decay", of_kind("realised decay"), {}),
+            _alarm_check("no_estimated_decay", of_kind("estimated decay"), {}),
         ],
     )
 
@@ -442,10 +446,10 @@ OPEN_STATUSES = [
 ]
 
 
-def _alarms_of(metadata: Mapping[str, dg.MetadataValue]) -> list[str]:
+def _alarms_of(metadata: Mapping[str, dg.MetadataValue]) -> list[Alarm]:
     """The alarms a drift report's materialization recorded (none if it recorded none)."""
-    value = metadata["alarms"].value if "alarms" in metadata else []
-    return [a for a in value if isinstance(a, str)] if isinstance(value, list) else []
+    value = metadata[ALARM_RECORDS].value if ALARM_RECORDS in metadata else []
+    return [Alarm.from_dict(a) for a in value if isinstance(a, dict)] if isinstance(value, list) else []
 
 
 def _feedback_pending(store: ObjectStore, window: str, included: set[str]) -> list[str]:
@@ -457,7 +461,7 @@ def _feedback_pending(store: ObjectStore, window: str, included: set[str]) -> li
     ]
 
 
-def _attempt(registry: Registry, served: set[str], alarms: list[str]) -> RetrainAttempt | None:
+def _attempt(registry: Registry, served: set[str], alarms: list[Alarm]) -> RetrainAttempt | None:
     """The newest version a round made to replace the current Production (tag `bridge.incumbent`),
     with what became of it: the evidence `plan_retrain` escalates on."""
     production = registry.version_for(PRODUCTION_ALIAS)
@@ -475,7 +479,7 @@ def _attempt(registry: Registry, served: set[str], alarms: list[str]) -> Retrain
         option=newest.tags.get("bridge.option", "scratch"),
         gates_passed=None if gates is None else gates.action == "gates_passed",
         served=version in served,
-        decayed=any(a.startswith(f"v{version}/") and "realised decay" in a for a in alarms),
+        decayed=any(a.model_version == version and a.kind == "realised decay" for a in alarms),
     )
 
 
@@ -511,7 +515,7 @@ def retrain_sensor(
     for record in records:
         metadata = record.asset_materialization.metadata if record.asset_materialization else {}
         window = record.partition_key or ""
-        alarms = [a for a in _alarms_of(metadata) if a.split("/", 1)[0].removeprefix("v") in served]
+        alarms = [a for a in _alarms_of(metadata) if a.model_version in served]
         if alarms and context.instance.get_run_records(
             dg.RunsFilter(tags={RETRAIN_TAG: "automatic", WINDOW_TAG: window}), limit=1
         ):

@@ -13,8 +13,9 @@ import html
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
@@ -40,6 +41,43 @@ FeedbackJoiner = Callable[[pl.DataFrame], pl.DataFrame]  # window rows -> joined
 
 def report_prefix(window: str) -> str:
     return f"{REPORTS_PREFIX}{window}/"
+
+
+AlarmKind = Literal["feature drift", "prediction drift", "realised decay", "estimated decay"]
+
+
+@dataclass(frozen=True)
+class Alarm:
+    """One finding of a window about one served version: fields for the code that acts on it
+    (retraining, alerts), `text` for people."""
+
+    model_version: str
+    variant: str
+    kind: AlarmKind
+    detail: str  # the figures that decided it
+    column: str | None = None  # the feature, for feature drift
+
+    @property
+    def family(self) -> Literal["drift", "decay"]:
+        return "decay" if self.kind.endswith("decay") else "drift"
+
+    @property
+    def text(self) -> str:
+        what = f"{self.kind} in {self.column}" if self.column else self.kind
+        return f"v{self.model_version}/{self.variant}: {what} ({self.detail})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Alarm:
+        return cls(
+            str(data["model_version"]), str(data["variant"]), data["kind"], str(data["detail"]), data.get("column")
+        )
+
+
+def alarm_texts(alarms: list[Alarm]) -> list[str]:
+    return [a.text for a in alarms]
 
 
 @dataclass
@@ -83,21 +121,23 @@ class SliceReport:
         state = "decay persists" if verdict["decayed"] else "decay gone"
         return f"v{self.model_version}/{self.variant} ({made_for['option']}, made to replace v{made_for['incumbent']}): {state} — {verdict['reason']}"
 
-    def alarms(self) -> list[str]:
-        label = f"v{self.model_version}/{self.variant}"
+    def alarms(self) -> list[Alarm]:
+        def alarm(kind: AlarmKind, detail: str, column: str | None = None) -> Alarm:
+            return Alarm(self.model_version, self.variant, kind, detail, column)
+
         found = [
-            f"{label}: feature drift in {d.column} ({'; '.join(d.reasons)})"
+            alarm("feature drift", "; ".join(d.reasons), d.column)
             for d in self.drift
             if d.drifted and d.column != PREDICTION
         ]
         if self.prediction_drifted:
             found.append(
-                f"{label}: prediction drift ({'; '.join(next(d for d in self.drift if d.column == PREDICTION).reasons)})"
+                alarm("prediction drift", "; ".join(next(d for d in self.drift if d.column == PREDICTION).reasons))
             )
         if self.realised_decay and self.realised:
-            found.append(f"{label}: realised decay ({self.realised['verdict']['reason']})")
+            found.append(alarm("realised decay", self.realised["verdict"]["reason"]))
         if self.estimated_decay and self.estimated:
-            found.append(f"{label}: estimated decay ({self.estimated['verdict']['reason']})")
+            found.append(alarm("estimated decay", self.estimated["verdict"]["reason"]))
         return found
 
     def to_dict(self) -> dict:
@@ -113,7 +153,7 @@ class SliceReport:
             "realised": self.realised,
             "estimated": self.estimated,
             "retrain_outcome": self.retrain_outcome,
-            "alarms": self.alarms(),
+            "alarms": alarm_texts(self.alarms()),
         }
 
 
@@ -124,20 +164,12 @@ class WindowReport:
     generated_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     @property
-    def alarms(self) -> list[str]:
+    def alarms(self) -> list[Alarm]:
         return [alarm for s in self.slices for alarm in s.alarms()]
 
     @property
     def retrain_outcomes(self) -> list[str]:
         return [outcome for s in self.slices if (outcome := s.retrain_outcome)]
-
-    @property
-    def drift_alarms(self) -> list[str]:
-        return [a for a in self.alarms if "drift" in a]
-
-    @property
-    def decay_alarms(self) -> list[str]:
-        return [a for a in self.alarms if "decay" in a]
 
     def to_dict(self) -> dict:
         start, end = window_bounds(self.window)
@@ -148,7 +180,8 @@ class WindowReport:
             "end": end.isoformat(),
             "generated_at": self.generated_at,
             "slices": [s.to_dict() for s in self.slices],
-            "alarms": self.alarms,
+            "alarms": alarm_texts(self.alarms),
+            "alarm_records": [a.to_dict() for a in self.alarms],
             "retrain_outcomes": self.retrain_outcomes,
         }
 
@@ -288,7 +321,7 @@ def render_html(report: WindowReport) -> str:
         f"<h1>Window {html.escape(data['start'])} – {html.escape(data['end'])}</h1>",
         f"<p>generated {html.escape(report.generated_at)}</p>",
         "<h2>Alarms</h2>",
-        "<ul>" + "".join(f"<li class='alarm'>{html.escape(a)}</li>" for a in report.alarms) + "</ul>"
+        "<ul>" + "".join(f"<li class='alarm'>{html.escape(a.text)}</li>" for a in report.alarms) + "</ul>"
         if report.alarms
         else "<p>none</p>",
     ]

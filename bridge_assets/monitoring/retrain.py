@@ -21,6 +21,7 @@ from bridge_assets.core.contract import FEATURES, ROW_ID, SEEN_AT, SEEN_AT_DTYPE
 from bridge_assets.lake.landing import LandedBatch, land_batch, landed_batches, read_batch
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.monitoring.profiles import window_bounds
+from bridge_assets.monitoring.report import Alarm, alarm_texts
 from bridge_assets.monitoring.settings import RetrainPolicy
 
 FEEDBACK_BATCH_PREFIX = "feedback-"
@@ -81,7 +82,7 @@ class RetrainDecision:
 
 def decide_retrain(
     policy: RetrainPolicy,
-    alarms: list[str],
+    alarms: list[Alarm],
     *,
     open_retrains: int,
     seconds_since_last_request: float | None,
@@ -90,7 +91,7 @@ def decide_retrain(
     """What the loop does about a window's alarms, by policy, without storms."""
     if not alarms:
         return RetrainDecision("skip", "no alarms")
-    reason = "; ".join(alarms)
+    reason = "; ".join(alarm_texts(alarms))
     if policy == "manual":
         return RetrainDecision("alert", reason)
     if open_retrains:
@@ -123,14 +124,14 @@ class RetrainPlan:
 FULL_ROUND: tuple[str, ...] = ("recalibrate", "finetune", "scratch")
 
 
-def plan_retrain(alarms: list[str], attempt: RetrainAttempt | None) -> RetrainPlan:
+def plan_retrain(alarms: list[Alarm], attempt: RetrainAttempt | None) -> RetrainPlan:
     """The cheapest effective action for a window's alarms. Realised decay (labels exist) is met
     by recalibrating Production first — minutes, no network trained; only if that did not fix it
     (the recalibrated version was blocked by its gates, or decays itself) does a full round run,
     which compares all options again. Alarms without labels (drift, estimated decay) leave nothing
     to recalibrate on: a full round. A served replacement without decay of its own means the
     decay is handled: nothing to do."""
-    if not any("realised decay" in alarm for alarm in alarms):
+    if not any(alarm.kind == "realised decay" for alarm in alarms):
         return RetrainPlan("full", FULL_ROUND, "no labelled decay to recalibrate on")
     if attempt is None:
         return RetrainPlan(
