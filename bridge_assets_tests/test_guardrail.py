@@ -15,7 +15,7 @@ from serving.interactions import SCHEMA, record
 
 START = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 WATCH = Watch("2", "1", START, START + timedelta(minutes=30))
-SETTINGS = PromotionSettings()  # 50 requests a side, +2% errors, p95 model time × 1.5 + 5 ms, alpha 0.01
+SETTINGS = PromotionSettings()  # 50 requests a side, +2% errors, p95 model time × 1.5 + 1 ms, alpha 0.01
 
 
 def _requests(version: str, count: int, model_ms: float | np.ndarray, errors: int = 0, client_errors: int = 0,

@@ -201,7 +201,7 @@ def _tick(defs: dg.Definitions, instance: dg.DagsterInstance) -> dg.SensorResult
 
 def _rolled_back(defs, instance, registry: Registry, follow, result, bad: str, production: str) -> str:
     """The guardrail's rollback run, and the registry and Serve back on `production`; its reason."""
-    assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 1, result
+    assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 1, getattr(result.skip_reason, "skip_message", result)
     (request,) = result.run_requests
     reason = request.run_config["ops"]["restore_previous_production"]["config"]["reason"]
     rollback = defs.get_job_def("rollback_model").execute_in_process(instance=instance, run_config=request.run_config, tags=request.tags)

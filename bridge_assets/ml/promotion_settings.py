@@ -47,7 +47,7 @@ class PromotionSettings:
     guardrail_min_requests: int = 50  # on each side before live health is compared
     guardrail_error_margin: float = 0.02  # a rise in server-error rate below this is no breach (absolute) ...
     guardrail_latency_factor: float = 1.5  # p95 model time may be this times the previous version's ...
-    guardrail_latency_slack_ms: float = 5.0  # ... plus this, so a few milliseconds of jitter is no breach
+    guardrail_latency_slack_ms: float = 1.0  # ... plus this, so a fraction of a millisecond of jitter is no breach
     guardrail_alpha: float = 0.01  # ... and a breach must also be beyond chance at this level
 
     def __post_init__(self) -> None:
