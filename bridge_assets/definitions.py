@@ -12,7 +12,7 @@ from bridge_assets.defs.cadence import sensor_interval
 from bridge_assets.defs.features import feature_backlog_sensor, housing_features
 from bridge_assets.defs.guardrail import post_deploy_guardrail
 from bridge_assets.defs.landing import simulated_batch
-from bridge_assets.defs.monitoring import MONITORING_ASSETS, MONITORING_SENSORS, monitoring, retrain_model
+from bridge_assets.defs.monitoring import MONITORING_ASSETS, MONITORING_SENSORS, monitoring
 from bridge_assets.defs.promotion import (
     ab_report,
     approve_model,
@@ -30,6 +30,7 @@ from bridge_assets.defs.resources import (
     ray_serving,
     training_launcher,
 )
+from bridge_assets.defs.retraining import RETRAINING_SENSORS, retrain_model
 from bridge_assets.defs.schedules import training_round_schedule
 from bridge_assets.defs.scoring import batch_predictions
 from bridge_assets.defs.serving import production_deployment, promote_model, registry_sensor, rollback_model
@@ -72,6 +73,7 @@ def build_defs(env: Mapping[str, str] = os.environ) -> dg.Definitions:
             registry_sensor,
             post_deploy_guardrail,
             *MONITORING_SENSORS,
+            *RETRAINING_SENSORS,
         ],
         schedules=[training_round_schedule(env)],
         # Each run is one or two assets on a small machine: steps in the run's own process spare

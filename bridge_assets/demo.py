@@ -50,7 +50,7 @@ import polars as pl
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.metrics import regression_metrics
 from bridge_assets.core.simulator import Drift, HousingSimulator
-from bridge_assets.defs.monitoring import REASON_TAG, RETRAIN_TAG
+from bridge_assets.defs.retraining import REASON_TAG, RETRAIN_TAG
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.feedback import release_feedback, withheld_key
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches

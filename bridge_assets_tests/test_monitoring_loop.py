@@ -15,8 +15,6 @@ from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.defs.monitoring import (
-    ACTION_TAG,
-    REASON_TAG,
     drift_report,
     interaction_logs_sensor,
     interaction_profiles,
@@ -26,9 +24,9 @@ from bridge_assets.defs.monitoring import (
     monitor_windows,
     monitor_windows_sensor,
     registered_versions_sensor,
-    retrain_sensor,
     window_profiles,
 )
+from bridge_assets.defs.retraining import ACTION_TAG, REASON_TAG, retrain_sensor
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.lake.feature_store import build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches

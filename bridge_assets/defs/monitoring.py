@@ -1,5 +1,6 @@
 """Monitoring (steps 11, 20, 21): profiles of live traffic, drift and decay per window, the
-reference per model version, labelled traffic back into the lake, and the retrain policy.
+reference per model version, labelled traffic back into the lake (the retrain policy that
+acts on the reports: `defs/retraining.py`).
 
 Thin: everything is computed by `bridge_assets.monitoring`; these definitions decide when.
 - `interaction_logs_sensor` finds log objects without a profile and requests
@@ -8,7 +9,6 @@ Thin: everything is computed by `bridge_assets.monitoring`; these definitions de
   labels, registers the window partition and requests its profiles, labelled traffic and
   report again.
 - `registered_versions_sensor` requests `model_reference` for each new registered version.
-- `retrain_sensor` applies `BRIDGE_RETRAIN_POLICY` to each new report's alarms.
 """
 
 import base64
@@ -21,17 +21,11 @@ from collections.abc import Mapping
 import dagster as dg
 from pydantic import Field
 
-from bridge_assets.defs.audit import open_registry
 from bridge_assets.defs.cadence import freshness_hours, sensor_interval
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.promotion import feedback
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking
 from bridge_assets.defs.serving_logs import interaction_logs
-from bridge_assets.defs.training import candidate_model
-from bridge_assets.lake.feature_store import FeatureStore
-from bridge_assets.lake.landing import landed_batches
-from bridge_assets.lake.storage import ObjectStore
-from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
 from bridge_assets.monitoring.alerts import EventKind, LoopEvent
 from bridge_assets.monitoring.drift import DriftSettings
 from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, report_window, unprofiled_objects
@@ -39,12 +33,7 @@ from bridge_assets.monitoring.profiles import window_rows, window_slices, window
 from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
 from bridge_assets.monitoring.report import Alarm, AlarmKind, alarm_texts, summary_markdown
 from bridge_assets.monitoring.retrain import (
-    FEEDBACK_BATCH_PREFIX,
-    RetrainAttempt,
-    RetrainDecision,
-    decide_retrain,
     land_feedback_batch,
-    plan_retrain,
 )
 from bridge_assets.monitoring.settings import MonitorSettings, drift_settings_from_json
 
@@ -53,10 +42,6 @@ ALARM_RECORDS = "alarm_records"  # drift_report metadata: its alarms as data, wh
 monitor_windows = dg.DynamicPartitionsDefinition(name=MONITOR_WINDOWS)
 model_versions = dg.DynamicPartitionsDefinition(name=MODEL_VERSIONS)
 MONITORING_OWNER = "team:ml-engineering"
-RETRAIN_TAG = "bridge/retrain"
-REASON_TAG = "bridge/retrain_reason"
-ACTION_TAG = "bridge/retrain_action"  # recalibrate or full (plan_retrain)
-WINDOW_TAG = "bridge/window"
 LABELS_PREFIX = "feedback/labels/"
 RETRY_SECONDS = 600  # a requested object still unprofiled after this long is requested again
 MAX_OBJECTS_PER_RUN = 500  # a backlog is worked off over several ticks, in runs of bounded size
@@ -432,155 +417,10 @@ def registered_versions_sensor(
     )
 
 
-retrain_model = dg.define_asset_job(
-    "retrain_model",
-    selection=[candidate_model],
-    tags={RETRAIN_TAG: "manual"},
-    description="Ready retraining run (manual policy): a training round on the newest feature version.",
-)
-OPEN_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-
-
-def _alarms_of(metadata: Mapping[str, dg.MetadataValue]) -> list[Alarm]:
-    """The alarms a drift report's materialization recorded (none if it recorded none)."""
-    value = metadata[ALARM_RECORDS].value if ALARM_RECORDS in metadata else []
-    return [Alarm.from_dict(a) for a in value if isinstance(a, dict)] if isinstance(value, list) else []
-
-
-def _feedback_pending(store: ObjectStore, window: str, included: set[str]) -> list[str]:
-    """Feedback batches of `window` landed but not yet in the feature version."""
-    return [
-        b.batch_id
-        for b in landed_batches(store)
-        if b.batch_id.startswith(f"{FEEDBACK_BATCH_PREFIX}{window}") and b.batch_id not in included
-    ]
-
-
-def _attempt(registry: Registry, served: set[str], alarms: list[Alarm]) -> RetrainAttempt | None:
-    """The newest version a round made to replace the current Production (tag `bridge.incumbent`),
-    with what became of it: the evidence `plan_retrain` escalates on."""
-    production = registry.version_for(PRODUCTION_ALIAS)
-    made = [
-        v
-        for v in registry.client.search_model_versions(f"name='{registry.model_name}'")
-        if production and v.tags.get("bridge.incumbent") == production
-    ]
-    if not made:
-        return None
-    newest = max(made, key=lambda v: int(v.version))
-    version, gates = str(newest.version), registry.gate_record(str(newest.version))
-    return RetrainAttempt(
-        version=version,
-        option=newest.tags.get("bridge.option", "scratch"),
-        gates_passed=None if gates is None else gates.action == "gates_passed",
-        served=version in served,
-        decayed=any(a.model_version == version and a.kind == "realised decay" for a in alarms),
-    )
-
-
-@dg.sensor(
-    target=[candidate_model],
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=sensor_interval("retrain_sensor", 30),
-)
-def retrain_sensor(
-    context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring
-) -> dg.SensorResult:
-    """The retrain policy on each new drift report with alarms. `automatic`: one training
-    round, pinned to the newest feature version once it holds the window's labelled traffic,
-    the cheapest effective one (`plan_retrain`: recalibrate Production first, a full round if
-    that did not fix it), with the retrain recency (`BRIDGE_RETRAIN_HALF_LIFE_HOURS`,
-    `BRIDGE_RETRAIN_WINDOW_HOURS`), reason and action as run tags; never while another retrain
-    is open or within the cool-down.
-    `manual`: nothing is launched (the report's checks failed and the webhook was called).
-    Only alarms about a version still served count, and a window already retrained on is not
-    again: windows are re-reported when labels or references arrive, and an old window's
-    decay of a replaced version is history, not a reason to train."""
-    settings = monitoring.settings()
-    registry = open_registry(storage, mlflow_tracking)
-    served = {v for v in (registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)) if v}
-    state = json.loads(context.cursor) if context.cursor else {"after": None, "last_request": None}
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=drift_report.key, after_storage_id=state["after"]), limit=100, ascending=True
-    ).records
-    if not records:
-        return dg.SensorResult(skip_reason="no new drift reports", cursor=json.dumps(state))
-    store = storage.open()
-    latest = FeatureStore(store).latest()
-    for record in records:
-        metadata = record.asset_materialization.metadata if record.asset_materialization else {}
-        window = record.partition_key or ""
-        alarms = [a for a in _alarms_of(metadata) if a.model_version in served]
-        if alarms and context.instance.get_run_records(
-            dg.RunsFilter(tags={RETRAIN_TAG: "automatic", WINDOW_TAG: window}), limit=1
-        ):
-            alarms = []  # this window's traffic is already in a retrained round
-        open_runs = sum(
-            len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: kind}, statuses=OPEN_STATUSES)))
-            for kind in ("automatic", "manual")
-        )
-        since = time.time() - state["last_request"] if state["last_request"] else None
-        decision = decide_retrain(
-            settings.retrain_policy,
-            alarms,
-            open_retrains=open_runs,
-            seconds_since_last_request=since,
-            cooldown_seconds=settings.retrain_cooldown_seconds,
-        )
-        if decision.action == "request":
-            pending = _feedback_pending(store, window, set(latest.batch_ids) if latest else set())
-            if pending or latest is None:
-                return dg.SensorResult(
-                    skip_reason=f"waiting for labelled traffic {pending} to reach a feature version",
-                    cursor=json.dumps(state),
-                )
-            plan = plan_retrain(alarms, _attempt(registry, served, alarms))
-            if plan.action == "skip" and "awaits its gates" in plan.reason:
-                return dg.SensorResult(skip_reason=f"window {window}: {plan.reason}", cursor=json.dumps(state))
-            if plan.action != "skip":
-                state = {"after": record.storage_id, "last_request": time.time()}
-                round_config = {
-                    "feature_version": latest.version,
-                    "options": list(plan.options),
-                    "recency_half_life_hours": settings.retrain_half_life_hours,
-                    "recency_window_hours": settings.retrain_window_hours,
-                }
-                tags = {
-                    RETRAIN_TAG: "automatic",
-                    ACTION_TAG: plan.action,
-                    REASON_TAG: f"{plan.reason} — {decision.reason}"[:1000],
-                    WINDOW_TAG: window,
-                    "bridge/feature_version": latest.version,
-                }
-                return dg.SensorResult(
-                    run_requests=[
-                        dg.RunRequest(
-                            run_key=f"retrain:{record.storage_id}",
-                            run_config={"ops": {"candidate_model": {"config": round_config}}},
-                            tags=tags,
-                        )
-                    ],
-                    cursor=json.dumps(state),
-                )
-            decision = RetrainDecision("skip", plan.reason)
-        state = {**state, "after": record.storage_id}
-        context.log.info(f"window {window}: {decision.action} ({decision.reason})")
-    return dg.SensorResult(
-        skip_reason=f"{settings.retrain_policy} policy: {decision.action} ({decision.reason})"[:1000],
-        cursor=json.dumps(state),
-    )
-
-
 MONITORING_ASSETS = [interaction_profiles, window_profiles, labelled_traffic, drift_report, model_reference]
 MONITORING_SENSORS = [
     interaction_logs_sensor,
     monitor_windows_sensor,
     registered_versions_sensor,
-    retrain_sensor,
     freshness_sensor,
 ]
