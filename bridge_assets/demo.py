@@ -55,7 +55,7 @@ from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.feedback import release_feedback, withheld_key
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
-from bridge_assets.lake.settings import StorageSettings, load_environment
+from bridge_assets.lake.settings import StorageSettings, load_environment, settings_profile
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.gate_checks import model_input
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, AuditRecord, Registry
@@ -71,24 +71,9 @@ DEMO_BATCH = "demo-sim-s7"
 DEMO_ROWS = 20_000
 SHIFT_BATCH = "demo-shift-s8"  # lands on the second run: prices rose 50% (a label shift)
 SHIFT = Drift(price_factor=1.5)
-# The loop's cadences for the demo, short enough to watch (each is a documented variable; a
-# value set in the environment or .env wins).
-LOOP_CADENCES = {
-    "BRIDGE_SENSOR_INTERVAL": "5",
-    "BRIDGE_MONITOR_WINDOW_SECONDS": "60",  # the 30 s of traffic fit in one window
-    "BRIDGE_RETRAIN_POLICY": "automatic",
-    "BRIDGE_RETRAIN_COOLDOWN_SECONDS": "60",
-    # Minutes here stand for days: the retrain's recency weights rows by age at that scale too.
-    "BRIDGE_RETRAIN_HALF_LIFE_HOURS": "0.05",
-    "BRIDGE_SERVE_LOG_FLUSH_SECONDS": "2",
-}
 TRAFFIC_RATE, TRAFFIC_SECONDS = 40, 30  # the loop's 1,200 houses: enough labelled rows to learn the rise
 WAIT_SECONDS = 420  # for any one step of the daemon's part
 DAEMON_HEARTBEAT_SECONDS = 30  # Dagster's daemons write a heartbeat this often (DEFAULT_HEARTBEAT_INTERVAL_SECONDS)
-# Set by main: a daemon already runs this instance at the loop's cadences (the stack's, started
-# with them): the demo leaves the sensors' and automation's steps to it instead of running them
-# a second time beside it.
-_RUNNING_DAEMON = False
 
 
 STAGE_SECONDS: dict[str, float] = {}
@@ -158,10 +143,11 @@ def _live_daemon(margin: float = 10.0) -> bool:
     return False
 
 
-def _gate(store: ObjectStore, version: str) -> bool:
+def _gate(store: ObjectStore, version: str, daemon: bool) -> bool:
     """`staged_model`: every gate on the candidate (by automation where a daemon runs); prints
-    each gate's figures."""
-    if _RUNNING_DAEMON:
+    each gate's figures. `daemon`: a daemon runs this instance at the loop's cadences (the
+    stack's): the demo leaves the sensors' and automation's steps to it."""
+    if daemon:
         record = _wait_for(f"the gates on v{version} (automation)", lambda: _registry(store).gate_record(version), None)
     else:
         _materialize("staged_model", check=False)
@@ -169,9 +155,9 @@ def _gate(store: ObjectStore, version: str) -> bool:
     return _print_gates(record)
 
 
-def _deploy(store: ObjectStore) -> None:
+def _deploy(store: ObjectStore, daemon: bool) -> None:
     """`production_deployment` of what the registry says (by registry_sensor where a daemon runs)."""
-    if not _RUNNING_DAEMON:
+    if not daemon:
         _materialize("production_deployment")
         return
     registry = _registry(store)
@@ -219,19 +205,19 @@ def _promote(store: ObjectStore) -> bool:
     return promoted
 
 
-def _worse_candidate(store: ObjectStore) -> None:
+def _worse_candidate(store: ObjectStore, daemon: bool) -> None:
     """A deliberately worse candidate (the reference network after one epoch) stopped at a gate."""
     print("\na deliberately worse candidate: the reference network after one epoch")
     _materialize(
         "candidate_model", config={"ops": {"candidate_model": {"config": {"presets": ["reference"], "max_epochs": 1}}}}
     )
     worse = _registry(store).version_for(CANDIDATE_ALIAS)
-    if worse is not None and not _gate(store, worse):
+    if worse is not None and not _gate(store, worse, daemon):
         record = _required(_registry(store).gate_record(worse), f"a gate record of v{worse}")
         print(f"v{worse} stays a candidate: {record.reason[:300]}")
 
 
-def _experiment(store: ObjectStore) -> None:
+def _experiment(store: ObjectStore, daemon: bool) -> None:
     """Online A/B: Production and Staging behind the router, simulated clients, delayed
     feedback, the verdict, and a promotion that needs it."""
     registry = _registry(store)
@@ -239,7 +225,7 @@ def _experiment(store: ObjectStore) -> None:
     staging = _required(registry.version_for(STAGING_ALIAS), "a Staging version for the experiment")
     print(f"\nA/B experiment: Production v{production} against Staging v{staging} (half the clients each)")
     with _stage("A/B experiment (deploy both, traffic, feedback, verdict)"):
-        _deploy(store)
+        _deploy(store, daemon)
         _traffic_with_feedback(
             store,
             ServingSettings.from_env().url,
@@ -281,7 +267,7 @@ def _print_candidate() -> str:
     return str(version.version)
 
 
-def _promotion(store: ObjectStore, version: str) -> None:
+def _promotion(store: ObjectStore, version: str, daemon: bool) -> None:
     """Candidate → gates → Staging → (A/B) → Production, by the same jobs and assets as the UI."""
     print()
     registry = _registry(store)
@@ -290,21 +276,21 @@ def _promotion(store: ObjectStore, version: str) -> None:
         print(f"v{version} is already {registry.stage(version)}: nothing new to promote")
     else:
         with _stage("gates"):
-            passed = _gate(store, version)
+            passed = _gate(store, version, daemon)
         if not passed:
             print(f"v{version} stays a candidate; Production is unchanged")
         elif first:
             with _stage("promotion"):
                 _promote(store)
             with _stage("a worse candidate stopped at a gate"):
-                _worse_candidate(store)
+                _worse_candidate(store, daemon)
         else:
-            _experiment(store)
+            _experiment(store, daemon)
 
 
-def _serve(store: ObjectStore) -> str:
+def _serve(store: ObjectStore, daemon: bool) -> str:
     """Deploy what the registry says and send a few requests; the service's URL."""
-    _deploy(store)
+    _deploy(store, daemon)
     url = ServingSettings.from_env().url
     requests = HousingSimulator.fit().generate(5, seed=99, batch_id="demo-traffic")
     traffic = next(iter(requests))
@@ -321,11 +307,11 @@ def _serve(store: ObjectStore) -> str:
 
 
 @contextmanager
-def _daemon() -> Iterator[Path | None]:
+def _daemon(running: bool) -> Iterator[Path | None]:
     """`dagster-daemon run` on this instance and code location (as under `make dev`), in its
     own process group, stopped at the end with the runs it launched; yields its log's path.
-    Where a daemon already runs (the stack's), that one does the work and is left running."""
-    if _RUNNING_DAEMON:
+    Where a daemon already runs (`running`: the stack's), that one does the work and is left running."""
+    if running:
         print("the instance's own daemon runs the loop (its log is the stack's)")
         yield None
         return
@@ -404,7 +390,7 @@ def _traffic_with_feedback(
     return result
 
 
-def _closed_loop(store: ObjectStore, url: str) -> None:
+def _closed_loop(store: ObjectStore, url: str, daemon: bool) -> None:
     """The second half: the daemon's sensors and automation close the loop; this only sends
     traffic, releases labels and waits on what the daemon does."""
     instance = dg.DagsterInstance.get()
@@ -417,7 +403,7 @@ def _closed_loop(store: ObjectStore, url: str) -> None:
         f"\nthe loop through the Dagster daemon: prices rose to {drift.price_factor:.2f}x what Production v{production} learned"
     )
     started = time.time()
-    with _daemon() as log_path:
+    with _daemon(daemon) as log_path:
         with _stage("drifted traffic, interaction logs, labels released"):
             _traffic_with_feedback(
                 store, url, drift, seed=100 + rises, seconds=TRAFFIC_SECONDS, name=f"demo-loop-{rises}"
@@ -566,13 +552,13 @@ def _post(url: str, body: dict, request_id: str) -> dict:
 
 
 def main() -> None:
-    global _RUNNING_DAEMON
     started = time.monotonic()
     load_environment()
     # A daemon without the loop's cadences (`make dev`'s, by default) would take hours: the demo
     # then starts its own for the loop, as it does where none runs.
-    _RUNNING_DAEMON = _live_daemon() and all(os.environ.get(name) == value for name, value in LOOP_CADENCES.items())
-    for name, value in LOOP_CADENCES.items():
+    cadences = settings_profile("demo")
+    daemon = _live_daemon() and all(os.environ.get(name) == value for name, value in cadences.items())
+    for name, value in cadences.items():
         os.environ.setdefault(name, value)
     store = StorageSettings.from_env().open()
     print(f"storage: {store!r}   DAGSTER_HOME: {os.environ.get('DAGSTER_HOME')}")
@@ -594,7 +580,7 @@ def main() -> None:
 
     instance = dg.DagsterInstance.get()
     batch_ids = [b.batch_id for b in landed_batches(store)]
-    if _RUNNING_DAEMON:  # the stack's: its landing and feature sensors take the batches
+    if daemon:  # the stack's: its landing and feature sensors take the batches
         print("a Dagster daemon runs on this instance: its sensors validate the batches and build the features")
         with _stage("raw batches (validation, quarantine)"):
             _wait_for(
@@ -647,10 +633,10 @@ def main() -> None:
     print(f"  reference split of the real data (DuckDB): {dict(reference.fetchall())}")
     version = _print_candidate()
     try:
-        _promotion(store, version)
+        _promotion(store, version, daemon)
         with _stage("serving (deploy, requests)"):
-            url = _serve(store)
-        _closed_loop(store, url)
+            url = _serve(store, daemon)
+        _closed_loop(store, url, daemon)
     finally:
         external_cluster = ServingSettings.from_env().ray_address
         if not external_cluster:  # a cluster the demo did not start keeps serving

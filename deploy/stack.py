@@ -722,9 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = StackSettings.from_env(os.environ, components)
     try:
         if args.command == "start":
-            from bridge_assets.demo import LOOP_CADENCES
+            from bridge_assets.lake.settings import settings_profile
 
-            stack = start(settings, args.restore, settings_env=LOOP_CADENCES if args.demo_cadences else None)
+            stack = start(settings, args.restore, settings_env=settings_profile("demo") if args.demo_cadences else None)
             print(f"stack up in {settings.directory}; environment in {settings.env_file}")
             for name, line in status(settings).items():
                 print(f"  {name}: {line}")

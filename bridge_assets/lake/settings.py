@@ -59,6 +59,20 @@ def load_environment() -> dict[str, str]:
     return loaded
 
 
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def settings_profile(name: str) -> dict[str, str]:
+    """A named set of settings (`bridge_assets/profiles/<name>.env`, KEY=value lines), e.g. the
+    demo's short cadences, which `make demo` and `make stack --demo-cadences` both apply."""
+    from dotenv import dotenv_values
+
+    path = PROFILES / f"{name}.env"
+    if not path.is_file():
+        raise FileNotFoundError(f"no settings profile {name!r} ({path})")
+    return {key: value for key, value in dotenv_values(path).items() if value is not None}
+
+
 EMBEDDED_INSTANCE = "# bridge's embedded Dagster instance (SQLite under this folder)\ntelemetry:\n  enabled: false\n"
 
 
