@@ -43,11 +43,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import requests
 
 BENCH = Path(__file__).resolve().parent
 LUA = BENCH / "serve_load.lua"
@@ -96,11 +96,16 @@ def _wait_for(url: str, process: subprocess.Popen, log: Path, what: str, body: b
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-            if urllib.request.urlopen(request, timeout=2).status == 200:
+            reply = (
+                requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=2)
+                if body is not None
+                else requests.get(url, timeout=2)
+            )
+            if reply.status_code == 200:
                 return
-        except OSError:
-            time.sleep(0.5)
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
     process.kill()
     raise RuntimeError(f"{what} did not start: {log.read_text()[-2000:]}")
 

@@ -35,8 +35,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -46,6 +44,7 @@ from typing import TypeVar
 import dagster as dg
 import mlflow
 import polars as pl
+import requests
 
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.metrics import regression_metrics
@@ -60,7 +59,7 @@ from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.gate_checks import model_input
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, AuditRecord, Registry
 from bridge_assets.ml.tracking import MlflowSettings, unseen_batches
-from bridge_assets.ml.traffic import TrafficResult, send_traffic
+from bridge_assets.ml.traffic import TrafficResult, post_json, send_traffic
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX
 from bridge_assets.monitoring.settings import MonitorSettings
 from serving.cluster import stop_serving
@@ -297,12 +296,16 @@ def _serve(store: ObjectStore, daemon: bool) -> str:
     print(f"\nPOST {url}/predict (simulated houses; X-Request-ID = row_id):")
     for row in traffic.iter_rows(named=True):
         body = {name: row[name] for name in FEATURES}
-        reply = _post(f"{url}/predict", body, row["row_id"])
-        print(f"  {row['row_id']}: predicted {reply['response']['prediction']:>12,.0f}   actual {row['price']:>12,.0f}")
-    bad = _post(
-        f"{url}/predict", {**{name: traffic.row(0, named=True)[name] for name in FEATURES}, "bedrooms": 10}, "demo-bad"
+        _, reply = post_json(f"{url}/predict", body, {"X-Request-ID": row["row_id"]})
+        prediction = _required(reply, "a JSON reply")["response"]["prediction"]
+        print(f"  {row['row_id']}: predicted {prediction:>12,.0f}   actual {row['price']:>12,.0f}")
+    _, bad = post_json(
+        f"{url}/predict",
+        {**{name: traffic.row(0, named=True)[name] for name in FEATURES}, "bedrooms": 10},
+        {"X-Request-ID": "demo-bad"},
     )
-    print(f"  an invalid request (bedrooms 10) → {bad['status']}: {bad['message']}")
+    refusal = _required(bad, "a JSON refusal")
+    print(f"  an invalid request (bedrooms 10) → {refusal['status']}: {refusal['message']}")
     return url
 
 
@@ -483,7 +486,7 @@ def _closed_loop(store: ObjectStore, url: str, daemon: bool) -> None:
                 ),
                 log_path,
             )
-            experiment = json.load(urllib.request.urlopen(f"{url}/model", timeout=30))["response"]["experiment"]
+            experiment = requests.get(f"{url}/model", timeout=30).json()["response"]["experiment"]
             print(
                 f"  serving {experiment['versions']} (Staging for {experiment['staging_weight']:.0%} of clients): the A/B experiment runs on live traffic"
             )
@@ -538,17 +541,6 @@ def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None
 
 def _utc(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, UTC)
-
-
-def _post(url: str, body: dict, request_id: str) -> dict:
-    request = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json", "X-Request-ID": request_id}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return json.load(reply)
-    except urllib.error.HTTPError as error:
-        return json.loads(error.read())
 
 
 def main() -> None:

@@ -34,13 +34,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+import requests
 
 from bridge_assets.lake.settings import PROJECT_ROOT, bridge_home
 from serving.processes import free_port, listening, port_free, session_members, terminate, write_atomically
@@ -379,9 +379,8 @@ def start_mlflow(stack: Stack, base_env: Mapping[str, str] = os.environ) -> None
 
 def _http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=3) as reply:
-            return reply.status == 200
-    except OSError:
+        return requests.get(url, timeout=3).status_code == 200
+    except requests.RequestException:
         return False
 
 

@@ -14,18 +14,16 @@ leaves the old ones serving.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import secrets
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import requests
 
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import load_seed_data
@@ -285,26 +283,27 @@ def service_state(env: Mapping[str, str] = os.environ, timeout: float = 5.0) -> 
     """Ask the running service what it serves, over HTTP as a client would: the truth that
     deployment decisions compare with the registry."""
     url = ServingSettings.from_env(env).url
-    request = urllib.request.Request(f"{url}/model", headers=_api_key_header(env))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            response = json.load(reply)["response"]
+        reply = requests.get(f"{url}/model", headers=_api_key_header(env), timeout=timeout)
+        if reply.status_code in (404, 503):  # Serve's proxy with no application behind it
+            return ServiceState(
+                url,
+                "empty",
+                problem=f"Serve answers at {url} but serves no bridge application (HTTP {reply.status_code})",
+            )
+        if reply.status_code != 200:
+            return ServiceState(url, "unreadable", problem=f"{url}/model answered HTTP {reply.status_code}")
+        response = reply.json()["response"]
         experiment = response.get("experiment") or {}
         versions = {
             variant: str(v)
             for variant, v in (experiment.get("versions") or {"production": response["model_version"]}).items()
         }
         weights = {variant: float(experiment.get(f"{variant}_weight") or 0.0) for variant in ("staging", "previous")}
-    except urllib.error.HTTPError as error:
-        if error.code in (404, 503):  # Serve's proxy with no application behind it
-            return ServiceState(
-                url, "empty", problem=f"Serve answers at {url} but serves no bridge application (HTTP {error.code})"
-            )
-        return ServiceState(url, "unreadable", problem=f"{url}/model answered HTTP {error.code}")
+    except requests.RequestException as error:  # refused, timed out
+        return ServiceState(url, "down", problem=f"nothing answers at {url}: {error}")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         return ServiceState(url, "unreadable", problem=f"{url}/model gave no versions: {error}")
-    except OSError as error:
-        return ServiceState(url, "down", problem=f"nothing answers at {url}: {getattr(error, 'reason', error)}")
     for variant, weight in weights.items():
         if weight <= 0:
             versions.pop(variant, None)  # deployed beside Production, but serving no client
@@ -319,14 +318,14 @@ def wait_until_serving(
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(
-                urllib.request.Request(f"{url}/model", headers=dict(headers or {})), timeout=5
-            ) as reply:
-                served = json.load(reply)["response"]["model_version"]
-            if served == version:
+            reply = requests.get(f"{url}/model", headers=dict(headers or {}), timeout=5)
+            if reply.status_code != 200:
+                last = f"HTTP {reply.status_code}"
+            elif (served := reply.json()["response"]["model_version"]) == version:
                 return
-            last = f"still serving version {served}"
-        except OSError as error:
+            else:
+                last = f"still serving version {served}"
+        except requests.RequestException as error:
             last = str(error)
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not serve version {version} within {timeout:.0f} s ({last})")

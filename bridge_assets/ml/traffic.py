@@ -9,20 +9,18 @@ when the run is over, the prices of requests the service did not answer are drop
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
 import polars as pl
+import requests
 
 from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
 from bridge_assets.core.simulator import Drift, HousingSimulator
@@ -53,13 +51,14 @@ def client_ids(rows: int, clients: int, seed: int) -> list[str]:
     return [f"client-{i:05d}" for i in picks]
 
 
-def _post(url: str, body: dict, headers: dict[str, str]) -> tuple[int, dict | None]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json", **headers})
+def post_json(url: str, body: dict, headers: Mapping[str, str], timeout: float = 30.0) -> tuple[int, dict | None]:
+    """POST `body` as JSON as a client does; the status and the JSON reply (a refusal's too;
+    None if the reply is not JSON). A connection that fails raises (an OSError)."""
+    reply = requests.post(url, json=body, headers=dict(headers), timeout=timeout)
     try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
-            return reply.status, json.load(reply)
-    except urllib.error.HTTPError as error:
-        return error.code, None
+        return reply.status_code, reply.json()
+    except ValueError:
+        return reply.status_code, None
 
 
 def send_traffic(
@@ -101,7 +100,7 @@ def send_traffic(
             {"X-API-Key": api_key} if api_key else {}
         )
         try:
-            status, reply = _post(f"{url.rstrip('/')}/predict", bodies[index], headers)
+            status, reply = post_json(f"{url.rstrip('/')}/predict", bodies[index], headers)
         except OSError as error:
             status, reply = 0, None
             with lock:

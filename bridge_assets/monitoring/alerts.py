@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+import requests
 
 log = logging.getLogger("bridge.alerts")
 
@@ -56,16 +57,15 @@ def send_alert(
     """POST `event` to `url` (no URL: nothing to do); True when a 2xx came back."""
     if not url:
         return False
-    request = urllib.request.Request(
-        url, data=event.to_json(), headers={"Content-Type": "application/json"}, method="POST"
-    )
     for attempt in range(1, attempts + 1):
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                if 200 <= response.status < 300:
-                    return True
-                problem = f"HTTP {response.status}"
-        except OSError as error:  # refused, timed out, HTTP 4xx/5xx (HTTPError is an OSError)
+            response = requests.post(
+                url, data=event.to_json(), headers={"Content-Type": "application/json"}, timeout=timeout
+            )
+            if 200 <= response.status_code < 300:
+                return True
+            problem = f"HTTP {response.status_code}"
+        except requests.RequestException as error:  # refused, timed out
             problem = str(error)
         if attempt < attempts:
             time.sleep(backoff * 2 ** (attempt - 1))
