@@ -35,6 +35,7 @@ BENCHES = (
     Bench("drift.py", (), r"^detection|^false alarms|speed-up"),
     Bench("recovery.py", (), r"^\([a-d]\) N="),
     Bench("serve_load.py", (), r"\(goal"),
+    Bench("sizing.py", ("--rows", "1000000"), r"rows per CPU-second"),
 )
 
 

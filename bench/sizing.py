@@ -7,7 +7,7 @@ Polars loads) is what a core spends, and what a cluster must provide. The featur
 the same calls as `bench/features.py`'s "ours" (validate, de-duplicate, split, fit, encode);
 profiling is `profile_frame` on the 12 features plus a prediction, as `bench/drift.py`.
 
-    python deploy/sizing.py --rows 1000000
+    python bench/sizing.py --rows 1000000
 """
 
 from __future__ import annotations
