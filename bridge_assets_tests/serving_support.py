@@ -25,7 +25,7 @@ from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.round import RoundResult, run_round
 from bridge_assets.ml.tracking import MlflowSettings, log_round
 from serving.cluster import RAY_PORTS_PER_NODE, ClusterSettings
-from serving.processes import port_holders
+from serving.processes import free_port, port_holders
 
 REFERENCE_REQUEST = {
     "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",
@@ -34,12 +34,6 @@ REFERENCE_REQUEST = {
 }  # fmt: skip
 MAX_BATCH = 50
 MAX_BODY = 262_144  # small: over-limit bodies stay cheap to send
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def call(url: str, path: str, body: object = None, headers: dict | None = None, raw: bytes | None = None):

@@ -32,10 +32,10 @@ from bridge_assets.ml.registry import promote_to_production
 from bridge_assets.ml.tracking import log_pyfunc
 from bridge_assets.ml.traffic import send_traffic
 from bridge_assets_tests.conftest import s3_environment
-from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, continuous_load, deploy_through_dagster
+from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, continuous_load, deploy_through_dagster, free_port
 from serving.cluster import ClusterSettings
 from serving.cluster import stop_serving
-from serving.deploy import ServingSettings, api_key_status, deploy
+from serving.deploy import ServingSettings, api_key_status, deploy, service_state
 from serving.interactions import read_interactions
 from serving.router import assign
 
@@ -537,3 +537,35 @@ def test_a_clean_stop_flushes_every_buffered_record(service):
     assert _logged(service.store, ids, expected, timeout=5).height == expected
     service.patch.setenv("BRIDGE_SERVE_LOG_FLUSH_SECONDS", service.env["BRIDGE_SERVE_LOG_FLUSH_SECONDS"])
     assert deploy("housing-price", service.versions[1], "production") == service.url  # for later tests
+
+
+@pytest.mark.parametrize(
+    ("reply", "state"),
+    [((503, b"no application"), "empty"), ((200, b"<html>not json</html>"), "unreadable"), ((200, b'{"response": {}}'), "unreadable"), (None, "down")],
+    ids=["proxy-without-app", "not-json", "no-versions", "nothing-listening"],
+)
+def test_the_service_state_says_what_answers_at_the_url(reply, state):
+    """What deployment decisions read: an empty Serve proxy, a reply that names no versions, and
+    a port where nothing listens are three different states, each with the URL in its problem."""
+    import http.server
+
+    class Reply(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            status, body = reply
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    port = free_port()
+    server = http.server.HTTPServer(("127.0.0.1", port), Reply) if reply else None
+    if server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        found = service_state({"BRIDGE_SERVE_PORT": str(port), "BRIDGE_ENV_FILE": ""}, timeout=2)
+    finally:
+        if server:
+            server.shutdown()
+    assert found.status == state and f"127.0.0.1:{port}" in (found.problem or ""), found

@@ -300,10 +300,10 @@ def service_state(env: Mapping[str, str] = os.environ, timeout: float = 5.0) -> 
             for variant, v in (experiment.get("versions") or {"production": response["model_version"]}).items()
         }
         weights = {variant: float(experiment.get(f"{variant}_weight") or 0.0) for variant in ("staging", "previous")}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # requests' JSON error is a ValueError
+        return ServiceState(url, "unreadable", problem=f"{url}/model gave no versions: {error}")
     except requests.RequestException as error:  # refused, timed out
         return ServiceState(url, "down", problem=f"nothing answers at {url}: {error}")
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        return ServiceState(url, "unreadable", problem=f"{url}/model gave no versions: {error}")
     for variant, weight in weights.items():
         if weight <= 0:
             versions.pop(variant, None)  # deployed beside Production, but serving no client
