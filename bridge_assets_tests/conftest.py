@@ -24,12 +24,12 @@ from bridge_assets_tests.serving_support import (
     MAX_BATCH,
     MAX_BODY,
     deploy_through_dagster,
-    free_port,
     pick_free_ports,
     two_registered_versions,
 )
 from bridge_assets_tests.webhook import AlertSink, alert_sink
 from serving.cluster import stop_serving
+from serving.processes import free_port
 
 # Tests never read a developer's `.env` (it could point them at a real lake or bucket).
 os.environ["BRIDGE_ENV_FILE"] = ""

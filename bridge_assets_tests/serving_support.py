@@ -2,7 +2,6 @@
 
 import json
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.round import RoundResult, run_round
 from bridge_assets.ml.tracking import MlflowSettings, log_round
 from serving.cluster import RAY_PORTS_PER_NODE, ClusterSettings
-from serving.processes import free_port, port_holders
+from serving.processes import port_holders
 
 REFERENCE_REQUEST = {
     "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",

@@ -26,7 +26,15 @@ import psutil
 import pytest
 
 from bridge_assets_tests.serving_support import pick_free_ports
-from serving.cluster import ClusterError, ClusterSettings, NodePorts, instance_ports, instance_processes, start_local_ray, stop_serving
+from serving.cluster import (
+    ClusterError,
+    ClusterSettings,
+    NodePorts,
+    instance_ports,
+    instance_processes,
+    start_local_ray,
+    stop_serving,
+)
 
 # Connects to the instance named by the environment exactly as `deploy()` does (the path a
 # `production_deployment` run under `make dev` takes), serves a tiny app, then waits.

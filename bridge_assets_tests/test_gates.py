@@ -34,7 +34,8 @@ from bridge_assets.ml.registry import (
 from bridge_assets.ml.round import run_round
 from bridge_assets.ml.tracking import MODEL_SIGNATURE, MlflowSettings, log_round
 from bridge_assets_tests.conftest import LAKE_VARIABLES
-from bridge_assets_tests.serving_support import cpu_hog, free_port
+from bridge_assets_tests.serving_support import cpu_hog
+from serving.processes import free_port
 
 # Nearest-rank p99 of 30 calls is their maximum. A loaded test machine must not fail sound
 # models on time, so the budget is generous except where the slow model is judged.

@@ -36,10 +36,11 @@ from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
 from bridge_assets.ml.round import Incumbent, RoundPolicy, run_round
 from bridge_assets.ml.tracking import MODEL_SIGNATURE, load_registered, log_round
 from bridge_assets.ml.traffic import send_traffic
-from bridge_assets_tests.serving_support import call, continuous_load, cpu_hog, free_port
+from bridge_assets_tests.serving_support import call, continuous_load, cpu_hog
 from bridge_assets_tests.webhook import alert_sink
 from serving.deploy import APP_NAME, deploy
 from serving.interactions import read_interactions
+from serving.processes import free_port
 
 REQUEST = {
     "mainroad": "yes", "guestroom": "no", "basement": "yes", "hotwaterheating": "no",

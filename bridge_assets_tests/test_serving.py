@@ -32,11 +32,18 @@ from bridge_assets.ml.registry import promote_to_production
 from bridge_assets.ml.tracking import log_pyfunc
 from bridge_assets.ml.traffic import send_traffic
 from bridge_assets_tests.conftest import s3_environment
-from bridge_assets_tests.serving_support import MAX_BATCH, MAX_BODY, REFERENCE_REQUEST, call, continuous_load, deploy_through_dagster, free_port
-from serving.cluster import ClusterSettings
-from serving.cluster import stop_serving
+from bridge_assets_tests.serving_support import (
+    MAX_BATCH,
+    MAX_BODY,
+    REFERENCE_REQUEST,
+    call,
+    continuous_load,
+    deploy_through_dagster,
+)
+from serving.cluster import ClusterSettings, stop_serving
 from serving.deploy import ServingSettings, api_key_status, deploy, service_state
 from serving.interactions import read_interactions
+from serving.processes import free_port
 from serving.router import assign
 
 
