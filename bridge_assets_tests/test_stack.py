@@ -43,7 +43,7 @@ from bridge_assets_tests.dagster_dev import artifacts_dir
 from deploy import stack as stack_module
 from deploy.stack import StackSettings
 from serving.interactions import read_interactions
-from serving.processes import session_members
+from serving.processes import listening, session_members
 
 pytestmark = pytest.mark.stack  # `make test-stack` runs these alone
 
@@ -445,7 +445,7 @@ def test_a_stopped_stack_starts_again_with_every_object(stack: SimpleNamespace, 
     for prefix in ("lake/landing/batches/", "lake/features/housing/versions/", "lake/interactions/", "mlflow/"):
         assert any(key.startswith(prefix) for key in before), prefix
     stack_module.stop(stack.settings)
-    assert not stack_module._listening(stack.stack.processes["s3"]["port"])  # the S3 server really went
+    assert not listening(stack.stack.processes["s3"]["port"])  # the S3 server really went
     restarted = stack_module.start(stack.settings, base_env=stack.base_env)
     after = objects(restarted)
     assert {key: after.get(key) for key in before} == before  # every object, byte for byte (ETag)
