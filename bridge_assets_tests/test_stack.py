@@ -287,7 +287,15 @@ def test_restart_resumes_sensors_without_repeating_or_missing_a_batch_or_a_log_o
         stack_module.start_dagster(stack.stack, stack.base_env)
         objects = _wait_for("every log object profiled",
                             lambda: list_log_objects(loop.store) if not unprofiled_objects(loop.store) else None, timeout=300)  # fmt: skip
-        profiles = [r.asset_materialization.metadata for r in instance.fetch_materializations(dg.AssetKey("interaction_profiles"), limit=1000).records]
+
+        def profiling_recorded() -> list | None:
+            """The runs' materializations, once they account for every object: a run writes its
+            profiles to the lake during its step, and Dagster records the event when it ends."""
+            records = instance.fetch_materializations(dg.AssetKey("interaction_profiles"), limit=1000).records
+            metadata = [r.asset_materialization.metadata for r in records if r.asset_materialization]
+            return metadata if sum(m["objects_profiled"].value for m in metadata) >= len(objects) else None
+
+        profiles = _wait_for("the profiling runs' materializations", profiling_recorded, timeout=120)
     assert len(objects) > len(before)
     assert sum(m["objects_profiled"].value for m in profiles) == len(objects)  # none missed, none twice
     assert sum(m["objects_already_done"].value for m in profiles) == 0  # no object requested again

@@ -99,6 +99,8 @@ PLACEMENTS = (INGRESS, DEPLOYMENT)
 # until the new ones are healthy (zero failed requests); a constructor that keeps failing gives
 # up after two retries and leaves the old replicas serving.
 class RolloutOptions(TypedDict):
+    """Serve's deployment options for a rollout, typed so a misspelt option fails the lint gate."""
+
     health_check_period_s: int
     graceful_shutdown_timeout_s: int
     max_surge_percent: int
