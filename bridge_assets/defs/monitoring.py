@@ -26,12 +26,13 @@ from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.promotion import feedback
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking
 from bridge_assets.defs.serving_logs import interaction_logs
+from bridge_assets.monitoring.alarms import Alarm, AlarmKind, alarm_texts
 from bridge_assets.monitoring.alerts import EventKind, LoopEvent
 from bridge_assets.monitoring.drift import DriftSettings
 from bridge_assets.monitoring.monitor import feedback_joiner, profile_objects, report_window, unprofiled_objects
 from bridge_assets.monitoring.profiles import window_rows, window_slices, window_versions, windows_with_members
 from bridge_assets.monitoring.reference import REFERENCE_PREFIX, make_reference_profile, registered_versions
-from bridge_assets.monitoring.report import Alarm, AlarmKind, alarm_texts, summary_markdown
+from bridge_assets.monitoring.report import summary_markdown
 from bridge_assets.monitoring.retrain import (
     land_feedback_batch,
 )

@@ -21,7 +21,7 @@ from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.landing import landed_batches
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Registry
-from bridge_assets.monitoring.report import Alarm
+from bridge_assets.monitoring.alarms import Alarm
 from bridge_assets.monitoring.retrain import (
     FEEDBACK_BATCH_PREFIX,
     RetrainAttempt,

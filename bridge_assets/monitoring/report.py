@@ -13,14 +13,14 @@ import html
 import io
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.monitoring.alarms import Alarm, AlarmKind, alarm_texts
 from bridge_assets.monitoring.decay import error_stats, judge_estimated, judge_realised
 from bridge_assets.monitoring.drift import ColumnDrift, profile_drift
 from bridge_assets.monitoring.profiles import (
@@ -41,43 +41,6 @@ FeedbackJoiner = Callable[[pl.DataFrame], pl.DataFrame]  # window rows -> joined
 
 def report_prefix(window: str) -> str:
     return f"{REPORTS_PREFIX}{window}/"
-
-
-AlarmKind = Literal["feature drift", "prediction drift", "realised decay", "estimated decay"]
-
-
-@dataclass(frozen=True)
-class Alarm:
-    """One finding of a window about one served version: fields for the code that acts on it
-    (retraining, alerts), `text` for people."""
-
-    model_version: str
-    variant: str
-    kind: AlarmKind
-    detail: str  # the figures that decided it
-    column: str | None = None  # the feature, for feature drift
-
-    @property
-    def family(self) -> Literal["drift", "decay"]:
-        return "decay" if self.kind.endswith("decay") else "drift"
-
-    @property
-    def text(self) -> str:
-        what = f"{self.kind} in {self.column}" if self.column else self.kind
-        return f"v{self.model_version}/{self.variant}: {what} ({self.detail})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Alarm:
-        return cls(
-            str(data["model_version"]), str(data["variant"]), data["kind"], str(data["detail"]), data.get("column")
-        )
-
-
-def alarm_texts(alarms: list[Alarm]) -> list[str]:
-    return [a.text for a in alarms]
 
 
 @dataclass

@@ -20,8 +20,8 @@ import polars as pl
 from bridge_assets.core.contract import FEATURES, ROW_ID, SEEN_AT, SEEN_AT_DTYPE, TARGET
 from bridge_assets.lake.landing import LandedBatch, land_batch, landed_batches, read_batch
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.monitoring.alarms import Alarm, alarm_texts
 from bridge_assets.monitoring.profiles import window_bounds
-from bridge_assets.monitoring.report import Alarm, alarm_texts
 from bridge_assets.monitoring.settings import RetrainPolicy
 
 FEEDBACK_BATCH_PREFIX = "feedback-"
