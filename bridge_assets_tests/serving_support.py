@@ -1,17 +1,23 @@
 """Helpers shared by the tests that talk to the prediction service over HTTP."""
 
+import fcntl
 import json
+import os
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
+import psutil
 
 from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.core.training import preset
@@ -136,17 +142,39 @@ def cpu_hog(processes: int = 2) -> Iterator[None]:
             hog.wait()
 
 
-def pick_free_ports(nodes: int = 1, avoid: Iterable[int] = ()) -> tuple[int, int]:
+PORT_RESERVATIONS = Path(tempfile.gettempdir()) / "bridge-test-ports"
+
+
+def _reserved_ports() -> set[int]:
+    """Ports that a live test process picked for a Ray instance: checking "free now" is not
+    enough when two pytest processes (`make test` runs two) each pick before the other starts."""
+    reserved: set[int] = set()
+    for file in PORT_RESERVATIONS.glob("*.json"):
+        if psutil.pid_exists(int(file.stem.split("-")[0])):
+            reserved |= set(json.loads(file.read_text()))
+        else:
+            file.unlink(missing_ok=True)
+    return reserved
+
+
+def pick_free_ports(nodes: int = 1) -> tuple[int, int]:
     """A `BRIDGE_RAY_PORT` and `BRIDGE_SERVE_PORT` whose derived ports (for `nodes` nodes) are
-    all free now and not in `avoid`: each test instance of Ray its own ports. Below 30000, clear of Ray's default worker
-    range (10002-19999), Serve's default replica ranges (30000-31000, 40000-41000) and the
-    kernel's ephemeral ports (32768+)."""
-    while True:
-        ray_port, serve_port = (
-            20_000 + RAY_PORTS_PER_NODE * random.randrange(26 - nodes),
-            random.randrange(25_000, 26_400),
-        )
-        settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
-        ports = [port for index in range(nodes) for port in settings.ports(index).all(head=index == 0)]
-        if len(set(ports)) == len(ports) and not set(ports) & set(avoid) and not port_holders(ports):
-            return ray_port, serve_port
+    free now and reserved by no live test process (the pick is reserved for this one's life):
+    each test instance of Ray its own ports. Below 30000, clear of Ray's default worker range
+    (10002-19999), Serve's default replica ranges (30000-31000, 40000-41000) and the kernel's
+    ephemeral ports (32768+)."""
+    PORT_RESERVATIONS.mkdir(exist_ok=True)
+    with open(PORT_RESERVATIONS / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        reserved = _reserved_ports()
+        while True:
+            ray_port, serve_port = (
+                20_000 + RAY_PORTS_PER_NODE * random.randrange(26 - nodes),
+                random.randrange(25_000, 26_400),
+            )
+            settings = ClusterSettings(ray_port=ray_port, serve_port=serve_port)
+            ports = [port for index in range(nodes) for port in settings.ports(index).all(head=index == 0)]
+            if len(set(ports)) == len(ports) and not set(ports) & reserved and not port_holders(ports):
+                reservation = PORT_RESERVATIONS / f"{os.getpid()}-{uuid.uuid4().hex}.json"
+                reservation.write_text(json.dumps(ports))
+                return ray_port, serve_port

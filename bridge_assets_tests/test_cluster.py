@@ -70,9 +70,8 @@ def _free(port: int) -> bool:
     return True
 
 
-def _instance_env(name: str, taken: set[int]) -> dict[str, str]:
-    ray_port, serve_port = pick_free_ports(avoid=taken)
-    taken |= set(ClusterSettings(ray_port=ray_port, serve_port=serve_port).ports().all(head=True))
+def _instance_env(name: str) -> dict[str, str]:
+    ray_port, serve_port = pick_free_ports()
     tag = uuid.uuid4().hex[:6]
     return {
         "BRIDGE_RAY_PORT": str(ray_port),
@@ -117,9 +116,9 @@ def _session_processes(sid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def instances() -> Iterator[dict[str, SimpleNamespace]]:
-    made, taken = {}, set()
+    made = {}
     for name in ("alpha", "beta"):
-        env = {**os.environ, **_instance_env(name, taken)}
+        env = {**os.environ, **_instance_env(name)}
         starter = subprocess.Popen(
             [sys.executable, "-c", STARTER], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, start_new_session=True,  # its own group, so the test can signal that group alone

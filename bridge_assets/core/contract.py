@@ -73,6 +73,22 @@ SCHEMA: dict[str, pl.DataType] = {
     TARGET: pl.Float64(),
 }
 COLUMNS: tuple[str, ...] = (ROW_ID, *FEATURES, TARGET)
+# What the data set is for and where models of it fall short: the model card's "Intended use"
+# and "Limits" (facts about the data, not about one version).
+INTENDED_USE = (
+    "Asking-price estimates for houses described by the Kaggle 'Housing Prices' features "
+    "(area, bedrooms, bathrooms, stories, parking, six yes/no amenities, furnishing status), "
+    "for the BridgeAI prediction API. Not for valuations of properties outside the training "
+    "data's range, nor for decisions about individuals."
+)
+KNOWN_LIMITS: tuple[str, ...] = (
+    (
+        "On the real seed data (`core/data/SOURCE.md`) a log-linear fit explains about as much as any network (`python bench/quality.py`); "
+        "errors grow for large and luxury houses, where the data is thin."
+    ),
+    "Inputs outside the API's bounds are refused, not extrapolated; very large areas extrapolate the log-linear trend.",
+    "Prices are in the data's currency and era; drift (see monitoring) degrades them.",
+)
 # When a row was seen (optional in a batch, e.g. the request time of labelled traffic; else its
 # batch's landing time): what recency-aware training weights by.
 SEEN_AT = "seen_at"

@@ -1,11 +1,13 @@
 """The Markdown model card every gated version carries: data, metrics beside the baselines,
-slices, intended use, limits and lineage, written from the evaluation's own figures."""
+slices, intended use, limits and lineage, written from the evaluation's own figures and the
+data contract's description of the data set."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 
+from bridge_assets.core.contract import INTENDED_USE, KNOWN_LIMITS
 from bridge_assets.core.recency import Recency
 from bridge_assets.ml.gate_checks import GateResult
 
@@ -25,12 +27,7 @@ def model_card(
         f"# Model card: {model_name} v{version}",
         "",
         "## Intended use",
-        (
-            "Asking-price estimates for houses described by the 12 Kaggle 'Housing Prices' features "
-            "(area, bedrooms, bathrooms, stories, parking, six yes/no amenities, furnishing status), "
-            "for the BridgeAI prediction API. Not for valuations of properties outside the training "
-            "data's range, nor for decisions about individuals."
-        ),
+        INTENDED_USE,
         "",
         "## Data",
         f"- trained on feature version `{tags.get('bridge.feature_version', 'unknown')}` ({tags.get('bridge.split', 'hash')} split)",
@@ -65,10 +62,7 @@ def model_card(
         ),
         "",
         "## Limits",
-        "- On the real 545 rows a log-linear fit explains about as much as any network (test R² ≈ 0.66);",
-        "  errors grow for large and luxury houses, where the data is thin.",
-        "- Inputs outside the API's bounds are refused, not extrapolated; very large areas extrapolate the log-linear trend.",
-        "- Prices are in the data's currency and era; drift (see monitoring) degrades them.",
+        *(f"- {limit}" for limit in KNOWN_LIMITS),
         "",
         "## Lineage",
         f"- training run `{tags.get('bridge.run_id', 'unknown')}`, config hash `{tags.get('bridge.config_hash', 'unknown')}`",
