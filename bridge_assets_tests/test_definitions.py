@@ -6,6 +6,8 @@ import warnings
 
 import dagster as dg
 
+from bridge_assets.ml.tracking import PROJECT_ROOT
+
 
 def test_definitions_load_without_deprecation_warnings():
     code = (
@@ -17,11 +19,55 @@ def test_definitions_load_without_deprecation_warnings():
         # Ray Serve's own pydantic models warn at import (Field(update_type=...)); ours must not.
         "warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'ray\\.')\n"
         "from bridge_assets.definitions import defs\n"
+        "defs = defs()\n"  # as Dagster loads the code location
         "defs.resolve_all_job_defs()\n"
         "defs.resolve_asset_graph()\n"
     )
     # A fresh interpreter, so modules imported by other tests cannot hide a warning.
     completed = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+ENVIRONMENT_READS_AT_IMPORT = """
+import importlib, os, pkgutil, sys
+ours = tuple(os.path.join(os.getcwd(), package, "") for package in ("bridge_assets", "serving"))
+reads = set()
+
+class Recording(type(os.environ)):
+    \"\"\"os.environ, noting each read whose caller is a module of ours (not os itself).\"\"\"
+    def _note(self, key):
+        frame = sys._getframe(2)
+        while frame and frame.f_code.co_filename.endswith(("/os.py", "_collections_abc.py")):
+            frame = frame.f_back
+        if frame and frame.f_code.co_filename.startswith(ours):
+            reads.add(f"{frame.f_code.co_filename}:{frame.f_lineno} {key}")
+    def __getitem__(self, key):
+        self._note(key)
+        return super().__getitem__(key)
+    def __contains__(self, key):
+        self._note(key)
+        return super().__contains__(key)
+    def get(self, key, default=None):
+        self._note(key)
+        return super().get(key, default)
+
+os.environ = Recording(os.environ._data, os.environ.encodekey, os.environ.decodekey, os.environ.encodevalue, os.environ.decodevalue)
+modules = []
+for package in ("bridge_assets", "serving"):
+    for module in pkgutil.walk_packages(importlib.import_module(package).__path__, package + "."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+            modules.append(module.name)
+assert len(modules) > 60 and "bridge_assets.definitions" in modules, modules
+assert not reads, sorted(reads)
+"""
+
+
+def test_no_module_reads_the_environment_at_import():
+    """Every module of `bridge_assets/` and `serving/` imported in a fresh interpreter reads no
+    variable: settings come from the environment a caller passes (`build_defs(env)`, the
+    settings' `from_env`), so a test or a second code location in one process gets its own."""
+    completed = subprocess.run([sys.executable, "-c", ENVIRONMENT_READS_AT_IMPORT], capture_output=True, text=True, cwd=PROJECT_ROOT)
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
@@ -40,7 +86,8 @@ def test_core_imports_without_dagster_or_ray():
 
 def test_asset_graph_shape():
     with warnings.catch_warnings():
-        from bridge_assets.definitions import defs
+        from bridge_assets.definitions import build_defs
+    defs = build_defs()
     graph = defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == {
@@ -70,7 +117,8 @@ def test_asset_graph_shape():
 
 def test_groups_follow_the_architecture():
     with warnings.catch_warnings():
-        from bridge_assets.definitions import defs
+        from bridge_assets.definitions import build_defs
+    defs = build_defs()
     graph = defs.resolve_asset_graph()
     expected = {
         "simulated_batch": "ingestion", "raw_housing": "ingestion", "housing_features": "features",

@@ -42,6 +42,40 @@ def test_cadences_come_from_the_environment():
     assert freshness_hours("housing_features", 48, {"BRIDGE_FRESHNESS_HOURS_HOUSING_FEATURES": "1.5"}) == timedelta(minutes=90)
 
 
+def test_the_code_location_takes_its_cadences_windows_and_retries_from_the_environment_it_is_given(tmp_path):
+    """`build_defs(env)`, not the environment at import: two code locations built from two
+    environments in one process each get their own intervals, freshness windows and storage
+    retries; what an environment leaves unset keeps the declared default."""
+    from bridge_assets.definitions import build_defs
+
+    home = {"BRIDGE_HOME": str(tmp_path / "home")}
+    tuned = build_defs(
+        home | {
+            "BRIDGE_SENSOR_INTERVAL": "5", "BRIDGE_SENSOR_INTERVAL_REGISTRY_SENSOR": "7",
+            "BRIDGE_FRESHNESS_HOURS_DRIFT_REPORT": "2", "BRIDGE_STORAGE_RETRIES": "1",
+            "BRIDGE_STORAGE_RETRY_DELAY_SECONDS": "0.5", "BRIDGE_INTERACTIONS_RETENTION_DAYS": "30",
+        }
+    )  # fmt: skip
+    default = build_defs(home)
+
+    def intervals(defs: dg.Definitions) -> dict[str, int | None]:
+        return {sensor.name: sensor.minimum_interval_seconds for sensor in defs.sensors}
+
+    def windows(defs: dg.Definitions) -> dict[str, tuple[timedelta, timedelta]]:
+        graph = defs.resolve_asset_graph()
+        policies = {name: graph.get(dg.AssetKey(name)).freshness_policy for name in ("drift_report", "housing_features")}
+        return {name: (policy.fail_window.to_timedelta(), policy.warn_window.to_timedelta()) for name, policy in policies.items()}
+
+    assert intervals(tuned)["registry_sensor"] == 7 and intervals(tuned)["bridge_automation"] == 5
+    assert set(intervals(tuned).values()) == {5, 7}
+    assert intervals(default)["registry_sensor"] == 30 and intervals(default)["landed_batches_sensor"] == 15
+    assert windows(tuned) == {"drift_report": (timedelta(hours=2), timedelta(hours=1)), "housing_features": (timedelta(hours=48), timedelta(hours=24))}
+    assert windows(default)["drift_report"] == (timedelta(hours=6), timedelta(hours=3))
+    storage = tuned.resources["storage"]
+    assert (storage.retries, storage.retry_delay_seconds, storage.interactions_retention_days) == (1, 0.5, 30.0)
+    assert default.resources["storage"].retries == 3
+
+
 def test_training_schedule_skips_until_features_exist_then_pins_the_latest_version(tmp_path):
     env = {"BRIDGE_HOME": str(tmp_path / "home")}
     schedule = training_round_schedule(env)
@@ -66,8 +100,9 @@ def test_training_schedule_skips_until_features_exist_then_pins_the_latest_versi
 
 
 def test_schedule_is_part_of_the_code_location():
-    from bridge_assets.definitions import defs
+    from bridge_assets.definitions import build_defs
 
+    defs = build_defs()
     schedule = defs.resolve_schedule_def(TRAINING_SCHEDULE)
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
     graph = defs.resolve_asset_graph()

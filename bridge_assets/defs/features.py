@@ -2,15 +2,16 @@
 
 import hashlib
 import json
+from datetime import timedelta
 
 import dagster as dg
 import polars as pl
 
 from bridge_assets.core.contract import FEATURES, SCHEMA, TARGET
 from bridge_assets.core.features import SPLIT_BOUNDS, SPLITS
-from bridge_assets.defs.cadence import freshness_hours, sensor_interval
+from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.metadata import markdown_preview, table_schema
-from bridge_assets.defs.policies import STORAGE_RETRY
+from bridge_assets.defs.policies import storage_retries
 from bridge_assets.defs.raw import raw_housing
 from bridge_assets.defs.resources import LakeStorage
 from bridge_assets.lake.feature_store import FeatureBuild, FeatureStore, build_features, feature_backlog
@@ -84,16 +85,13 @@ def _adds_rows_check(build: FeatureBuild) -> dg.AssetCheckResult:
     kinds={"polars", "duckdb", "parquet"},
     owners=["team:data-engineering"],
     # Stale features mean training and monitoring look at old data: warn after half the window.
-    freshness_policy=dg.FreshnessPolicy.time_window(
-        fail_window=freshness_hours("housing_features", 48), warn_window=freshness_hours("housing_features", 48) / 2
-    ),
+    freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=48), warn_window=timedelta(hours=24)),
     # No automation condition: `feature_backlog_sensor` requests a run while any validated
     # batch is missing from the table, which also covers runs that interleave.
     check_specs=[
         *(dg.AssetCheckSpec(name, asset="housing_features", blocking=True) for name in CHECKS),
         dg.AssetCheckSpec(ADDS_ROWS_CHECK, asset="housing_features", description="every new batch adds rows"),
     ],
-    retry_policy=STORAGE_RETRY,
 )
 def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """Versioned feature table: each validated batch becomes an immutable, content-hashed part.
@@ -102,6 +100,11 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
     delayed labels joined by `row_id`, a hash split per row, and the BridgeAI reference split
     on the real data. Query a version with `FeatureStore(store).connect(version)` (DuckDB).
     """
+    with storage_retries(context, storage):
+        return _feature_version(context, storage)
+
+
+def _feature_version(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     store = storage.open()
     try:
         build = build_features(store, publish=False)
@@ -144,10 +147,10 @@ def housing_features(context: dg.AssetExecutionContext, storage: LakeStorage) ->
     )
 
 
-@dg.sensor(
+@cadenced_sensor(
+    30,
     target=[housing_features],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=sensor_interval("feature_backlog_sensor", 30),
 )
 def feature_backlog_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """Requests a feature-table run while a validated batch is missing from the latest version.

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from bridge_assets.defs.audit import open_registry
-from bridge_assets.defs.cadence import sensor_interval
+from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy
 from bridge_assets.defs.serving import rollback_model
 from bridge_assets.ml.guardrail import WatchTally, judge, watch_of
@@ -21,9 +21,9 @@ from serving.interactions import interaction_files, read_interaction_files
 GUARDRAIL_ACTOR = "post_deploy_guardrail"
 
 
-@dg.sensor(
+@cadenced_sensor(
+    30,
     job=rollback_model,
-    minimum_interval_seconds=sensor_interval("post_deploy_guardrail", 30),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def post_deploy_guardrail(

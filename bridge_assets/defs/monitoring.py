@@ -17,11 +17,12 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 
 import dagster as dg
 from pydantic import Field
 
-from bridge_assets.defs.cadence import freshness_hours, sensor_interval
+from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.promotion import feedback
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking
@@ -117,10 +118,10 @@ def interaction_profiles(
     )
 
 
-@dg.sensor(
+@cadenced_sensor(
+    15,
     target=[interaction_profiles],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=sensor_interval("interaction_logs_sensor", 15),
 )
 def interaction_logs_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """Requests profiles for log objects that have none. The lake says what is done (an
@@ -232,9 +233,7 @@ REPORT_CHECKS = {
     owners=[MONITORING_OWNER],
     # No report for hours means no traffic reached the lake or the monitor stopped: both need
     # a look before a decayed model serves unnoticed.
-    freshness_policy=dg.FreshnessPolicy.time_window(
-        fail_window=freshness_hours("drift_report", 6), warn_window=freshness_hours("drift_report", 6) / 2
-    ),
+    freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=6), warn_window=timedelta(hours=3)),
     check_specs=[
         dg.AssetCheckSpec(name, asset="drift_report", description=text) for name, text in REPORT_CHECKS.items()
     ],
@@ -311,8 +310,9 @@ def drift_report(
 FRESHNESS_WATCHED = [housing_features.key, drift_report.key]  # the assets with a freshness policy
 
 
-@dg.sensor(
-    minimum_interval_seconds=sensor_interval("freshness_sensor", 60), default_status=dg.DefaultSensorStatus.RUNNING
+@cadenced_sensor(
+    60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def freshness_sensor(
     context: dg.SensorEvaluationContext, mlflow_tracking: MlflowTracking, alerting: Alerting
@@ -340,10 +340,10 @@ def freshness_sensor(
     return dg.SkipReason(f"failing freshness: {sorted(failing) or 'none'}")
 
 
-@dg.sensor(
+@cadenced_sensor(
+    30,
     target=[window_profiles, labelled_traffic, drift_report],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=sensor_interval("monitor_windows_sensor", 30),
 )
 def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """(Re)requests a window when its members change (a late object too), new labels land, or
@@ -392,10 +392,10 @@ def model_reference(
     )
 
 
-@dg.sensor(
+@cadenced_sensor(
+    60,
     target=[model_reference],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=sensor_interval("registered_versions_sensor", 60),
 )
 def registered_versions_sensor(
     context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking

@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
-from bridge_assets.defs.cadence import sensor_interval
+from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy
 from bridge_assets.defs.serving_logs import interaction_logs
@@ -94,9 +94,9 @@ def staged_model(
     )
 
 
-@dg.sensor(
+@cadenced_sensor(
+    30,
     target=[staged_model],
-    minimum_interval_seconds=sensor_interval("candidates_sensor", 30),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def candidates_sensor(
@@ -243,9 +243,9 @@ def ab_report(
     )
 
 
-@dg.sensor(
+@cadenced_sensor(
+    60,
     target=[feedback, ab_report],
-    minimum_interval_seconds=sensor_interval("experiment_sensor", 60),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def experiment_sensor(

@@ -4,9 +4,9 @@ import json
 
 import dagster as dg
 
-from bridge_assets.defs.cadence import sensor_interval
+from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.metadata import markdown_preview
-from bridge_assets.defs.policies import STORAGE_RETRY
+from bridge_assets.defs.policies import storage_retries
 from bridge_assets.defs.resources import LakeStorage
 from bridge_assets.lake.landing import landed_batches
 from bridge_assets.lake.raw import validate_batch
@@ -22,10 +22,14 @@ MAX_QUARANTINE_RATE = 0.05
     kinds={"polars", "parquet"},
     owners=["team:data-engineering"],
     check_specs=[dg.AssetCheckSpec("quarantine_rate", asset="raw_housing")],
-    retry_policy=STORAGE_RETRY,
 )
 def raw_housing(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     """A landed batch validated against the housing contract; bad rows quarantined with reasons."""
+    with storage_retries(context, storage):
+        return _validated_batch(context, storage)
+
+
+def _validated_batch(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.MaterializeResult:
     store = storage.open()
     batch_id = context.partition_key
     batch = next((b for b in landed_batches(store) if b.batch_id == batch_id), None)
@@ -65,10 +69,10 @@ def raw_housing(context: dg.AssetExecutionContext, storage: LakeStorage) -> dg.M
     )
 
 
-@dg.sensor(
+@cadenced_sensor(
+    15,
     target=[raw_housing],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=sensor_interval("landed_batches_sensor", 15),
 )
 def landed_batches_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """Registers each newly landed batch as a raw partition and requests it exactly once.

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_docker import PipesDockerClient
+from pydantic import Field
 
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
@@ -33,6 +34,13 @@ class LakeStorage(dg.ConfigurableResource):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
+    retries: int = Field(
+        default=3, ge=0, description="Dagster retries of a raw or feature step after a storage failure"
+    )
+    retry_delay_seconds: float = Field(default=2.0, ge=0, description="the first retry's wait; doubled each time")
+    interactions_retention_days: float = Field(
+        default=0.0, ge=0, description="interaction log hours older than this are deleted; 0 keeps them all"
+    )
 
     def settings(self) -> StorageSettings:
         return StorageSettings(
@@ -79,6 +87,9 @@ def lake_storage(env: Mapping[str, str] = os.environ) -> LakeStorage:
         aws_access_key_id=_env_or_none(env, "AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=_env_or_none(env, "AWS_SECRET_ACCESS_KEY"),
         aws_session_token=_env_or_none(env, "AWS_SESSION_TOKEN"),
+        retries=int(env.get("BRIDGE_STORAGE_RETRIES") or 3),
+        retry_delay_seconds=float(env.get("BRIDGE_STORAGE_RETRY_DELAY_SECONDS") or 2),
+        interactions_retention_days=float(env.get("BRIDGE_INTERACTIONS_RETENTION_DAYS") or 0),
     )
 
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import dagster as dg
 
 from bridge_assets.defs.audit import open_registry
-from bridge_assets.defs.cadence import sensor_interval
+from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.monitoring import ALARM_RECORDS, Monitoring, drift_report
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking
 from bridge_assets.defs.training import candidate_model
@@ -86,10 +86,10 @@ def _attempt(registry: Registry, served: set[str], alarms: list[Alarm]) -> Retra
     )
 
 
-@dg.sensor(
+@cadenced_sensor(
+    30,
     target=[candidate_model],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=sensor_interval("retrain_sensor", 30),
 )
 def retrain_sensor(
     context: dg.SensorEvaluationContext, storage: LakeStorage, mlflow_tracking: MlflowTracking, monitoring: Monitoring

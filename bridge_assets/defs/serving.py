@@ -10,7 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
-from bridge_assets.defs.cadence import sensor_interval
+from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.ml.guardrail import Watch, watch_of
@@ -250,9 +250,9 @@ def _check(passed: bool, description: str, **metadata: Any) -> dg.AssetCheckEval
     )
 
 
-@dg.sensor(
+@cadenced_sensor(
+    30,
     target=[production_deployment],
-    minimum_interval_seconds=sensor_interval("registry_sensor", 30),
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def registry_sensor(

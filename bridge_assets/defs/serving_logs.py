@@ -6,7 +6,6 @@ file (record counts checked, nothing lost or duplicated; see `serving.interactio
 `BRIDGE_INTERACTIONS_RETENTION_DAYS` set, deletes hours older than that many days.
 """
 
-import os
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -16,9 +15,11 @@ from bridge_assets.defs.resources import LakeStorage
 
 
 class LogCompactionConfig(dg.Config):
-    retention_days: float = Field(
-        default=float(os.environ.get("BRIDGE_INTERACTIONS_RETENTION_DAYS", "0")),
-        description="delete interaction files of hours older than this many days; 0 keeps them all",
+    retention_days: float | None = Field(
+        default=None,
+        ge=0,
+        description="delete interaction files of hours older than this many days; 0 keeps them all; "
+        "unset: the storage resource's (`BRIDGE_INTERACTIONS_RETENTION_DAYS`)",
     )
 
 
@@ -39,7 +40,8 @@ def interaction_logs(
     store = storage.open()
     now = datetime.now(UTC)
     compacted = compact_closed_hours(store, now)
-    expired = expire_interactions(store, now, timedelta(days=config.retention_days)) if config.retention_days > 0 else 0
+    retention_days = storage.interactions_retention_days if config.retention_days is None else config.retention_days
+    expired = expire_interactions(store, now, timedelta(days=retention_days)) if retention_days > 0 else 0
     swept = store.sweep_temporaries()
     for remains in swept:
         context.log.info(f"swept what a killed writer left: {remains}")

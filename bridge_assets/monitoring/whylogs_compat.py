@@ -19,7 +19,6 @@ on a private API, so whylogs is pinned to 1.6.x.
 from __future__ import annotations
 
 import contextvars
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,11 +28,15 @@ import polars as pl
 
 if not hasattr(np, "unicode_"):  # numpy 2 removed the alias whylogs 1.6.4 still uses
     np.unicode_ = np.str_  # type: ignore[attr-defined]
-os.environ.setdefault("WHYLOGS_NO_ANALYTICS", "True")  # no telemetry from library use
 
 import whylogs as why
+from whylogs.api import usage_stats
 from whylogs.core.preprocessing import NumpyView, PreprocessedColumn
 from whylogs.core.view.dataset_profile_view import DatasetProfileView
+
+# No telemetry from library use: what `WHYLOGS_NO_ANALYTICS` does, without writing to the
+# process's environment at import (whylogs sends its first event on first use, not at import).
+usage_stats._TELEMETRY_DISABLED = True
 
 WHYLOGS_VERSION = why.__version__
 _STOCK_SPLIT = PreprocessedColumn._pandas_split
