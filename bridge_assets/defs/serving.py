@@ -13,6 +13,7 @@ from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
 from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
+from bridge_assets.ml.following import FollowState, follow, refused
 from bridge_assets.ml.guardrail import Watch, watch_of
 from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, STAGING_ALIAS, Authorisation, Registry
@@ -287,10 +288,11 @@ def registry_sensor(
             )
         )
     wanted, _ = wanted_versions(registry, production, staging, promotion.settings())
-    cursor = json.loads(context.cursor) if context.cursor else {}
+    state = FollowState.from_json(context.cursor)
     if not production.allowed:
-        if cursor.get("refused") == production.version:
-            return dg.SkipReason(f"refused to deploy v{production.version} (reported)")
+        decision = refused(state, production.version, production.reason)
+        if decision.action == "none":
+            return dg.SkipReason(decision.reason)
         refusal = dg.AssetCheckEvaluation(
             asset_key=production_deployment.key,
             check_name=AUTHORISED_CHECK,
@@ -299,57 +301,45 @@ def registry_sensor(
             metadata={"reason": production.reason, "version": production.version},
             description=production.reason,
         )
-        return dg.SensorResult(asset_events=[refusal], cursor=json.dumps(cursor | {"refused": production.version}))
+        return dg.SensorResult(asset_events=[refusal], cursor=decision.state.to_json())
     served = service_state({**os.environ, **serving.settings().to_env()})
-    state = {"wanted": wanted, "served": served.versions, "status": served.status, "in_line": cursor.get("in_line")}
-    if served.status == "serving" and served.versions == wanted:
-        events = (
-            [_check(True, f"the service serves {wanted}")]
-            if cursor.get("status") not in (None, "serving") or cursor.get("served") != wanted
-            else []
-        )
-        return dg.SensorResult(
-            asset_events=events,
-            cursor=json.dumps(state | {"in_line": wanted}),
-            skip_reason=None if events else f"the service serves what the registry says: {wanted}",
-        )
-    if served.status in ("down", "unreadable"):
-        if cursor.get("status") == served.status and cursor.get("wanted") == wanted:
-            return dg.SkipReason(f"still {served.status} (reported): {served.problem}")
-        summary = f"the service does not serve the registry's {wanted}: {served.problem}"
+    decision = follow(
+        state,
+        wanted,
+        served.status,
+        served.versions,
+        served.problem,
+        deployment_in_flight=_deployment_in_flight(context.instance),
+        now=time.time(),
+        retry_seconds=DEPLOY_RETRY_SECONDS,
+    )
+    cursor = decision.state.to_json()
+    if decision.action == "none":
+        return dg.SensorResult(skip_reason=decision.reason, cursor=cursor)
+    if decision.action == "report_in_line":
+        return dg.SensorResult(asset_events=[_check(True, decision.reason)], cursor=cursor)
+    if decision.action == "report_unreachable":
         kind: EventKind = "service_down" if served.status == "down" else "deployment_mismatch"
         alerting.send(
-            LoopEvent(kind, summary, registry.model_name, production.version, {"wanted": wanted, "url": served.url})
+            LoopEvent(
+                kind, decision.reason, registry.model_name, production.version, {"wanted": wanted, "url": served.url}
+            )
         )
         return dg.SensorResult(
-            asset_events=[_check(False, summary, url=served.url, wanted=str(wanted))], cursor=json.dumps(state)
+            asset_events=[_check(False, decision.reason, url=served.url, wanted=str(wanted))], cursor=cursor
         )
-    if _deployment_in_flight(context.instance):
-        return dg.SkipReason(
-            f"a production_deployment run is under way (serving {served.versions or 'nothing'}, wanted {wanted})"
-        )
-    now = time.time()
-    if (
-        cursor.get("wanted") == wanted
-        and cursor.get("served") == served.versions
-        and now - cursor.get("requested_at", 0) < DEPLOY_RETRY_SECONDS
-    ):
-        return dg.SkipReason(
-            f"deployment of {wanted} requested {now - cursor['requested_at']:.0f} s ago; serving {served.versions or 'nothing'}"
-        )
-    if cursor.get("in_line") == wanted:  # it served this registry state, and no longer does: not a registry move
-        mismatch = f"{served.url} serves {served.versions or 'nothing'} where the registry says {wanted}: redeploying"
+    if decision.drifted:
         alerting.send(
             LoopEvent(
                 "deployment_mismatch",
-                mismatch,
+                f"{served.url} {decision.reason}",
                 registry.model_name,
                 production.version,
                 {"wanted": wanted, "served": served.versions},
             )
         )
-    key = "/".join(f"{k}={v}" for k, v in sorted(wanted.items())) + f"@{int(now)}"
+    key = "/".join(f"{k}={v}" for k, v in sorted(wanted.items())) + f"@{int(decision.state.requested_at or 0)}"
     request = dg.RunRequest(
         run_key=key, tags={"bridge/registry_state": key, "bridge/served": json.dumps(served.versions)}
     )
-    return dg.SensorResult(run_requests=[request], cursor=json.dumps(state | {"requested_at": now}))
+    return dg.SensorResult(run_requests=[request], cursor=cursor)
