@@ -62,6 +62,7 @@ from bridge_assets.ml.tracking import MlflowSettings, unseen_batches
 from bridge_assets.ml.traffic import TrafficResult, post_json, send_traffic
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX
 from bridge_assets.monitoring.settings import MonitorSettings
+from bridge_assets.retrying import poll
 from serving.cluster import stop_serving
 from serving.deploy import ServingSettings
 from serving.interactions import read_interactions
@@ -134,12 +135,8 @@ def _live_daemon(margin: float = 10.0) -> bool:
     first = heartbeat()
     if first is None or time.time() - first > DAEMON_HEARTBEAT_SECONDS + margin:
         return False
-    deadline = first + DAEMON_HEARTBEAT_SECONDS + margin
-    while time.time() < deadline:
-        if (heartbeat() or 0) > first:
-            return True
-        time.sleep(1)
-    return False
+    wait = first + DAEMON_HEARTBEAT_SECONDS + margin - time.time()
+    return bool(poll(lambda: (heartbeat() or 0) > first, wait, every=1))
 
 
 def _gate(store: ObjectStore, version: str, daemon: bool) -> bool:
@@ -341,14 +338,12 @@ def _daemon(running: bool) -> Iterator[Path | None]:
 
 def _wait_for(what: str, found: Callable[[], T | None], log_path: Path | None) -> T:
     """Poll until the daemon's work shows `found()`; on timeout, fail naming what and where."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while (value := found()) is None:
-        if time.monotonic() > deadline:
-            tail = log_path.read_text().splitlines()[-15:] if log_path else ["(the running daemon's own log)"]
-            raise SystemExit(
-                f"gave up after {WAIT_SECONDS} s waiting for {what}; the daemon's log ends:\n" + "\n".join(tail)
-            )
-        time.sleep(2)
+    value = poll(found, WAIT_SECONDS, every=2)
+    if value is None:
+        tail = log_path.read_text().splitlines()[-15:] if log_path else ["(the running daemon's own log)"]
+        raise SystemExit(
+            f"gave up after {WAIT_SECONDS} s waiting for {what}; the daemon's log ends:\n" + "\n".join(tail)
+        )
     return value
 
 
@@ -383,11 +378,13 @@ def _traffic_with_feedback(
     print(
         f"  bridge traffic: {result.sent} houses from 100 clients, statuses {dict(result.statuses)}, variants {dict(result.variants)}"
     )
-    deadline = time.monotonic() + 60
-    while read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height < result.ok:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(1)
+    poll(  # the records in the lake first: a label joins only a logged request
+        lambda: (
+            read_interactions(store).filter(pl.col("request_id").str.starts_with(result.traffic_id)).height >= result.ok
+        ),
+        60,
+        every=1,
+    )
     key, labels = release_feedback(store, result.traffic_id)
     print(f"  released {labels} true prices as delayed feedback: {store.uri(key)}")
     return result

@@ -11,8 +11,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class AlertSink(ThreadingHTTPServer):
-    def __init__(self) -> None:
+    def __init__(self, failures: int = 0) -> None:
+        """`failures`: the first POSTs answered 503 (an endpoint having a bad moment)."""
         self.received: list[dict] = []
+        self.refused = 0
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -20,7 +22,13 @@ class AlertSink(ThreadingHTTPServer):
                 return
 
             def do_POST(self) -> None:
-                sink.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if sink.refused < failures:
+                    sink.refused += 1
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                sink.received.append(payload)
                 self.send_response(204)
                 self.end_headers()
 
@@ -35,8 +43,8 @@ class AlertSink(ThreadingHTTPServer):
 
 
 @contextmanager
-def alert_sink() -> Iterator[AlertSink]:
-    sink = AlertSink()
+def alert_sink(failures: int = 0) -> Iterator[AlertSink]:
+    sink = AlertSink(failures)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     try:
         yield sink

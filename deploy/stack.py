@@ -33,7 +33,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import psutil
 import requests
 
 from bridge_assets.lake.settings import PROJECT_ROOT, bridge_home
+from bridge_assets.retrying import poll, retried
 from serving.processes import free_port, listening, port_free, session_members, terminate, write_atomically
 
 COMPONENTS = ("postgres", "s3", "mlflow", "ray", "dagster")
@@ -103,7 +103,8 @@ class StackSettings:
             ray_port=int(env.get("BRIDGE_RAY_PORT") or 0),
             serve_port=int(env.get("BRIDGE_SERVE_PORT") or 0),
             # short: Ray's unix socket paths must stay under ~107 characters
-            ray_temp_dir=env.get("BRIDGE_RAY_TMPDIR") or f"/tmp/bridge-stack-{hashlib.sha256(str(directory).encode()).hexdigest()[:8]}",
+            ray_temp_dir=env.get("BRIDGE_RAY_TMPDIR")
+            or f"/tmp/bridge-stack-{hashlib.sha256(str(directory).encode()).hexdigest()[:8]}",
             bucket=env.get("BRIDGE_S3_BUCKET") or "bridge",
             prefix=env.get("BRIDGE_S3_PREFIX", "lake"),
             replicas=int(env.get("BRIDGE_SERVE_REPLICAS") or 2),
@@ -141,7 +142,9 @@ class Stack:
             self.settings.directory.mkdir(parents=True, exist_ok=True)
             state = {"processes": self.processes, "env": self.env, "secrets": self.secrets}
             write_atomically(self.settings.state_file, json.dumps(state, indent=2), private=True)
-            write_atomically(self.settings.env_file, "".join(f"{k}={v}\n" for k, v in sorted(self.env.items())), private=True)
+            write_atomically(
+                self.settings.env_file, "".join(f"{k}={v}\n" for k, v in sorted(self.env.items())), private=True
+            )
 
     def child_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """A stack process's environment: the caller's, the stack's variables over it."""
@@ -153,14 +156,16 @@ class Stack:
 
 def _wait(what: str, ready, timeout: float, log: Path | None = None, pid: int | None = None) -> None:
     """Poll `ready()` until it holds; fail naming `what` and the log's tail."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def up() -> bool:
         if ready():
-            return
+            return True
         if pid is not None and not _running(pid):
             raise StackError(f"{what} exited while starting\n{_tail(log)}")
-        time.sleep(0.25)
-    raise StackError(f"{what} did not become ready within {timeout:.0f} s\n{_tail(log)}")
+        return False
+
+    if not poll(up, timeout, every=0.25):
+        raise StackError(f"{what} did not become ready within {timeout:.0f} s\n{_tail(log)}")
 
 
 def _running(pid: int) -> bool:
@@ -174,7 +179,9 @@ def _tail(log: Path | None) -> str:
     return log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
 
 
-def _spawn(stack: Stack, name: str, command: list[str], env: Mapping[str, str], port: int | None, cwd: Path | None = None) -> dict:
+def _spawn(
+    stack: Stack, name: str, command: list[str], env: Mapping[str, str], port: int | None, cwd: Path | None = None
+) -> dict:
     """Start `command` detached (its own session) with output to `logs/<name>.log`; record it."""
     logs = stack.settings.directory / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -331,7 +338,11 @@ def start_s3(stack: Stack) -> None:
     }
     data = stack.settings.directory / "s3"
     data.mkdir(parents=True, exist_ok=True)
-    server_env = {**os.environ, "S3_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"], "S3_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"]}
+    server_env = {
+        **os.environ,
+        "S3_ACCESS_KEY_ID": keys["AWS_ACCESS_KEY_ID"],
+        "S3_SECRET_ACCESS_KEY": keys["AWS_SECRET_ACCESS_KEY"],
+    }
     record = _spawn(stack, "s3", [node, str(S3_SERVER), str(data), str(port)], server_env, port)
     _wait(f"the S3 server on 127.0.0.1:{port}", lambda: listening(port), 60, Path(record["log"]), record["pid"])
     stack.env |= {
@@ -416,7 +427,9 @@ def ray_cluster_env(stack: Stack) -> dict[str, str]:
     keep += ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_ENDPOINT_URL_S3")
     # Patience for a busy 2-core host: Serve's controller kills a proxy that misses 3 health
     # checks of 10 s (a starting HAProxy proxy can, and `serve.start` then fails).
-    patience = {"RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")}
+    patience = {
+        "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": os.environ.get("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
+    }
     return {**os.environ, **{k: v for k, v in stack.env.items() if k in keep}, "BRIDGE_RAY_NUM_CPUS": "1"} | patience
 
 
@@ -439,15 +452,13 @@ def start_ray(stack: Stack) -> None:
     saved = dict(os.environ)
     os.environ.update(env)  # cluster.py reads a few of Ray's variables from the process environment
     try:
-        for attempt in (1, 2, 3):  # a raylet registering later than Ray's fixed 30 s fails `ray start`: again
-            try:
-                start_local_ray(cluster)
-                start_local_node(cluster, 1, num_cpus=1)
-                break
-            except ClusterError:
-                stop_serving(env)
-                if attempt == 3:
-                    raise
+
+        def start_nodes() -> None:
+            start_local_ray(cluster)
+            start_local_node(cluster, 1, num_cpus=1)
+
+        # a raylet registering later than Ray's fixed 30 s fails `ray start`: clean up, again
+        retried(start_nodes, 3, retry_on=ClusterError, before_retry=lambda error: stop_serving(env))
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -465,12 +476,13 @@ def start_cluster_serve(stack: Stack, attempts: int = 3) -> None:
     proxy, which fails `serve.start` for whoever calls it first."""
     env = ray_cluster_env(stack) | {"RAY_ADDRESS": stack.env["RAY_ADDRESS"]}
     script = "from serving.cluster import ClusterSettings, connect, start_serve; s = ClusterSettings.from_env(); connect(s); start_serve(s)"
-    for attempt in range(1, attempts + 1):
+
+    def start() -> None:
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=PROJECT_ROOT)
-        if done.returncode == 0:
-            return
-        if attempt == attempts:
+        if done.returncode != 0:
             raise StackError(f"Serve did not start on the stack's cluster:\n{done.stderr[-3000:]}")
+
+    retried(start, attempts, retry_on=StackError)
 
 
 def stop_ray(stack: Stack) -> str:
@@ -547,7 +559,13 @@ def start_code_location(stack: Stack, base_env: Mapping[str, str] = os.environ) 
                "-h", "127.0.0.1", "-p", str(port), "--location-name", "bridge"]  # fmt: skip
     record = _spawn(stack, "dagster-code", command, stack.child_env(base_env), port, PROJECT_ROOT)
     (stack.settings.directory / "dagster" / "workspace.yaml").write_text(WORKSPACE_YAML.format(port=port))
-    _wait(f"the code location's gRPC server on 127.0.0.1:{port}", lambda: listening(port), 400, Path(record["log"]), record["pid"])
+    _wait(
+        f"the code location's gRPC server on 127.0.0.1:{port}",
+        lambda: listening(port),
+        400,
+        Path(record["log"]),
+        record["pid"],
+    )
 
 
 def start_dagster(stack: Stack, base_env: Mapping[str, str] = os.environ) -> None:
@@ -560,7 +578,9 @@ def start_dagster(stack: Stack, base_env: Mapping[str, str] = os.environ) -> Non
     workspace = str(stack.settings.directory / "dagster" / "workspace.yaml")
     web = _spawn(stack, "dagster-webserver",
                  [str(BIN / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(port)], env, port, PROJECT_ROOT)  # fmt: skip
-    daemon = _spawn(stack, "dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace], env, None, PROJECT_ROOT)
+    daemon = _spawn(
+        stack, "dagster-daemon", [str(BIN / "dagster-daemon"), "run", "-w", workspace], env, None, PROJECT_ROOT
+    )
     url = f"http://127.0.0.1:{port}"
     _wait(f"Dagster webserver at {url}", lambda: _http_ok(f"{url}/server_info"), 400, Path(web["log"]), web["pid"])
     _wait("Dagster daemon", lambda: _daemon_ready(stack), 400, Path(daemon["log"]), daemon["pid"])
@@ -727,7 +747,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stack up in {settings.directory}; environment in {settings.env_file}")
             for name, line in status(settings).items():
                 print(f"  {name}: {line}")
-            print(f"  Dagster UI: {stack.env.get('BRIDGE_DAGSTER_URL', '-')}   MLflow: {stack.env.get('MLFLOW_TRACKING_URI', '-')}")
+            print(
+                f"  Dagster UI: {stack.env.get('BRIDGE_DAGSTER_URL', '-')}   MLflow: {stack.env.get('MLFLOW_TRACKING_URI', '-')}"
+            )
         elif args.command == "stop":
             stopped = stop(settings)
             print("stopped: " + ("; ".join(stopped) if stopped else f"nothing (no stack in {settings.directory})"))

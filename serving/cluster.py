@@ -30,6 +30,7 @@ from pathlib import Path
 
 import psutil
 
+from bridge_assets.retrying import retried
 from serving.processes import alive, listening, port_holders, session_members, terminate, write_atomically
 
 DEFAULT_RAY_PORT = 6390
@@ -414,8 +415,8 @@ def _ray_start(
         "--temp-dir",
         settings.temp_dir,
     ]
-    attempt = 1
-    while True:
+
+    def start() -> tuple[int, float]:
         started_at = time.time()
         starter = subprocess.Popen(
             command,
@@ -433,11 +434,15 @@ def _ray_start(
             return starter.pid, started_at
         # this attempt's debris: its session id stays ours while any member of it lives
         terminate(session_members(starter.pid))
-        if b"timed out during startup" not in output or attempt == START_ATTEMPTS:
-            raise ClusterError(
-                f"`ray start` failed for {settings.temp_dir}:\n{output.decode(errors='replace')[-3000:]}"
-            )
-        attempt += 1
+        failed = _StartTimedOut if b"timed out during startup" in output else ClusterError
+        raise failed(f"`ray start` failed for {settings.temp_dir}:\n{output.decode(errors='replace')[-3000:]}")
+
+    # a raylet that registers later than Ray's fixed startup timeout fails `ray start`: again
+    return retried(start, START_ATTEMPTS, retry_on=_StartTimedOut)
+
+
+class _StartTimedOut(ClusterError):
+    """`ray start` gave up waiting for its raylet to register: worth another try."""
 
 
 def _node_record(settings: ClusterSettings, index: int, sid: int, started_at: float) -> dict:

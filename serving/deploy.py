@@ -30,6 +30,7 @@ from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.settings import StorageSettings, bridge_home, load_environment
 from bridge_assets.ml.registry import PRODUCTION_ALIAS
 from bridge_assets.ml.tracking import MlflowSettings
+from bridge_assets.retrying import poll
 from serving.cluster import (
     DEFAULT_RAY_PORT,
     DEFAULT_SERVE_PORT,
@@ -314,21 +315,24 @@ def wait_until_serving(
     url: str, version: str, timeout: float = 180.0, headers: Mapping[str, str] | None = None
 ) -> None:
     """Block until `url` answers with `version` (raise TimeoutError otherwise)."""
-    deadline = time.monotonic() + timeout
     last = "no answer"
-    while time.monotonic() < deadline:
+
+    def serves_it() -> bool:
+        nonlocal last
         try:
             reply = requests.get(f"{url}/model", headers=dict(headers or {}), timeout=5)
-            if reply.status_code != 200:
-                last = f"HTTP {reply.status_code}"
-            elif (served := reply.json()["response"]["model_version"]) == version:
-                return
-            else:
-                last = f"still serving version {served}"
         except requests.RequestException as error:
             last = str(error)
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not serve version {version} within {timeout:.0f} s ({last})")
+            return False
+        if reply.status_code != 200:
+            last = f"HTTP {reply.status_code}"
+            return False
+        served = reply.json()["response"]["model_version"]
+        last = f"still serving version {served}"
+        return bool(served == version)
+
+    if not poll(serves_it, timeout):
+        raise TimeoutError(f"{url} did not serve version {version} within {timeout:.0f} s ({last})")
 
 
 def production_version(env: Mapping[str, str] = os.environ) -> tuple[object, str, str]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import requests
+
+from bridge_assets.retrying import retried
 
 log = logging.getLogger("bridge.alerts")
 
@@ -57,17 +58,23 @@ def send_alert(
     """POST `event` to `url` (no URL: nothing to do); True when a 2xx came back."""
     if not url:
         return False
-    for attempt in range(1, attempts + 1):
-        try:
-            response = requests.post(
-                url, data=event.to_json(), headers={"Content-Type": "application/json"}, timeout=timeout
-            )
-            if 200 <= response.status_code < 300:
-                return True
-            problem = f"HTTP {response.status_code}"
-        except requests.RequestException as error:  # refused, timed out
-            problem = str(error)
-        if attempt < attempts:
-            time.sleep(backoff * 2 ** (attempt - 1))
-    log.warning("alert %s not delivered to %s after %d attempts: %s", event.kind, url.split("?")[0], attempts, problem)
-    return False
+
+    def deliver() -> None:
+        response = requests.post(
+            url, data=event.to_json(), headers={"Content-Type": "application/json"}, timeout=timeout
+        )
+        if not 200 <= response.status_code < 300:
+            raise NotDelivered(f"HTTP {response.status_code}")
+
+    try:
+        retried(deliver, attempts, retry_on=(NotDelivered, requests.RequestException), backoff=backoff)
+    except (NotDelivered, requests.RequestException) as problem:  # refused, timed out, not 2xx
+        log.warning(
+            "alert %s not delivered to %s after %d attempts: %s", event.kind, url.split("?")[0], attempts, problem
+        )
+        return False
+    return True
+
+
+class NotDelivered(Exception):
+    """The webhook answered, but not with a 2xx."""
