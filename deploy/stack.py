@@ -722,7 +722,43 @@ def restore(stack: Stack, source: Path) -> None:
         client.upload_file(str(path), stack.settings.bucket, path.relative_to(bucket_copy).as_posix())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _start(settings: StackSettings, args: argparse.Namespace) -> None:
+    from bridge_assets.lake.settings import settings_profile
+
+    stack = start(settings, args.restore, settings_env=settings_profile("demo") if args.demo_cadences else None)
+    print(f"stack up in {settings.directory}; environment in {settings.env_file}")
+    for name, line in status(settings).items():
+        print(f"  {name}: {line}")
+    print(f"  Dagster UI: {stack.env.get('BRIDGE_DAGSTER_URL', '-')}   MLflow: {stack.env.get('MLFLOW_TRACKING_URI', '-')}")
+
+
+def _stop(settings: StackSettings, _: argparse.Namespace) -> None:
+    stopped = stop(settings)
+    print("stopped: " + ("; ".join(stopped) if stopped else f"nothing (no stack in {settings.directory})"))
+
+
+def _status(settings: StackSettings, _: argparse.Namespace) -> None:
+    for name, line in (status(settings) or {"stack": "not running"}).items():
+        print(f"{name}: {line}")
+
+
+def _loaded(settings: StackSettings) -> Stack:
+    stack = Stack.load(settings)
+    if stack is None:
+        raise StackError(f"no stack runs from {settings.directory}: `make stack` first")
+    return stack
+
+
+def _backup(settings: StackSettings, args: argparse.Namespace) -> None:
+    print(f"backup in {backup(_loaded(settings), args.destination)}")
+
+
+def _restart(settings: StackSettings, _: argparse.Namespace) -> None:
+    restart_dagster(_loaded(settings))
+    print("restarted the Dagster webserver and daemon")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploy.stack", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("start", help="start the stack and write stack.env")
@@ -730,41 +766,23 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--only", help=f"comma-separated components (postgres and s3 always): {','.join(COMPONENTS)}")
     up.add_argument("--demo-cadences", action="store_true",
                     help="run the loop at `make demo`'s cadences (2-minute monitoring windows, automatic retraining), so the demo closes it on the stack in minutes")  # fmt: skip
-    commands.add_parser("stop", help="stop what the stack started")
-    commands.add_parser("status", help="what runs")
+    up.set_defaults(run=_start)
+    commands.add_parser("stop", help="stop what the stack started").set_defaults(run=_stop)
+    commands.add_parser("status", help="what runs").set_defaults(run=_status)
     save = commands.add_parser("backup", help="pg_dump both databases and copy the bucket")
     save.add_argument("destination", type=Path)
+    save.set_defaults(run=_backup)
     again = commands.add_parser("restart", help="restart the Dagster webserver and daemon")
     again.add_argument("what", choices=["dagster"])
-    args = parser.parse_args(argv)
-    components = {"postgres", "s3", *args.only.split(",")} if getattr(args, "only", None) else COMPONENTS
-    settings = StackSettings.from_env(os.environ, components)
-    try:
-        if args.command == "start":
-            from bridge_assets.lake.settings import settings_profile
+    again.set_defaults(run=_restart)
+    return parser
 
-            stack = start(settings, args.restore, settings_env=settings_profile("demo") if args.demo_cadences else None)
-            print(f"stack up in {settings.directory}; environment in {settings.env_file}")
-            for name, line in status(settings).items():
-                print(f"  {name}: {line}")
-            print(
-                f"  Dagster UI: {stack.env.get('BRIDGE_DAGSTER_URL', '-')}   MLflow: {stack.env.get('MLFLOW_TRACKING_URI', '-')}"
-            )
-        elif args.command == "stop":
-            stopped = stop(settings)
-            print("stopped: " + ("; ".join(stopped) if stopped else f"nothing (no stack in {settings.directory})"))
-        elif args.command == "status":
-            for name, line in (status(settings) or {"stack": "not running"}).items():
-                print(f"{name}: {line}")
-        else:
-            stack = Stack.load(settings)
-            if stack is None:
-                raise StackError(f"no stack runs from {settings.directory}: `make stack` first")
-            if args.command == "backup":
-                print(f"backup in {backup(stack, args.destination)}")
-            else:
-                restart_dagster(stack)
-                print("restarted the Dagster webserver and daemon")
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    components = {"postgres", "s3", *args.only.split(",")} if getattr(args, "only", None) else COMPONENTS
+    try:
+        args.run(StackSettings.from_env(os.environ, components), args)
     except StackError as error:
         print(f"stack: {error}", file=sys.stderr)
         return 1

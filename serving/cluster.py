@@ -15,6 +15,7 @@ before Ray starts, and recorded with the session ids in `<temp dir>/bridge-insta
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import json
@@ -641,25 +642,42 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
     return StopReport(sorted(p.pid for p in stopped), left, port_holders(ports), serve, _sweep_spools(env))
 
 
-def main(argv: list[str]) -> int:
-    """`python -m serving.cluster stop` (what `make stop` runs; imports nothing heavy)."""
-    if argv[:1] == ["shutdown-serve"]:
-        import ray
+def _stop(_: argparse.Namespace) -> int:
+    from bridge_assets.lake.settings import load_environment
 
-        ray.init(address=argv[1], log_to_driver=False, namespace="bridge")
-        outcome = _shutdown_connected_serve()
-        ray.shutdown()
-        return 0 if outcome.startswith("shut down") else SERVE_NOT_RUNNING
-    if argv == ["stop"]:
-        from bridge_assets.lake.settings import load_environment
+    load_environment()  # the same `.env` as every other entry point
+    report = stop_serving()
+    print(report.message(ClusterSettings.from_env()))
+    return 0 if report.clean else 1
 
-        load_environment()  # the same `.env` as every other entry point
-        report = stop_serving()
-        print(report.message(ClusterSettings.from_env()))
-        return 0 if report.clean else 1
-    print("usage: python -m serving.cluster stop", file=sys.stderr)
-    return 2
+
+def _shutdown_serve(args: argparse.Namespace) -> int:
+    import ray
+
+    ray.init(address=args.address, log_to_driver=False, namespace="bridge")
+    outcome = _shutdown_connected_serve()
+    ray.shutdown()
+    return 0 if outcome.startswith("shut down") else SERVE_NOT_RUNNING
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serving.cluster", description="This checkout's local Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "stop", help="stop Serve gracefully, then this instance's Ray (what `make stop` runs)"
+    ).set_defaults(run=_stop)
+    shutdown = commands.add_parser("shutdown-serve", help="shut Serve down on the cluster at ADDRESS (used by `stop`)")
+    shutdown.add_argument("address", help="the cluster's GCS address, host:port")
+    shutdown.set_defaults(run=_shutdown_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serving.cluster stop` (imports nothing heavy)."""
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

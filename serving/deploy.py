@@ -13,6 +13,7 @@ leaves the old ones serving.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import os
 import secrets
@@ -342,11 +343,7 @@ def production_version(env: Mapping[str, str] = os.environ) -> tuple[object, str
     return client, mlflow_settings.model_name, version_for_alias(client, mlflow_settings.model_name, PRODUCTION_ALIAS)
 
 
-def main() -> None:
-    """`python -m serving.deploy [stop]`: deploy the Production version (or stop this instance)."""
-    load_environment()
-    if sys.argv[1:] == ["stop"]:
-        sys.exit(cluster_main(["stop"]))
+def _serve(_: argparse.Namespace) -> int:
     try:
         check_compatible(ClusterSettings.from_env())  # before loading anything: a running instance may refuse these
         client, name, version = production_version()
@@ -355,9 +352,32 @@ def main() -> None:
         url = deploy(name, version, PRODUCTION_ALIAS)
         keys = api_key_status()
     except (ClusterError, ValueError) as error:
-        sys.exit(f"refused: {error}")
+        print(f"refused: {error}", file=sys.stderr)
+        return 1
     print(f"serving {name} v{version} at {url} (docs: {url}/docs); stop with `make stop`\n{keys}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.deploy",
+        description="Deploy the registry's Production version into this checkout's Ray Serve (what `make serve` runs).",
+    )
+    parser.set_defaults(run=_serve)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("stop", help="stop this instance (as `make stop`)").set_defaults(
+        run=lambda _: cluster_main(["stop"])
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serving.deploy [stop]`: deploy the Production version (or stop this instance)."""
+    load_environment()
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
