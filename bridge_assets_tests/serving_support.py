@@ -29,7 +29,7 @@ from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.round import RoundResult, run_round
 from bridge_assets.ml.tracking import MlflowSettings, log_round
-from serving.cluster import RAY_PORTS_PER_NODE, ClusterSettings
+from serving.cluster_settings import RAY_PORTS_PER_NODE, ClusterSettings
 from serving.processes import port_holders
 
 REFERENCE_REQUEST = {

@@ -26,15 +26,9 @@ import psutil
 import pytest
 
 from bridge_assets_tests.serving_support import pick_free_ports
-from serving.cluster import (
-    ClusterError,
-    ClusterSettings,
-    NodePorts,
-    instance_ports,
-    instance_processes,
-    start_local_ray,
-    stop_serving,
-)
+from serving.cluster import start_local_ray, stop_serving
+from serving.cluster_settings import ClusterError, ClusterSettings, NodePorts
+from serving.instance import instance_ports, instance_processes
 
 # Connects to the instance named by the environment exactly as `deploy()` does (the path a
 # `production_deployment` run under `make dev` takes), serves a tiny app, then waits.
@@ -42,7 +36,8 @@ STARTER = textwrap.dedent(
     """
     import os, sys, time
     from ray import serve
-    from serving.cluster import ClusterSettings, connect, start_serve
+    from serving.cluster import connect, start_serve
+    from serving.cluster_settings import ClusterSettings
 
     settings = ClusterSettings.from_env()
     connect(settings)

@@ -40,7 +40,8 @@ from bridge_assets_tests.serving_support import (
     continuous_load,
     deploy_through_dagster,
 )
-from serving.cluster import ClusterSettings, stop_serving
+from serving.cluster import stop_serving
+from serving.cluster_settings import ClusterSettings
 from serving.deploy import ServingSettings, api_key_status, deploy, service_state
 from serving.interactions import read_interactions
 from serving.processes import free_port

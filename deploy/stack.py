@@ -399,7 +399,7 @@ def _http_ok(url: str) -> bool:
 
 
 def _ray_block_free(ray_port: int, serve_port: int, nodes: int) -> bool:
-    from serving.cluster import NodePorts
+    from serving.cluster_settings import NodePorts
 
     return all(port_free(p) for i in range(nodes) for p in NodePorts.derive(ray_port, serve_port, i, {}).all(i == 0))
 
@@ -435,7 +435,8 @@ def ray_cluster_env(stack: Stack) -> dict[str, str]:
 
 def start_ray(stack: Stack) -> None:
     """A head and one worker node (1 CPU each) on their own ports, through `serving.cluster`."""
-    from serving.cluster import ClusterError, ClusterSettings, start_local_node, start_local_ray, stop_serving
+    from serving.cluster import start_local_node, start_local_ray, stop_serving
+    from serving.cluster_settings import ClusterError, ClusterSettings
 
     ray_port, serve_port = _ray_ports(stack.settings)
     with _SAVING:
@@ -475,7 +476,7 @@ def start_cluster_serve(stack: Stack, attempts: int = 3) -> None:
     deploys then find Serve running. On a busy host the controller can kill a slow-starting
     proxy, which fails `serve.start` for whoever calls it first."""
     env = ray_cluster_env(stack) | {"RAY_ADDRESS": stack.env["RAY_ADDRESS"]}
-    script = "from serving.cluster import ClusterSettings, connect, start_serve; s = ClusterSettings.from_env(); connect(s); start_serve(s)"
+    script = "from serving.cluster import connect, start_serve; from serving.cluster_settings import ClusterSettings; s = ClusterSettings.from_env(); connect(s); start_serve(s)"
 
     def start() -> None:
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=PROJECT_ROOT)
@@ -486,7 +487,8 @@ def start_cluster_serve(stack: Stack, attempts: int = 3) -> None:
 
 
 def stop_ray(stack: Stack) -> str:
-    from serving.cluster import ClusterSettings, stop_serving
+    from serving.cluster import stop_serving
+    from serving.cluster_settings import ClusterSettings
 
     if "ray" not in stack.processes:
         return "not running"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -26,192 +25,26 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import psutil
-
 from bridge_assets.retrying import retried
-from serving.processes import alive, listening, port_holders, session_members, terminate, write_atomically
+from serving.cluster_settings import (
+    INSTANCE_MARKER,
+    RAY_PORTS_PER_NODE,
+    ClusterError,
+    ClusterSettings,
+    ray_env,
+)
+from serving.instance import clean_up, healthy, instance_ports, instance_processes
+from serving.processes import alive, port_holders, session_members, terminate, write_atomically
 
-DEFAULT_RAY_PORT = 6390
-DEFAULT_SERVE_PORT = 8000
-DEFAULT_RAY_TEMP_DIR = "/tmp/bridge-ray"
-STATE_FILE = "bridge-instance.json"
-INSTANCE_MARKER = "BRIDGE_RAY_INSTANCE"  # in the environment of every process our `ray start` begets
-RAY_PORTS_PER_NODE = 200  # see NodePorts
 # On a starved machine (2 cores, several Rays) Ray's startup deadlines fail: a raylet must
 # register with the GCS within 30 s, a Serve proxy answer its ready check within 5 s, or it is
 # killed. The local Ray gets more patience (unless the environment sets these), and a `ray
 # start` that still times out is cleaned up and retried.
 PATIENCE = {"RAY_raylet_start_wait_time_s": "120", "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 START_ATTEMPTS = 3
-
-
-class ClusterError(RuntimeError):
-    """The local Ray cannot be started or used as asked; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class NodePorts:
-    """Every port one Ray node of an instance listens on (node 0 is the head).
-
-    Ray's ports are a block of 200 from `BRIDGE_RAY_PORT` (node i starts at base + 200 i): the
-    GCS at +0, Ray's named ports at +1..+8, Serve's direct-ingress replica ports at +10..+49
-    (HTTP) and +50..+89 (gRPC), the autoscaler's and dashboard's metrics at +90 and +91,
-    worker ports at +100..+199. Serve's ingress ports follow
-    `BRIDGE_SERVE_PORT` S: HTTP S, HAProxy stats S+404, HAProxy metrics S+1101, fallback proxy
-    S+500 — Ray's defaults (8000, 8404, 9101, 8500) for the default instance — +10 per node.
-    """
-
-    ray_base: int
-    serve_http: int
-    haproxy_stats: int
-    haproxy_metrics: int
-    fallback_proxy: int
-
-    @classmethod
-    def derive(cls, ray_port: int, serve_port: int, index: int = 0, env: Mapping[str, str] = os.environ) -> NodePorts:
-        offset = 10 * index
-        return cls(
-            ray_base=ray_port + RAY_PORTS_PER_NODE * index,
-            serve_http=serve_port + offset,
-            haproxy_stats=int(env.get("RAY_SERVE_HAPROXY_STATS_PORT") or serve_port + 404) + offset,
-            haproxy_metrics=int(env.get("RAY_SERVE_HAPROXY_METRICS_PORT") or serve_port + 1101) + offset,
-            fallback_proxy=serve_port + 500 + offset,
-        )
-
-    def ray_named(self, head: bool) -> dict[str, int]:
-        """`ray start` options naming a port (the GCS, client server and dashboard only on the head)."""
-        named = {
-            "--object-manager-port": self.ray_base + 1,
-            "--node-manager-port": self.ray_base + 2,
-            "--metrics-export-port": self.ray_base + 3,
-            "--dashboard-agent-grpc-port": self.ray_base + 4,
-            "--dashboard-agent-listen-port": self.ray_base + 5,
-            "--runtime-env-agent-port": self.ray_base + 6,
-        }
-        if head:
-            named |= {
-                "--port": self.ray_base,
-                "--ray-client-server-port": self.ray_base + 7,
-                "--dashboard-port": self.ray_base + 8,
-            }
-        return named
-
-    def ray_env(self, head: bool) -> dict[str, str]:
-        """Ray's ports that only its environment sets (head-only daemons' metrics)."""
-        return (
-            {"AUTOSCALER_METRIC_PORT": str(self.ray_base + 90), "DASHBOARD_METRIC_PORT": str(self.ray_base + 91)}
-            if head
-            else {}
-        )
-
-    @property
-    def worker_range(self) -> range:
-        return range(self.ray_base + 100, self.ray_base + RAY_PORTS_PER_NODE)
-
-    @property
-    def ingress_http_range(self) -> range:
-        return range(self.ray_base + 10, self.ray_base + 50)
-
-    @property
-    def ingress_grpc_range(self) -> range:
-        return range(self.ray_base + 50, self.ray_base + 90)
-
-    def serve_env(self, head: bool) -> dict[str, str]:
-        """Serve reads these in its actors on the node: they go into `ray start`'s environment."""
-        env = {
-            "RAY_SERVE_HAPROXY_STATS_PORT": self.haproxy_stats,
-            "RAY_SERVE_HAPROXY_METRICS_PORT": self.haproxy_metrics,
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": self.fallback_proxy,
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": self.ingress_http_range.start,
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": self.ingress_http_range.stop - 1,
-            "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": self.ingress_grpc_range.start,
-            "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": self.ingress_grpc_range.stop - 1,
-        } | ({} if head else {"RAY_SERVE_WORKER_PROXY_HTTP_PORT": self.serve_http})
-        return {name: str(port) for name, port in env.items()}
-
-    def serve_ports(self) -> list[int]:
-        return [self.serve_http, self.haproxy_stats, self.haproxy_metrics, self.fallback_proxy]
-
-    def all(self, head: bool) -> list[int]:
-        ray = [
-            *self.ray_named(head).values(),
-            *map(int, self.ray_env(head).values()),
-            *self.worker_range,
-            *self.ingress_http_range,
-            *self.ingress_grpc_range,
-        ]
-        return sorted({*ray, *self.serve_ports()})
-
-
-@dataclass(frozen=True)
-class ClusterSettings:
-    """This instance's Ray; `address` set means an external cluster that we use but never stop."""
-
-    address: str | None = None
-    ray_port: int = DEFAULT_RAY_PORT
-    temp_dir: str = DEFAULT_RAY_TEMP_DIR
-    serve_host: str = "127.0.0.1"
-    serve_port: int = DEFAULT_SERVE_PORT
-    haproxy: bool = True
-    num_cpus: int = field(default_factory=lambda: os.cpu_count() or 2)
-    object_store_mb: int = 512
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> ClusterSettings:
-        return cls(
-            address=env.get("RAY_ADDRESS") or None,
-            ray_port=int(env.get("BRIDGE_RAY_PORT", DEFAULT_RAY_PORT)),
-            temp_dir=os.path.abspath(env.get("BRIDGE_RAY_TMPDIR", DEFAULT_RAY_TEMP_DIR)),
-            serve_host=env.get("BRIDGE_SERVE_HOST", "127.0.0.1"),
-            serve_port=int(env.get("BRIDGE_SERVE_PORT", DEFAULT_SERVE_PORT)),
-            haproxy=env.get("BRIDGE_SERVE_HAPROXY", "1") == "1",
-            num_cpus=int(env.get("BRIDGE_RAY_NUM_CPUS") or os.cpu_count() or 2),
-            object_store_mb=int(env.get("BRIDGE_RAY_OBJECT_STORE_MB", "512")),
-        )
-
-    @property
-    def local_address(self) -> str:
-        return f"127.0.0.1:{self.ray_port}"
-
-    def ports(self, index: int = 0) -> NodePorts:
-        return NodePorts.derive(self.ray_port, self.serve_port, index)
-
-    @property
-    def haproxy_dir(self) -> Path:
-        """HAProxy's config, sockets and server state, one folder per node inside. Not in the temp
-        dir: HAProxy refuses socket paths over 97 characters, and the node id alone takes 56."""
-        return Path("/tmp") / f"bridge-hap-{hashlib.sha256(self.temp_dir.encode()).hexdigest()[:8]}"  # 94 at most
-
-    @property
-    def state_file(self) -> Path:
-        return Path(self.temp_dir) / STATE_FILE
-
-    def state(self) -> dict | None:
-        """What `start_local_ray` recorded about the running instance, if anything."""
-        try:
-            return json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
-            return None
-
-
-# A replaced ingress replica stays reachable this long before it refuses new connections, so that
-# HAProxy, reloaded by Serve when the replica set changes, stops sending to it (no request failed
-# through repeated rollouts under keep-alive load with 5 s on a 2-core machine); past it HAProxy
-# retries refused connections elsewhere. Serve's default, 30 s, is sized for external load
-# balancers and made every rollout wait half a minute for the old replicas to go.
-HAPROXY_DRAIN = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "10"}
-
-
-def ray_env(settings: ClusterSettings | None = None) -> dict[str, str]:
-    """Local single-user cluster: no token auth, no usage stats; optionally Serve's HAProxy
-    ingress (`BRIDGE_SERVE_HAPROXY=1`), which must be set when the cluster starts."""
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "RAY_USAGE_STATS_ENABLED": "0"}
-    if settings is not None and settings.haproxy:
-        env |= {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", **HAPROXY_DRAIN}
-    return env
 
 
 def _node_env(settings: ClusterSettings, index: int) -> dict[str, str]:
@@ -233,69 +66,6 @@ def _ray_cli() -> str:
     return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
 
 
-def _node_ids(temp_dir: str) -> set[str]:
-    """Ids of the Ray nodes started under `temp_dir` (Ray names per-node files `<what>_port_<id>`)."""
-    ids = set()
-    for session in Path(temp_dir).glob("session_2*"):
-        ids |= {path.name.rsplit("_", 1)[1] for path in session.glob("*_port_*")}
-    return ids
-
-
-def _points_into(text: str, temp_dir: str) -> bool:
-    return text == temp_dir or text.startswith(f"{temp_dir}/")
-
-
-def _is_ours(process: psutil.Process, temp_dir: str, node_ids: set[str]) -> bool:
-    """Whether `process` belongs to the Ray under `temp_dir` (see the module docstring).
-
-    Narrow on purpose: a shell with `BRIDGE_RAY_TMPDIR` set, a `tail -f` of a Ray log or a
-    notebook connected as a driver must survive `make stop`.
-    """
-    try:
-        environ = process.environ()
-        if environ.get(INSTANCE_MARKER) == temp_dir or environ.get("RAY_NODE_ID") in node_ids:
-            return True
-        for arg in process.cmdline():  # Ray's daemons name their folders as --option=value
-            option, _, value = arg.partition("=")
-            if (option.startswith("--") and _points_into(value, temp_dir)) or any(node in arg for node in node_ids):
-                return True
-        return any(
-            opened.mode != "r"
-            and _points_into(opened.path, temp_dir)
-            and not Path(opened.path).name.startswith("python-core-driver")  # a driver's own log
-            for opened in process.open_files()
-        )
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-
-
-def instance_processes(settings: ClusterSettings) -> list[psutil.Process]:
-    """Every live process of this instance's Ray, including orphans of a half-killed one."""
-    node_ids = _node_ids(settings.temp_dir)
-    spared = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
-    found: dict[int, psutil.Process] = {}
-    for process in psutil.process_iter():
-        if process.pid not in spared and _is_ours(process, settings.temp_dir, node_ids):
-            found[process.pid] = process
-    for process in list(found.values()):
-        try:
-            found |= {child.pid: child for child in process.children(recursive=True) if child.pid not in spared}
-        except psutil.NoSuchProcess:
-            continue
-    return list(found.values())
-
-
-def _healthy(ray_port: int, processes: list[psutil.Process]) -> bool:
-    """The GCS answers on `ray_port` and a raylet of ours lives (else the remains are debris)."""
-    names = set()
-    for process in processes:
-        try:
-            names.add(process.name())
-        except psutil.NoSuchProcess:
-            continue
-    return {"gcs_server", "raylet"} <= names and listening(ray_port)
-
-
 def check_compatible(settings: ClusterSettings) -> None:
     """Refuse settings the running instance cannot take without a restart (never apply half).
 
@@ -303,7 +73,7 @@ def check_compatible(settings: ClusterSettings) -> None:
     HTTP port while it runs: changing them means `make stop` first.
     """
     state = settings.state()
-    if state is None or not _healthy(state["ray_port"], instance_processes(settings)):
+    if state is None or not healthy(state["ray_port"], instance_processes(settings)):
         return
     running = {
         "BRIDGE_RAY_PORT": state["ray_port"],
@@ -353,10 +123,10 @@ def _start_lock(settings: ClusterSettings) -> Iterator[None]:
 def _start_head(settings: ClusterSettings) -> str:
     check_compatible(settings)
     processes = instance_processes(settings)
-    if _healthy(settings.ray_port, processes):
+    if healthy(settings.ray_port, processes):
         return settings.local_address
     if processes:
-        _clean_up(settings, processes)
+        clean_up(settings, processes)
     head = settings.ports(0)
     inside = [port for port in head.serve_ports() if head.ray_base <= port < head.ray_base + RAY_PORTS_PER_NODE]
     if inside:
@@ -461,29 +231,6 @@ def _node_record(settings: ClusterSettings, index: int, sid: int, started_at: fl
 
 def _write_state(settings: ClusterSettings, record: dict) -> None:
     write_atomically(settings.state_file, json.dumps(record, indent=2))
-
-
-def instance_ports(settings: ClusterSettings) -> list[int]:
-    """Every port this instance's nodes were given (from the state file, else derived for the head)."""
-    state = settings.state() or {}
-    indexes = [node["index"] for node in state.get("nodes", [])] or [0]
-    return sorted({port for index in indexes for port in settings.ports(index).all(head=index == 0)})
-
-
-def _clean_up(settings: ClusterSettings, processes: list[psutil.Process]) -> list[psutil.Process]:
-    """End `processes` and whatever of ours appears meanwhile, then remove our folders."""
-    node_ids = _node_ids(settings.temp_dir)
-    stopped = terminate(processes)
-    for _ in range(3):  # a dying raylet may still have forked a worker
-        late = instance_processes(settings)
-        if not late:
-            break
-        stopped += terminate(late, grace_seconds=2.0)
-    for node_id in node_ids:  # HAProxy's default folders, used by instances started before ours moved them
-        shutil.rmtree(Path("/tmp/haproxy-serve") / node_id, ignore_errors=True)
-    shutil.rmtree(settings.haproxy_dir, ignore_errors=True)
-    shutil.rmtree(settings.temp_dir, ignore_errors=True)
-    return stopped
 
 
 @dataclass(frozen=True)
@@ -633,11 +380,11 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
         return StopReport([], [], {}, "was not running", _sweep_spools(env))
     serve = (
         shutdown_serve(settings)
-        if _healthy(settings.ray_port, processes)
+        if healthy(settings.ray_port, processes)
         else "was unreachable (Ray half-dead; no graceful flush)"
     )
     ports = instance_ports(settings)
-    stopped = _clean_up(settings, instance_processes(settings) or processes)
+    stopped = clean_up(settings, instance_processes(settings) or processes)
     left = [process.pid for process in stopped if alive(process)]
     return StopReport(sorted(p.pid for p in stopped), left, port_holders(ports), serve, _sweep_spools(env))
 

@@ -32,16 +32,9 @@ from bridge_assets.lake.settings import StorageSettings, bridge_home, load_envir
 from bridge_assets.ml.registry import PRODUCTION_ALIAS
 from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.retrying import poll
-from serving.cluster import (
-    DEFAULT_RAY_PORT,
-    DEFAULT_SERVE_PORT,
-    ClusterError,
-    ClusterSettings,
-    check_compatible,
-    connect,
-    start_serve,
-)
+from serving.cluster import check_compatible, connect, start_serve
 from serving.cluster import main as cluster_main
+from serving.cluster_settings import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings
 from serving.guards import ApiKeys, load_api_keys
 from serving.model import INGRESS, PLACEMENTS, ServedModel, version_for_alias
 from serving.spool import spool_directory
