@@ -271,19 +271,19 @@ def test_the_demo_takes_a_daemon_for_running_only_when_its_heartbeat_advances(mo
 
     from dagster._daemon.types import DaemonHeartbeat
 
-    from bridge_assets import demo
+    from bridge_assets import demo_steps
 
-    monkeypatch.setattr(demo, "DAEMON_HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(demo_steps, "DAEMON_HEARTBEAT_SECONDS", 1)
     with dg.instance_for_test() as instance:
         monkeypatch.setattr(dg.DagsterInstance, "get", staticmethod(lambda: instance))
 
         def beat() -> None:
             instance.add_daemon_heartbeat(DaemonHeartbeat(time.time(), "SENSOR", "demo-test", []))
 
-        assert demo._live_daemon(margin=0.5) is False  # never heard from
+        assert demo_steps.live_daemon(margin=0.5) is False  # never heard from
         beat()
-        assert demo._live_daemon(margin=0.5) is False  # recent, but it stopped: no next beat
+        assert demo_steps.live_daemon(margin=0.5) is False  # recent, but it stopped: no next beat
         ticker = threading.Timer(0.5, beat)
         beat()
         ticker.start()
-        assert demo._live_daemon(margin=0.5) is True  # the next beat came
+        assert demo_steps.live_daemon(margin=0.5) is True  # the next beat came
