@@ -16,7 +16,7 @@ def test_a_service_in_line_is_reported_once_then_remembered():
     first = _look(FollowState())
     assert (first.action, first.state.in_line) == ("report_in_line", WANTED)
     again = _look(first.state)
-    assert again.action == "none" and again.state == first.state
+    assert again.action == "in_line" and again.state == first.state
     assert FollowState.from_json(again.state.to_json()) == again.state
 
 

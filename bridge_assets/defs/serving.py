@@ -315,6 +315,8 @@ def registry_sensor(
     )
     cursor = decision.state.to_json()
     if decision.action == "none":
+        return dg.SkipReason(decision.reason)
+    if decision.action == "in_line":
         return dg.SensorResult(skip_reason=decision.reason, cursor=cursor)
     if decision.action == "report_in_line":
         return dg.SensorResult(asset_events=[_check(True, decision.reason)], cursor=cursor)

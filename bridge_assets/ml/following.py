@@ -38,7 +38,8 @@ class FollowState:
         return cls(**json.loads(text)) if text else cls()
 
 
-Action = Literal["none", "report_in_line", "report_refused", "report_unreachable", "deploy"]
+# "none": nothing to do and nothing new to remember; "in_line": nothing to do, the look remembered
+Action = Literal["none", "in_line", "report_in_line", "report_refused", "report_unreachable", "deploy"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def follow(
     if status == "serving" and served == wanted:
         settled = replace(seen, in_line=wanted)
         if state.status in (None, "serving") and state.served == wanted:
-            return FollowDecision("none", f"the service serves what the registry says: {wanted}", settled)
+            return FollowDecision("in_line", f"the service serves what the registry says: {wanted}", settled)
         return FollowDecision("report_in_line", f"the service serves {wanted}", settled)
     if status in ("down", "unreadable"):
         if state.status == status and state.wanted == wanted:
