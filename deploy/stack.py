@@ -455,11 +455,15 @@ def start_ray(stack: Stack) -> None:
     try:
 
         def start_nodes() -> None:
-            start_local_ray(cluster)
-            start_local_node(cluster, 1, num_cpus=1)
+            try:
+                start_local_ray(cluster)
+                start_local_node(cluster, 1, num_cpus=1)
+            except ClusterError:
+                stop_serving(env)  # a half-started cluster goes, whether or not another try follows
+                raise
 
-        # a raylet registering later than Ray's fixed 30 s fails `ray start`: clean up, again
-        retried(start_nodes, 3, retry_on=ClusterError, before_retry=lambda error: stop_serving(env))
+        # a raylet registering later than Ray's fixed 30 s fails `ray start`: again
+        retried(start_nodes, 3, retry_on=ClusterError)
     finally:
         os.environ.clear()
         os.environ.update(saved)
