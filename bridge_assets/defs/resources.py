@@ -14,6 +14,7 @@ from dagster_aws.s3 import S3Resource
 from dagster_docker import PipesDockerClient
 from pydantic import Field
 
+from bridge_assets.defs.pipes_messages import WholeLineMessageReader
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.container import container_spec
@@ -140,7 +141,7 @@ class TrainingLauncher(dg.ConfigurableResource):
     def client(self) -> dg.PipesSubprocessClient | PipesDockerClient:
         if self.kind == "docker":
             return PipesDockerClient()
-        return dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT))
+        return dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT), message_reader=WholeLineMessageReader())
 
     def command(self) -> list[str]:
         """The subprocess uses this interpreter; a container its own `python`."""
