@@ -202,16 +202,19 @@ def service(serving_session: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -
 @pytest.fixture(scope="session")
 def dagster_dev() -> Iterator[DagsterDev]:
     """One real `dagster dev` (webserver + daemon) for the session, on its own local lake and
-    instance; the landing, feature and candidates sensors tick every 5 s (`BRIDGE_SENSOR_INTERVAL_<NAME>`)."""
+    instance; the landing, feature, candidates and registry sensors tick every 5 s
+    (`BRIDGE_SENSOR_INTERVAL_<NAME>`)."""
     root = Path(tempfile.mkdtemp(prefix="bridge-dagster-dev-"))
+    ray_port, serve_port = pick_free_ports()  # its own, reserved: a test serves from this instance
     env = {name: value for name, value in os.environ.items() if name not in LAKE_VARIABLES} | {
         "BRIDGE_HOME": str(root / "home"),
         "BRIDGE_ENV_FILE": "",
         "BRIDGE_SENSOR_INTERVAL_LANDED_BATCHES_SENSOR": "5",
         "BRIDGE_SENSOR_INTERVAL_FEATURE_BACKLOG_SENSOR": "5",
         "BRIDGE_SENSOR_INTERVAL_CANDIDATES_SENSOR": "5",
-        "BRIDGE_RAY_PORT": str(free_port()),  # should anything deploy, never onto a developer's ports
-        "BRIDGE_SERVE_PORT": str(free_port()),
+        "BRIDGE_SENSOR_INTERVAL_REGISTRY_SENSOR": "5",
+        "BRIDGE_RAY_PORT": str(ray_port),  # never a developer's ports, nor the session service's
+        "BRIDGE_SERVE_PORT": str(serve_port),
         "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-{uuid.uuid4().hex[:6]}",
         "WHYLOGS_NO_ANALYTICS": "True",
         "RAY_AUTH_MODE": "disabled",

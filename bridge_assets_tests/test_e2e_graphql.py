@@ -8,13 +8,14 @@ and `bridge train` registers a candidate outside Dagster that the candidates sen
 import subprocess
 import sys
 
+import requests
 from mlflow.tracking import MlflowClient
 
 from bridge_assets.core.contract import ROW_ID
 from bridge_assets.core.simulator import simulate
 from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings
-from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry
+from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry, promote_to_production
 from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets_tests.dagster_dev import CORRUPT_FRACTION, SIM_BATCH, SIM_ROWS, SIM_SEED, DagsterDev, FirstRound, materializations, run_tags
 
@@ -62,8 +63,8 @@ def test_every_sensor_and_schedule_runs_by_default_with_intervals_from_the_envir
     assert {"landed_batches_sensor", "feature_backlog_sensor", "bridge_automation"} <= set(sensors)
     stopped = [name for name, s in sensors.items() if s["sensorState"]["status"] != "RUNNING"]
     assert not stopped, f"sensors a user would have to switch on by hand: {stopped}"
-    # The harness shortened two sensors through the environment; the rest keep their defaults.
-    assert sensors["landed_batches_sensor"]["minIntervalSeconds"] == sensors["feature_backlog_sensor"]["minIntervalSeconds"] == 5
+    # The harness shortened some sensors through the environment; the rest keep their defaults.
+    assert {sensors[name]["minIntervalSeconds"] for name in ("landed_batches_sensor", "feature_backlog_sensor", "registry_sensor")} == {5}
     assert sensors["bridge_automation"]["minIntervalSeconds"] == 30
     schedules = {s["name"]: s for s in repository["schedules"]}
     training = schedules["training_round_schedule"]
@@ -153,3 +154,70 @@ def test_a_candidate_registered_by_the_cli_meets_the_gates_through_the_candidate
     (judged_in,) = dagster_dev.wait_until(staged, 300, f"staged_model for CLI-trained v{version}", every=3.0)
     assert registry.gate_record(version).actor == f"dagster run {judged_in.run_id[:8]} (sensor candidates_sensor)"
     assert run_tags(dagster_dev, judged_in.run_id)["bridge/candidate"] == version
+
+
+HAND_DEPLOY = "import sys; from serving.deploy import deploy; deploy(sys.argv[1], sys.argv[2], None)"
+
+
+def test_the_running_daemon_follows_what_serve_serves_not_what_it_last_deployed(dagster_dev: DagsterDev, first_round: FirstRound):
+    """With `dagster dev` running, registry_sensor reads the service itself: with nothing
+    serving, `serving_matches_registry` fails (and nothing is started behind people's backs);
+    `make serve` brings it in line; a version deployed by hand is put back by a deployment the
+    sensor launches; `make stop` is reported again."""
+    assert first_round.candidate is not None, dagster_dev.log_tail()
+    settings = MlflowSettings.from_env(dagster_dev.env)
+    client = settings.activate()  # the registry resolves a version's logged model through the tracking store
+    store = StorageSettings.from_env(dagster_dev.env).open()
+    production = str(first_round.candidate.metadata["model_version"])
+    registered = client.get_model_version(settings.model_name, production)
+    other = str(client.create_model_version(settings.model_name, registered.source, registered.run_id, tags=registered.tags).version)
+    url = f"http://127.0.0.1:{dagster_dev.env['BRIDGE_SERVE_PORT']}"
+    key = {"path": ["production_deployment"]}
+
+    def check_outcomes() -> list[bool]:
+        """`serving_matches_registry`'s evaluations, newest first."""
+        data = dagster_dev.graphql(CHECK_EXECUTIONS, {"key": key, "check": "serving_matches_registry"})
+        return [e["evaluation"]["success"] for e in data["assetCheckExecutions"] if e["evaluation"]]
+
+    def reported(passed: bool, after: int) -> bool | None:
+        """A new evaluation (beyond the `after` seen before) that came out `passed`."""
+        outcomes = check_outcomes()
+        return True if len(outcomes) > after and outcomes[0] is passed else None
+
+    def served() -> str | None:
+        try:
+            return str(requests.get(f"{url}/model", timeout=5).json()["response"]["model_version"])
+        except (requests.RequestException, KeyError, ValueError):
+            return None
+
+    def bridge(*command: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, *command], env=dagster_dev.env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    seen = len(check_outcomes())
+    promote_to_production(client, settings.model_name, production, store=store, reason="e2e: deployment follows Serve")
+    try:
+        dagster_dev.wait_until(lambda: reported(False, seen), 120, "the unserved Production reported", every=2.0)
+        assert served() is None  # nothing started behind people's backs:
+        assert not [r for t in _successful_ticks(dagster_dev, "registry_sensor") for r in t["runIds"]]
+
+        seen = len(check_outcomes())
+        bridge("-m", "serving.deploy")  # `make serve`
+        assert served() == production
+        dagster_dev.wait_until(lambda: reported(True, seen), 120, "the service reported in line")
+
+        launched = {r for t in _successful_ticks(dagster_dev, "registry_sensor") for r in t["runIds"]}
+        bridge("-c", HAND_DEPLOY, settings.model_name, other)  # by hand, outside Dagster
+        run_id = dagster_dev.wait_until(
+            lambda: next((r for t in _successful_ticks(dagster_dev, "registry_sensor") for r in t["runIds"] if r not in launched), None),
+            120, f"a production_deployment launched for the hand-deployed v{other}",
+        )  # fmt: skip
+        assert dagster_dev.wait_for_run(run_id) == "SUCCESS", dagster_dev.log_tail()
+        assert served() == production  # put back
+
+        seen = len(check_outcomes())
+        bridge("-m", "serving.deploy", "stop")  # `make stop`
+        dagster_dev.wait_until(lambda: reported(False, seen), 120, "the stopped service reported")
+    finally:
+        subprocess.run([sys.executable, "-m", "serving.deploy", "stop"], env=dagster_dev.env, capture_output=True, timeout=300)
