@@ -41,6 +41,7 @@ from bridge_assets.core.metrics import regression_metrics
 from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.defs.retraining import REASON_TAG, RETRAIN_TAG
 from bridge_assets.lake.feature_store import FeatureStore
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings, load_environment, settings_profile
@@ -51,7 +52,6 @@ from bridge_assets.ml.tracking import MlflowSettings, unseen_batches
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX
 from serving.cluster import stop_serving
 from serving.deploy import ServingSettings
-from serving.interactions import read_interactions
 
 DEMO_BATCH = "demo-sim-s7"
 DEMO_ROWS = 20_000

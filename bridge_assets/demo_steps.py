@@ -23,6 +23,7 @@ import polars as pl
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import Drift, HousingSimulator
 from bridge_assets.lake.feedback import release_feedback, withheld_key
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS, STAGING_ALIAS, AuditRecord, Registry
 from bridge_assets.ml.tracking import MlflowSettings
@@ -30,7 +31,6 @@ from bridge_assets.ml.traffic import TrafficResult, post_json, send_traffic
 from bridge_assets.monitoring.settings import MonitorSettings
 from bridge_assets.retrying import poll
 from serving.deploy import ServingSettings
-from serving.interactions import read_interactions
 
 SHIFT = Drift(price_factor=1.5)
 TRAFFIC_RATE, TRAFFIC_SECONDS = 40, 30  # the loop's 1,200 houses: enough labelled rows to learn the rise

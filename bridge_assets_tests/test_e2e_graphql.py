@@ -17,7 +17,16 @@ from bridge_assets.lake.raw import quarantine_key
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry, promote_to_production
 from bridge_assets.ml.tracking import MlflowSettings
-from bridge_assets_tests.dagster_dev import CORRUPT_FRACTION, SIM_BATCH, SIM_ROWS, SIM_SEED, DagsterDev, FirstRound, materializations, run_tags
+from bridge_assets_tests.dagster_dev import (
+    CORRUPT_FRACTION,
+    SIM_BATCH,
+    SIM_ROWS,
+    SIM_SEED,
+    DagsterDev,
+    FirstRound,
+    materializations,
+    run_tags,
+)
 
 LOCATION = "bridge_assets.definitions:defs"
 REPOSITORY = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__"}

@@ -11,14 +11,21 @@ import pytest
 from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
 from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.definitions import build_defs
-from bridge_assets.lake.feedback import LABELS_PREFIX, join_feedback, read_feedback_labels, release_feedback, withhold_feedback
+from bridge_assets.lake.feedback import (
+    LABELS_PREFIX,
+    join_feedback,
+    read_feedback_labels,
+    release_feedback,
+    withhold_feedback,
+)
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.landing import landed_batches, read_batch
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, PromotionRefused, Registry
 from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.monitoring.retrain import land_feedback_batch
 from bridge_assets_tests.webhook import alert_sink
-from serving.interactions import InteractionLogger, read_interactions, record
+from serving.interactions import InteractionLogger, record
 
 
 def log_interactions(store: ObjectStore, records: list[dict], spool) -> None:

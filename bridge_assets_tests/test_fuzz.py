@@ -18,8 +18,8 @@ import schemathesis
 from hypothesis import HealthCheck
 from schemathesis.generation.modes import GenerationMode
 
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets_tests.serving_support import REFERENCE_REQUEST, call
-from serving.interactions import read_interactions
 
 # Examples per POST operation and mode (valid and invalid); GETs take no input (one request
 # each). At least 5,000 requests in all; batches are the slowest to generate, so fewer of them.

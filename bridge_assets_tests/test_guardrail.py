@@ -8,10 +8,11 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import polars as pl
 
+from bridge_assets.lake.interactions import SCHEMA
 from bridge_assets.ml.guardrail import Watch, WatchTally, judge, watch_of
 from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.registry import PRODUCTION, AuditRecord
-from serving.interactions import SCHEMA, record
+from serving.interactions import record
 
 START = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
 WATCH = Watch("2", "1", START, START + timedelta(minutes=30))

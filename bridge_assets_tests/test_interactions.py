@@ -8,11 +8,15 @@ import boto3
 import polars as pl
 import pytest
 
+from bridge_assets.lake.interactions import (
+    SCHEMA,
+    compact_closed_hours,
+    compact_partition,
+    expire_interactions,
+    read_interactions,
+)
 from bridge_assets.lake.storage import LocalStore, S3Store
-from serving.interactions import (
-    SCHEMA, InteractionLogger, compact_closed_hours, compact_partition, expire_interactions, lake_identity,
-    read_interactions, record, sweep, write_spooled,
-)  # fmt: skip
+from serving.interactions import InteractionLogger, lake_identity, record, sweep, write_spooled
 from serving.spool import sweep_spools
 
 

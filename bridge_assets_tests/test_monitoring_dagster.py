@@ -9,12 +9,20 @@ import dagster as dg
 
 from bridge_assets.cli import main
 from bridge_assets.definitions import build_defs
-from bridge_assets.defs.monitoring import interaction_logs_sensor, interaction_profiles, monitor_windows, monitor_windows_sensor, monitoring, window_profiles
+from bridge_assets.defs.monitoring import (
+    interaction_logs_sensor,
+    interaction_profiles,
+    monitor_windows,
+    monitor_windows_sensor,
+    monitoring,
+    window_profiles,
+)
 from bridge_assets.defs.resources import lake_storage
+from bridge_assets.lake.interactions import compact_partition
 from bridge_assets.monitoring.profiles import OBJECTS_PREFIX, list_log_objects, window_id, window_rows, window_slices
 from bridge_assets_tests.monitoring_support import log_traffic, trained, window_frame
 from bridge_assets_tests.webhook import alert_sink
-from serving.interactions import InteractionLogger, compact_partition, record
+from serving.interactions import InteractionLogger, record
 
 WINDOW = 30
 T0 = datetime(2026, 11, 28, 21, 59, 31, tzinfo=UTC)  # window 21:59:30; the next starts 22:00:00 (another hour folder)

@@ -10,12 +10,13 @@ import dagster as dg
 from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feature_store import FeatureStore
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets_tests.conftest import LAKE_VARIABLES, s3_environment
 from bridge_assets_tests.netfault import CuttableProxy
-from serving.interactions import InteractionLogger, read_interactions, record
+from serving.interactions import InteractionLogger, record
 
 BATCHES = 40
 

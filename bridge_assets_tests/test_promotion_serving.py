@@ -31,6 +31,7 @@ from bridge_assets.defs.resources import lake_storage, mlflow_tracking
 from bridge_assets.defs.scoring import batch_predictions, predictions_key
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.feedback import release_feedback
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.raw import valid_key
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, Registry
 from bridge_assets.ml.round import Incumbent, RoundPolicy, run_round
@@ -39,7 +40,6 @@ from bridge_assets.ml.traffic import send_traffic
 from bridge_assets_tests.serving_support import call, continuous_load, cpu_hog
 from bridge_assets_tests.webhook import alert_sink
 from serving.deploy import APP_NAME, deploy
-from serving.interactions import read_interactions
 from serving.processes import free_port
 
 REQUEST = {

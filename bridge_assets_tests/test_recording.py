@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import polars as pl
 from fastapi import FastAPI, Request
 
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.storage import LocalStore
 from serving.guards import ApiKeys, Guards
-from serving.interactions import InteractionLogger, read_interactions
+from serving.interactions import InteractionLogger
 from serving.recording import Recorder, RecordRequests, exchange_of
 from serving.router import ExperimentConfig
 

@@ -27,6 +27,7 @@ from ray import serve
 from bridge_assets.cli import main as cli_main
 from bridge_assets.core.contract import validate
 from bridge_assets.lake.feedback import withheld_key
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import promote_to_production
 from bridge_assets.ml.tracking import log_pyfunc
@@ -43,7 +44,6 @@ from bridge_assets_tests.serving_support import (
 from serving.cluster import stop_serving
 from serving.cluster_settings import ClusterSettings
 from serving.deploy import ServingSettings, api_key_status, deploy, service_state
-from serving.interactions import read_interactions
 from serving.processes import free_port
 from serving.router import assign
 

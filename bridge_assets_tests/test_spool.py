@@ -8,8 +8,9 @@ import threading
 
 import polars as pl
 
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.storage import LocalStore
-from serving.interactions import InteractionLogger, read_interactions, record, sweep, write_spooled
+from serving.interactions import InteractionLogger, record, sweep, write_spooled
 from serving.spool import sweep_spools
 
 KILLED_REPLICA = """

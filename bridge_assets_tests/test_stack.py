@@ -32,6 +32,7 @@ import pytest
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import HousingSimulator
 from bridge_assets.lake.feature_store import FeatureStore
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.landing import land_batch
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import PRODUCTION_ALIAS, promote_to_production, read_audit
@@ -43,7 +44,6 @@ from bridge_assets_tests.dagster_dev import artifacts_dir
 from bridge_assets_tests.serving_support import pick_free_ports
 from deploy import stack as stack_module
 from deploy.stack import StackSettings
-from serving.interactions import read_interactions
 from serving.processes import listening, session_members
 
 pytestmark = pytest.mark.stack  # `make test-stack` runs these alone

@@ -14,9 +14,9 @@ from bridge_assets.defs.audit import open_registry
 from bridge_assets.defs.cadence import cadenced_sensor
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, PromotionPolicy
 from bridge_assets.defs.serving import rollback_model
+from bridge_assets.lake.interactions import interaction_files, read_interaction_files
 from bridge_assets.ml.guardrail import WatchTally, judge, watch_of
 from bridge_assets.ml.registry import PRODUCTION_ALIAS
-from serving.interactions import interaction_files, read_interaction_files
 
 GUARDRAIL_ACTOR = "post_deploy_guardrail"
 

@@ -152,7 +152,7 @@ def approve_model() -> None:
 
 
 def _feedback(store: ObjectStore) -> FeedbackJoin:
-    from serving.interactions import read_interactions
+    from bridge_assets.lake.interactions import read_interactions
 
     return join_feedback(read_interactions(store), read_feedback_labels(store, deduplicate=False))
 

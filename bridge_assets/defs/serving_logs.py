@@ -35,7 +35,7 @@ def interaction_logs(
     """The interaction logs, compacted per closed hour and kept for the retention period; the
     lake's housekeeping too: what killed writers left (staging files, incomplete multipart
     uploads older than an hour) is swept."""
-    from serving.interactions import compact_closed_hours, expire_interactions
+    from bridge_assets.lake.interactions import compact_closed_hours, expire_interactions
 
     store = storage.open()
     now = datetime.now(UTC)

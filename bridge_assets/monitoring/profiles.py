@@ -24,12 +24,12 @@ from datetime import UTC, datetime
 import polars as pl
 
 from bridge_assets.core.contract import FEATURES
+from bridge_assets.lake.interactions import PREFIX as INTERACTIONS_PREFIX
+from bridge_assets.lake.interactions import is_compacted, readable
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.monitoring.whylogs_compat import DatasetProfileView, deserialize, merge_views, profile_frame
 
-INTERACTIONS_PREFIX = "interactions/"
 OBJECTS_PREFIX = "monitoring/profiles/objects/"
-COMPACTED = "compacted-"  # serving.interactions' merged files of a closed hour
 ROW_KEY = ("request_id", "row_index", "timestamp")  # one record
 WINDOWS_PREFIX = "monitoring/profiles/windows/"
 PREDICTION = "prediction"
@@ -76,23 +76,8 @@ def rejection_reason(status: int, error: str | None) -> str:
 
 
 def list_log_objects(store: ObjectStore, prefix: str = INTERACTIONS_PREFIX) -> list[str]:
-    """Log objects that hold each record once, under the serving layer's compaction contract
-    (`serving.interactions.compact_partition`): a merged `compacted-*.parquet` counts only once
-    its manifest (`.json`) exists, and then hides every source the manifest lists."""
-    keys = store.list(prefix)
-    present = set(keys)
-    covered: set[str] = set()
-    merged: set[str] = set()
-    for manifest in (k for k in keys if _is_compacted(k) and k.endswith(".json")):
-        listed = json.loads(store.get_text(manifest))
-        if listed["merged"] in present:
-            merged.add(listed["merged"])
-            covered.update(listed["sources"])
-    return [k for k in keys if k.endswith(".parquet") and k not in covered and (not _is_compacted(k) or k in merged)]
-
-
-def _is_compacted(key: str) -> bool:
-    return key.rsplit("/", 1)[-1].startswith(COMPACTED)
+    """Log objects that hold each record once (`bridge_assets.lake.interactions.readable`)."""
+    return readable(store, store.list(prefix))
 
 
 def profiled_objects(store: ObjectStore) -> set[str]:
@@ -154,7 +139,7 @@ def profile_object(store: ObjectStore, key: str, window_seconds: int) -> ObjectP
     if not store.exists(key):  # compacted away meanwhile: its records arrive in the merged file
         return ObjectProfile(key, sha, [], already_done=True)
     frame = read_log_object(store, key)
-    if _is_compacted(key):  # only records of sources not profiled before are new
+    if is_compacted(key):  # only records of sources not profiled before are new
         frame = frame.join(_profiled_records(store, key), on=list(ROW_KEY), how="anti", nulls_equal=True)
     store.write_parquet(f"{OBJECTS_PREFIX}{sha}.records.parquet", frame.select(ROW_KEY))
     frame = frame.with_columns(
