@@ -29,20 +29,18 @@ def retried(
     attempts: int,
     retry_on: type[Exception] | tuple[type[Exception], ...] = Exception,
     backoff: float = 0.0,
-    before_retry: Callable[[Exception], object] = lambda error: None,
 ) -> T:
-    """`action()`'s result, tried up to `attempts` times while it raises `retry_on`;
-    `before_retry` cleans up after a failed attempt, and the waits between attempts double from
-    `backoff` seconds. The last error propagates."""
+    """`action()`'s result, tried up to `attempts` times while it raises `retry_on`; the waits
+    between attempts double from `backoff` seconds. The last error propagates. An action that
+    can fail half-done cleans up inside itself, so its last attempt leaves nothing behind either."""
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, not {attempts}")
     attempt = 1
     while True:
         try:
             return action()
-        except retry_on as error:
+        except retry_on:
             if attempt >= attempts:
                 raise
-            before_retry(error)
             time.sleep(backoff * 2 ** (attempt - 1))
             attempt += 1

@@ -28,8 +28,8 @@ def test_poll_lets_the_condition_give_up_early():
         poll(exited, timeout=60)
 
 
-def test_retried_tries_again_only_on_the_named_errors_and_cleans_up_between_attempts():
-    calls, cleaned = [], []
+def test_retried_tries_again_only_on_the_named_errors_with_doubling_waits():
+    calls = []
 
     def flaky() -> str:
         calls.append(time.monotonic())
@@ -37,8 +37,7 @@ def test_retried_tries_again_only_on_the_named_errors_and_cleans_up_between_atte
             raise ConnectionError(f"attempt {len(calls)}")
         return "done"
 
-    assert retried(flaky, 3, retry_on=ConnectionError, backoff=0.05, before_retry=lambda e: cleaned.append(str(e))) == "done"
-    assert cleaned == ["attempt 1", "attempt 2"]
+    assert retried(flaky, 3, retry_on=ConnectionError, backoff=0.05) == "done" and len(calls) == 3
     assert calls[1] - calls[0] >= 0.05 and calls[2] - calls[1] >= 0.1  # the waits double
 
     calls.clear()
