@@ -39,6 +39,7 @@ import requests
 from bridge_assets import demo_steps as steps
 from bridge_assets.core.metrics import regression_metrics
 from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.defs.monitoring import ALARM_RECORDS
 from bridge_assets.defs.retraining import REASON_TAG, RETRAIN_TAG
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.interactions import read_interactions
@@ -49,6 +50,7 @@ from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.gate_checks import model_input
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, PRODUCTION_ALIAS
 from bridge_assets.ml.tracking import MlflowSettings, unseen_batches
+from bridge_assets.monitoring.alarms import Alarm
 from bridge_assets.monitoring.retrain import FEEDBACK_BATCH_PREFIX
 from serving.cluster import stop_serving
 from serving.deploy import ServingSettings
@@ -80,21 +82,12 @@ def _closed_loop(store: ObjectStore, url: str, daemon: bool) -> None:
             # Reports of earlier windows are rewritten as their labels arrive: wait for an alarm on this Production
             window, alarms = steps.wait_for(
                 f"a window report with an alarm on v{production}",
-                lambda: next(
-                    (
-                        (r.partition_key, steps.metadata_of(r)["alarms"])
-                        for r in steps.materialized_since(instance, "drift_report", started)
-                        if any(
-                            alarm.startswith(f"v{production}/") for alarm in steps.metadata_of(r).get("alarms") or []
-                        )
-                    ),
-                    None,
-                ),
+                lambda: _window_alarmed_on(instance, production, started),
                 log_path,
             )
             print(f"  drift_report[{window}]: {len(alarms)} alarm(s)")
             for alarm in alarms:
-                print(f"    {alarm[:200]}")
+                print(f"    {alarm.text[:200]}")
         with steps.stage("daemon: feedback batch, raw, new feature version"):
             version = steps.wait_for(
                 "the labelled traffic in a feature version",
@@ -159,6 +152,16 @@ def _closed_loop(store: ObjectStore, url: str, daemon: bool) -> None:
             print(
                 f"  serving {experiment['versions']} (Staging for {experiment['staging_weight']:.0%} of clients): the A/B experiment runs on live traffic"
             )
+
+
+def _window_alarmed_on(instance: dg.DagsterInstance, version: str, since: float) -> tuple[str, list[Alarm]] | None:
+    """The first window report since `since` with an alarm on `version` (read from its alarm
+    records, not its text): its window and alarms."""
+    for report in steps.materialized_since(instance, "drift_report", since):
+        alarms = [Alarm.from_dict(a) for a in steps.metadata_of(report).get(ALARM_RECORDS) or []]
+        if report.partition_key and any(alarm.model_version == version for alarm in alarms):
+            return report.partition_key, alarms
+    return None
 
 
 def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None:
