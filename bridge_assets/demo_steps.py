@@ -30,7 +30,7 @@ from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.ml.traffic import TrafficResult, post_json, send_traffic
 from bridge_assets.monitoring.settings import MonitorSettings
 from bridge_assets.retrying import poll
-from serving.deploy import ServingSettings
+from serving.deploy import ServingSettings, service_state
 
 SHIFT = Drift(price_factor=1.5)
 TRAFFIC_RATE, TRAFFIC_SECONDS = 40, 30  # the loop's 1,200 houses: enough labelled rows to learn the rise
@@ -119,18 +119,15 @@ def deploy(store: ObjectStore, daemon: bool) -> None:
         materialize("production_deployment")
         return
     registry = registry_of(store)
-    wanted = (registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS) or "none")
+    production, staging = registry.version_for(PRODUCTION_ALIAS), registry.version_for(STAGING_ALIAS)
 
-    def deployed() -> bool | None:
-        latest = dg.DagsterInstance.get().fetch_materializations(dg.AssetKey("production_deployment"), limit=1).records
-        return (
-            True
-            if latest
-            and (metadata_of(latest[0]).get("model_version"), metadata_of(latest[0]).get("staging_version")) == wanted
-            else None
-        )
+    def serves_the_registry() -> bool:
+        """The service's own answer (its `/model`), as registry_sensor reads it."""
+        served = service_state().versions
+        return served.get("production") == production and served.get("staging") == staging
 
-    wait_for(f"registry_sensor deploying v{wanted[0]} (Staging: {wanted[1]})", deployed, None)
+    beside = f" beside Staging v{staging}" if staging else ""
+    wait_for(f"registry_sensor serving v{production}{beside}", serves_the_registry, None)
 
 
 def required(value: T | None, what: str) -> T:
