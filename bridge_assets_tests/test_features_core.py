@@ -115,6 +115,14 @@ def test_preprocessor_state_round_trips_and_one_row_encodes_like_many():
     np.testing.assert_allclose(restored.transform(one_row), fitted.transform(seed)[7:8], rtol=1e-12)
 
 
+def test_a_matrix_large_enough_to_be_mapped_encodes_like_small_ones():
+    seed = validate(load_seed_data()).valid
+    fitted = Preprocessor.fit(seed)
+    matrix = fitted.transform(pl.concat([seed] * 60))  # 32,700 rows x 20 float64: over 4 MiB
+    assert matrix.flags.f_contiguous and matrix.flags.writeable
+    np.testing.assert_array_equal(matrix, np.tile(fitted.transform(seed), (60, 1)))
+
+
 def test_fitting_on_an_empty_training_split_is_a_clear_error():
     empty = validate(load_seed_data()).valid.head(0)
     with pytest.raises(ValueError, match="empty training split"):

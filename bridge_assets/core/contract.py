@@ -140,19 +140,29 @@ def normalise_category(expr: pl.Expr) -> pl.Expr:
 def category_values(raw: pl.Series, column: str) -> pl.Series:
     """A raw category column as its enum, normalised; null where missing or not a valid level.
 
-    Values already spelled canonically (nearly all) take a fast cast; only the rest are
-    stripped and lower-cased, which is what `normalise_category` does to every value.
+    Values already spelled canonically (nearly all) are matched by plain comparisons; only the
+    rest are stripped and lower-cased, which is what `normalise_category` does to every value.
     """
     dtype = CATEGORY_DTYPES[column]
     if raw.dtype == dtype:
         return raw
     text = raw.cast(pl.String)
-    return _respelled(text, text.cast(dtype, strict=False))
+    return _respelled(text, text.to_frame().select(_as_spelled(pl.col(column), column)).to_series())
+
+
+def _as_spelled(text: pl.Expr, column: str) -> pl.Expr:
+    """Text as its category's enum where it is a level exactly as sent, else null: one string
+    comparison per level, several times cheaper than a cast to the enum (a look-up per value)."""
+    dtype = CATEGORY_DTYPES[column]
+    matched = pl.lit(None, dtype=dtype)
+    for level in reversed(CATEGORY_LEVELS[column]):
+        matched = pl.when(text == level).then(pl.lit(level, dtype=dtype)).otherwise(matched)
+    return matched.alias(column)
 
 
 def _respelled(text: pl.Series, values: pl.Series) -> pl.Series:
-    """`values` (text cast to its enum) with the text that did not match as sent stripped and
-    lower-cased first: only those few values pay for string work."""
+    """`values` (text matched to its enum) with the text that did not match as sent stripped
+    and lower-cased first: only those few values pay for string work."""
     unmatched = (values.is_null() & text.is_not_null()).arg_true()
     if len(unmatched):
         fixed = text.gather(unmatched).str.strip_chars().str.to_lowercase().cast(values.dtype, strict=False)
@@ -166,6 +176,8 @@ def repeated_values(values: pl.Series | pl.DataFrame) -> pl.Series:
     Exact, but fast where repeats are rare: sorted 64-bit hashes find the few hashes seen
     twice, and only rows carrying those are compared in full.
     """
+    if isinstance(values, pl.Series) and _strictly_increasing(values):
+        return pl.repeat(False, len(values), eager=True, dtype=pl.Boolean).alias(values.name)
     hashes = values.hash_rows() if isinstance(values, pl.DataFrame) else values.hash()
     ordered = hashes.sort().to_numpy()
     seen_twice = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
@@ -176,6 +188,14 @@ def repeated_values(values: pl.Series | pl.DataFrame) -> pl.Series:
         first = rows.select(pl.struct(pl.all())).to_series() if isinstance(rows, pl.DataFrame) else rows
         repeated = repeated.scatter(candidates, ~first.is_first_distinct())
     return repeated.alias(values.name if isinstance(values, pl.Series) else "repeated")
+
+
+def _strictly_increasing(values: pl.Series) -> bool:
+    """True for text without nulls in strictly increasing order (a landed batch's zero-padded
+    row ids), which cannot repeat: one comparison a row instead of hashing and sorting."""
+    if values.dtype != pl.String or values.null_count():
+        return False
+    return len(values) < 2 or bool((values.slice(1) > values.slice(0, len(values) - 1)).all())
 
 
 def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -> list[tuple[pl.Expr, str]]:
@@ -217,6 +237,30 @@ def _conforms(column: str, raw: pl.Expr, typed: pl.Expr, whole: bool, require_ta
     return ok.fill_null(False)
 
 
+def _respelled_categories(raw: pl.DataFrame, staged: pl.DataFrame) -> pl.DataFrame:
+    """`staged` with its typed categories (`__typed_<column>`) fixed in the rows where some did
+    not match a level as sent (in practice the same few rows for every column): only their raw
+    text is normalised. A value that matched as sent is a level already and a missing one stays
+    missing, so normalising the whole row changes neither."""
+    columns = [c for c in CATEGORY_LEVELS if raw.schema[c] != CATEGORY_DTYPES[c]]
+    if not columns:
+        return staged
+    odd = staged.select(pl.any_horizontal(pl.col(f"__typed_{c}").is_null() for c in columns)).to_series()
+    rows = odd.arg_true()
+    if not len(rows):
+        return staged
+    text = raw.select(pl.col(columns).filter(odd))
+    return staged.with_columns(staged[f"__typed_{c}"].scatter(rows, _folded(text[c], c)) for c in columns)
+
+
+def _folded(text: pl.Series, column: str) -> pl.Series:
+    """Text stripped, lower-cased and matched to its category's enum (null where no level),
+    with the string work done once per distinct spelling: odd spellings come in few kinds."""
+    spellings = text.drop_nulls().unique()
+    levels = spellings.to_frame().select(_as_spelled(normalise_category(pl.col(column)), column)).to_series()
+    return text.replace_strict(spellings, levels, default=None, return_dtype=CATEGORY_DTYPES[column])
+
+
 def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     """Split a raw batch into contract-conforming rows and quarantined rows with reasons.
 
@@ -231,20 +275,13 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
     if TARGET not in frame.columns:
         frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(TARGET))
 
-    frame = frame.rechunk()  # one chunk per column, as the series computed below: else every query re-aligns them all
     schema = frame.schema
-    # The categories' fast casts in one parallel pass; the few odd spellings fixed after.
-    casts = frame.select(
-        pl.col(c).cast(pl.String).cast(CATEGORY_DTYPES[c], strict=False)
-        for c in CATEGORY_LEVELS
-        if schema[c] != CATEGORY_DTYPES[c]
-    )
-    typed: dict[str, pl.Expr | pl.Series] = {}
+    typed: dict[str, pl.Expr] = {}
     for column in (*FEATURES, TARGET):
         raw = pl.col(column)
         if column in CATEGORY_LEVELS:
             typed[column] = (
-                _respelled(frame[column].cast(pl.String), casts[column]) if column in casts.columns else frame[column]
+                raw if schema[column] == CATEGORY_DTYPES[column] else _as_spelled(raw.cast(pl.String), column)
             )
         elif column in COUNT_BOUNDS and schema[column].is_integer():
             typed[column] = raw.cast(pl.Int64)  # whole already: no round trip through floats
@@ -252,10 +289,16 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
             typed[column] = raw.cast(pl.Float64)
         else:  # text (CSV): anything that does not parse as a number is flagged, not dropped
             typed[column] = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
-    staged = frame.with_columns(
+    # Typed values in one parallel pass, then one chunk per column (Parquet gives one per row
+    # group; the series computed below have one, and mixing the two re-aligns every query). The
+    # raw text stays out: only the few quarantined rows need it.
+    staged = frame.select(
+        ROW_ID,
+        TARGET,  # raw: an optional price may be absent, but not unreadable
         *(expr.alias(f"__typed_{name}") for name, expr in typed.items()),
-        repeated_values(frame[ROW_ID]).alias("__repeated_id"),
-    )
+    ).rechunk()
+    staged = _respelled_categories(frame, staged)
+    staged = staged.with_columns(repeated_values(staged[ROW_ID]).alias("__repeated_id"))
     row_id = pl.col(ROW_ID)
     # One cheap boolean pass decides; reasons are spelled out only for the (few) bad rows.
     conforming = [
@@ -286,7 +329,8 @@ def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
         ),
     ]
     reasons = [pl.when(condition).then(pl.lit(message)) for condition, message in checks]
-    quarantined = staged.filter(bad).select(
+    flags = [f"__typed_{c}" for c in (*FEATURES, TARGET)] + ["__repeated_id"]
+    quarantined = pl.concat([frame.filter(bad), staged.filter(bad).select(flags)], how="horizontal").select(
         *(pl.col(c).cast(pl.String) for c in frame.columns if c != "reason"),
         pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"),
     )
