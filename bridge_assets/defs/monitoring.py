@@ -37,7 +37,7 @@ from bridge_assets.monitoring.report import summary_markdown
 from bridge_assets.monitoring.retrain import (
     land_feedback_batch,
 )
-from bridge_assets.monitoring.settings import MonitorSettings, drift_settings_from_json
+from bridge_assets.monitoring.settings import MonitorSettings
 
 MONITOR_WINDOWS, MODEL_VERSIONS = "monitor_windows", "model_versions"
 ALARM_RECORDS = "alarm_records"  # drift_report metadata: its alarms as data, what retrain_sensor reads
@@ -62,30 +62,14 @@ class Monitoring(dg.ConfigurableResource):
     retrain_window_hours: float | None = None
 
     def settings(self) -> MonitorSettings:
-        return MonitorSettings(
-            window_seconds=self.window_seconds,
-            drift=drift_settings_from_json(self.drift_thresholds) if self.drift_thresholds else DriftSettings(),
-            min_labels=self.min_labels,
-            decay_tolerance=self.decay_tolerance,
-            retrain_policy=self.retrain_policy,  # type: ignore[arg-type]
-            retrain_cooldown_seconds=self.retrain_cooldown_seconds,
-            retrain_half_life_hours=self.retrain_half_life_hours,
-            retrain_window_hours=self.retrain_window_hours,
-        )
+        fields = self.model_dump(exclude={"drift_thresholds"})
+        return MonitorSettings.model_validate({**fields, "drift": self.drift_thresholds or DriftSettings()})
 
 
 def monitoring(env: Mapping[str, str] = os.environ) -> Monitoring:
     settings = MonitorSettings.from_env(env)  # validates the values early
-    return Monitoring(
-        window_seconds=settings.window_seconds,
-        drift_thresholds=env.get("BRIDGE_DRIFT_THRESHOLDS") or None,
-        min_labels=settings.min_labels,
-        decay_tolerance=settings.decay_tolerance,
-        retrain_policy=settings.retrain_policy,
-        retrain_cooldown_seconds=settings.retrain_cooldown_seconds,
-        retrain_half_life_hours=settings.retrain_half_life_hours,
-        retrain_window_hours=settings.retrain_window_hours,
-    )
+    drift_thresholds = env.get("BRIDGE_DRIFT_THRESHOLDS") or None  # kept as JSON: Dagster config has no DriftSettings
+    return Monitoring(**settings.model_dump(exclude={"drift"}), drift_thresholds=drift_thresholds)
 
 
 def _digest(items: list[str]) -> str:

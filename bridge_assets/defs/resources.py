@@ -230,7 +230,7 @@ class PromotionPolicy(dg.ConfigurableResource):
 
 def promotion_policy(env: Mapping[str, str] = os.environ) -> PromotionPolicy:
     settings = PromotionSettings.from_env(env)
-    return PromotionPolicy(**{**asdict(settings), "approvers": list(settings.approvers)})
+    return PromotionPolicy(**{**settings.model_dump(), "approvers": list(settings.approvers)})
 
 
 class Alerting(dg.ConfigurableResource):

@@ -1,14 +1,14 @@
-"""Monitoring configuration from the environment (the README's monitoring table)."""
+"""Monitoring configuration: each variable declared once (the README's monitoring table)."""
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from bridge_assets.monitoring.drift import DriftSettings, Thresholds
+from bridge_assets.settings import EnvSettings
 
 RetrainPolicy = Literal["manual", "automatic"]
 
@@ -24,47 +24,54 @@ def drift_settings_from_json(text: str | None) -> DriftSettings:
     return DriftSettings(default=default, per_column=per_column, floor_factor=floor)
 
 
-@dataclass(frozen=True)
-class MonitorSettings:
+def _hours(value: Any) -> Any:
+    """`none`/`off` switch a limit off; anything else is a number of hours."""
+    return None if isinstance(value, str) and value.strip().lower() in ("none", "off") else value
+
+
+def _drift(value: Any) -> Any:
+    return drift_settings_from_json(value) if isinstance(value, str) else value
+
+
+Hours = Annotated[PositiveFloat | None, BeforeValidator(_hours)]
+
+
+class MonitorSettings(EnvSettings):
     """Window length, drift and decay bars, and the retrain policy."""
 
-    window_seconds: int = 3600
-    drift: DriftSettings = field(default_factory=DriftSettings)
-    min_labels: int = 200  # realised error is judged only with at least this many labels
-    decay_tolerance: float = 0.10  # RMSE may exceed the version's test RMSE by this share
-    retrain_policy: RetrainPolicy = "manual"
-    retrain_cooldown_seconds: int = 3600
-    retrain_half_life_hours: float | None = 24.0  # recency of a retrain's from-scratch option
-    retrain_window_hours: float | None = None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> MonitorSettings:
-        policy = env.get("BRIDGE_RETRAIN_POLICY", "manual")
-        if policy not in ("manual", "automatic"):
-            raise ValueError(f"BRIDGE_RETRAIN_POLICY must be manual or automatic, not {policy!r}")
-        window = int(env.get("BRIDGE_MONITOR_WINDOW_SECONDS", "3600"))
-        if window < 1:
-            raise ValueError("BRIDGE_MONITOR_WINDOW_SECONDS must be >= 1")
-        return cls(
-            window_seconds=window,
-            drift=drift_settings_from_json(env.get("BRIDGE_DRIFT_THRESHOLDS")),
-            min_labels=int(env.get("BRIDGE_MONITOR_MIN_LABELS", "200")),
-            decay_tolerance=float(env.get("BRIDGE_DECAY_TOLERANCE", "0.10")),
-            retrain_policy=policy,  # type: ignore[arg-type]
-            retrain_cooldown_seconds=int(env.get("BRIDGE_RETRAIN_COOLDOWN_SECONDS", "3600")),
-            retrain_half_life_hours=_hours(env, "BRIDGE_RETRAIN_HALF_LIFE_HOURS", cls.retrain_half_life_hours),
-            retrain_window_hours=_hours(env, "BRIDGE_RETRAIN_WINDOW_HOURS", cls.retrain_window_hours),
-        )
-
-
-def _hours(env: Mapping[str, str], name: str, default: float | None) -> float | None:
-    """A positive number of hours, `none`/`off` for no limit, unset for the default."""
-    text = (env.get(name) or "").strip().lower()
-    if not text:
-        return default
-    if text in ("none", "off"):
-        return None
-    value = float(text)
-    if not value > 0:
-        raise ValueError(f"{name} must be a positive number of hours or 'none', not {text!r}")
-    return value
+    window_seconds: PositiveInt = Field(
+        3600, validation_alias="BRIDGE_MONITOR_WINDOW_SECONDS", description="monitoring window length"
+    )
+    drift: Annotated[DriftSettings, BeforeValidator(_drift)] = Field(
+        default_factory=DriftSettings,
+        validation_alias="BRIDGE_DRIFT_THRESHOLDS",
+        description="per-column drift thresholds and the noise-floor factor, as JSON",
+    )
+    min_labels: PositiveInt = Field(
+        200,
+        validation_alias="BRIDGE_MONITOR_MIN_LABELS",
+        description="realised error is judged only with at least this many labels",
+    )
+    decay_tolerance: NonNegativeFloat = Field(
+        0.10,
+        validation_alias="BRIDGE_DECAY_TOLERANCE",
+        description="share by which live RMSE may exceed the version's test RMSE",
+    )
+    retrain_policy: RetrainPolicy = Field(
+        "manual",
+        validation_alias="BRIDGE_RETRAIN_POLICY",
+        description="what decay leads to: a ready run (manual) or the run (automatic)",
+    )
+    retrain_cooldown_seconds: NonNegativeInt = Field(
+        3600, validation_alias="BRIDGE_RETRAIN_COOLDOWN_SECONDS", description="least time between automatic retrains"
+    )
+    retrain_half_life_hours: Hours = Field(
+        24.0,
+        validation_alias="BRIDGE_RETRAIN_HALF_LIFE_HOURS",
+        description="recency of a retrain's from-scratch option (`none`: off)",
+    )
+    retrain_window_hours: Hours = Field(
+        None,
+        validation_alias="BRIDGE_RETRAIN_WINDOW_HOURS",
+        description="rows older than this are left out of a retrain (`none`: off)",
+    )

@@ -1,0 +1,83 @@
+"""One declaration per setting: its environment variable, type, default and description, on a
+pydantic model per concern (monitoring, promotion, serving, …). Dagster-free.
+
+`from_env(env)` reads a mapping the caller passes — the code location's environment through
+`build_defs(env)`, a test's dict — never the process environment at import; a bad value is a
+`ValueError` naming the variable. `variables()` lists what a class reads, for the README's
+configuration table and the test that holds the table to the classes.
+
+pydantic-settings' `BaseSettings` reads `os.environ` (or a dotenv file) when a model is built,
+and takes no mapping: that would make every constructor call depend on the process environment.
+These are plain pydantic models instead, whose validation alias is the variable's name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import PydanticUndefined
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable a settings class reads."""
+
+    name: str
+    field: str
+    default: Any
+    description: str
+
+
+class EnvSettings(BaseModel):
+    """Settings read from environment variables; fields are built by name in code and tests,
+    by variable in `from_env`."""
+
+    model_config = ConfigDict(frozen=True, validate_by_name=True, validate_by_alias=True, extra="forbid")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
+        """The settings `env` holds, defaults for the rest; a set but empty variable counts as unset."""
+        values = {
+            variable.name: env[variable.name].strip()
+            for variable in cls.variables()
+            if (env.get(variable.name) or "").strip()
+        }
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise ValueError(describe(error, values)) from None
+
+    @classmethod
+    def variables(cls) -> list[Variable]:
+        """Every variable this class reads, in declaration order."""
+        found = []
+        for name, info in cls.model_fields.items():
+            if isinstance(info.validation_alias, str):
+                default = info.get_default(call_default_factory=True)
+                found.append(
+                    Variable(
+                        info.validation_alias,
+                        name,
+                        None if default is PydanticUndefined else default,
+                        info.description or "",
+                    )
+                )
+        return found
+
+
+def describe(error: ValidationError, values: Mapping[str, str]) -> str:
+    """Each problem on one line, led by the variable at fault and the value it held."""
+    lines = []
+    for problem in error.errors(include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")  # a rule across fields names its variables itself
+        if not problem["loc"]:
+            lines.append(message)
+            continue
+        where = str(problem["loc"][0])
+        held = f" (got {values[where]!r})" if where in values else ""
+        lines.append(f"{where}: {message}{held}")
+    return "; ".join(lines)
