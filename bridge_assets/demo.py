@@ -300,7 +300,7 @@ def main() -> None:
             url = steps.serve(store, daemon)
         _closed_loop(store, url, daemon)
     finally:
-        external_cluster = ServingSettings.from_env().ray_address
+        external_cluster = ServingSettings.from_env().address
         if not external_cluster:  # a cluster the demo did not start keeps serving
             stop_serving()  # also when something failed half-way
     stopped = "nothing: the cluster keeps serving" if external_cluster else "the daemon, Serve and the local Ray"

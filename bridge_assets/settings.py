@@ -51,6 +51,15 @@ class EnvSettings(BaseModel):
         except ValidationError as error:
             raise ValueError(describe(error, values)) from None
 
+    def to_env(self) -> dict[str, str]:
+        """The variables that rebuild these settings in another process (a Dagster run, a
+        replica); unset ones are left out. For settings of scalar values."""
+        return {
+            variable.name: _as_text(getattr(self, variable.field))
+            for variable in self.variables()
+            if getattr(self, variable.field) is not None
+        }
+
     @classmethod
     def variables(cls) -> list[Variable]:
         """Every variable this class reads, in declaration order."""
@@ -67,6 +76,14 @@ class EnvSettings(BaseModel):
                     )
                 )
         return found
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def describe(error: ValidationError, values: Mapping[str, str]) -> str:

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bridge_assets.retrying import retried
@@ -142,7 +142,7 @@ def _start_head(settings: ClusterSettings) -> str:
             + ". Pick other BRIDGE_RAY_PORT (a block of 200 ports) / BRIDGE_SERVE_PORT, or stop what holds them."
         )
     sid, started_at = _ray_start(settings, 0, ["--head", "--include-dashboard=false"])
-    record = {k: v for k, v in asdict(settings).items() if k != "address"} | {
+    record = settings.model_dump(exclude={"address"}) | {
         "haproxy_dir": str(settings.haproxy_dir),
         "nodes": [_node_record(settings, 0, sid, started_at)],
     }
@@ -372,7 +372,7 @@ def stop_serving(env: Mapping[str, str] = os.environ) -> StopReport:
         return StopReport([], [], {}, shutdown_serve(settings), _sweep_spools(env), external_address=settings.address)
     state = settings.state()
     if state is not None:  # the instance in this temp dir, whatever the ports in the environment say now
-        settings = replace(settings, ray_port=state["ray_port"], serve_port=state["serve_port"])
+        settings = settings.model_copy(update={"ray_port": state["ray_port"], "serve_port": state["serve_port"]})
     processes = instance_processes(settings)
     if not processes:  # still publish what replicas of a crashed instance left behind
         shutil.rmtree(settings.haproxy_dir, ignore_errors=True)

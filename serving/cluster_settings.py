@@ -8,8 +8,13 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, Field, PositiveInt
+
+from bridge_assets.settings import EnvSettings
 
 DEFAULT_RAY_PORT = 6390
 DEFAULT_SERVE_PORT = 8000
@@ -117,31 +122,37 @@ class NodePorts:
         return sorted({*ray, *self.serve_ports()})
 
 
-@dataclass(frozen=True)
-class ClusterSettings:
+def _cpus() -> int:
+    return os.cpu_count() or 2
+
+
+class ClusterSettings(EnvSettings):
     """This instance's Ray; `address` set means an external cluster that we use but never stop."""
 
-    address: str | None = None
-    ray_port: int = DEFAULT_RAY_PORT
-    temp_dir: str = DEFAULT_RAY_TEMP_DIR
-    serve_host: str = "127.0.0.1"
-    serve_port: int = DEFAULT_SERVE_PORT
-    haproxy: bool = True
-    num_cpus: int = field(default_factory=lambda: os.cpu_count() or 2)
-    object_store_mb: int = 512
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> ClusterSettings:
-        return cls(
-            address=env.get("RAY_ADDRESS") or None,
-            ray_port=int(env.get("BRIDGE_RAY_PORT", DEFAULT_RAY_PORT)),
-            temp_dir=os.path.abspath(env.get("BRIDGE_RAY_TMPDIR", DEFAULT_RAY_TEMP_DIR)),
-            serve_host=env.get("BRIDGE_SERVE_HOST", "127.0.0.1"),
-            serve_port=int(env.get("BRIDGE_SERVE_PORT", DEFAULT_SERVE_PORT)),
-            haproxy=env.get("BRIDGE_SERVE_HAPROXY", "1") == "1",
-            num_cpus=int(env.get("BRIDGE_RAY_NUM_CPUS") or os.cpu_count() or 2),
-            object_store_mb=int(env.get("BRIDGE_RAY_OBJECT_STORE_MB", "512")),
-        )
+    address: str | None = Field(
+        None, validation_alias="RAY_ADDRESS", description="Ray cluster for Serve; unset: a detached local Ray head"
+    )
+    ray_port: PositiveInt = Field(
+        DEFAULT_RAY_PORT,
+        validation_alias="BRIDGE_RAY_PORT",
+        description="the local head's base port (the rest derive from it)",
+    )
+    temp_dir: Annotated[str, AfterValidator(os.path.abspath)] = Field(
+        DEFAULT_RAY_TEMP_DIR, validation_alias="BRIDGE_RAY_TMPDIR", description="the local Ray's session and log folder"
+    )
+    serve_host: str = Field("127.0.0.1", validation_alias="BRIDGE_SERVE_HOST", description="Serve's HTTP host")
+    serve_port: PositiveInt = Field(
+        DEFAULT_SERVE_PORT, validation_alias="BRIDGE_SERVE_PORT", description="Serve's HTTP port"
+    )
+    haproxy: bool = Field(
+        True, validation_alias="BRIDGE_SERVE_HAPROXY", description="Serve's HAProxy ingress (set at start)"
+    )
+    num_cpus: PositiveInt = Field(
+        default_factory=_cpus, validation_alias="BRIDGE_RAY_NUM_CPUS", description="CPUs the local head offers"
+    )
+    object_store_mb: PositiveInt = Field(
+        512, validation_alias="BRIDGE_RAY_OBJECT_STORE_MB", description="the local head's object store"
+    )
 
     @property
     def local_address(self) -> str:

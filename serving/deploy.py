@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 import requests
+from pydantic import Field, PositiveFloat, PositiveInt
 
 from bridge_assets.core.contract import FEATURES
 from bridge_assets.core.simulator import load_seed_data
@@ -34,74 +35,41 @@ from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.retrying import poll
 from serving.cluster import check_compatible, connect, start_serve
 from serving.cluster import main as cluster_main
-from serving.cluster_settings import DEFAULT_RAY_PORT, DEFAULT_SERVE_PORT, ClusterError, ClusterSettings
+from serving.cluster_settings import ClusterError, ClusterSettings
 from serving.guards import ApiKeys, load_api_keys
-from serving.model import INGRESS, PLACEMENTS, ServedModel, version_for_alias
+from serving.model import INGRESS, Placement, ServedModel, version_for_alias
 from serving.spool import spool_directory
 
 APP_NAME = "bridge"
 
 
-@dataclass(frozen=True)
-class ServingSettings:
-    """Where the service runs; see the README's configuration table."""
+class ServingSettings(ClusterSettings):
+    """Where the service runs (the cluster's settings) and how it serves; see the README's
+    configuration table."""
 
-    ray_address: str | None
-    ray_port: int
-    host: str
-    port: int
-    replicas: int
-    ray_temp_dir: str
-    unit: str = "GBP(£)"
-    max_batch_records: int = 10_000
-    max_body_bytes: int = 4 * 1_048_576  # 10,000 records (the batch limit) fit; see serving.app
-    log_flush_seconds: float = 10.0
-    haproxy: bool = True
-    model_placement: str = INGRESS
-
-    def __post_init__(self) -> None:
-        if self.model_placement not in PLACEMENTS:
-            raise ValueError(
-                f"BRIDGE_SERVE_MODEL_PLACEMENT must be one of {', '.join(PLACEMENTS)}, got {self.model_placement!r}"
-            )
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> ServingSettings:
-        return cls(
-            ray_address=env.get("RAY_ADDRESS") or None,
-            ray_port=int(env.get("BRIDGE_RAY_PORT", DEFAULT_RAY_PORT)),
-            host=env.get("BRIDGE_SERVE_HOST", "127.0.0.1"),
-            port=int(env.get("BRIDGE_SERVE_PORT", DEFAULT_SERVE_PORT)),
-            replicas=int(env.get("BRIDGE_SERVE_REPLICAS", "1")),
-            ray_temp_dir=env.get("BRIDGE_RAY_TMPDIR", "/tmp/bridge-ray"),
-            unit=env.get("BRIDGE_PRICE_UNIT", "GBP(£)"),
-            max_batch_records=int(env.get("BRIDGE_SERVE_MAX_BATCH", "10000")),
-            max_body_bytes=int(env.get("BRIDGE_SERVE_MAX_BODY", str(4 * 1_048_576))),
-            log_flush_seconds=float(env.get("BRIDGE_SERVE_LOG_FLUSH_SECONDS", "10")),
-            haproxy=env.get("BRIDGE_SERVE_HAPROXY", "1") == "1",
-            model_placement=env.get("BRIDGE_SERVE_MODEL_PLACEMENT", INGRESS),
-        )
-
-    def to_env(self) -> dict[str, str]:
-        env = {
-            "BRIDGE_RAY_PORT": str(self.ray_port),
-            "BRIDGE_SERVE_HOST": self.host,
-            "BRIDGE_SERVE_PORT": str(self.port),
-            "BRIDGE_SERVE_REPLICAS": str(self.replicas),
-            "BRIDGE_RAY_TMPDIR": self.ray_temp_dir,
-            "BRIDGE_PRICE_UNIT": self.unit,
-            "BRIDGE_SERVE_MAX_BATCH": str(self.max_batch_records),
-            "BRIDGE_SERVE_MAX_BODY": str(self.max_body_bytes),
-            "BRIDGE_SERVE_LOG_FLUSH_SECONDS": str(self.log_flush_seconds),
-            "BRIDGE_SERVE_HAPROXY": "1" if self.haproxy else "0",
-            "BRIDGE_SERVE_MODEL_PLACEMENT": self.model_placement,
-        }
-        return env | ({"RAY_ADDRESS": self.ray_address} if self.ray_address else {})
+    replicas: PositiveInt = Field(1, validation_alias="BRIDGE_SERVE_REPLICAS", description="ingress replicas")
+    unit: str = Field("GBP(£)", validation_alias="BRIDGE_PRICE_UNIT", description="`unit` in `/predict` replies")
+    max_batch_records: PositiveInt = Field(
+        10_000, validation_alias="BRIDGE_SERVE_MAX_BATCH", description="records a `/predict/batch` request may carry"
+    )
+    max_body_bytes: PositiveInt = Field(  # 10,000 records (the batch limit) fit; see serving.app
+        4 * 1_048_576, validation_alias="BRIDGE_SERVE_MAX_BODY", description="largest request body"
+    )
+    log_flush_seconds: PositiveFloat = Field(
+        10.0,
+        validation_alias="BRIDGE_SERVE_LOG_FLUSH_SECONDS",
+        description="interaction logs published at least this often",
+    )
+    model_placement: Placement = Field(
+        INGRESS,
+        validation_alias="BRIDGE_SERVE_MODEL_PLACEMENT",
+        description="models inside the ingress replicas or apart",
+    )
 
     @property
     def url(self) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        return f"http://{host}:{self.port}"
+        host = "127.0.0.1" if self.serve_host in ("0.0.0.0", "") else self.serve_host
+        return f"http://{host}:{self.serve_port}"
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, get_args
 
 import numpy as np
 import polars as pl
@@ -91,8 +91,8 @@ def version_for_alias(client: MlflowClient, name: str, alias: str) -> str:
     return str(client.get_model_version_by_alias(name, alias).version)
 
 
-INGRESS, DEPLOYMENT = "ingress", "deployment"
-PLACEMENTS = (INGRESS, DEPLOYMENT)
+Placement = Literal["ingress", "deployment"]
+INGRESS, DEPLOYMENT = get_args(Placement)
 
 
 # How every bridge deployment rolls over: new replicas start beside the old ones, which serve

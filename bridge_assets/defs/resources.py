@@ -6,7 +6,6 @@ Secrets reach Dagster only as `dg.EnvVar`, so they never appear in run config, t
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import asdict
 from typing import Any, Literal
 
 import dagster as dg
@@ -172,28 +171,30 @@ def training_launcher(env: Mapping[str, str] = os.environ) -> TrainingLauncher:
 
 
 class RayServing(dg.ConfigurableResource):
-    """Where the prediction service runs: a local detached Ray by default, or `ray_address`."""
+    """Where the prediction service runs: a local detached Ray by default, or `address`; the
+    fields are `ServingSettings`' (serving.deploy), which declares their variables."""
 
-    ray_address: str | None = None
+    address: str | None = None
     ray_port: int = 6390
-    host: str = "127.0.0.1"
-    port: int = 8000
+    temp_dir: str = "/tmp/bridge-ray"
+    serve_host: str = "127.0.0.1"
+    serve_port: int = 8000
+    haproxy: bool = True
+    num_cpus: int = 2
+    object_store_mb: int = 512
     replicas: int = 1
-    ray_temp_dir: str = "/tmp/bridge-ray"
     unit: str = "GBP(£)"
     max_batch_records: int = 10_000
     max_body_bytes: int = 4 * 1_048_576
     log_flush_seconds: float = 10.0
-    haproxy: bool = True
     model_placement: str = "ingress"
 
     def settings(self) -> ServingSettings:
-        return ServingSettings(**self.model_dump())
+        return ServingSettings.model_validate(self.model_dump())
 
 
 def ray_serving(env: Mapping[str, str] = os.environ) -> RayServing:
-    settings = ServingSettings.from_env(env)
-    return RayServing(**asdict(settings))
+    return RayServing(**ServingSettings.from_env(env).model_dump())
 
 
 class PromotionPolicy(dg.ConfigurableResource):
