@@ -1,5 +1,5 @@
 """One declaration per setting: its environment variable, type, default and description, on a
-pydantic model per concern (monitoring, promotion, serving, …). Dagster-free.
+pydantic model per concern (lake, MLflow, monitoring, promotion, serving). Dagster-free.
 
 `from_env(env)` reads a mapping the caller passes — the code location's environment through
 `build_defs(env)`, a test's dict — never the process environment at import; a bad value is a
@@ -18,18 +18,23 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, ValidationError
 from pydantic_core import PydanticUndefined
+
+DERIVED: dict[str, Any] = {"derived": True}  # a field's `json_schema_extra`: its default comes from other settings
 
 
 @dataclass(frozen=True)
 class Variable:
-    """One environment variable a settings class reads."""
+    """One environment variable a settings class reads (and the ones read in its place when it
+    is unset); a derived default is computed from other settings by `derive`."""
 
     name: str
     field: str
     default: Any
     description: str
+    alternatives: tuple[str, ...] = ()
+    derived: bool = False
 
 
 class EnvSettings(BaseModel):
@@ -41,15 +46,22 @@ class EnvSettings(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Self:
         """The settings `env` holds, defaults for the rest; a set but empty variable counts as unset."""
-        values = {
-            variable.name: env[variable.name].strip()
-            for variable in cls.variables()
-            if (env.get(variable.name) or "").strip()
-        }
+        values: dict[str, str] = {}
+        for variable in cls.variables():
+            found = next((n for n in (variable.name, *variable.alternatives) if (env.get(n) or "").strip()), None)
+            if found is not None:
+                values[variable.name] = env[found].strip()
+        values = cls.derive(values, env)
         try:
             return cls.model_validate(values)
         except ValidationError as error:
-            raise ValueError(describe(error, values)) from None
+            secret = {v.name for v in cls.variables() if not cls.model_fields[v.field].repr}
+            raise ValueError(describe(error, {k: v for k, v in values.items() if k not in secret})) from None
+
+    @classmethod
+    def derive(cls, values: dict[str, str], env: Mapping[str, str]) -> dict[str, str]:
+        """Fill defaults that depend on other settings (by variable name); none by default."""
+        return values
 
     def to_env(self) -> dict[str, str]:
         """The variables that rebuild these settings in another process (a Dagster run, a
@@ -65,17 +77,31 @@ class EnvSettings(BaseModel):
         """Every variable this class reads, in declaration order."""
         found = []
         for name, info in cls.model_fields.items():
-            if isinstance(info.validation_alias, str):
-                default = info.get_default(call_default_factory=True)
-                found.append(
-                    Variable(
-                        info.validation_alias,
-                        name,
-                        None if default is PydanticUndefined else default,
-                        info.description or "",
-                    )
+            names = _names(info.validation_alias)
+            if not names:
+                continue
+            default = info.get_default(call_default_factory=True)
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            found.append(
+                Variable(
+                    names[0],
+                    name,
+                    None if default is PydanticUndefined else default,
+                    info.description or "",
+                    tuple(names[1:]),
+                    bool(extra.get("derived")),
                 )
+            )
         return found
+
+
+def _names(alias: object) -> list[str]:
+    """A field's variable and its alternatives: a plain alias, or the names of `AliasChoices`."""
+    if isinstance(alias, str):
+        return [alias]
+    if isinstance(alias, AliasChoices):
+        return [choice for choice in alias.choices if isinstance(choice, str)]
+    return []
 
 
 def _as_text(value: object) -> str:
@@ -87,7 +113,8 @@ def _as_text(value: object) -> str:
 
 
 def describe(error: ValidationError, values: Mapping[str, str]) -> str:
-    """Each problem on one line, led by the variable at fault and the value it held."""
+    """Each problem on one line, led by the variable at fault and the value it held (if in
+    `values`: secrets are left out of it)."""
     lines = []
     for problem in error.errors(include_url=False):
         message = problem["msg"].removeprefix("Value error, ")  # a rule across fields names its variables itself

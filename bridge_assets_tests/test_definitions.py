@@ -24,7 +24,9 @@ def test_definitions_load_without_deprecation_warnings():
         "defs.resolve_asset_graph()\n"
     )
     # A fresh interpreter, so modules imported by other tests cannot hide a warning.
-    completed = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", code], capture_output=True, text=True
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
@@ -67,7 +69,9 @@ def test_no_module_reads_the_environment_at_import():
     """Every module of `bridge_assets/` and `serving/` imported in a fresh interpreter reads no
     variable: settings come from the environment a caller passes (`build_defs(env)`, the
     settings' `from_env`), so a test or a second code location in one process gets its own."""
-    completed = subprocess.run([sys.executable, "-c", ENVIRONMENT_READS_AT_IMPORT], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    completed = subprocess.run(
+        [sys.executable, "-c", ENVIRONMENT_READS_AT_IMPORT], capture_output=True, text=True, cwd=PROJECT_ROOT
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
@@ -131,7 +135,10 @@ def test_groups_follow_the_architecture():
         node = graph.get(key)
         assert (bool(node.owners), bool(node.kinds), bool(node.description)) == (True, True, True), key
     # The loop in the lineage: logs and labels feed the monitor, the monitor feeds retraining.
-    parents = {key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
+    parents = {
+        key.to_user_string(): {p.to_user_string() for p in graph.get(key).parent_keys}
+        for key in graph.get_all_asset_keys()
+    }
     assert "interaction_logs" in parents["interaction_profiles"] and "interaction_logs" in parents["feedback"]
     assert "feedback" in parents["labelled_traffic"] and "drift_report" in parents["candidate_model"]
     assert graph.get(dg.AssetKey("batch_predictions")).parent_keys == {dg.AssetKey("raw_housing")}
@@ -141,8 +148,36 @@ def test_groups_follow_the_architecture():
 def test_secrets_reach_dagster_only_as_env_vars():
     from bridge_assets.defs.resources import lake_storage
 
-    env = {"BRIDGE_S3_BUCKET": "b", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_SESSION_TOKEN": "t0k"}
+    env = {
+        "BRIDGE_S3_BUCKET": "b",
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+        "AWS_SESSION_TOKEN": "t0k",
+    }
     resource = lake_storage(env)
     assert isinstance(resource.aws_secret_access_key, dg.EnvVar) and isinstance(resource.aws_session_token, dg.EnvVar)
     assert "t0k" not in repr(resource.model_dump())
     assert "s3cr3t" not in repr(resource.model_dump())
+
+
+def test_resources_carry_their_settings_classes_fields_and_give_them_back():
+    """A resource built from settings hands back equal settings (tuples and Literals included),
+    and Dagster's launchpad shows each field with the settings class's description."""
+    from bridge_assets.defs import resources
+
+    env = {"BRIDGE_APPROVERS": "alice,bob", "BRIDGE_TRAINING_LAUNCHER": "docker", "BRIDGE_SERVE_PORT": "8123"}
+    for factory in (
+        resources.promotion_policy,
+        resources.training_launcher,
+        resources.ray_serving,
+        resources.mlflow_tracking,
+    ):
+        resource = factory(env)
+        settings = resource.settings()
+        assert type(settings).from_env({**env, **settings.to_env()}) == settings, factory.__name__
+        schema = type(resource).to_config_schema().as_field().config_type.fields
+        assert set(schema) == set(type(settings).model_fields), factory.__name__
+        described = {name: field.description for name, field in schema.items()}
+        assert described == {name: info.description for name, info in type(settings).model_fields.items()}
+    assert resources.promotion_policy(env).settings().approvers == ("alice", "bob")
+    assert resources.training_launcher(env).client().__class__.__name__ == "PipesDockerClient"

@@ -6,13 +6,18 @@ from pathlib import Path
 
 import pytest
 
+from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.ml.container import TrainingSettings
 from bridge_assets.ml.promotion_settings import PromotionSettings
+from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.monitoring.settings import MonitorSettings
 from bridge_assets.settings import EnvSettings
 from serving.deploy import ServingSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-DECLARED: list[type[EnvSettings]] = [MonitorSettings, PromotionSettings, ServingSettings]  # serving: the cluster's too
+DECLARED: list[type[EnvSettings]] = [  # serving: the cluster's too
+    StorageSettings, MlflowSettings, MonitorSettings, PromotionSettings, ServingSettings, TrainingSettings,
+]  # fmt: skip
 
 
 def test_values_are_typed_from_the_mapping_given_and_defaults_fill_the_rest(monkeypatch):
@@ -27,6 +32,9 @@ def test_values_are_typed_from_the_mapping_given_and_defaults_fill_the_rest(monk
     serving = ServingSettings.from_env({"BRIDGE_SERVE_HAPROXY": "0", "BRIDGE_RAY_TMPDIR": "relative/ray", "BRIDGE_SERVE_PORT": "8123"})
     assert serving.haproxy is False and serving.temp_dir.startswith("/") and serving.url == "http://127.0.0.1:8123"
     assert ServingSettings.from_env(serving.to_env()) == serving  # what a Dagster run or a replica is handed
+    mlflow = MlflowSettings.from_env({"BRIDGE_HOME": "/nowhere", "AWS_ENDPOINT_URL_S3": "http://s3", "BRIDGE_S3_BUCKET": "b"})
+    assert (mlflow.tracking_uri, mlflow.artifact_location) == ("sqlite:////nowhere/mlflow/mlflow.db", "s3://b/bridge/mlflow")
+    assert mlflow.s3_endpoint_url == "http://s3" and MlflowSettings.from_env(mlflow.to_env()) == mlflow  # the alternative
 
 
 @pytest.mark.parametrize(
@@ -41,6 +49,7 @@ def test_values_are_typed_from_the_mapping_given_and_defaults_fill_the_rest(monk
         (PromotionSettings, {"BRIDGE_GUARDRAIL_CANARY_SHARE": "0.7"}, "BRIDGE_GUARDRAIL_CANARY_SHARE must be in (0, 0.5]"),
         (ServingSettings, {"BRIDGE_SERVE_MODEL_PLACEMENT": "gpu"}, "BRIDGE_SERVE_MODEL_PLACEMENT: Input should be 'ingress' or 'deployment'"),
         (ServingSettings, {"BRIDGE_SERVE_PORT": "http"}, "BRIDGE_SERVE_PORT: Input should be a valid integer"),
+        (MlflowSettings, {"BRIDGE_MLFLOW_PORT": "99999"}, "BRIDGE_MLFLOW_PORT: Input should be less than or equal to 65535"),
     ],
 )  # fmt: skip
 def test_a_bad_value_is_refused_naming_its_variable(cls: type[EnvSettings], env: dict[str, str], message: str):
@@ -70,9 +79,10 @@ def test_the_readme_table_lists_every_declared_variable_with_its_default():
             assert row is not None, f"{variable.name} ({cls.__name__}) is not in the README's configuration table"
             assert variable.description, f"{cls.__name__}.{variable.field} has no description"
             computed = cls.model_fields[variable.field].default_factory is not None  # e.g. the machine's cores
-            if not computed:
+            if not (computed or variable.derived):  # derived: from other settings, described in words
                 default_cell = row.split("|")[2]
-                assert any(re.search(rf"(?<![\d.]){re.escape(text)}", default_cell) for text in _documented(variable.default)), (
+                spellings = _documented(variable.default) | set(variable.alternatives)  # unset: the alternative's value
+                assert any(re.search(rf"(?<![\d.]){re.escape(text)}", default_cell) for text in spellings), (
                     f"README gives {default_cell.strip()} as the default of {variable.name}; the code says {variable.default!r}"
                 )
                 checked += 1

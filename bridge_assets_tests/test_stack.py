@@ -315,7 +315,7 @@ def test_backup_restores_into_a_fresh_stack(stack: SimpleNamespace, loop: Simple
     backup = stack_module.backup(stack.stack, tmp_path / "backup")
     fresh_root = Path(tempfile.mkdtemp(prefix="bridge-restore-test-"))
     fresh_root.chmod(0o755)
-    fresh = StackSettings.from_env({**stack.base_env, "BRIDGE_STACK_DIR": str(fresh_root / "stack")}, ("postgres", "s3", "mlflow"))
+    fresh = StackSettings.for_components({**stack.base_env, "BRIDGE_STACK_DIR": str(fresh_root / "stack")}, ("postgres", "s3", "mlflow"))
     try:
         restored = stack_module.start(fresh, restore_from=backup)
         assert restored.env["MLFLOW_TRACKING_URI"] != stack.env["MLFLOW_TRACKING_URI"]

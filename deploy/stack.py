@@ -40,9 +40,12 @@ from pathlib import Path
 
 import psutil
 import requests
+import yaml
+from pydantic import Field
 
 from bridge_assets.lake.settings import PROJECT_ROOT, bridge_home
 from bridge_assets.retrying import poll, retried
+from bridge_assets.settings import DERIVED, EnvSettings
 from serving.processes import free_port, listening, port_free, session_members, terminate, write_atomically
 
 COMPONENTS = ("postgres", "s3", "mlflow", "ray", "dagster")
@@ -70,45 +73,48 @@ class StackError(RuntimeError):
     """The stack cannot do what was asked; the message says what to do."""
 
 
-@dataclass(frozen=True)
-class StackSettings:
-    """Where the stack lives and which ports it asks for (0: any free port)."""
+class StackSettings(EnvSettings):
+    """Where the stack lives and which ports it asks for (0: any free port). The lake's bucket
+    and prefix and the replica count are the stack's own defaults for variables the lake and
+    serving also read."""
 
-    directory: Path
-    components: tuple[str, ...] = COMPONENTS
-    pg_port: int = 0
-    s3_port: int = 0
-    mlflow_port: int = 0
-    dagster_port: int = 0
-    ray_port: int = 0
-    serve_port: int = 0
-    ray_temp_dir: str = ""
-    bucket: str = "bridge"
-    prefix: str = "lake"
-    replicas: int = 2
+    directory: Path = Field(
+        validation_alias="BRIDGE_STACK_DIR",
+        description="where `make stack` keeps its state (default: `$BRIDGE_HOME/stack`)",
+        json_schema_extra=DERIVED,
+    )
+    components: tuple[str, ...] = COMPONENTS  # chosen on the command line
+    pg_port: int = Field(0, ge=0, validation_alias="BRIDGE_STACK_PG_PORT", description="Postgres's port")
+    s3_port: int = Field(0, ge=0, validation_alias="BRIDGE_STACK_S3_PORT", description="the S3 server's port")
+    mlflow_port: int = Field(0, ge=0, validation_alias="BRIDGE_STACK_MLFLOW_PORT", description="MLflow's port")
+    dagster_port: int = Field(0, ge=0, validation_alias="BRIDGE_STACK_DAGSTER_PORT", description="the Dagster UI's port")
+    ray_port: int = Field(0, ge=0, validation_alias="BRIDGE_RAY_PORT", description="the Ray head's port")
+    serve_port: int = Field(0, ge=0, validation_alias="BRIDGE_SERVE_PORT", description="Serve's HTTP port")
+    ray_temp_dir: str = Field(
+        validation_alias="BRIDGE_RAY_TMPDIR", description="Ray's session folder", json_schema_extra=DERIVED
+    )
+    bucket: str = Field("bridge", validation_alias="BRIDGE_S3_BUCKET", description="the lake's bucket")
+    prefix: str = Field("lake", validation_alias="BRIDGE_S3_PREFIX", description="key prefix inside the bucket")
+    replicas: int = Field(2, ge=1, validation_alias="BRIDGE_SERVE_REPLICAS", description="model replicas")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ, components: Iterable[str] = COMPONENTS) -> StackSettings:
-        directory = Path(env.get("BRIDGE_STACK_DIR") or bridge_home(env) / "stack").resolve()
+    def derive(cls, values: dict[str, str], env: Mapping[str, str]) -> dict[str, str]:
+        directory = Path(values.get("BRIDGE_STACK_DIR") or bridge_home(env) / "stack").resolve()
+        values["BRIDGE_STACK_DIR"] = str(directory)
+        # short: Ray's unix socket paths must stay under ~107 characters
+        values.setdefault("BRIDGE_RAY_TMPDIR", f"/tmp/bridge-stack-{hashlib.sha256(str(directory).encode()).hexdigest()[:8]}")
+        if "BRIDGE_S3_PREFIX" in env and not values.get("BRIDGE_S3_PREFIX"):
+            values["BRIDGE_S3_PREFIX"] = ""  # set but empty: the bucket's root
+        return values
+
+    @classmethod
+    def for_components(cls, env: Mapping[str, str], components: Iterable[str] = COMPONENTS) -> StackSettings:
+        """The settings `env` holds, for the named parts of the stack (in their start order)."""
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise StackError(f"unknown stack components {sorted(unknown)}; known: {', '.join(COMPONENTS)}")
-        return cls(
-            directory=directory,
-            components=tuple(c for c in COMPONENTS if c in set(components)),
-            pg_port=int(env.get("BRIDGE_STACK_PG_PORT") or 0),
-            s3_port=int(env.get("BRIDGE_STACK_S3_PORT") or 0),
-            mlflow_port=int(env.get("BRIDGE_STACK_MLFLOW_PORT") or 0),
-            dagster_port=int(env.get("BRIDGE_STACK_DAGSTER_PORT") or 0),
-            ray_port=int(env.get("BRIDGE_RAY_PORT") or 0),
-            serve_port=int(env.get("BRIDGE_SERVE_PORT") or 0),
-            # short: Ray's unix socket paths must stay under ~107 characters
-            ray_temp_dir=env.get("BRIDGE_RAY_TMPDIR")
-            or f"/tmp/bridge-stack-{hashlib.sha256(str(directory).encode()).hexdigest()[:8]}",
-            bucket=env.get("BRIDGE_S3_BUCKET") or "bridge",
-            prefix=env.get("BRIDGE_S3_PREFIX", "lake"),
-            replicas=int(env.get("BRIDGE_SERVE_REPLICAS") or 2),
-        )
+        chosen = tuple(c for c in COMPONENTS if c in set(components))
+        return cls.from_env(env).model_copy(update={"components": chosen})
 
     @property
     def state_file(self) -> Path:
@@ -505,31 +511,15 @@ def stop_ray(stack: Stack) -> str:
 
 # ---------------------------------------------------------------- Dagster webserver and daemon
 
-DAGSTER_YAML = """\
-# Written by deploy/stack.py: the stack's Dagster instance, every setting from the environment.
-storage:
-  postgres:
-    postgres_db:
-      hostname: {env: DAGSTER_PG_HOST}
-      port: {env: DAGSTER_PG_PORT}
-      username: {env: DAGSTER_PG_USER}
-      password: {env: DAGSTER_PG_PASSWORD}
-      db_name: {env: DAGSTER_PG_DB}
-      # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, on which dagster-postgres's
-      # queries fail (NOTIFY with a bound parameter): name its driver
-      scheme: postgresql+psycopg2
-run_coordinator:
-  module: dagster.core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    max_concurrent_runs: 2
-run_monitoring:
-  # a run whose worker died (its host restarted) is marked failed instead of hanging in STARTING
-  enabled: true
-  start_timeout_seconds: 180
-telemetry:
-  enabled: false
-"""
+def dagster_instance_yaml() -> str:
+    """The compose deployment's Dagster instance (deploy/dagster.yaml: Postgres storage, queued
+    runs, run monitoring) for processes on one host: runs start as processes of the code
+    location instead of Docker containers, two at a time on the machine the stack shares."""
+    instance = yaml.safe_load((PROJECT_ROOT / "deploy" / "dagster.yaml").read_text())
+    del instance["run_launcher"]
+    instance["run_coordinator"]["config"]["max_concurrent_runs"] = 2
+    return "# Written by deploy/stack.py from deploy/dagster.yaml.\n" + yaml.safe_dump(instance, sort_keys=False)
+
 
 WORKSPACE_YAML = """\
 # Written by deploy/stack.py: the code location runs as its own gRPC server (as in compose and
@@ -545,7 +535,7 @@ load_from:
 def _dagster_env(stack: Stack) -> None:
     home = stack.settings.directory / "dagster"
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(DAGSTER_YAML)
+    (home / "dagster.yaml").write_text(dagster_instance_yaml())
     stack.env |= {
         "DAGSTER_HOME": str(home),
         "DAGSTER_PG_HOST": "127.0.0.1",
@@ -788,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     components = {"postgres", "s3", *args.only.split(",")} if getattr(args, "only", None) else COMPONENTS
     try:
-        args.run(StackSettings.from_env(os.environ, components), args)
+        args.run(StackSettings.for_components(os.environ, components), args)
     except StackError as error:
         print(f"stack: {error}", file=sys.stderr)
         return 1

@@ -6,21 +6,60 @@ Secrets reach Dagster only as `dg.EnvVar`, so they never appear in run config, t
 import os
 import sys
 from collections.abc import Mapping
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import dagster as dg
 from dagster_aws.s3 import S3Resource
 from dagster_docker import PipesDockerClient
-from pydantic import Field
+from pydantic import Field, create_model
 
 from bridge_assets.defs.pipes_messages import WholeLineMessageReader
 from bridge_assets.lake.settings import DEFAULT_PREFIX, DEFAULT_REGION, StorageSettings
 from bridge_assets.lake.storage import ObjectStore
-from bridge_assets.ml.container import container_spec
+from bridge_assets.ml.container import TrainingSettings, container_spec
 from bridge_assets.ml.promotion_settings import PromotionSettings
-from bridge_assets.ml.tracking import DEFAULT_EXPERIMENT, DEFAULT_MODEL_NAME, PROJECT_ROOT, MlflowSettings
+from bridge_assets.ml.tracking import PROJECT_ROOT, MlflowSettings
 from bridge_assets.monitoring.alerts import LoopEvent, send_alert
+from bridge_assets.settings import EnvSettings
 from serving.deploy import ServingSettings
+
+
+def _config_type(annotation: Any) -> Any:
+    """A settings field's type as Dagster config knows it: a tuple as a list, a `Literal` as
+    its values' type (the settings class checks the value), optional stays optional."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return type(get_args(annotation)[0])
+    if origin is tuple:
+        return list[get_args(annotation)[0]]  # type: ignore[misc]
+    if origin in (Union, UnionType):
+        (inner,) = (arg for arg in get_args(annotation) if arg is not type(None))
+        return _config_type(inner) | None
+    return annotation
+
+
+def _config_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def settings_resource(settings_class: type[EnvSettings]) -> type[dg.ConfigurableResource]:
+    """A resource base whose fields are `settings_class`'s (names, defaults, descriptions), so
+    a setting is declared once and still shows, typed, in Dagster's launchpad; the subclass's
+    `settings()` validates them back into the settings class."""
+    fields: dict[str, Any] = {
+        name: (
+            _config_type(info.annotation),
+            Field(_config_value(info.get_default(call_default_factory=True)), description=info.description),
+        )
+        for name, info in settings_class.model_fields.items()
+    }
+    return create_model(f"{settings_class.__name__}Fields", __base__=dg.ConfigurableResource, **fields)
+
+
+def resource_values(settings: EnvSettings) -> dict[str, Any]:
+    """`settings` as keyword arguments of its `settings_resource`."""
+    return {name: _config_value(value) for name, value in settings.model_dump().items()}
 
 
 class LakeStorage(dg.ConfigurableResource):
@@ -34,13 +73,9 @@ class LakeStorage(dg.ConfigurableResource):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
-    retries: int = Field(
-        default=3, ge=0, description="Dagster retries of a raw or feature step after a storage failure"
-    )
-    retry_delay_seconds: float = Field(default=2.0, ge=0, description="the first retry's wait; doubled each time")
-    interactions_retention_days: float = Field(
-        default=0.0, ge=0, description="interaction log hours older than this are deleted; 0 keeps them all"
-    )
+    retries: int = 3  # this and the two below: see StorageSettings, which declares their variables
+    retry_delay_seconds: float = 2.0
+    interactions_retention_days: float = 0.0
 
     def settings(self) -> StorageSettings:
         return StorageSettings(
@@ -52,6 +87,9 @@ class LakeStorage(dg.ConfigurableResource):
             access_key_id=self.aws_access_key_id,
             secret_access_key=self.aws_secret_access_key,
             session_token=self.aws_session_token,
+            retries=self.retries,
+            retry_delay_seconds=self.retry_delay_seconds,
+            interactions_retention_days=self.interactions_retention_days,
         )
 
     def open(self) -> ObjectStore:
@@ -87,64 +125,46 @@ def lake_storage(env: Mapping[str, str] = os.environ) -> LakeStorage:
         aws_access_key_id=_env_or_none(env, "AWS_ACCESS_KEY_ID"),
         aws_secret_access_key=_env_or_none(env, "AWS_SECRET_ACCESS_KEY"),
         aws_session_token=_env_or_none(env, "AWS_SESSION_TOKEN"),
-        retries=int(env.get("BRIDGE_STORAGE_RETRIES") or 3),
-        retry_delay_seconds=float(env.get("BRIDGE_STORAGE_RETRY_DELAY_SECONDS") or 2),
-        interactions_retention_days=float(env.get("BRIDGE_INTERACTIONS_RETENTION_DAYS") or 0),
+        retries=settings.retries,
+        retry_delay_seconds=settings.retry_delay_seconds,
+        interactions_retention_days=settings.interactions_retention_days,
     )
 
 
-class MlflowTracking(dg.ConfigurableResource):
+class MlflowTracking(settings_resource(MlflowSettings)):  # type: ignore[misc]
     """Where training runs and registered models go (the embedded SQLite store by default)."""
 
-    tracking_uri: str
-    artifact_location: str | None = None
-    experiment: str = DEFAULT_EXPERIMENT
-    model_name: str = DEFAULT_MODEL_NAME
-    s3_endpoint_url: str | None = None
-    browser_url: str | None = None
-
     def settings(self) -> MlflowSettings:
-        return MlflowSettings(
-            tracking_uri=self.tracking_uri,
-            artifact_location=self.artifact_location,
-            experiment=self.experiment,
-            model_name=self.model_name,
-            s3_endpoint_url=self.s3_endpoint_url,
-            browser_url=self.browser_url,
-        )
+        return MlflowSettings.model_validate(self.model_dump())
 
 
 def mlflow_tracking(env: Mapping[str, str] = os.environ) -> MlflowTracking:
-    settings = MlflowSettings.from_env(env)
-    return MlflowTracking(
-        tracking_uri=settings.tracking_uri,
-        artifact_location=settings.artifact_location,
-        experiment=settings.experiment,
-        model_name=settings.model_name,
-        s3_endpoint_url=settings.s3_endpoint_url,
-        browser_url=settings.browser_url,
-    )
+    return MlflowTracking(**resource_values(MlflowSettings.from_env(env)))
 
 
 TRAINING_COMMAND = ("python", "-m", "bridge_assets.ml.pipes_train")
 
 
-class TrainingLauncher(dg.ConfigurableResource):
+class TrainingLauncher(settings_resource(TrainingSettings)):  # type: ignore[misc]
     """Runs training out of process through Dagster Pipes: a local subprocess, or a Docker
     container of `image` (which must have bridge installed and reach the lake and MLflow; AWS
     keys reach it as a mounted credentials file, see `bridge_assets.ml.container`)."""
 
-    kind: Literal["subprocess", "docker"] = "subprocess"
-    image: str = "bridge:latest"
+    def settings(self) -> TrainingSettings:
+        return TrainingSettings.model_validate(self.model_dump())
 
     def client(self) -> dg.PipesSubprocessClient | PipesDockerClient:
-        if self.kind == "docker":
+        if self.settings().launcher == "docker":
             return PipesDockerClient()
         return dg.PipesSubprocessClient(cwd=str(PROJECT_ROOT), message_reader=WholeLineMessageReader())
 
     def command(self) -> list[str]:
         """The subprocess uses this interpreter; a container its own `python`."""
-        return [sys.executable, *TRAINING_COMMAND[1:]] if self.kind == "subprocess" else list(TRAINING_COMMAND)
+        return (
+            [sys.executable, *TRAINING_COMMAND[1:]]
+            if self.settings().launcher == "subprocess"
+            else list(TRAINING_COMMAND)
+        )
 
     def run(
         self, context: dg.AssetExecutionContext, extras: Mapping[str, Any], env: Mapping[str, str]
@@ -154,7 +174,7 @@ class TrainingLauncher(dg.ConfigurableResource):
             with container_spec(env) as spec:
                 return client.run(
                     context=context,
-                    image=self.image,
+                    image=self.settings().image,
                     command=self.command(),
                     extras=extras,
                     env=spec.environment,
@@ -164,74 +184,30 @@ class TrainingLauncher(dg.ConfigurableResource):
 
 
 def training_launcher(env: Mapping[str, str] = os.environ) -> TrainingLauncher:
-    return TrainingLauncher(
-        kind=env.get("BRIDGE_TRAINING_LAUNCHER", "subprocess"),  # type: ignore[arg-type]
-        image=env.get("BRIDGE_TRAINING_IMAGE", "bridge:latest"),
-    )
+    return TrainingLauncher(**resource_values(TrainingSettings.from_env(env)))
 
 
-class RayServing(dg.ConfigurableResource):
-    """Where the prediction service runs: a local detached Ray by default, or `address`; the
-    fields are `ServingSettings`' (serving.deploy), which declares their variables."""
-
-    address: str | None = None
-    ray_port: int = 6390
-    temp_dir: str = "/tmp/bridge-ray"
-    serve_host: str = "127.0.0.1"
-    serve_port: int = 8000
-    haproxy: bool = True
-    num_cpus: int = 2
-    object_store_mb: int = 512
-    replicas: int = 1
-    unit: str = "GBP(£)"
-    max_batch_records: int = 10_000
-    max_body_bytes: int = 4 * 1_048_576
-    log_flush_seconds: float = 10.0
-    model_placement: str = "ingress"
+class RayServing(settings_resource(ServingSettings)):  # type: ignore[misc]
+    """Where the prediction service runs: a local detached Ray by default, or `address`."""
 
     def settings(self) -> ServingSettings:
         return ServingSettings.model_validate(self.model_dump())
 
 
 def ray_serving(env: Mapping[str, str] = os.environ) -> RayServing:
-    return RayServing(**ServingSettings.from_env(env).model_dump())
+    return RayServing(**resource_values(ServingSettings.from_env(env)))
 
 
-class PromotionPolicy(dg.ConfigurableResource):
+class PromotionPolicy(settings_resource(PromotionSettings)):  # type: ignore[misc]
     """Gate tolerances and budgets, the A/B test's parameters and what a verdict leads to, the
     sign-off rule and the post-deploy guardrail."""
 
-    baseline_tolerance: float
-    champion_tolerance: float
-    champion_recent_min_rows: int
-    slice_tolerance: float
-    slice_min_rows: int
-    latency_p99_ms: float
-    latency_calls: int
-    probe_max_area: float
-    require_approval: bool
-    approvers: list[str]
-    ab_min_effect: float
-    ab_alpha: float
-    ab_power: float
-    ab_staging_weight: float
-    ab_salt: str
-    promotion_policy: str
-    guardrail_seconds: float
-    guardrail_canary_share: float
-    guardrail_min_requests: int
-    guardrail_error_margin: float
-    guardrail_latency_factor: float
-    guardrail_latency_slack_ms: float
-    guardrail_alpha: float
-
     def settings(self) -> PromotionSettings:
-        return PromotionSettings(**{**self.model_dump(), "approvers": tuple(self.approvers)})
+        return PromotionSettings.model_validate(self.model_dump())
 
 
 def promotion_policy(env: Mapping[str, str] = os.environ) -> PromotionPolicy:
-    settings = PromotionSettings.from_env(env)
-    return PromotionPolicy(**{**settings.model_dump(), "approvers": list(settings.approvers)})
+    return PromotionPolicy(**resource_values(PromotionSettings.from_env(env)))
 
 
 class Alerting(dg.ConfigurableResource):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import AliasChoices, Field, NonNegativeFloat, NonNegativeInt
+
 from bridge_assets.lake.storage import LocalStore, ObjectStore, S3Store, polars_s3_options
+from bridge_assets.settings import DERIVED, EnvSettings
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_PREFIX = "bridge"
@@ -85,44 +87,61 @@ def ensure_dagster_instance(dagster_home: Path) -> None:
         config.write_text(EMBEDDED_INSTANCE)
 
 
-@dataclass(frozen=True)
-class StorageSettings:
-    """Everything needed to open the project's object store."""
+class StorageSettings(EnvSettings):
+    """Everything needed to open the project's object store, and how hard to try."""
 
-    local_root: str
-    s3_bucket: str | None = None
-    s3_prefix: str = DEFAULT_PREFIX
-    endpoint_url: str | None = None
-    region: str = DEFAULT_REGION
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None  # temporary credentials (SSO, assumed roles)
+    local_root: str = Field(
+        validation_alias="BRIDGE_LAKE_ROOT",
+        description="the local lake's folder (default: `$BRIDGE_HOME/lake`)",
+        json_schema_extra=DERIVED,
+    )
+    s3_bucket: str | None = Field(
+        None, validation_alias="BRIDGE_S3_BUCKET", description="the lake's bucket; unset: local"
+    )
+    s3_prefix: str = Field(
+        DEFAULT_PREFIX, validation_alias="BRIDGE_S3_PREFIX", description="key prefix inside the bucket"
+    )
+    endpoint_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+        description="an S3-compatible endpoint",
+    )
+    region: str = Field(
+        DEFAULT_REGION,
+        validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION"),
+        description="the bucket's region",
+    )
+    access_key_id: str | None = Field(
+        None, validation_alias="AWS_ACCESS_KEY_ID", description="S3 credentials", repr=False
+    )
+    secret_access_key: str | None = Field(
+        None, validation_alias="AWS_SECRET_ACCESS_KEY", description="S3 credentials", repr=False
+    )
+    session_token: str | None = Field(  # temporary credentials (SSO, assumed roles)
+        None, validation_alias="AWS_SESSION_TOKEN", description="S3 credentials", repr=False
+    )
+    retries: NonNegativeInt = Field(
+        3,
+        validation_alias="BRIDGE_STORAGE_RETRIES",
+        description="Dagster retries of a raw or feature step after a storage failure",
+    )
+    retry_delay_seconds: NonNegativeFloat = Field(
+        2.0,
+        validation_alias="BRIDGE_STORAGE_RETRY_DELAY_SECONDS",
+        description="the first retry's wait; doubled each time",
+    )
+    interactions_retention_days: NonNegativeFloat = Field(
+        0.0,
+        validation_alias="BRIDGE_INTERACTIONS_RETENTION_DAYS",
+        description="interaction log hours older than this are deleted; 0 keeps them all",
+    )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> StorageSettings:
-        return cls(
-            local_root=env.get("BRIDGE_LAKE_ROOT") or str(bridge_home(env) / "lake"),
-            s3_bucket=env.get("BRIDGE_S3_BUCKET") or None,
-            s3_prefix=env.get("BRIDGE_S3_PREFIX", DEFAULT_PREFIX),
-            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
-            access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
-            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
-            session_token=env.get("AWS_SESSION_TOKEN") or None,
-        )
-
-    def to_env(self) -> dict[str, str]:
-        """Variables that make `from_env` in another process (a training subprocess or
-        container) open this same store."""
-        env = {"BRIDGE_LAKE_ROOT": self.local_root, "BRIDGE_S3_PREFIX": self.s3_prefix, "AWS_REGION": self.region}
-        optional = {
-            "BRIDGE_S3_BUCKET": self.s3_bucket,
-            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": self.access_key_id,
-            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
-            "AWS_SESSION_TOKEN": self.session_token,
-        }
-        return env | {name: value for name, value in optional.items() if value}
+    def derive(cls, values: dict[str, str], env: Mapping[str, str]) -> dict[str, str]:
+        values.setdefault("BRIDGE_LAKE_ROOT", str(bridge_home(env) / "lake"))
+        if "BRIDGE_S3_PREFIX" in env and not values.get("BRIDGE_S3_PREFIX"):
+            values["BRIDGE_S3_PREFIX"] = ""  # set but empty: the bucket's root
+        return values
 
     def open(self, client: object | None = None) -> ObjectStore:
         """The store these settings describe; `client` is an S3 client to reuse, if any."""

@@ -16,7 +16,26 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
+
+from pydantic import Field
+
+from bridge_assets.settings import EnvSettings
+
+
+class TrainingSettings(EnvSettings):
+    """Where a training round runs (step 13)."""
+
+    launcher: Literal["subprocess", "docker"] = Field(
+        "subprocess",
+        validation_alias="BRIDGE_TRAINING_LAUNCHER",
+        description="`subprocess` or `docker` (Pipes client for training)",
+    )
+    image: str = Field(
+        "bridge:latest", validation_alias="BRIDGE_TRAINING_IMAGE", description="image for the Docker launcher"
+    )
+
 
 AWS_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 CONTAINER_CREDENTIALS = "/run/secrets/bridge-aws-credentials"

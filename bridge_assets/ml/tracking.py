@@ -30,6 +30,7 @@ from mlflow.entities import Metric
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import AnyType, ColSpec, Schema
+from pydantic import AliasChoices, Field
 
 import bridge_assets.core as core_package
 from bridge_assets.core.calibration import FILE_NAME as CALIBRATION_FILE
@@ -41,6 +42,7 @@ from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.settings import DEFAULT_PREFIX, PROJECT_ROOT, StorageSettings, bridge_home
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import Registry
+from bridge_assets.settings import DERIVED, EnvSettings
 
 if TYPE_CHECKING:  # the round brings torch: not for the CLI's registry commands
     from bridge_assets.ml.round import Candidate, RoundResult
@@ -62,54 +64,55 @@ MODEL_SIGNATURE = ModelSignature(
 )
 
 
-@dataclass(frozen=True)
-class MlflowSettings:
-    """Where runs and models go; see the README's configuration table."""
+class MlflowSettings(EnvSettings):
+    """Where runs and models go; see the README's configuration table. Embedded default: a
+    SQLite store and artifacts under BRIDGE_HOME (in the bucket when the lake is on S3); an
+    http(s) `MLFLOW_TRACKING_URI` is a server, which owns the artifacts."""
 
-    tracking_uri: str
-    artifact_location: str | None = None
-    experiment: str = DEFAULT_EXPERIMENT
-    model_name: str = DEFAULT_MODEL_NAME
-    s3_endpoint_url: str | None = None
-    browser_url: str | None = None  # BRIDGE_MLFLOW_UI_URL: where people open this store's UI
-    local_ui_port: int = DEFAULT_UI_PORT  # BRIDGE_MLFLOW_PORT: `make mlflow`'s port
+    tracking_uri: str = Field(
+        validation_alias="MLFLOW_TRACKING_URI",
+        description="MLflow tracking + registry (default: SQLite under BRIDGE_HOME)",
+        json_schema_extra=DERIVED,
+    )
+    artifact_location: str | None = Field(
+        None,
+        validation_alias="BRIDGE_MLFLOW_ARTIFACTS",
+        description="artifact location of the experiment bridge creates (non-server stores)",
+        json_schema_extra=DERIVED,
+    )
+    experiment: str = Field(
+        DEFAULT_EXPERIMENT, validation_alias="BRIDGE_MLFLOW_EXPERIMENT", description="MLflow experiment"
+    )
+    model_name: str = Field(
+        DEFAULT_MODEL_NAME, validation_alias="BRIDGE_MODEL_NAME", description="registered model name"
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"),
+        description="S3 endpoint for MLflow's artifact client",
+    )
+    browser_url: str | None = Field(
+        None,
+        validation_alias="BRIDGE_MLFLOW_UI_URL",
+        description="where people open this store's UI (default: the server, or `make mlflow`'s)",
+        json_schema_extra=DERIVED,
+    )
+    local_ui_port: int = Field(
+        DEFAULT_UI_PORT, ge=1, le=65535, validation_alias="BRIDGE_MLFLOW_PORT", description="`make mlflow`'s port"
+    )
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> MlflowSettings:
-        """Embedded default: SQLite store and artifacts under BRIDGE_HOME (in the bucket when the
-        lake is on S3); an http(s) `MLFLOW_TRACKING_URI` is a server, which owns the artifacts."""
+    def derive(cls, values: dict[str, str], env: Mapping[str, str]) -> dict[str, str]:
         home = bridge_home(env)
-        tracking_uri = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
-        artifacts = env.get("BRIDGE_MLFLOW_ARTIFACTS") or None
-        if not artifacts and not tracking_uri.startswith(("http://", "https://")):
+        tracking_uri = values.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+        if "BRIDGE_MLFLOW_ARTIFACTS" not in values and not tracking_uri.startswith(("http://", "https://")):
             bucket = env.get("BRIDGE_S3_BUCKET")
             prefix = env.get("BRIDGE_S3_PREFIX", DEFAULT_PREFIX).strip("/")
             key = f"{prefix}/mlflow" if prefix else "mlflow"
-            artifacts = f"s3://{bucket}/{key}" if bucket else (home / "mlflow" / "artifacts").as_uri()
-        return cls(
-            tracking_uri=tracking_uri,
-            artifact_location=artifacts,
-            experiment=env.get("BRIDGE_MLFLOW_EXPERIMENT", DEFAULT_EXPERIMENT),
-            model_name=env.get("BRIDGE_MODEL_NAME", DEFAULT_MODEL_NAME),
-            s3_endpoint_url=env.get("MLFLOW_S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or None,
-            browser_url=env.get("BRIDGE_MLFLOW_UI_URL") or None,
-            local_ui_port=_port(env, "BRIDGE_MLFLOW_PORT", DEFAULT_UI_PORT),
-        )
-
-    def to_env(self) -> dict[str, str]:
-        """Variables that make `from_env` in another process log to this same place."""
-        env = {
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-            "BRIDGE_MLFLOW_EXPERIMENT": self.experiment,
-            "BRIDGE_MODEL_NAME": self.model_name,
-            "BRIDGE_MLFLOW_PORT": str(self.local_ui_port),
-        }
-        optional = {
-            "BRIDGE_MLFLOW_ARTIFACTS": self.artifact_location,
-            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
-            "BRIDGE_MLFLOW_UI_URL": self.browser_url,
-        }
-        return env | {name: value for name, value in optional.items() if value}
+            values["BRIDGE_MLFLOW_ARTIFACTS"] = (
+                f"s3://{bucket}/{key}" if bucket else (home / "mlflow" / "artifacts").as_uri()
+            )
+        return values
 
     def activate(self) -> MlflowClient:
         """Point this process's MLflow at the store and experiment; returns a client."""
@@ -143,16 +146,6 @@ class MlflowSettings:
 
     def model_version_url(self, version: str) -> str:
         return self._ui(f"models/{self.model_name}/versions/{version}")
-
-
-def _port(env: Mapping[str, str], name: str, default: int) -> int:
-    try:
-        port = int(env.get(name) or default)
-    except ValueError:
-        raise ValueError(f"{name}={env[name]!r}: a port is a number from 1 to 65535") from None
-    if not 0 < port < 65536:
-        raise ValueError(f"{name}={port}: a port is a number from 1 to 65535")
-    return port
 
 
 def git_lineage(root: Path = PROJECT_ROOT) -> dict[str, str]:
