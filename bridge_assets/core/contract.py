@@ -1,4 +1,5 @@
-"""The housing data contract: columns, types, allowed values and the API's plausibility bounds.
+"""The data contract applied: columns, types, allowed values and the API's plausibility bounds,
+as `contracts/housing.toml` declares them.
 
 Training, serving and the simulator all validate and normalise through this module, so a
 category spelled "YES " in a request means exactly what "yes" meant in training (the
@@ -8,90 +9,61 @@ every category feature).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-CONTRACT_VERSION = "2"  # 2: area has an upper bound
+from bridge_assets.core.contract_spec import HOUSING, CategoryRule, IntegerRule, NumberRule, load_contract
 
-ROW_ID = "row_id"
-TARGET = "price"
-NUMERIC_FEATURES: tuple[str, ...] = ("area", "bedrooms", "bathrooms", "stories", "parking")
-COUNT_FEATURES: tuple[str, ...] = ("bedrooms", "bathrooms", "stories", "parking")
-BINARY_FEATURES: tuple[str, ...] = (
-    "mainroad",
-    "guestroom",
-    "basement",
-    "hotwaterheating",
-    "airconditioning",
-    "prefarea",
-)
-FURNISHING = "furnishingstatus"
-CATEGORICAL_FEATURES: tuple[str, ...] = (*BINARY_FEATURES, FURNISHING)
-FEATURES: tuple[str, ...] = (*NUMERIC_FEATURES, *CATEGORICAL_FEATURES)
-# Column order of the seed CSV (Kaggle "Housing Prices Dataset").
-SEED_COLUMNS: tuple[str, ...] = (
-    "price",
-    "area",
-    "bedrooms",
-    "bathrooms",
-    "stories",
-    "mainroad",
-    "guestroom",
-    "basement",
-    "hotwaterheating",
-    "airconditioning",
-    "parking",
-    "prefarea",
-    "furnishingstatus",
-)
+SPEC = load_contract(HOUSING)
+CONTRACT_VERSION = SPEC.version
 
+ROW_ID = SPEC.row_id
+TARGET = SPEC.target.name
+NUMERIC_FEATURES: tuple[str, ...] = tuple(n for n, rule in SPEC.features.items() if not isinstance(rule, CategoryRule))
+COUNT_FEATURES: tuple[str, ...] = tuple(n for n, rule in SPEC.features.items() if isinstance(rule, IntegerRule))
 CATEGORY_LEVELS: dict[str, tuple[str, ...]] = {
-    **{name: ("yes", "no") for name in BINARY_FEATURES},
-    FURNISHING: ("furnished", "semi-furnished", "unfurnished"),
+    name: rule.levels for name, rule in SPEC.features.items() if isinstance(rule, CategoryRule)
 }
-# The prediction API's bounds (not the seed data's min/max): the reference's own example
-# request has area 1200, below anything in the data, and is valid.
-# A house above AREA_MAX (six times the data's largest) is a data error, and the gates only
-# prove a model's predictions finite up to it: a log-price model grows exponentially in area.
-AREA_MAX = 100_000.0
+CATEGORICAL_FEATURES: tuple[str, ...] = tuple(CATEGORY_LEVELS)
+FEATURES: tuple[str, ...] = (*NUMERIC_FEATURES, *CATEGORICAL_FEATURES)
+SEED_COLUMNS: tuple[str, ...] = SPEC.seed_columns
+SLICES: tuple[str, ...] = SPEC.slices
 COUNT_BOUNDS: dict[str, tuple[int, int]] = {
-    "bedrooms": (0, 9),
-    "bathrooms": (0, 9),
-    "parking": (0, 9),
-    "stories": (1, 4),
+    name: (rule.ge, rule.le) for name, rule in SPEC.features.items() if isinstance(rule, IntegerRule)
 }
+NUMBER_RULES: dict[str, NumberRule] = {
+    SPEC.target.name: SPEC.target,
+    **{name: rule for name, rule in SPEC.features.items() if isinstance(rule, NumberRule)},
+}
+
+
+def upper_bound(column: str) -> float:
+    """A number column's largest allowed value (infinite where the contract sets none)."""
+    bound = NUMBER_RULES[column].le
+    return math.inf if bound is None else bound
+
+
+AREA_MAX = upper_bound("area")
 
 # Validated categories are enums: one byte a value, and an invalid level cannot exist.
 CATEGORY_DTYPES: dict[str, pl.Enum] = {name: pl.Enum(list(levels)) for name, levels in CATEGORY_LEVELS.items()}
 SCHEMA: dict[str, pl.DataType] = {
     ROW_ID: pl.String(),
-    "area": pl.Float64(),
-    **{name: pl.Int64() for name in COUNT_FEATURES},
+    **{name: pl.Int64() if name in COUNT_BOUNDS else pl.Float64() for name in NUMERIC_FEATURES},
     **CATEGORY_DTYPES,
     TARGET: pl.Float64(),
 }
 COLUMNS: tuple[str, ...] = (ROW_ID, *FEATURES, TARGET)
 # What the data set is for and where models of it fall short: the model card's "Intended use"
 # and "Limits" (facts about the data, not about one version).
-INTENDED_USE = (
-    "Asking-price estimates for houses described by the Kaggle 'Housing Prices' features "
-    "(area, bedrooms, bathrooms, stories, parking, six yes/no amenities, furnishing status), "
-    "for the BridgeAI prediction API. Not for valuations of properties outside the training "
-    "data's range, nor for decisions about individuals."
-)
-KNOWN_LIMITS: tuple[str, ...] = (
-    (
-        "On the real seed data (`core/data/SOURCE.md`) a log-linear fit explains about as much as any network (`python bench/quality.py`); "
-        "errors grow for large and luxury houses, where the data is thin."
-    ),
-    "Inputs outside the API's bounds are refused, not extrapolated; very large areas extrapolate the log-linear trend.",
-    "Prices are in the data's currency and era; drift (see monitoring) degrades them.",
-)
+INTENDED_USE = SPEC.intended_use
+KNOWN_LIMITS: tuple[str, ...] = SPEC.known_limits
 # When a row was seen (optional in a batch, e.g. the request time of labelled traffic; else its
 # batch's landing time): what recency-aware training weights by.
-SEEN_AT = "seen_at"
+SEEN_AT = SPEC.seen_at
 SEEN_AT_DTYPE = pl.Datetime("us", "UTC")
 
 
@@ -212,11 +184,39 @@ def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -
         low, high = COUNT_BOUNDS[column]
         checks.append(((typed % 1) != 0, f"{column} is not a whole number"))
         checks.append(((typed < low) | (typed > high), f"{column} outside {low}-{high}"))
-    else:  # area and price: positive and finite
-        checks.append((~typed.is_finite() | (typed <= 0), f"{column} must be > 0"))
-        if column == "area":
-            checks.append((typed.is_finite() & (typed > AREA_MAX), f"area above {AREA_MAX:.0f}"))
+    else:
+        checks += _number_problems(column, typed, NUMBER_RULES[column])
     return [(condition.fill_null(False), message) for condition, message in checks]
+
+
+def _number_problems(column: str, typed: pl.Expr, rule: NumberRule) -> list[tuple[pl.Expr, str]]:
+    """A number is finite and within its bounds; an infinite or NaN one fails the lower bound."""
+    finite = typed.is_finite()
+    if rule.gt is not None:
+        checks = [(~finite | (typed <= rule.gt), f"{column} must be > {_plain(rule.gt)}")]
+    elif rule.ge is not None:
+        checks = [(~finite | (typed < rule.ge), f"{column} must be ≥ {_plain(rule.ge)}")]
+    else:
+        checks = [(~finite, f"{column} is not finite")]
+    if rule.le is not None:
+        checks.append((finite & (typed > rule.le), f"{column} above {_plain(rule.le)}"))
+    return checks
+
+
+def _number_conforms(typed: pl.Expr, rule: NumberRule) -> pl.Expr:
+    ok = typed.is_finite()
+    if rule.gt is not None:
+        ok = ok & (typed > rule.gt)
+    if rule.ge is not None:
+        ok = ok & (typed >= rule.ge)
+    if rule.le is not None:
+        ok = ok & (typed <= rule.le)
+    return ok
+
+
+def _plain(bound: float) -> str:
+    """100000.0 → "100000"; 0.5 → "0.5"."""
+    return str(int(bound)) if bound.is_integer() else str(bound)
 
 
 def _conforms(column: str, raw: pl.Expr, typed: pl.Expr, whole: bool, require_target: bool) -> pl.Expr:
@@ -229,9 +229,7 @@ def _conforms(column: str, raw: pl.Expr, typed: pl.Expr, whole: bool, require_ta
         ok = typed.is_between(*COUNT_BOUNDS[column])  # NaN sorts above every bound: refused too
         ok = ok if whole else ok & (typed % 1 == 0)
     else:
-        ok = typed.is_finite() & (typed > 0)
-        if column == "area":
-            ok = ok & (typed <= AREA_MAX)
+        ok = _number_conforms(typed, NUMBER_RULES[column])
         if column == TARGET and not require_target:
             ok = raw.is_null() | ok
     return ok.fill_null(False)

@@ -17,14 +17,7 @@ import pandas as pd
 import polars as pl
 from mlflow.models import MetricThreshold
 
-from bridge_assets.core.contract import (
-    BINARY_FEATURES,
-    CATEGORY_LEVELS,
-    COUNT_BOUNDS,
-    FEATURES,
-    FURNISHING,
-    TARGET,
-)
+from bridge_assets.core.contract import CATEGORY_LEVELS, COUNT_BOUNDS, FEATURES, SLICES, TARGET
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.tracking import MODEL_SIGNATURE
@@ -70,15 +63,12 @@ def edge_probe_rows(max_area: float) -> pd.DataFrame:
 
 
 def slice_masks(rows: pl.DataFrame) -> dict[str, np.ndarray]:
-    """Boolean masks of the slices an average can hide: each furnishing level, each yes/no."""
-    masks = {
-        f"{FURNISHING}={level}": (rows[FURNISHING].cast(pl.String) == level).to_numpy()
-        for level in CATEGORY_LEVELS[FURNISHING]
+    """Boolean masks of the slices an average can hide: each level of the contract's slice columns."""
+    return {
+        f"{name}={level}": (rows[name].cast(pl.String) == level).to_numpy()
+        for name in SLICES
+        for level in CATEGORY_LEVELS[name]
     }
-    for name in BINARY_FEATURES:
-        for level in ("yes", "no"):
-            masks[f"{name}={level}"] = (rows[name].cast(pl.String) == level).to_numpy()
-    return masks
 
 
 def threshold_gate(

@@ -1,0 +1,64 @@
+"""A data set's contract is a file: the housing contract is one, and a bad file is refused
+before anything runs, naming the file and the field at fault."""
+
+from pathlib import Path
+
+import pytest
+
+from bridge_assets.core import contract
+from bridge_assets.core.contract_spec import HOUSING, ContractFileError, load_contract
+
+VALID = """
+name = "tiny"
+version = "1"
+[target]
+name = "y"
+type = "number"
+[features.x]
+type = "number"
+gt = 0
+[features.colour]
+type = "category"
+levels = ["red", "blue"]
+"""
+
+
+def test_the_housing_contract_is_the_file_the_rules_come_from():
+    spec = load_contract(HOUSING)
+    assert contract.FEATURES == tuple(spec.features) and contract.TARGET == spec.target.name == "price"
+    assert contract.COUNT_BOUNDS["stories"] == (1, 4) and contract.AREA_MAX == 100_000
+    assert contract.CATEGORY_LEVELS["furnishingstatus"] == ("furnished", "semi-furnished", "unfurnished")
+    assert contract.CONTRACT_VERSION == spec.version and set(contract.SLICES) <= set(contract.CATEGORY_LEVELS)
+
+
+def test_a_contract_with_other_columns_loads(tmp_path: Path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(VALID)
+    spec = load_contract(path)
+    assert list(spec.features) == ["x", "colour"] and spec.row_id == "row_id"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('levels = ["red", "blue"]', 'levels = ["red", "Blue "]'), "features.colour: levels must be lower-case"),
+        (("gt = 0", 'gt = "zero"'), "features.x.gt: Input should be a valid number"),
+        (('type = "category"', 'type = "text"'), "features.colour: Input tag 'text' found using 'type'"),
+        (('version = "1"', 'version = "1"\nslices = ["x"]'), "slices must name category features: ['x']"),
+        (('name = "y"', 'name = "x"'), "a column is named twice (row id, time, target or feature): ['x']"),
+        (('version = "1"', 'version = "1"\ncolour = "red"'), "colour: Extra inputs are not permitted"),
+        (("gt = 0", "gt = 5\nle = 2"), "features.x: the lower bound 5 is not below le = 2"),
+        (('version = "1"', "version = [1"), "not valid TOML"),
+    ],
+)
+def test_a_bad_contract_file_is_refused_naming_the_file_and_the_field(tmp_path: Path, change, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(VALID.replace(*change, 1))
+    with pytest.raises(ContractFileError) as refused:
+        load_contract(path)
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value), refused.value
+
+
+def test_a_missing_contract_file_is_named(tmp_path: Path):
+    with pytest.raises(ContractFileError, match=r"missing\.toml: cannot be read"):
+        load_contract(tmp_path / "missing.toml")
