@@ -62,3 +62,16 @@ def test_a_bad_contract_file_is_refused_naming_the_file_and_the_field(tmp_path: 
 def test_a_missing_contract_file_is_named(tmp_path: Path):
     with pytest.raises(ContractFileError, match=r"missing\.toml: cannot be read"):
         load_contract(tmp_path / "missing.toml")
+
+
+def test_the_request_schema_is_the_contracts():
+    """Every feature is a request field with the contract's bounds or levels, and nothing else is."""
+    from serving.schemas import HouseFeatures
+
+    schema = HouseFeatures.model_json_schema()
+    fields, spec = schema["properties"], load_contract(HOUSING)
+    assert set(fields) == set(spec.features) == set(schema["required"])
+    assert (fields["stories"]["minimum"], fields["stories"]["maximum"]) == (1, 4)
+    assert (fields["area"]["exclusiveMinimum"], fields["area"]["maximum"]) == (0, 100_000)
+    assert fields["furnishingstatus"]["enum"] == list(spec.features["furnishingstatus"].levels)
+    assert schema["additionalProperties"] is False and schema["example"] == spec.example

@@ -8,10 +8,11 @@ Categories keep their case folding (`" YES"` is `yes`)."""
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
-from bridge_assets.core.contract import AREA_MAX, COUNT_BOUNDS, FEATURES
+from bridge_assets.core.contract import CATEGORY_LEVELS, FEATURES, SPEC, plain_number
+from bridge_assets.core.contract_spec import CategoryRule, IntegerRule, NumberRule
 
 
 def _normalised(value: Any) -> Any:
@@ -27,56 +28,45 @@ def _a_number(value: Any) -> Any:
     return value
 
 
-YesNo = Annotated[Literal["yes", "no"], BeforeValidator(_normalised)]
-Furnishing = Annotated[Literal["furnished", "semi-furnished", "unfurnished"], BeforeValidator(_normalised)]
 # Bounds go on the fields (not inside `Annotated` after the validator), so OpenAPI says them in
 # JSON Schema's words (minimum, exclusiveMinimum, maximum) for clients and schema-driven fuzzers.
-Area = Annotated[float, BeforeValidator(_a_number)]
-
-
+Number = Annotated[float, BeforeValidator(_a_number)]
 Count = Annotated[int, BeforeValidator(_a_number)]
 
 
-def _count(name: str) -> Any:
-    """The contract's bounds of one count feature, as the field's constraints."""
-    low, high = COUNT_BOUNDS[name]
-    return Field(ge=low, le=high, description=f"{low}–{high}")
-
-
-class HouseFeatures(BaseModel):
-    """One house, as the BridgeAI clients send it (yes/no in any case)."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "example": {
-                "mainroad": "yes",
-                "guestroom": "no",
-                "basement": "yes",
-                "hotwaterheating": "no",
-                "airconditioning": "yes",
-                "prefarea": "no",
-                "furnishingstatus": "furnished",
-                "area": 1200,
-                "bedrooms": 3,
-                "bathrooms": 2,
-                "stories": 2,
-                "parking": 1,
-            }
-        },
+def _request_field(name: str, rule: NumberRule | IntegerRule | CategoryRule) -> tuple[Any, Any]:
+    """One feature of the request model: its type and constraints as the contract states them."""
+    if isinstance(rule, CategoryRule):
+        return Annotated[Literal.__getitem__(rule.levels), BeforeValidator(_normalised)], ...
+    if isinstance(rule, IntegerRule):
+        return Count, Field(ge=rule.ge, le=rule.le, description=f"{rule.ge}–{rule.le}")
+    low = (
+        f"{plain_number(rule.gt)} < "
+        if rule.gt is not None
+        else f"{plain_number(rule.ge)} ≤ "
+        if rule.ge is not None
+        else ""
     )
-    mainroad: YesNo
-    guestroom: YesNo
-    basement: YesNo
-    hotwaterheating: YesNo
-    airconditioning: YesNo
-    prefarea: YesNo
-    furnishingstatus: Furnishing
-    area: Area = Field(gt=0, le=AREA_MAX, allow_inf_nan=False, description=f"0 < area ≤ {AREA_MAX:.0f}")
-    bedrooms: Count = _count("bedrooms")
-    bathrooms: Count = _count("bathrooms")
-    stories: Count = _count("stories")
-    parking: Count = _count("parking")
+    high = f" ≤ {plain_number(rule.le)}" if rule.le is not None else ""
+    constraints = {"gt": rule.gt, "ge": rule.ge, "le": rule.le}
+    field = Field(
+        **{k: v for k, v in constraints.items() if v is not None}, allow_inf_nan=False, description=f"{low}{name}{high}"
+    )  # type: ignore[call-overload]
+    return Number, field
+
+
+def _request_model() -> type[BaseModel]:
+    """The request model of the contract's features: categories first, as the BridgeAI clients
+    send them, then the numbers."""
+    order = [*CATEGORY_LEVELS, *(name for name in FEATURES if name not in CATEGORY_LEVELS)]
+    fields: dict[str, Any] = {name: _request_field(name, SPEC.features[name]) for name in order}
+    example: dict[str, Any] | None = {"example": dict(SPEC.example)} if SPEC.example else None
+    return create_model("RequestFeatures", __config__=ConfigDict(extra="forbid", json_schema_extra=example), **fields)
+
+
+class HouseFeatures(_request_model()):  # type: ignore[misc]
+    """One house, as the BridgeAI clients send it (categories in any case); the fields, their
+    bounds and levels are the data contract's."""
 
 
 class BatchRequest(BaseModel):

@@ -193,13 +193,13 @@ def _number_problems(column: str, typed: pl.Expr, rule: NumberRule) -> list[tupl
     """A number is finite and within its bounds; an infinite or NaN one fails the lower bound."""
     finite = typed.is_finite()
     if rule.gt is not None:
-        checks = [(~finite | (typed <= rule.gt), f"{column} must be > {_plain(rule.gt)}")]
+        checks = [(~finite | (typed <= rule.gt), f"{column} must be > {plain_number(rule.gt)}")]
     elif rule.ge is not None:
-        checks = [(~finite | (typed < rule.ge), f"{column} must be ≥ {_plain(rule.ge)}")]
+        checks = [(~finite | (typed < rule.ge), f"{column} must be ≥ {plain_number(rule.ge)}")]
     else:
         checks = [(~finite, f"{column} is not finite")]
     if rule.le is not None:
-        checks.append((finite & (typed > rule.le), f"{column} above {_plain(rule.le)}"))
+        checks.append((finite & (typed > rule.le), f"{column} above {plain_number(rule.le)}"))
     return checks
 
 
@@ -214,7 +214,7 @@ def _number_conforms(typed: pl.Expr, rule: NumberRule) -> pl.Expr:
     return ok
 
 
-def _plain(bound: float) -> str:
+def plain_number(bound: float) -> str:
     """100000.0 → "100000"; 0.5 → "0.5"."""
     return str(int(bound)) if bound.is_integer() else str(bound)
 

@@ -97,6 +97,7 @@ class ContractSpec(_Strict):
     slices: tuple[str, ...] = ()
     intended_use: str = ""
     known_limits: tuple[str, ...] = ()
+    example: dict[str, str | int | float] = Field(default_factory=dict)  # the API docs' request
 
     @model_validator(mode="after")
     def _columns_fit_together(self) -> Self:
@@ -107,6 +108,9 @@ class ContractSpec(_Strict):
         not_categories = [s for s in self.slices if not isinstance(self.features.get(s), CategoryRule)]
         if not_categories:
             raise ValueError(f"slices must name category features: {not_categories}")
+        unknown = [name for name in self.example if name not in self.features]
+        if unknown:
+            raise ValueError(f"the example has columns that are not features: {unknown}")
         if self.seed_columns:
             missing = [c for c in (self.target.name, *self.features) if c not in self.seed_columns]
             if missing:
