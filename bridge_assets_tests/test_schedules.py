@@ -36,8 +36,12 @@ def test_cadences_come_from_the_environment():
     assert sensor_interval("landed_batches_sensor", 15, {"BRIDGE_SENSOR_INTERVAL": "5"}) == 5
     one = {"BRIDGE_SENSOR_INTERVAL": "5", "BRIDGE_SENSOR_INTERVAL_LANDED_BATCHES_SENSOR": "2"}
     assert sensor_interval("landed_batches_sensor", 15, one) == 2
-    with pytest.raises(ValueError, match="BRIDGE_SENSOR_INTERVAL=.*at least 1 second"):
+    with pytest.raises(ValueError, match="BRIDGE_SENSOR_INTERVAL: Input should be greater than 0"):
         sensor_interval("x", 15, {"BRIDGE_SENSOR_INTERVAL": "0"})
+    with pytest.raises(ValueError, match="BRIDGE_SENSOR_INTERVAL_X=.*at least 1 second"):
+        sensor_interval("x", 15, {"BRIDGE_SENSOR_INTERVAL_X": "0"})
+    with pytest.raises(ValueError, match="BRIDGE_SCHEDULE_TIMEZONE: not an IANA timezone name: 'Mars/Olympus'"):
+        training_round_schedule({"BRIDGE_SCHEDULE_TIMEZONE": "Mars/Olympus"})
     assert freshness_hours("housing_features", 48, {}) == timedelta(hours=48)
     assert freshness_hours("housing_features", 48, {"BRIDGE_FRESHNESS_HOURS_HOUSING_FEATURES": "1.5"}) == timedelta(minutes=90)
 

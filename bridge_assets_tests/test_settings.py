@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bridge_assets.cadence_settings import CadenceSettings
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.container import TrainingSettings
 from bridge_assets.ml.promotion_settings import PromotionSettings
@@ -16,7 +17,7 @@ from serving.deploy import ServingSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DECLARED: list[type[EnvSettings]] = [  # serving: the cluster's too
-    StorageSettings, MlflowSettings, MonitorSettings, PromotionSettings, ServingSettings, TrainingSettings,
+    StorageSettings, MlflowSettings, MonitorSettings, PromotionSettings, ServingSettings, TrainingSettings, CadenceSettings,
 ]  # fmt: skip
 
 

@@ -15,33 +15,22 @@ from typing import Any
 
 import dagster as dg
 
-DEFAULT_TRAINING_CRON = "0 3 * * 1"  # a training round every Monday, 03:00 UTC
-DEFAULT_TIMEZONE = "UTC"
+from bridge_assets.cadence_settings import CadenceSettings
 
 
 def sensor_interval(sensor_name: str, default: int, env: Mapping[str, str]) -> int:
     """Seconds between a sensor's ticks: `BRIDGE_SENSOR_INTERVAL_<NAME>` for that sensor (name
     upper-cased), else `BRIDGE_SENSOR_INTERVAL` for every sensor, else `default`."""
-    for name in (f"BRIDGE_SENSOR_INTERVAL_{sensor_name.upper()}", "BRIDGE_SENSOR_INTERVAL"):
-        if env.get(name):
-            try:
-                seconds = int(env[name])
-            except ValueError:
-                raise ValueError(f"{name}={env[name]!r}: a sensor interval is a whole number of seconds") from None
-            if seconds < 1:
-                raise ValueError(f"{name}={env[name]!r}: a sensor interval is at least 1 second")
-            return seconds
-    return default
-
-
-def training_cron(env: Mapping[str, str]) -> str:
-    """When the scheduled training round runs (`BRIDGE_TRAINING_CRON`, a cron string)."""
-    return env.get("BRIDGE_TRAINING_CRON") or DEFAULT_TRAINING_CRON
-
-
-def schedule_timezone(env: Mapping[str, str]) -> str:
-    """The timezone cron strings are read in (`BRIDGE_SCHEDULE_TIMEZONE`, IANA name)."""
-    return env.get("BRIDGE_SCHEDULE_TIMEZONE") or DEFAULT_TIMEZONE
+    name = f"BRIDGE_SENSOR_INTERVAL_{sensor_name.upper()}"
+    if env.get(name):
+        try:
+            seconds = int(env[name])
+        except ValueError:
+            raise ValueError(f"{name}={env[name]!r}: a sensor interval is a whole number of seconds") from None
+        if seconds < 1:
+            raise ValueError(f"{name}={env[name]!r}: a sensor interval is at least 1 second")
+        return seconds
+    return CadenceSettings.from_env(env).sensor_interval or default
 
 
 def freshness_hours(asset_name: str, default: float, env: Mapping[str, str]) -> timedelta:

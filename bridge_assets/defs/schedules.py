@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import dagster as dg
 
-from bridge_assets.defs.cadence import schedule_timezone, training_cron
+from bridge_assets.cadence_settings import CadenceSettings
 from bridge_assets.defs.features import IN_PROGRESS
 from bridge_assets.defs.resources import LakeStorage
 from bridge_assets.defs.training import candidate_model
@@ -22,11 +22,12 @@ TRIGGER_TAG = "bridge/trigger"
 
 def training_round_schedule(env: Mapping[str, str] = os.environ) -> dg.ScheduleDefinition:
     """The scheduled training round, its cadence and timezone read from `env`."""
+    cadences = CadenceSettings.from_env(env)
 
     @dg.schedule(
         name=TRAINING_SCHEDULE,
-        cron_schedule=training_cron(env),
-        execution_timezone=schedule_timezone(env),
+        cron_schedule=cadences.training_cron,
+        execution_timezone=cadences.schedule_timezone,
         target=[candidate_model],
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="A training round on the latest published feature version (BRIDGE_TRAINING_CRON).",
