@@ -75,3 +75,32 @@ def test_the_request_schema_is_the_contracts():
     assert (fields["area"]["exclusiveMinimum"], fields["area"]["maximum"]) == (0, 100_000)
     assert fields["furnishingstatus"]["enum"] == list(spec.features["furnishingstatus"].levels)
     assert schema["additionalProperties"] is False and schema["example"] == spec.example
+
+
+def test_a_second_data_set_is_validated_and_quarantined_by_its_own_contract():
+    """The diabetes data (shipped with its contract) passes whole; rows breaking its rules are
+    quarantined with reasons in its own column names, none dropped."""
+    import polars as pl
+
+    from bridge_assets.core.contract import Contract
+    from bridge_assets.core.contract_spec import CONTRACTS
+
+    diabetes = Contract(load_contract(CONTRACTS / "diabetes.toml"))
+    rows = pl.read_csv(HOUSING.parents[1] / "data" / "diabetes.csv").with_row_index("row_id")
+    rows = rows.with_columns(pl.col("row_id").cast(pl.String))
+    checked = diabetes.validate(rows)
+    assert checked.valid.height == 442 and checked.quarantined.is_empty()
+    assert checked.valid.columns == ["row_id", *diabetes.features, "progression"]
+    assert checked.valid.schema["sex"] == pl.Enum(["1", "2"]) and checked.valid.schema["age"] == pl.Int64
+    broken = rows.head(4).with_columns(
+        pl.Series("sex", ["3", " 1", "2", "2"]),
+        pl.Series("bmi", [20.0, 21.0, -1.0, None]),
+        pl.Series("age", [40, 40, 40, 130]),
+    )
+    checked = diabetes.validate(broken)
+    assert checked.valid["row_id"].to_list() == ["1"] and checked.valid["sex"].to_list() == ["1"]
+    assert checked.quarantined["reason"].to_list() == [
+        "sex not one of 1/2",
+        "bmi must be > 0",
+        "age outside 0-120; bmi is missing",
+    ]

@@ -15,55 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from bridge_assets.core.contract_spec import HOUSING, CategoryRule, IntegerRule, NumberRule, load_contract
+from bridge_assets.core.contract_spec import HOUSING, CategoryRule, ContractSpec, IntegerRule, NumberRule, load_contract
 
-SPEC = load_contract(HOUSING)
-CONTRACT_VERSION = SPEC.version
-
-ROW_ID = SPEC.row_id
-TARGET = SPEC.target.name
-NUMERIC_FEATURES: tuple[str, ...] = tuple(n for n, rule in SPEC.features.items() if not isinstance(rule, CategoryRule))
-COUNT_FEATURES: tuple[str, ...] = tuple(n for n, rule in SPEC.features.items() if isinstance(rule, IntegerRule))
-CATEGORY_LEVELS: dict[str, tuple[str, ...]] = {
-    name: rule.levels for name, rule in SPEC.features.items() if isinstance(rule, CategoryRule)
-}
-CATEGORICAL_FEATURES: tuple[str, ...] = tuple(CATEGORY_LEVELS)
-FEATURES: tuple[str, ...] = (*NUMERIC_FEATURES, *CATEGORICAL_FEATURES)
-SEED_COLUMNS: tuple[str, ...] = SPEC.seed_columns
-SLICES: tuple[str, ...] = SPEC.slices
-COUNT_BOUNDS: dict[str, tuple[int, int]] = {
-    name: (rule.ge, rule.le) for name, rule in SPEC.features.items() if isinstance(rule, IntegerRule)
-}
-NUMBER_RULES: dict[str, NumberRule] = {
-    SPEC.target.name: SPEC.target,
-    **{name: rule for name, rule in SPEC.features.items() if isinstance(rule, NumberRule)},
-}
-
-
-def upper_bound(column: str) -> float:
-    """A number column's largest allowed value (infinite where the contract sets none)."""
-    bound = NUMBER_RULES[column].le
-    return math.inf if bound is None else bound
-
-
-AREA_MAX = upper_bound("area")
-
-# Validated categories are enums: one byte a value, and an invalid level cannot exist.
-CATEGORY_DTYPES: dict[str, pl.Enum] = {name: pl.Enum(list(levels)) for name, levels in CATEGORY_LEVELS.items()}
-SCHEMA: dict[str, pl.DataType] = {
-    ROW_ID: pl.String(),
-    **{name: pl.Int64() if name in COUNT_BOUNDS else pl.Float64() for name in NUMERIC_FEATURES},
-    **CATEGORY_DTYPES,
-    TARGET: pl.Float64(),
-}
-COLUMNS: tuple[str, ...] = (ROW_ID, *FEATURES, TARGET)
-# What the data set is for and where models of it fall short: the model card's "Intended use"
-# and "Limits" (facts about the data, not about one version).
-INTENDED_USE = SPEC.intended_use
-KNOWN_LIMITS: tuple[str, ...] = SPEC.known_limits
 # When a row was seen (optional in a batch, e.g. the request time of labelled traffic; else its
 # batch's landing time): what recency-aware training weights by.
-SEEN_AT = SPEC.seen_at
+SEEN_AT = "seen_at"  # the default time column (a contract may name another)
 SEEN_AT_DTYPE = pl.Datetime("us", "UTC")
 
 
@@ -76,7 +32,7 @@ def seen_at_values(column: pl.Series) -> pl.Series:
         )
     else:
         typed = column.cast(pl.String).str.to_datetime(strict=False, time_zone="UTC")
-    return typed.cast(SEEN_AT_DTYPE).alias(SEEN_AT)
+    return typed.cast(SEEN_AT_DTYPE).alias(column.name)
 
 
 class ContractError(ValueError):
@@ -107,29 +63,6 @@ class Validated:
 def normalise_category(expr: pl.Expr) -> pl.Expr:
     """Strip surrounding whitespace and lower-case: the one spelling of every category."""
     return expr.cast(pl.String).str.strip_chars().str.to_lowercase()
-
-
-def category_values(raw: pl.Series, column: str) -> pl.Series:
-    """A raw category column as its enum, normalised; null where missing or not a valid level.
-
-    Values already spelled canonically (nearly all) are matched by plain comparisons; only the
-    rest are stripped and lower-cased, which is what `normalise_category` does to every value.
-    """
-    dtype = CATEGORY_DTYPES[column]
-    if raw.dtype == dtype:
-        return raw
-    text = raw.cast(pl.String)
-    return _respelled(text, text.to_frame().select(_as_spelled(pl.col(column), column)).to_series())
-
-
-def _as_spelled(text: pl.Expr, column: str) -> pl.Expr:
-    """Text as its category's enum where it is a level exactly as sent, else null: one string
-    comparison per level, several times cheaper than a cast to the enum (a look-up per value)."""
-    dtype = CATEGORY_DTYPES[column]
-    matched = pl.lit(None, dtype=dtype)
-    for level in reversed(CATEGORY_LEVELS[column]):
-        matched = pl.when(text == level).then(pl.lit(level, dtype=dtype)).otherwise(matched)
-    return matched.alias(column)
 
 
 def _respelled(text: pl.Series, values: pl.Series) -> pl.Series:
@@ -170,25 +103,6 @@ def _strictly_increasing(values: pl.Series) -> bool:
     return len(values) < 2 or bool((values.slice(1) > values.slice(0, len(values) - 1)).all())
 
 
-def _problems(column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -> list[tuple[pl.Expr, str]]:
-    """(condition, message) pairs: where a condition holds, `column` breaks the contract."""
-    checks: list[tuple[pl.Expr, str]] = []
-    if column != TARGET or require_target:
-        checks.append((raw.is_null(), f"{column} is missing"))
-    if column in CATEGORY_LEVELS:
-        levels = CATEGORY_LEVELS[column]
-        checks.append((raw.is_not_null() & typed.is_null(), f"{column} not one of {'/'.join(levels)}"))
-        return checks
-    checks.append((raw.is_not_null() & typed.is_null(), f"{column} is not a number"))
-    if column in COUNT_BOUNDS:
-        low, high = COUNT_BOUNDS[column]
-        checks.append(((typed % 1) != 0, f"{column} is not a whole number"))
-        checks.append(((typed < low) | (typed > high), f"{column} outside {low}-{high}"))
-    else:
-        checks += _number_problems(column, typed, NUMBER_RULES[column])
-    return [(condition.fill_null(False), message) for condition, message in checks]
-
-
 def _number_problems(column: str, typed: pl.Expr, rule: NumberRule) -> list[tuple[pl.Expr, str]]:
     """A number is finite and within its bounds; an infinite or NaN one fails the lower bound."""
     finite = typed.is_finite()
@@ -219,117 +133,214 @@ def plain_number(bound: float) -> str:
     return str(int(bound)) if bound.is_integer() else str(bound)
 
 
-def _conforms(column: str, raw: pl.Expr, typed: pl.Expr, whole: bool, require_target: bool) -> pl.Expr:
-    """True where `column` meets the contract: none of `_problems`' conditions holds, in one or
-    two comparisons (a null typed value is missing or unreadable, which is a problem except for
-    an optional price that is absent). `whole`: the raw values are integers already."""
-    if column in CATEGORY_LEVELS:
-        ok = typed.is_not_null()
-    elif column in COUNT_BOUNDS:
-        ok = typed.is_between(*COUNT_BOUNDS[column])  # NaN sorts above every bound: refused too
-        ok = ok if whole else ok & (typed % 1 == 0)
-    else:
-        ok = _number_conforms(typed, NUMBER_RULES[column])
-        if column == TARGET and not require_target:
-            ok = raw.is_null() | ok
-    return ok.fill_null(False)
+class Contract:
+    """One data set's contract applied: its columns, their polars types, and the checks that
+    split a raw batch into conforming rows and quarantined rows with reasons."""
 
+    def __init__(self, spec: ContractSpec) -> None:
+        self.spec = spec
+        self.version = spec.version
+        self.row_id = spec.row_id
+        self.target = spec.target.name
+        self.seen_at = spec.seen_at
+        rules = spec.features
+        self.numeric_features = tuple(n for n, rule in rules.items() if not isinstance(rule, CategoryRule))
+        self.count_bounds = {n: (rule.ge, rule.le) for n, rule in rules.items() if isinstance(rule, IntegerRule)}
+        self.category_levels = {n: rule.levels for n, rule in rules.items() if isinstance(rule, CategoryRule)}
+        self.features = (*self.numeric_features, *self.category_levels)
+        self.number_rules = {
+            self.target: spec.target,
+            **{n: rule for n, rule in rules.items() if isinstance(rule, NumberRule)},
+        }
+        # Validated categories are enums: one byte a value, and an invalid level cannot exist.
+        self.category_dtypes = {n: pl.Enum(list(levels)) for n, levels in self.category_levels.items()}
+        self.schema: dict[str, pl.DataType] = {
+            self.row_id: pl.String(),
+            **{n: pl.Int64() if n in self.count_bounds else pl.Float64() for n in self.numeric_features},
+            **self.category_dtypes,
+            self.target: pl.Float64(),
+        }
 
-def _respelled_categories(raw: pl.DataFrame, staged: pl.DataFrame) -> pl.DataFrame:
-    """`staged` with its typed categories (`__typed_<column>`) fixed in the rows where some did
-    not match a level as sent (in practice the same few rows for every column): only their raw
-    text is normalised. A value that matched as sent is a level already and a missing one stays
-    missing, so normalising the whole row changes neither."""
-    columns = [c for c in CATEGORY_LEVELS if raw.schema[c] != CATEGORY_DTYPES[c]]
-    if not columns:
-        return staged
-    odd = staged.select(pl.any_horizontal(pl.col(f"__typed_{c}").is_null() for c in columns)).to_series()
-    rows = odd.arg_true()
-    if not len(rows):
-        return staged
-    text = raw.select(pl.col(columns).filter(odd))
-    return staged.with_columns(staged[f"__typed_{c}"].scatter(rows, _folded(text[c], c)) for c in columns)
+    def upper_bound(self, column: str) -> float:
+        """A number column's largest allowed value (infinite where the contract sets none)."""
+        bound = self.number_rules[column].le
+        return math.inf if bound is None else bound
 
+    def category_values(self, raw: pl.Series, column: str) -> pl.Series:
+        """A raw category column as its enum, normalised; null where missing or not a valid level.
 
-def _folded(text: pl.Series, column: str) -> pl.Series:
-    """Text stripped, lower-cased and matched to its category's enum (null where no level),
-    with the string work done once per distinct spelling: odd spellings come in few kinds."""
-    spellings = text.drop_nulls().unique()
-    levels = spellings.to_frame().select(_as_spelled(normalise_category(pl.col(column)), column)).to_series()
-    return text.replace_strict(spellings, levels, default=None, return_dtype=CATEGORY_DTYPES[column])
+        Values already spelled canonically (nearly all) are matched by plain comparisons; only the
+        rest are stripped and lower-cased, which is what `normalise_category` does to every value.
+        """
+        dtype = self.category_dtypes[column]
+        if raw.dtype == dtype:
+            return raw
+        text = raw.cast(pl.String)
+        return _respelled(text, text.to_frame().select(self._as_spelled(pl.col(column), column)).to_series())
 
+    def _as_spelled(self, text: pl.Expr, column: str) -> pl.Expr:
+        """Text as its category's enum where it is a level exactly as sent, else null: one string
+        comparison per level, several times cheaper than a cast to the enum (a look-up per value)."""
+        dtype = self.category_dtypes[column]
+        matched = pl.lit(None, dtype=dtype)
+        for level in reversed(self.category_levels[column]):
+            matched = pl.when(text == level).then(pl.lit(level, dtype=dtype)).otherwise(matched)
+        return matched.alias(column)
 
-def validate(frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
-    """Split a raw batch into contract-conforming rows and quarantined rows with reasons.
+    def _problems(self, column: str, raw: pl.Expr, typed: pl.Expr, require_target: bool) -> list[tuple[pl.Expr, str]]:
+        """(condition, message) pairs: where a condition holds, `column` breaks the contract."""
+        checks: list[tuple[pl.Expr, str]] = []
+        if column != self.target or require_target:
+            checks.append((raw.is_null(), f"{column} is missing"))
+        if column in self.category_levels:
+            levels = self.category_levels[column]
+            checks.append((raw.is_not_null() & typed.is_null(), f"{column} not one of {'/'.join(levels)}"))
+            return checks
+        checks.append((raw.is_not_null() & typed.is_null(), f"{column} is not a number"))
+        if column in self.count_bounds:
+            low, high = self.count_bounds[column]
+            checks.append(((typed % 1) != 0, f"{column} is not a whole number"))
+            checks.append(((typed < low) | (typed > high), f"{column} outside {low}-{high}"))
+        else:
+            checks += _number_problems(column, typed, self.number_rules[column])
+        return [(condition.fill_null(False), message) for condition, message in checks]
 
-    Accepts string or numeric columns (CSV batches may hold anything); categories are
-    accepted in any case and with surrounding whitespace. `row_id` must already be present.
-    Raises ContractError when a required column is missing, since then no row can be judged.
-    """
-    wanted = [*FEATURES, TARGET] if require_target else list(FEATURES)
-    missing = [c for c in (ROW_ID, *wanted) if c not in frame.columns]
-    if missing:
-        raise ContractError(f"missing required column(s): {', '.join(missing)}")
-    if TARGET not in frame.columns:
-        frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(TARGET))
+    def _conforms(self, column: str, raw: pl.Expr, typed: pl.Expr, whole: bool, require_target: bool) -> pl.Expr:
+        """True where `column` meets the contract: none of `_problems`' conditions holds, in one or
+        two comparisons (a null typed value is missing or unreadable, which is a problem except for
+        an optional target that is absent). `whole`: the raw values are integers already."""
+        if column in self.category_levels:
+            ok = typed.is_not_null()
+        elif column in self.count_bounds:
+            ok = typed.is_between(*self.count_bounds[column])  # NaN sorts above every bound: refused too
+            ok = ok if whole else ok & (typed % 1 == 0)
+        else:
+            ok = _number_conforms(typed, self.number_rules[column])
+            if column == self.target and not require_target:
+                ok = raw.is_null() | ok
+        return ok.fill_null(False)
 
-    schema = frame.schema
-    typed: dict[str, pl.Expr] = {}
-    for column in (*FEATURES, TARGET):
-        raw = pl.col(column)
-        if column in CATEGORY_LEVELS:
-            typed[column] = (
-                raw if schema[column] == CATEGORY_DTYPES[column] else _as_spelled(raw.cast(pl.String), column)
+    def _respelled_categories(self, raw: pl.DataFrame, staged: pl.DataFrame) -> pl.DataFrame:
+        """`staged` with its typed categories (`__typed_<column>`) fixed in the rows where some did
+        not match a level as sent (in practice the same few rows for every column): only their raw
+        text is normalised. A value that matched as sent is a level already and a missing one stays
+        missing, so normalising the whole row changes neither."""
+        columns = [c for c in self.category_levels if raw.schema[c] != self.category_dtypes[c]]
+        if not columns:
+            return staged
+        odd = staged.select(pl.any_horizontal(pl.col(f"__typed_{c}").is_null() for c in columns)).to_series()
+        rows = odd.arg_true()
+        if not len(rows):
+            return staged
+        text = raw.select(pl.col(columns).filter(odd))
+        return staged.with_columns(staged[f"__typed_{c}"].scatter(rows, self._folded(text[c], c)) for c in columns)
+
+    def _folded(self, text: pl.Series, column: str) -> pl.Series:
+        """Text stripped, lower-cased and matched to its category's enum (null where no level),
+        with the string work done once per distinct spelling: odd spellings come in few kinds."""
+        spellings = text.drop_nulls().unique()
+        levels = spellings.to_frame().select(self._as_spelled(normalise_category(pl.col(column)), column)).to_series()
+        return text.replace_strict(spellings, levels, default=None, return_dtype=self.category_dtypes[column])
+
+    def validate(self, frame: pl.DataFrame, *, require_target: bool = True) -> Validated:
+        """Split a raw batch into contract-conforming rows and quarantined rows with reasons.
+
+        Accepts string or numeric columns (CSV batches may hold anything); categories are
+        accepted in any case and with surrounding whitespace. `row_id` must already be present.
+        Raises ContractError when a required column is missing, since then no row can be judged.
+        """
+        wanted = [*self.features, self.target] if require_target else list(self.features)
+        missing = [c for c in (self.row_id, *wanted) if c not in frame.columns]
+        if missing:
+            raise ContractError(f"missing required column(s): {', '.join(missing)}")
+        if self.target not in frame.columns:
+            frame = frame.with_columns(pl.lit(None, dtype=pl.Float64).alias(self.target))
+
+        schema = frame.schema
+        typed: dict[str, pl.Expr] = {}
+        for column in (*self.features, self.target):
+            raw = pl.col(column)
+            if column in self.category_levels:
+                typed[column] = (
+                    raw
+                    if schema[column] == self.category_dtypes[column]
+                    else self._as_spelled(raw.cast(pl.String), column)
+                )
+            elif column in self.count_bounds and schema[column].is_integer():
+                typed[column] = raw.cast(pl.Int64)  # whole already: no round trip through floats
+            elif schema[column].is_numeric() or schema[column] == pl.Null:
+                typed[column] = raw.cast(pl.Float64)
+            else:  # text (CSV): anything that does not parse as a number is flagged, not dropped
+                typed[column] = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
+        # Typed values in one parallel pass, then one chunk per column (Parquet gives one per row
+        # group; the series computed below have one, and mixing the two re-aligns every query). The
+        # raw text stays out: only the few quarantined rows need it.
+        staged = frame.select(
+            self.row_id,
+            self.target,  # raw: an optional target may be absent, but not unreadable
+            *(expr.alias(f"__typed_{name}") for name, expr in typed.items()),
+        ).rechunk()
+        staged = self._respelled_categories(frame, staged)
+        staged = staged.with_columns(repeated_values(staged[self.row_id]).alias("__repeated_id"))
+        row_id = pl.col(self.row_id)
+        # One cheap boolean pass decides; reasons are spelled out only for the (few) bad rows.
+        conforming = [
+            row_id.is_not_null() & ~pl.col("__repeated_id"),
+            *(
+                self._conforms(c, pl.col(c), pl.col(f"__typed_{c}"), schema[c].is_integer(), require_target)
+                for c in (*self.features, self.target)
+            ),
+        ]
+        bad = staged.select(~pl.all_horizontal(conforming)).to_series()
+        valid = (
+            staged.select(self.row_id, *(f"__typed_{c}" for c in (*self.features, self.target)))
+            .filter(~bad)
+            .select(  # no raw text copied
+                row_id.cast(pl.String),
+                *(pl.col(f"__typed_{c}").cast(self.schema[c]).alias(c) for c in (*self.features, self.target)),
             )
-        elif column in COUNT_BOUNDS and schema[column].is_integer():
-            typed[column] = raw.cast(pl.Int64)  # whole already: no round trip through floats
-        elif schema[column].is_numeric() or schema[column] == pl.Null:
-            typed[column] = raw.cast(pl.Float64)
-        else:  # text (CSV): anything that does not parse as a number is flagged, not dropped
-            typed[column] = raw.cast(pl.String).str.strip_chars().cast(pl.Float64, strict=False)
-    # Typed values in one parallel pass, then one chunk per column (Parquet gives one per row
-    # group; the series computed below have one, and mixing the two re-aligns every query). The
-    # raw text stays out: only the few quarantined rows need it.
-    staged = frame.select(
-        ROW_ID,
-        TARGET,  # raw: an optional price may be absent, but not unreadable
-        *(expr.alias(f"__typed_{name}") for name, expr in typed.items()),
-    ).rechunk()
-    staged = _respelled_categories(frame, staged)
-    staged = staged.with_columns(repeated_values(staged[ROW_ID]).alias("__repeated_id"))
-    row_id = pl.col(ROW_ID)
-    # One cheap boolean pass decides; reasons are spelled out only for the (few) bad rows.
-    conforming = [
-        row_id.is_not_null() & ~pl.col("__repeated_id"),
-        *(
-            _conforms(c, pl.col(c), pl.col(f"__typed_{c}"), schema[c].is_integer(), require_target)
-            for c in (*FEATURES, TARGET)
-        ),
-    ]
-    bad = staged.select(~pl.all_horizontal(conforming)).to_series()
-    valid = (
-        staged.select(ROW_ID, *(f"__typed_{c}" for c in (*FEATURES, TARGET)))
-        .filter(~bad)
-        .select(  # no raw text copied
-            row_id.cast(pl.String),
-            *(pl.col(f"__typed_{c}").cast(SCHEMA[c]).alias(c) for c in (*FEATURES, TARGET)),
         )
-    )
-    if SEEN_AT in frame.columns:
-        valid = valid.with_columns(seen_at_values(frame[SEEN_AT]).filter(~bad))
-    checks = [
-        (row_id.is_null(), "row_id is missing"),
-        (row_id.is_not_null() & pl.col("__repeated_id"), "duplicate row_id"),
-        *(
-            check
-            for column in (*FEATURES, TARGET)
-            for check in _problems(column, pl.col(column), pl.col(f"__typed_{column}"), require_target)
-        ),
-    ]
-    reasons = [pl.when(condition).then(pl.lit(message)) for condition, message in checks]
-    flags = [f"__typed_{c}" for c in (*FEATURES, TARGET)] + ["__repeated_id"]
-    quarantined = pl.concat([frame.filter(bad), staged.filter(bad).select(flags)], how="horizontal").select(
-        *(pl.col(c).cast(pl.String) for c in frame.columns if c != "reason"),
-        pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"),
-    )
-    return Validated(valid=valid, quarantined=quarantined)
+        if self.seen_at in frame.columns:
+            valid = valid.with_columns(seen_at_values(frame[self.seen_at]).filter(~bad))
+        checks = [
+            (row_id.is_null(), f"{self.row_id} is missing"),
+            (row_id.is_not_null() & pl.col("__repeated_id"), f"duplicate {self.row_id}"),
+            *(
+                check
+                for column in (*self.features, self.target)
+                for check in self._problems(column, pl.col(column), pl.col(f"__typed_{column}"), require_target)
+            ),
+        ]
+        reasons = [pl.when(condition).then(pl.lit(message)) for condition, message in checks]
+        flags = [f"__typed_{c}" for c in (*self.features, self.target)] + ["__repeated_id"]
+        quarantined = pl.concat([frame.filter(bad), staged.filter(bad).select(flags)], how="horizontal").select(
+            *(pl.col(c).cast(pl.String) for c in frame.columns if c != "reason"),
+            pl.concat_str(reasons, separator="; ", ignore_nulls=True).alias("reason"),
+        )
+        return Validated(valid=valid, quarantined=quarantined)
+
+
+SPEC = load_contract(HOUSING)
+HOUSING_CONTRACT = Contract(SPEC)  # the default, shipped with bridge
+CONTRACT_VERSION = HOUSING_CONTRACT.version
+
+ROW_ID = HOUSING_CONTRACT.row_id
+TARGET = HOUSING_CONTRACT.target
+NUMERIC_FEATURES: tuple[str, ...] = HOUSING_CONTRACT.numeric_features
+COUNT_FEATURES: tuple[str, ...] = tuple(HOUSING_CONTRACT.count_bounds)
+CATEGORY_LEVELS: dict[str, tuple[str, ...]] = HOUSING_CONTRACT.category_levels
+CATEGORICAL_FEATURES: tuple[str, ...] = tuple(CATEGORY_LEVELS)
+FEATURES: tuple[str, ...] = HOUSING_CONTRACT.features
+SEED_COLUMNS: tuple[str, ...] = SPEC.seed_columns
+SLICES: tuple[str, ...] = SPEC.slices
+COUNT_BOUNDS: dict[str, tuple[int, int]] = HOUSING_CONTRACT.count_bounds
+AREA_MAX = HOUSING_CONTRACT.upper_bound("area")
+CATEGORY_DTYPES: dict[str, pl.Enum] = HOUSING_CONTRACT.category_dtypes
+SCHEMA: dict[str, pl.DataType] = HOUSING_CONTRACT.schema
+COLUMNS: tuple[str, ...] = (ROW_ID, *FEATURES, TARGET)
+# What the data set is for and where models of it fall short: the model card's "Intended use"
+# and "Limits" (facts about the data, not about one version).
+INTENDED_USE = SPEC.intended_use
+KNOWN_LIMITS: tuple[str, ...] = SPEC.known_limits
+validate = HOUSING_CONTRACT.validate
+category_values = HOUSING_CONTRACT.category_values
