@@ -1,5 +1,6 @@
 """One declaration per setting: its environment variable, type, default and description, on a
-pydantic model per concern (lake, MLflow, monitoring, promotion, serving). Dagster-free.
+pydantic model per concern (lake, MLflow, training, monitoring, promotion, serving, cadences,
+the stack). Dagster-free.
 
 `from_env(env)` reads a mapping the caller passes — the code location's environment through
 `build_defs(env)`, a test's dict — never the process environment at import; a bad value is a

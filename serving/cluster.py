@@ -282,6 +282,10 @@ def start_serve(settings: ClusterSettings) -> None:
     on another address is refused instead of being redeployed behind the old port.
     """
     from ray import serve
+
+    # Serve's public API does not say where a running Serve listens (`serve.status()` omits
+    # the HTTP options, and probing the port cannot tell a remote cluster's Serve from none), so
+    # this asks the controller's client, as `serve.status()` itself does.
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
@@ -336,9 +340,9 @@ def shutdown_serve(settings: ClusterSettings, timeout: float = 120.0) -> str:
 
 def _shutdown_connected_serve() -> str:
     from ray import serve
-    from ray.serve.context import _get_global_client
 
-    if _get_global_client(raise_if_no_controller_running=False) is None:
+    status = serve.status()  # public; empty when no Serve controller runs
+    if not (status.proxies or status.applications):
         return "was not running"
     serve.shutdown()
     return "shut down gracefully (replicas flushed)"

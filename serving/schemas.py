@@ -40,18 +40,14 @@ def _request_field(name: str, rule: NumberRule | IntegerRule | CategoryRule) -> 
         return Annotated[Literal.__getitem__(rule.levels), BeforeValidator(_normalised)], ...
     if isinstance(rule, IntegerRule):
         return Count, Field(ge=rule.ge, le=rule.le, description=f"{rule.ge}–{rule.le}")
-    low = (
-        f"{plain_number(rule.gt)} < "
-        if rule.gt is not None
-        else f"{plain_number(rule.ge)} ≤ "
-        if rule.ge is not None
-        else ""
-    )
+    if rule.gt is not None:
+        low = f"{plain_number(rule.gt)} < "
+    elif rule.ge is not None:
+        low = f"{plain_number(rule.ge)} ≤ "
+    else:
+        low = ""
     high = f" ≤ {plain_number(rule.le)}" if rule.le is not None else ""
-    constraints = {"gt": rule.gt, "ge": rule.ge, "le": rule.le}
-    field = Field(
-        **{k: v for k, v in constraints.items() if v is not None}, allow_inf_nan=False, description=f"{low}{name}{high}"
-    )  # type: ignore[call-overload]
+    field = Field(gt=rule.gt, ge=rule.ge, le=rule.le, allow_inf_nan=False, description=f"{low}{name}{high}")
     return Number, field
 
 

@@ -43,15 +43,18 @@ def _config_value(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _declared(settings_class: type[EnvSettings], name: str) -> Any:
+    """A resource field with the default and description the settings class declares."""
+    info = settings_class.model_fields[name]
+    return Field(_config_value(info.get_default(call_default_factory=True)), description=info.description)
+
+
 def settings_resource(settings_class: type[EnvSettings]) -> type[dg.ConfigurableResource]:
     """A resource base whose fields are `settings_class`'s (names, defaults, descriptions), so
     a setting is declared once and still shows, typed, in Dagster's launchpad; the subclass's
     `settings()` validates them back into the settings class."""
     fields: dict[str, Any] = {
-        name: (
-            _config_type(info.annotation),
-            Field(_config_value(info.get_default(call_default_factory=True)), description=info.description),
-        )
+        name: (_config_type(info.annotation), _declared(settings_class, name))
         for name, info in settings_class.model_fields.items()
     }
     return create_model(f"{settings_class.__name__}Fields", __base__=dg.ConfigurableResource, **fields)
@@ -73,9 +76,9 @@ class LakeStorage(dg.ConfigurableResource):
     aws_access_key_id: str | None = None
     aws_secret_access_key: str | None = None
     aws_session_token: str | None = None
-    retries: int = 3  # this and the two below: see StorageSettings, which declares their variables
-    retry_delay_seconds: float = 2.0
-    interactions_retention_days: float = 0.0
+    retries: int = _declared(StorageSettings, "retries")
+    retry_delay_seconds: float = _declared(StorageSettings, "retry_delay_seconds")
+    interactions_retention_days: float = _declared(StorageSettings, "interactions_retention_days")
 
     def settings(self) -> StorageSettings:
         return StorageSettings(
