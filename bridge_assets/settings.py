@@ -96,6 +96,11 @@ class EnvSettings(BaseModel):
         return found
 
 
+def comma_separated(value: Any) -> Any:
+    """`alice, bob,` → ("alice", "bob"): a list variable's text as a tuple (a tuple passes)."""
+    return tuple(name.strip() for name in value.split(",") if name.strip()) if isinstance(value, str) else value
+
+
 def _names(alias: object) -> list[str]:
     """A field's variable and its alternatives: a plain alias, or the names of `AliasChoices`."""
     if isinstance(alias, str):

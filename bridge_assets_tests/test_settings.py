@@ -14,10 +14,13 @@ from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets.monitoring.settings import MonitorSettings
 from bridge_assets.settings import EnvSettings
 from serving.deploy import ServingSettings
+from serving.guards import ApiKeySettings
+from serving.spool import SpoolSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DECLARED: list[type[EnvSettings]] = [  # serving: the cluster's too
     StorageSettings, MlflowSettings, MonitorSettings, PromotionSettings, ServingSettings, TrainingSettings, CadenceSettings,
+    ApiKeySettings, SpoolSettings,
 ]  # fmt: skip
 
 

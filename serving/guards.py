@@ -22,10 +22,13 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
+from pydantic import BeforeValidator, Field
+
+from bridge_assets.settings import EnvSettings, comma_separated
 
 MLFLOW_ENDPOINT = "/invocations"
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
@@ -65,16 +68,34 @@ def too_many_message(count: int, max_body: int, max_records: int) -> str:
     )
 
 
+class ApiKeySettings(EnvSettings):
+    """The API keys the prediction endpoints accept; none = keys are off. Secrets: read where
+    the service is deployed (and from a Ray node's environment), never stored or shown."""
+
+    keys: Annotated[tuple[str, ...], BeforeValidator(comma_separated)] = Field(
+        (), validation_alias="BRIDGE_API_KEYS", description="API keys (comma-separated)", repr=False
+    )
+    keys_file: Path | None = Field(
+        None, validation_alias="BRIDGE_API_KEYS_FILE", description="a file of API keys, one a line"
+    )
+
+    def load(self) -> tuple[bytes, ...]:
+        """The keys and the lines of the keys file. A named file that cannot be read is an
+        error, never a silently open service."""
+        keys = list(self.keys)
+        if self.keys_file is not None:
+            try:
+                keys += [line.strip() for line in self.keys_file.read_text().splitlines()]
+            except OSError as error:
+                raise ValueError(
+                    f"BRIDGE_API_KEYS_FILE={self.keys_file} cannot be read: {error.strerror or error}"
+                ) from error
+        return tuple(key.encode() for key in keys if key)
+
+
 def load_api_keys(env: Mapping[str, str] = os.environ) -> tuple[bytes, ...]:
-    """The keys `env` sets: `BRIDGE_API_KEYS` plus the lines of `BRIDGE_API_KEYS_FILE`; none =
-    keys are off. A named file that cannot be read is an error, never a silently open service."""
-    keys = [k.strip() for k in env.get("BRIDGE_API_KEYS", "").split(",")]
-    if keys_file := env.get("BRIDGE_API_KEYS_FILE"):
-        try:
-            keys += [line.strip() for line in Path(keys_file).read_text().splitlines()]
-        except OSError as error:
-            raise ValueError(f"BRIDGE_API_KEYS_FILE={keys_file} cannot be read: {error.strerror or error}") from error
-    return tuple(k.encode() for k in keys if k)
+    """The keys `env` sets (`BRIDGE_API_KEYS`, `BRIDGE_API_KEYS_FILE`)."""
+    return ApiKeySettings.from_env(env).load()
 
 
 def _digest(salt: bytes, key: bytes) -> bytes:

@@ -30,17 +30,35 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Self
 
+from pydantic import Field
+
 from bridge_assets.lake.settings import bridge_home
 from bridge_assets.lake.storage import ObjectStore
+from bridge_assets.settings import DERIVED, EnvSettings
 
 SPOOL_SUFFIX = ".spool"
 MARK_SUFFIX = ".mark"
 log = logging.getLogger("bridge.spool")
 
 
+class SpoolSettings(EnvSettings):
+    """Where replicas on a host keep their spools."""
+
+    directory: Path = Field(
+        validation_alias="BRIDGE_SERVE_SPOOL_DIR",
+        description="the replicas' write-ahead spool, a local path on every node (default: `$BRIDGE_HOME/serve-spool`)",
+        json_schema_extra=DERIVED,
+    )
+
+    @classmethod
+    def derive(cls, values: dict[str, str], env: Mapping[str, str]) -> dict[str, str]:
+        values.setdefault("BRIDGE_SERVE_SPOOL_DIR", str(bridge_home(env) / "serve-spool"))
+        return values
+
+
 def spool_directory(env: Mapping[str, str] = os.environ) -> Path:
     """Where replicas on this host keep their spools (`BRIDGE_SERVE_SPOOL_DIR`)."""
-    return Path(env.get("BRIDGE_SERVE_SPOOL_DIR") or bridge_home(env) / "serve-spool")
+    return SpoolSettings.from_env(env).directory
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

@@ -5,7 +5,7 @@ resources take the object."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BeforeValidator,
@@ -17,15 +17,10 @@ from pydantic import (
 )
 
 from bridge_assets.core.contract import AREA_MAX
-from bridge_assets.settings import EnvSettings
+from bridge_assets.settings import EnvSettings, comma_separated
 
 Share = Annotated[float, Field(ge=0, le=1)]
 Probability = Annotated[float, Field(gt=0, lt=1)]
-
-
-def _names(value: Any) -> Any:
-    """`alice, bob` → ("alice", "bob")."""
-    return tuple(name.strip() for name in value.split(",") if name.strip()) if isinstance(value, str) else value
 
 
 class PromotionSettings(EnvSettings):
@@ -66,7 +61,7 @@ class PromotionSettings(EnvSettings):
     require_approval: bool = Field(
         False, validation_alias="BRIDGE_REQUIRE_APPROVAL", description="human sign-off before Staging"
     )
-    approvers: Annotated[tuple[str, ...], BeforeValidator(_names)] = Field(
+    approvers: Annotated[tuple[str, ...], BeforeValidator(comma_separated)] = Field(
         (), validation_alias="BRIDGE_APPROVERS", description="who may give it (comma-separated)"
     )
     ab_min_effect: PositiveFloat = Field(
