@@ -7,6 +7,7 @@ Per-sensor intervals (`BRIDGE_SENSOR_INTERVAL_<SENSOR NAME>`) and per-asset fres
 
 from __future__ import annotations
 
+from functools import cache
 from zoneinfo import available_timezones
 
 from pydantic import Field, PositiveInt, field_validator
@@ -15,6 +16,8 @@ from bridge_assets.settings import EnvSettings
 
 DEFAULT_TRAINING_CRON = "0 3 * * 1"  # a training round every Monday, 03:00 UTC
 DEFAULT_TIMEZONE = "UTC"
+# The tz database is listed once a process: `sensor_interval` reads these settings for every sensor.
+_known_timezones = cache(available_timezones)
 
 
 class CadenceSettings(EnvSettings):
@@ -37,6 +40,6 @@ class CadenceSettings(EnvSettings):
     @field_validator("schedule_timezone")
     @classmethod
     def _known_timezone(cls, name: str) -> str:
-        if name not in available_timezones():
+        if name not in _known_timezones():
             raise ValueError(f"not an IANA timezone name: {name!r}")
         return name
