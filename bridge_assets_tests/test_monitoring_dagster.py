@@ -6,6 +6,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import pytest
 
 from bridge_assets.cli import main
 from bridge_assets.definitions import build_defs
@@ -120,6 +121,42 @@ def test_log_objects_are_profiled_once_across_a_restart_and_a_late_object_reopen
     assert main(["monitor", "--window", first_window]) == 0
     saved = json.loads(store.get_text(f"monitoring/reports/{first_window}/report.json"))
     assert saved["slices"][0]["rows"] == 160 and saved["slices"][0]["reference"] is None
+
+
+def _running_run(instance: dg.DagsterInstance, sensor: str, **tags: str) -> dg.DagsterRun:
+    """A run the named sensor launched that has not ended (as under a busy daemon)."""
+    return instance.add_run(dg.DagsterRun(job_name="running", status=dg.DagsterRunStatus.STARTED, tags={"dagster/sensor_name": sensor, **tags}))
+
+
+@pytest.mark.parametrize("lake_env", ["local"], indirect=True)
+def test_traffic_arriving_while_a_run_waits_joins_the_next_run_instead_of_queueing_more(store, lake_env, tmp_path):
+    """While a profile run or a window's report run is queued or running, the sensors hold what
+    changed since (objects, the window's new digest) and request it once that run has ended."""
+    env = dict(lake_env)
+    model = trained()[0]
+    logger = InteractionLogger(lambda: store, "replica-a", spool_dir=tmp_path / "spool", flush_rows=10**6, flush_seconds=3600)
+    log_traffic(logger, window_frame(50, seed=51), model, T0, prefix="a", seconds=5)
+    logger.flush()
+    window = window_id(T0, WINDOW)
+    with dg.instance_for_test() as instance:
+        waiting = _running_run(instance, "interaction_logs_sensor")
+        held, cursor = tick_and_profile(instance, env, None)
+        assert held.run_requests == [] and cursor is None and f"wait for profile run {waiting.run_id}" in held.skip_reason.skip_message
+        instance.report_run_failed(waiting)  # ended: what it held goes in the next run
+        _, cursor = tick_and_profile(instance, env, None)
+        windows, window_cursor = tick_windows(instance, env, None)
+        assert windows == [window]
+
+        log_traffic(logger, window_frame(20, seed=52), model, T0 + timedelta(seconds=10), prefix="b", seconds=3)
+        logger.flush()
+        tick_and_profile(instance, env, cursor)
+        report = _running_run(instance, "monitor_windows_sensor", **{"dagster/partition": window})
+        windows, held_cursor = tick_windows(instance, env, window_cursor)
+        assert windows == [] and json.loads(held_cursor)[window] == json.loads(window_cursor)[window]
+        instance.report_run_failed(report)
+        windows, _ = tick_windows(instance, env, held_cursor)
+        assert windows == [window] and sum(s.rows for s in window_slices(store, window)) == 70
+    logger.close()
 
 
 def test_an_asset_overdue_by_its_freshness_policy_alerts_once(monkeypatch):

@@ -17,13 +17,13 @@ import json
 import os
 import time
 from collections.abc import Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 from pydantic import Field
 
 from bridge_assets.defs.cadence import cadenced_sensor
-from bridge_assets.defs.features import housing_features
+from bridge_assets.defs.features import IN_PROGRESS, housing_features
 from bridge_assets.defs.promotion import feedback
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking
 from bridge_assets.defs.serving_logs import interaction_logs
@@ -46,6 +46,7 @@ model_versions = dg.DynamicPartitionsDefinition(name=MODEL_VERSIONS)
 MONITORING_OWNER = "team:ml-engineering"
 LABELS_PREFIX = "feedback/labels/"
 RETRY_SECONDS = 600  # a requested object still unprofiled after this long is requested again
+HOLD_AT_MOST_SECONDS = 600  # a sensor's unfinished run holds new work back at most this long
 MAX_OBJECTS_PER_RUN = 500  # a backlog is worked off over several ticks, in runs of bounded size
 
 
@@ -112,6 +113,9 @@ def interaction_logs_sensor(context: dg.SensorEvaluationContext, storage: LakeSt
     object's profile index), the cursor what is already requested, so a restart or retry
     never profiles an object twice and a failed run's objects are requested again later."""
     requested: dict[str, float] = json.loads(context.cursor) if context.cursor else {}
+    running = _unfinished_runs(context.instance, interaction_logs_sensor.name)
+    if running:  # new objects wait and go in one larger run: a busy queue gets no pile of small runs
+        return dg.SensorResult(skip_reason=f"new interaction logs wait for profile run {running[0].run_id}")
     now = time.time()
     pending = unprofiled_objects(storage.open())
     new = [key for key in pending if now - requested.get(key, 0.0) > RETRY_SECONDS][:MAX_OBJECTS_PER_RUN]
@@ -331,7 +335,10 @@ def freshness_sensor(
 )
 def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeStorage) -> dg.SensorResult:
     """(Re)requests a window when its members change (a late object too), new labels land, or
-    the reference of a version it served arrives."""
+    the reference of a version it served arrives. A window whose run is still queued or running
+    is held (its cursor entry stays the digest that run was requested for) and requested once
+    that run ends, so traffic arriving every few seconds makes one report run at a time, not a
+    queue of them."""
     store = storage.open()
     seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     labels = _digest([k for k in store.list(LABELS_PREFIX)])
@@ -340,14 +347,33 @@ def monitor_windows_sensor(context: dg.SensorEvaluationContext, storage: LakeSto
         window: _digest([*members, labels, *(f"reference:{v}" for v in sorted(window_versions(members) & references))])
         for window, members in windows_with_members(store).items()
     }
+    busy = {
+        run.tags.get("dagster/partition") for run in _unfinished_runs(context.instance, monitor_windows_sensor.name)
+    }
     changed = sorted(w for w, digest in current.items() if seen.get(w) != digest)
+    held = [w for w in changed if w in busy]
+    requested = [w for w in changed if w not in busy]
     known = set(context.instance.get_dynamic_partitions(MONITOR_WINDOWS))
-    new_partitions = [w for w in changed if w not in known]
+    new_partitions = [w for w in requested if w not in known]
+    cursor = {w: digest for w, digest in current.items() if w not in held} | {w: seen[w] for w in held if w in seen}
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=w, run_key=f"{w}:{current[w]}") for w in changed],
+        run_requests=[dg.RunRequest(partition_key=w, run_key=f"{w}:{current[w]}") for w in requested],
         dynamic_partitions_requests=[monitor_windows.build_add_request(new_partitions)] if new_partitions else [],
-        cursor=json.dumps(current),
-        skip_reason=None if changed else f"no window changed ({len(current)} windows)",
+        cursor=json.dumps(cursor),
+        skip_reason=None
+        if requested
+        else f"no window to request ({len(current)} windows; waiting for their running report: {held or 'none'})",
+    )
+
+
+def _unfinished_runs(instance: dg.DagsterInstance, sensor_name: str) -> list[dg.DagsterRun]:
+    """Runs a sensor launched in the last `HOLD_AT_MOST_SECONDS` that are queued or running (a
+    run whose worker died without a trace stays "started": it must not hold its window forever)."""
+    since = datetime.now(UTC) - timedelta(seconds=HOLD_AT_MOST_SECONDS)
+    return list(
+        instance.get_runs(
+            dg.RunsFilter(statuses=IN_PROGRESS, tags={"dagster/sensor_name": sensor_name}, created_after=since)
+        )
     )
 
 
