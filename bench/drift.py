@@ -39,8 +39,8 @@ import polars as pl
 
 from bridge_assets.core.contract import FEATURES, TARGET, validate
 from bridge_assets.core.features import prepare_batch
+from bridge_assets.core.presets import preset
 from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS, Drift, HousingSimulator, load_seed_data
-from bridge_assets.core.training import preset
 from bridge_assets.ml.round import run_round
 from bridge_assets.monitoring.drift import DriftSettings, profile_drift
 from bridge_assets.monitoring.profiles import MONITORED_COLUMNS, PREDICTION

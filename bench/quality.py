@@ -19,8 +19,8 @@ import polars as pl
 
 from bridge_assets.core.contract import validate
 from bridge_assets.core.features import reference_split
+from bridge_assets.core.presets import preset
 from bridge_assets.core.simulator import SEED_ROWS, load_seed_data
-from bridge_assets.core.training import preset
 from bridge_assets.ml.round import RoundResult, run_round
 
 MODELS = ("default", "reference")

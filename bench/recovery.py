@@ -51,10 +51,10 @@ import polars as pl
 from bridge_assets.core.contract import TARGET, validate
 from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.metrics import regression_metrics
+from bridge_assets.core.presets import OPTIONS, preset
 from bridge_assets.core.recency import Recency
 from bridge_assets.core.simulator import Drift, HousingSimulator
-from bridge_assets.core.training import preset
-from bridge_assets.ml.round import OPTIONS, Candidate, Incumbent, RoundPolicy, run_round
+from bridge_assets.ml.round import Candidate, Incumbent, RoundPolicy, run_round
 from bridge_assets.monitoring.settings import MonitorSettings
 
 SCENARIOS: dict[str, tuple[str, Drift]] = {

@@ -70,7 +70,7 @@ def free_port() -> int:
 
 def prepare() -> tuple[str, str, str]:
     """One version trained on the real data, registered twice; returns (name, v1, v2)."""
-    from bridge_assets.core.training import preset
+    from bridge_assets.core.presets import preset
     from bridge_assets.lake.feature_store import FeatureStore, build_features
     from bridge_assets.lake.landing import land_seed, landed_batches
     from bridge_assets.lake.raw import validate_batch

@@ -55,8 +55,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from bridge_assets.core.contract import TARGET, validate
 from bridge_assets.core.features import Preprocessor, prepare_batch
 from bridge_assets.core.metrics import regression_metrics
+from bridge_assets.core.presets import TrainConfig, preset
 from bridge_assets.core.simulator import HousingSimulator
-from bridge_assets.core.training import PriceNet, TrainConfig, TrainedModel, preset, train_model
+from bridge_assets.core.training import PriceNet, TrainedModel, train_model
 
 REFERENCE: TrainConfig = preset("reference")
 # Ours: the reference's own network, target and loss (so "the same validation RMSE" means the

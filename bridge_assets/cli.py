@@ -206,7 +206,7 @@ def _dagster(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bridge_assets.core.training import preset
+    from bridge_assets.core.presets import preset
     from bridge_assets.lake.feature_store import FeatureStore
     from bridge_assets.ml.round import run_round
     from bridge_assets.ml.tracking import MlflowSettings, log_round

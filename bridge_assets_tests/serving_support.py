@@ -19,8 +19,8 @@ from pathlib import Path
 import dagster as dg
 import psutil
 
+from bridge_assets.core.presets import preset
 from bridge_assets.core.simulator import HousingSimulator
-from bridge_assets.core.training import preset
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches

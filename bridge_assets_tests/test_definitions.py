@@ -88,6 +88,14 @@ def test_core_imports_without_dagster_or_ray():
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
+def test_loading_the_definitions_does_not_import_torch():
+    """Every Dagster run, sensor evaluation and code server loads the definitions; torch is only
+    for the processes that train or load a network (it was a third of that load's CPU)."""
+    code = "import sys, bridge_assets.definitions as d; d.defs; assert 'torch' not in sys.modules"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
 def test_asset_graph_shape():
     with warnings.catch_warnings():
         from bridge_assets.definitions import build_defs

@@ -12,10 +12,11 @@ from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.contract import TARGET, validate
 from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.metrics import LinearModel, regression_metrics
+from bridge_assets.core.presets import OPTIONS, preset
 from bridge_assets.core.recency import Recency
 from bridge_assets.core.simulator import Drift, HousingSimulator
-from bridge_assets.core.training import preset, train_model
-from bridge_assets.ml.round import OPTIONS, Candidate, Incumbent, RoundPolicy, RoundResult, clearly_better, run_round
+from bridge_assets.core.training import train_model
+from bridge_assets.ml.round import Candidate, Incumbent, RoundPolicy, RoundResult, clearly_better, run_round
 
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
 RISE = Drift(price_factor=1.5)

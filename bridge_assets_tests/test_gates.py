@@ -14,9 +14,9 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
 from bridge_assets.cli import main as bridge
+from bridge_assets.core.presets import preset
 from bridge_assets.core.pyfunc import HousingPyfunc
 from bridge_assets.core.simulator import HousingSimulator
-from bridge_assets.core.training import preset
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches

@@ -10,10 +10,10 @@ import pytest
 
 from bridge_assets.core.contract import FEATURES, TARGET
 from bridge_assets.core.simulator import Drift
+from bridge_assets.monitoring.alarms import Alarm
 from bridge_assets.monitoring.decay import error_stats, judge_realised
 from bridge_assets.monitoring.drift import DriftSettings, profile_drift
 from bridge_assets.monitoring.profiles import MONITORED_COLUMNS, PREDICTION
-from bridge_assets.monitoring.alarms import Alarm
 from bridge_assets.monitoring.retrain import FULL_ROUND, RetrainAttempt, decide_retrain, plan_retrain
 from bridge_assets.monitoring.settings import drift_settings_from_json
 from bridge_assets.monitoring.whylogs_compat import profile_frame, stock_profile

@@ -10,8 +10,9 @@ from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 from bridge_assets.core.contract import TARGET, validate
 from bridge_assets.core.features import reference_split
 from bridge_assets.core.metrics import LinearModel, regression_metrics
+from bridge_assets.core.presets import TrainConfig, preset
 from bridge_assets.core.simulator import SEED_ROWS, load_seed_data
-from bridge_assets.core.training import PriceNet, TrainConfig, TrainedModel, preset, train_model
+from bridge_assets.core.training import PriceNet, TrainedModel, train_model
 
 
 @pytest.fixture(scope="module")

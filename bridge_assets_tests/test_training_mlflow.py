@@ -26,16 +26,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from bridge_assets.core.contract import FEATURES, validate
+from bridge_assets.core.presets import TrainConfig
 from bridge_assets.core.simulator import HousingSimulator
-from bridge_assets.core.training import TrainConfig
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.container import CONTAINER_CREDENTIALS
-from bridge_assets.ml.round import run_round
 from bridge_assets.ml.registry import CANDIDATE_ALIAS, Registry
+from bridge_assets.ml.round import run_round
 from bridge_assets.ml.tracking import MlflowSettings
 
 QUICK_ROUND = {"ops": {"candidate_model": {"config": {"max_epochs": 60}}}}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict, get_args
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, get_args
 
 import numpy as np
 import polars as pl
@@ -28,8 +28,10 @@ from ray.serve.handle import DeploymentHandle
 
 from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.pyfunc import check_rows
-from bridge_assets.core.training import PriceNet, TrainedModel
 from bridge_assets.ml.tracking import MlflowSettings, load_registered
+
+if TYPE_CHECKING:  # torch comes with a loaded version, not with every process that deploys one
+    from bridge_assets.core.training import PriceNet, TrainedModel
 
 
 @dataclass

@@ -16,7 +16,6 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.contract import FEATURES, ROW_ID, validate
-from bridge_assets.core.training import TrainedModel
 
 
 class InvalidInput(ValueError):
@@ -46,6 +45,8 @@ class HousingPyfunc(PythonModel):
     `calibration` (JSON: the recalibration stage applied after the network) from the artifacts."""
 
     def load_context(self, context: PythonModelContext) -> None:
+        from bridge_assets.core.training import TrainedModel  # torch, only where a network is loaded
+
         self.model = TrainedModel.load(context.artifacts["weights"], context.artifacts["model"])
         self.net = self.model.network()
         stage = context.artifacts.get("calibration")

@@ -4,24 +4,15 @@ Training runs on in-memory tensors, slicing shuffled index batches (no per-row D
 is deterministic from a seed, and always returns the best-validation weights (the reference
 lost its model when early stopping never fired).
 
-Two presets:
-- `reference`: the BridgeAI MLP, 20→64→32→16→8→1 ReLU on raw price, MSE, Adam 0.01, batch
-  64, early stopping patience 10.
-- `default`: residual learning over a linear model on log price: a linear layer warm-started
-  with the least-squares solution of the training split plus a small ReLU network whose output
-  starts at zero. Epoch 0 is therefore the log-linear baseline, and training keeps a change
-  only if it lowers validation error by at least `min_improvement` (1%), so a few hundred
-  validation rows' noise does not pull it away from a solid linear fit.
+Its configurations and presets: `bridge_assets.core.presets`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
@@ -31,63 +22,7 @@ from torch import nn
 from bridge_assets.core.contract import TARGET
 from bridge_assets.core.features import Preprocessor
 from bridge_assets.core.metrics import LinearModel
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that determines a trained model, given its training data."""
-
-    name: str = "default"
-    hidden: tuple[int, ...] = (32, 16)
-    learning_rate: float = 0.003
-    batch_size: int = 64
-    max_epochs: int = 300
-    patience: int = 20
-    weight_decay: float = 1e-4
-    log_target: bool = True
-    linear_skip: bool = True
-    ridge: float = 1e-6
-    min_improvement: float = 0.01  # relative drop in validation loss that counts as better
-    seed: int = 42
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["hidden"] = list(self.hidden)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return cls(**{**data, "hidden": tuple(data["hidden"])})
-
-    def config_hash(self) -> str:
-        """Short hash of the configuration (recorded on every run and model version)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
-
-
-PRESETS: dict[str, TrainConfig] = {
-    "default": TrainConfig(),
-    "reference": TrainConfig(
-        name="reference",
-        hidden=(64, 32, 16, 8),
-        learning_rate=0.01,
-        batch_size=64,
-        max_epochs=500,
-        patience=10,
-        weight_decay=0.0,
-        log_target=False,
-        linear_skip=False,
-        ridge=0.0,
-        min_improvement=0.0,
-    ),
-}
-
-
-def preset(name: str, /, **overrides: Any) -> TrainConfig:
-    """A named preset, with any fields replaced."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
+from bridge_assets.core.presets import TrainConfig
 
 
 class PriceNet(nn.Module):

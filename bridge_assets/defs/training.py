@@ -5,12 +5,11 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, field_validator
 
+from bridge_assets.core.presets import OPTIONS, PRESETS, preset
 from bridge_assets.core.recency import Recency
-from bridge_assets.core.training import PRESETS, preset
 from bridge_assets.defs.audit import run_actor
 from bridge_assets.defs.features import housing_features
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking, TrainingLauncher
-from bridge_assets.ml.round import OPTIONS
 
 
 class TrainingRoundConfig(dg.Config):

@@ -16,8 +16,8 @@ import base64
 from dagster_pipes import PipesContext, open_dagster_pipes
 from mlflow.exceptions import MlflowException
 
+from bridge_assets.core.presets import TrainConfig
 from bridge_assets.core.recency import Recency
-from bridge_assets.core.training import TrainConfig
 from bridge_assets.lake.feature_store import FeatureStore, FeatureVersion
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.registry import PRODUCTION_ALIAS

@@ -20,7 +20,7 @@ import hashlib
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -29,14 +29,15 @@ from bridge_assets.core.calibration import CalibrationKind, Recalibration
 from bridge_assets.core.contract import SEEN_AT, TARGET
 from bridge_assets.core.features import Preprocessor
 from bridge_assets.core.metrics import BASELINES, LinearModel, regression_metrics
+from bridge_assets.core.presets import OPTIONS, Option, TrainConfig
 from bridge_assets.core.recency import Recency
-from bridge_assets.core.training import TrainConfig, TrainedModel, train_model
+
+if TYPE_CHECKING:  # torch: imported by the round that trains, not by whatever reads its results
+    from bridge_assets.core.training import TrainedModel
 
 SPLIT_COLUMNS = {"hash": "split", "reference": "reference_split"}
 SELECTION_METRIC = "val_rmse"
 QUALIFYING_METRICS = ("val_rmse", "val_mae")
-Option = Literal["recalibrate", "finetune", "scratch"]
-OPTIONS: tuple[Option, ...] = ("recalibrate", "finetune", "scratch")  # cheapest first
 MIN_RECENT_ROWS = 30  # recent training and validation rows needed to judge or fit on them
 SIGNIFICANCE_Z = 1.645  # one-sided 95%: how far beyond chance a costlier option must win
 
@@ -253,6 +254,8 @@ def run_round(
     incumbent: Incumbent | None = None,
 ) -> RoundResult:
     """Train and compare every option on the same rows; choices are made on validation only."""
+    from bridge_assets.core.training import train_model  # torch: loaded by the process that trains
+
     policy = policy or RoundPolicy()
     if "scratch" in policy.options and not configs:
         raise ValueError("a training round needs at least one configuration")

@@ -37,14 +37,14 @@ from bridge_assets.core.calibration import FILE_NAME as CALIBRATION_FILE
 from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.contract import COUNT_FEATURES, FEATURES
 from bridge_assets.core.simulator import load_seed_data
-from bridge_assets.core.training import TrainedModel
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.settings import DEFAULT_PREFIX, PROJECT_ROOT, StorageSettings, bridge_home
 from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import Registry
 from bridge_assets.settings import DERIVED, EnvSettings
 
-if TYPE_CHECKING:  # the round brings torch: not for the CLI's registry commands
+if TYPE_CHECKING:  # torch: imported where a network is loaded, not by every process that loads the definitions
+    from bridge_assets.core.training import TrainedModel
     from bridge_assets.ml.round import Candidate, RoundResult
 
 DEFAULT_EXPERIMENT = "bridge-housing"
@@ -367,6 +367,8 @@ def log_round(
 def load_registered(model_name: str, version: str) -> tuple[TrainedModel, Recalibration | None]:
     """A registered version's network and its recalibration stage, read fully from its artifacts
     (the files the pyfunc loads) in the active MLflow store, without pandas or the pyfunc wrapper."""
+    from bridge_assets.core.training import TrainedModel
+
     with tempfile.TemporaryDirectory(prefix="bridge-model-") as scratch:  # read fully, then gone
         local = Path(
             mlflow.artifacts.download_artifacts(
