@@ -64,6 +64,24 @@ def pytest_itemcollected(item: pytest.Item) -> None:
         item.add_marker(pytest.mark.apart)
 
 
+def _uses_dagster_dev(item: pytest.Item | None) -> bool:
+    return item is not None and "dagster_dev" in getattr(item, "fixturenames", ())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the shared `dagster dev` run first, one after another, so that it stops
+    after the last of them (below) instead of ticking its sensors through the rest of the
+    session on a machine whose two cores the other tests need."""
+    items.sort(key=lambda item: not _uses_dagster_dev(item))  # stable: their own order kept
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if _uses_dagster_dev(item) and not _uses_dagster_dev(nextitem):
+        dev = getattr(item, "funcargs", {}).get("dagster_dev")
+        if dev is not None:
+            dev.stop()  # the session fixture's own teardown then finds it stopped and keeps its log
+
+
 @pytest.fixture(autouse=True)
 def _isolated_environment() -> Iterator[None]:
     """Each test ends with the process environment it started with. MLflow's set_tracking_uri
