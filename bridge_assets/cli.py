@@ -1,6 +1,7 @@
-"""`bridge`: the loop from a shell — land data (simulate, land-seed, release-labels), inspect
-features, train, send traffic and release its feedback, move versions through the registry
-(approve, promote, rollback, history), monitor, and `bridge dagster …` on bridge's instance.
+"""`bridge`: the loop from a shell — check a data contract, land data (simulate, land-seed,
+release-labels), inspect features, train, send traffic and release its feedback, move versions
+through the registry (approve, promote, rollback, history), monitor, and `bridge dagster …` on
+bridge's instance.
 
 Talks to the lake, MLflow and service configured by the environment (see the README's
 configuration table), without Dagster: its sensors notice what the commands land or register.
@@ -12,8 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bridge_assets.core.contract_spec import HOUSING
 from bridge_assets.lake.settings import StorageSettings, load_environment
 
 if TYPE_CHECKING:
@@ -195,6 +198,35 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contract(args: argparse.Namespace) -> int:
+    """Check a contract file before anything runs, a CSV against it, and the API request it defines."""
+    import json
+
+    import polars as pl
+
+    from bridge_assets.core.contract import Contract
+    from bridge_assets.core.contract_spec import describe, load_contract
+
+    spec = load_contract(args.path)
+    print(f"{args.path}: a valid contract")
+    print("\n".join(describe(spec)))
+    if args.data:
+        frame = pl.read_csv(args.data, infer_schema=False)  # text, as landing reads a CSV batch
+        if spec.row_id not in frame.columns:  # landing numbers the rows of a batch without ids
+            frame = frame.with_row_index(spec.row_id).with_columns(pl.col(spec.row_id).cast(pl.String))
+        checked = Contract(spec).validate(frame)
+        print(
+            f"{args.data}: {frame.height} rows, {checked.valid.height} valid, {checked.quarantined.height} quarantined"
+        )
+        for reason, count in checked.reason_counts().items():
+            print(f"  {count} × {reason}")
+    if args.schema:
+        from serving.schemas import request_model
+
+        print(json.dumps(request_model(spec).model_json_schema(), indent=2))
+    return 0
+
+
 def _dagster(args: argparse.Namespace) -> int:
     """Run the `dagster` CLI on bridge's instance (DAGSTER_HOME set from BRIDGE_HOME, .env applied)."""
     import os
@@ -337,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--version", help="describe (or with --sql query) this version (default: latest)")
     features.add_argument("--sql", help="DuckDB SQL over the view `features`")
     features.set_defaults(run=_features)
+    contract = commands.add_parser(
+        "contract", help="check a data contract file, and a CSV against it", formatter_class=defaults
+    )
+    contract.add_argument("path", nargs="?", type=Path, default=HOUSING, help="the contract (TOML)")
+    contract.add_argument("--data", type=Path, help="a CSV to check: rows valid and quarantined, with the reasons")
+    contract.add_argument("--schema", action="store_true", help="print the JSON schema of the API request it defines")
+    contract.set_defaults(run=_contract)
     dagster = commands.add_parser(
         "dagster", help="the dagster CLI on bridge's instance, e.g. `bridge dagster run list`"
     )

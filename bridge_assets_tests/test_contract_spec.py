@@ -104,3 +104,41 @@ def test_a_second_data_set_is_validated_and_quarantined_by_its_own_contract():
         "bmi must be > 0",
         "age outside 0-120; bmi is missing",
     ]
+
+
+def test_a_contract_makes_its_own_request_model():
+    """The API request a contract defines: its fields with its rules, strict types, nothing else."""
+    from pydantic import ValidationError
+
+    from bridge_assets.core.contract_spec import CONTRACTS
+    from serving.schemas import request_model
+
+    spec = load_contract(CONTRACTS / "diabetes.toml")
+    request = request_model(spec)
+    assert set(request.model_json_schema()["properties"]) == set(spec.features)
+    assert request.model_validate(dict(spec.example)).model_dump()["sex"] == "2"
+    for change, field in [({"sex": "3"}, "sex"), ({"age": True}, "age"), ({"bmi": "32"}, "bmi"), ({"pool": 1}, "pool")]:
+        with pytest.raises(ValidationError, match=field):
+            request.model_validate({**spec.example, **change})
+
+
+def test_bridge_contract_checks_a_file_and_a_csv_before_anything_runs(tmp_path: Path, capsys):
+    """`bridge contract`: the rules as read, a CSV's valid and quarantined rows with reasons; a bad
+    file exits 2 naming the file and the field."""
+    from bridge_assets.cli import main
+    from bridge_assets.core.contract_spec import CONTRACTS
+
+    data = HOUSING.parents[1] / "data"
+    assert main(["contract", "--data", str(data / "HousingData.csv")]) == 0
+    assert "HousingData.csv: 545 rows, 545 valid, 0 quarantined" in capsys.readouterr().out
+    csv = tmp_path / "patients.csv"
+    csv.write_text((data / "diabetes.csv").read_text().splitlines()[0] + "\n59,3,32.1,101.0,157,93.2,38.0,4.0,4.8598,87,151\n40,1,x,90,150,90,40,4,4.5,80,100\n")
+    assert main(["contract", str(CONTRACTS / "diabetes.toml"), "--data", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "contract diabetes, version 1: predicts progression (number > 0)" in out and "  sex: category, one of 1 | 2" in out
+    assert "patients.csv: 2 rows, 0 valid, 2 quarantined" in out
+    assert "  1 × sex not one of 1/2" in out and "  1 × bmi is not a number" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(VALID.replace("gt = 0", "gt = 5\nle = 1"))
+    assert main(["contract", str(bad)]) == 2
+    assert f"{bad}: features.x: the lower bound 5 is not below le = 1" in capsys.readouterr().err

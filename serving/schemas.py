@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
-from bridge_assets.core.contract import CATEGORY_LEVELS, FEATURES, SPEC, plain_number
-from bridge_assets.core.contract_spec import CategoryRule, IntegerRule, NumberRule
+from bridge_assets.core.contract import FEATURES, SPEC, plain_number
+from bridge_assets.core.contract_spec import CategoryRule, ContractSpec, IntegerRule, NumberRule
 
 
 def _normalised(value: Any) -> Any:
@@ -51,16 +51,17 @@ def _request_field(name: str, rule: NumberRule | IntegerRule | CategoryRule) -> 
     return Number, field
 
 
-def _request_model() -> type[BaseModel]:
-    """The request model of the contract's features: categories first, as the BridgeAI clients
+def request_model(spec: ContractSpec) -> type[BaseModel]:
+    """The request model of a contract's features: categories first, as the BridgeAI clients
     send them, then the numbers."""
-    order = [*CATEGORY_LEVELS, *(name for name in FEATURES if name not in CATEGORY_LEVELS)]
-    fields: dict[str, Any] = {name: _request_field(name, SPEC.features[name]) for name in order}
-    example: dict[str, Any] | None = {"example": dict(SPEC.example)} if SPEC.example else None
+    categories = [name for name, rule in spec.features.items() if isinstance(rule, CategoryRule)]
+    order = [*categories, *(name for name in spec.features if name not in categories)]
+    fields: dict[str, Any] = {name: _request_field(name, spec.features[name]) for name in order}
+    example: dict[str, Any] | None = {"example": dict(spec.example)} if spec.example else None
     return create_model("RequestFeatures", __config__=ConfigDict(extra="forbid", json_schema_extra=example), **fields)
 
 
-class HouseFeatures(_request_model()):  # type: ignore[misc]
+class HouseFeatures(request_model(SPEC)):  # type: ignore[misc]
     """One house, as the BridgeAI clients send it (categories in any case); the fields, their
     bounds and levels are the data contract's."""
 

@@ -118,6 +118,29 @@ class ContractSpec(_Strict):
         return self
 
 
+def describe(spec: ContractSpec) -> list[str]:
+    """The contract in a few lines, as `bridge contract` prints it."""
+    lines = [
+        f"contract {spec.name}, version {spec.version}: predicts {spec.target.name} ({_rule_text(spec.target)})",
+        f"  row id {spec.row_id}; landing time {spec.seen_at}",
+        *(f"  {name}: {_rule_text(rule)}" for name, rule in spec.features.items()),
+    ]
+    if spec.slices:
+        lines.append(f"  slices the gates and the monitor report: {', '.join(spec.slices)}")
+    return lines
+
+
+def _rule_text(rule: NumberRule | IntegerRule | CategoryRule) -> str:
+    if isinstance(rule, CategoryRule):
+        return f"category, one of {' | '.join(rule.levels)}"
+    if isinstance(rule, IntegerRule):
+        return f"integer, {rule.ge} to {rule.le}"
+    low = f"> {rule.gt:,.10g}" if rule.gt is not None else f">= {rule.ge:,.10g}" if rule.ge is not None else ""
+    high = f"<= {rule.le:,.10g}" if rule.le is not None else ""
+    bounds = " and ".join(bound for bound in (low, high) if bound)
+    return f"number {bounds}" if bounds else "number"
+
+
 def load_contract(path: Path) -> ContractSpec:
     """The contract in `path`; a `ContractFileError` naming the file and each field at fault."""
     try:
