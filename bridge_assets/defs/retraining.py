@@ -14,6 +14,7 @@ import dagster as dg
 
 from bridge_assets.defs.audit import open_registry
 from bridge_assets.defs.cadence import cadenced_sensor
+from bridge_assets.defs.features import IN_PROGRESS
 from bridge_assets.defs.monitoring import ALARM_RECORDS, Monitoring, drift_report
 from bridge_assets.defs.resources import LakeStorage, MlflowTracking
 from bridge_assets.defs.training import candidate_model
@@ -41,12 +42,6 @@ retrain_model = dg.define_asset_job(
     tags={RETRAIN_TAG: "manual"},
     description="Ready retraining run (manual policy): a training round on the newest feature version.",
 )
-OPEN_STATUSES = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 def _alarms_of(metadata: Mapping[str, dg.MetadataValue]) -> list[Alarm]:
@@ -124,7 +119,7 @@ def retrain_sensor(
         ):
             alarms = []  # this window's traffic is already in a retrained round
         open_runs = sum(
-            len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: kind}, statuses=OPEN_STATUSES)))
+            len(context.instance.get_run_records(dg.RunsFilter(tags={RETRAIN_TAG: kind}, statuses=IN_PROGRESS)))
             for kind in ("automatic", "manual")
         )
         since = time.time() - state["last_request"] if state["last_request"] else None

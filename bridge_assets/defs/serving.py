@@ -11,6 +11,7 @@ from pydantic import Field
 
 from bridge_assets.defs.audit import audit_markdown, open_registry, run_actor
 from bridge_assets.defs.cadence import cadenced_sensor
+from bridge_assets.defs.features import IN_PROGRESS
 from bridge_assets.defs.resources import Alerting, LakeStorage, MlflowTracking, PromotionPolicy, RayServing
 from bridge_assets.defs.training import candidate_model
 from bridge_assets.ml.following import FollowState, follow, refused
@@ -230,13 +231,7 @@ DEPLOY_RETRY_SECONDS = 300  # a deployment that did not bring the service in lin
 
 def _deployment_in_flight(instance: dg.DagsterInstance) -> bool:
     """A production_deployment run is queued or running: its outcome is what to wait for."""
-    unfinished = [
-        dg.DagsterRunStatus.QUEUED,
-        dg.DagsterRunStatus.NOT_STARTED,
-        dg.DagsterRunStatus.STARTING,
-        dg.DagsterRunStatus.STARTED,
-    ]
-    runs = instance.get_runs(dg.RunsFilter(statuses=unfinished), limit=20)
+    runs = instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS), limit=20)
     return any(production_deployment.key in (run.asset_selection or set()) for run in runs)
 
 
