@@ -94,14 +94,23 @@ lint: install
 # Two pytest processes side by side: the tests marked `apart` (the demo and the stack bring up
 # their own Ray and Dagster) and the rest (sharing one Ray, one `dagster dev`, one moto). The
 # apart run's output is printed after the other's; the target fails if either run does.
+# A native crash (segfault) writes every thread's stack to test-artifacts/crash-<run>.log; the
+# crashed thread's is printed at the end, where CI's shortened output keeps it.
 APART_LOG := test-artifacts/pytest-apart.log
 test: install lint system-deps test-deps $(S3_SERVER_DEPS)
 	@mkdir -p $(dir $(APART_LOG))
 	@echo "pytest -m apart (the demo, the stack) runs beside the rest; its output: $(APART_LOG)"
-	@$(BIN)/python -m pytest -q -p no:cacheprovider -m apart > $(APART_LOG) 2>&1 & apart=$$!; \
+	@BRIDGE_TEST_CRASH_LOG=test-artifacts/crash-apart.log \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -m apart > $(APART_LOG) 2>&1 & apart=$$!; \
+	  BRIDGE_TEST_CRASH_LOG=test-artifacts/crash-rest.log \
 	  $(BIN)/python -m pytest -q -p no:cacheprovider -m "not apart"; shared=$$?; \
 	  wait $$apart; apart_status=$$?; echo; echo "=== pytest -m apart"; cat $(APART_LOG); \
-	  echo "=== make test: rest exited $$shared, apart exited $$apart_status"; exit $$(( shared || apart_status ))
+	  echo "=== make test: rest exited $$shared, apart exited $$apart_status"; \
+	  for run in rest apart; do if grep -q "^Fatal Python error" test-artifacts/crash-$$run.log 2>/dev/null; then \
+	    echo "=== pytest ($$run) crashed; the crashed thread's top frames (all threads: test-artifacts/crash-$$run.log)"; \
+	    awk '/^Fatal Python error/ {print} /^Current thread/ {on=1} on && (/^$$/ || ++n > 14) {exit} on {print}' test-artifacts/crash-$$run.log; \
+	  fi; done; \
+	  exit $$(( shared || apart_status ))
 
 # The production-shaped stack end to end (Postgres, MLflow server, two Ray nodes, Dagster daemon).
 test-stack: install system-deps $(S3_SERVER_DEPS)

@@ -3,14 +3,17 @@ Ray Serve prediction service for the session."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TextIO
 
 import boto3
 import pytest
@@ -59,6 +62,21 @@ LAKE_VARIABLES = (
 APART = ("test_cli_and_demo.py::test_demo_", "test_cli_and_demo.py::test_the_demo_run_again", "test_stack.py::")
 
 
+CRASH_LOG = pytest.StashKey[TextIO]()
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own faulthandler plugin, which writes to stderr
+def pytest_configure(config: pytest.Config) -> None:
+    """A native crash's stacks, every thread's, go whole to `BRIDGE_TEST_CRASH_LOG` when set:
+    on stderr they drown in the run's output and CI keeps only its head and tail. `make test`
+    sets it and prints the crashed thread's stack from it."""
+    crash_log = os.environ.get("BRIDGE_TEST_CRASH_LOG")
+    if crash_log:
+        Path(crash_log).parent.mkdir(parents=True, exist_ok=True)
+        config.stash[CRASH_LOG] = open(crash_log, "w")  # noqa: SIM115  open for the whole session
+        faulthandler.enable(file=config.stash[CRASH_LOG], all_threads=True)
+
+
 def pytest_itemcollected(item: pytest.Item) -> None:
     if any(marker in item.nodeid for marker in APART):
         item.add_marker(pytest.mark.apart)
@@ -91,6 +109,23 @@ def _isolated_environment() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_driver_between_tests() -> Iterator[None]:
+    """A test that deploys makes this process a Ray driver (a C++ core worker and its gRPC
+    threads); it disconnects after the test (the cluster and Serve keep running). Twice this
+    process crashed in sqlite3's close inside Dagster's SQLite storage while a driver had been
+    attached for the rest of the session; now the tests of Dagster's storage, DuckDB and torch
+    run beside no driver. The next deploy connects again."""
+    yield
+    _disconnect_ray()
+
+
+def _disconnect_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -174,6 +209,7 @@ def serving_session(moto_endpoint: str) -> Iterator[SimpleNamespace]:
             client = settings.activate()
             promote_to_production(client, settings.model_name, versions[0])
             deployed = deploy_through_dagster()
+            _disconnect_ray()
             assert deployed.success, deployed.all_events
             (event,) = deployed.get_asset_materialization_events()
             metadata = {k: v.value for k, v in event.materialization.metadata.items()}
