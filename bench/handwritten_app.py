@@ -35,12 +35,12 @@ def _load(name: str, version: str) -> TrainedModel:
 
 
 MODEL = _load(os.environ["BENCH_MODEL_NAME"], os.environ["BENCH_MODEL_VERSION"])
-NETWORK = MODEL.network()
+MODEL.network()  # built once, before the first request
 app = FastAPI(title="hand-written house-price service")
 
 
 @app.post("/predict")
 async def predict(features: HouseFeatures) -> dict[str, Any]:
     row = pl.DataFrame([features.model_dump()], schema_overrides={"area": pl.Float64})
-    price = float(MODEL.predict_encoded(MODEL.preprocessor.transform(row), NETWORK)[0])
+    price = float(MODEL.predict_encoded(MODEL.preprocessor.transform(row))[0])
     return {"status": 200, "message": "House price prediction successful", "response": {"prediction": price, "unit": "GBP(£)"}}

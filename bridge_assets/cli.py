@@ -240,12 +240,14 @@ def _dagster(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from bridge_assets.core.presets import preset
     from bridge_assets.lake.feature_store import FeatureStore
+    from bridge_assets.ml.container import TrainingSettings
     from bridge_assets.ml.round import run_round
     from bridge_assets.ml.tracking import MlflowSettings, log_round
 
     features = FeatureStore(StorageSettings.from_env().open())
     version = args.feature_version or (features.latest() or sys.exit("no feature version yet")).version
-    overrides = {"max_epochs": args.max_epochs} if args.max_epochs else {}
+    trainer = args.trainer or TrainingSettings.from_env().trainer
+    overrides = {k: v for k, v in (("max_epochs", args.max_epochs), ("trainer", trainer)) if v}
     result = run_round(features.scan(version).collect(), [preset(p, **overrides) for p in args.preset], args.split)
     record = log_round(MlflowSettings.from_env(), result, feature_version=version)
     for candidate in result.candidates:
@@ -388,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--split", choices=("hash", "reference"), default="hash")
     train.add_argument("--feature-version", help="default: latest")
     train.add_argument("--max-epochs", type=int)
+    train.add_argument(
+        "--trainer",
+        help="entry point package.module:function that trains every preset (default: BRIDGE_TRAINER, else each preset's)",
+    )
     train.set_defaults(run=_train)
 
     promote = commands.add_parser("promote", help="move the Staging version to Production (needs an A/B verdict)")

@@ -274,7 +274,7 @@ def test_a_version_failing_inside_the_replica_leaves_the_old_one_serving(service
     (tmp_path / "weights.pth").write_bytes(b"not a torch file")
     shutil.copy(source / "model.json", tmp_path / "model.json")
     with mlflow.start_run(run_name="broken"):
-        info = log_pyfunc(tmp_path / "weights.pth", tmp_path / "model.json", tmp_path / "code")
+        info = log_pyfunc({"weights": tmp_path / "weights.pth", "model": tmp_path / "model.json"}, tmp_path / "code")
     broken = str(mlflow.register_model(info.model_uri, "housing-price").version)
 
     promote_to_production(service.client, "housing-price", broken)

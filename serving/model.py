@@ -2,8 +2,8 @@
 places a variant's version can run: inside the ingress replica (`LocalVariant`, the default) or
 in its own deployment behind a handle (`ModelVariant` through `RemoteVariant`).
 
-The service calls the version's own preprocessing state and network directly (the same
-`TrainedModel` and recalibration stage the pyfunc wraps), so predictions equal
+The service calls the version's own preprocessing state and model directly (the same model,
+loaded by the loader its description names, and recalibration stage the pyfunc wraps), so predictions equal
 `mlflow.pyfunc.load_model(...).predict` while skipping pandas per request; rows the API schema validated skip Polars too.
 
 Where a version runs (`BRIDGE_SERVE_MODEL_PLACEMENT`): `ingress` loads every served version in
@@ -30,8 +30,8 @@ from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.pyfunc import check_rows
 from bridge_assets.ml.tracking import MlflowSettings, load_registered
 
-if TYPE_CHECKING:  # torch comes with a loaded version, not with every process that deploys one
-    from bridge_assets.core.training import PriceNet, TrainedModel
+if TYPE_CHECKING:  # torch or scikit-learn come with a loaded version, not with every process that deploys one
+    from bridge_assets.core.model_api import Model
 
 
 @dataclass
@@ -43,8 +43,7 @@ class ServedModel:
     alias: str | None
     run_id: str
     feature_version: str
-    model: TrainedModel
-    net: PriceNet
+    model: Model
     calibration: Recalibration | None = None  # the version's recalibration stage, as the pyfunc applies it
 
     @classmethod
@@ -58,20 +57,17 @@ class ServedModel:
             run_id=details.tags.get("bridge.run_id", details.run_id or ""),
             feature_version=details.tags.get("bridge.feature_version", "unknown"),
             model=model,
-            net=model.network(),
             calibration=calibration,
         )
 
     def predict(self, rows: pl.DataFrame) -> np.ndarray:
         """Prices for raw rows; raises `InvalidInput` naming row and field for a contract breach."""
-        return self._calibrated(
-            self.model.predict_encoded(self.model.preprocessor.transform(check_rows(rows)), self.net)
-        )
+        return self._calibrated(self.model.predict_encoded(self.model.preprocessor.transform(check_rows(rows))))
 
     def predict_records(self, records: list[dict[str, Any]]) -> np.ndarray:
         """Prices for rows the API schema validated (the contract's fields, bounds and levels, in
         their one spelling): encoded without a Polars frame, whose fixed cost dominates one row."""
-        return self._calibrated(self.model.predict_encoded(self.model.preprocessor.encode_records(records), self.net))
+        return self._calibrated(self.model.predict_encoded(self.model.preprocessor.encode_records(records)))
 
     def _calibrated(self, predictions: np.ndarray) -> np.ndarray:
         return self.calibration.apply(predictions) if self.calibration else predictions

@@ -7,6 +7,7 @@ Input is validated against the contract first: a bad row raises, naming the fiel
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 
 from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.contract import FEATURES, ROW_ID, validate
+from bridge_assets.core.model_api import load_model
 
 
 class InvalidInput(ValueError):
@@ -41,18 +43,16 @@ def check_rows(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 class HousingPyfunc(PythonModel):
-    """Loads `weights` (.pth), `model` (JSON: preprocessing, config) and, if the version has one,
-    `calibration` (JSON: the recalibration stage applied after the network) from the artifacts."""
+    """Loads the model its `model` artifact (`model.json`) describes, by the loader named there
+    (bridge's network: `weights`, a .pth; scikit-learn's boosting: `estimator`), and, if the
+    version has one, `calibration` (JSON: the recalibration stage applied after the model)."""
 
     def load_context(self, context: PythonModelContext) -> None:
-        from bridge_assets.core.training import TrainedModel  # torch, only where a network is loaded
-
-        self.model = TrainedModel.load(context.artifacts["weights"], context.artifacts["model"])
-        self.net = self.model.network()
+        self.model = load_model(Path(context.artifacts["model"]).parent)  # every artifact sits in one folder
         stage = context.artifacts.get("calibration")
         self.calibration = Recalibration.load(stage) if stage else None
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         rows = check_rows(pl.from_pandas(pd.DataFrame(model_input)))
-        predictions = self.model.predict_encoded(self.model.preprocessor.transform(rows), self.net)
+        predictions = self.model.predict_encoded(self.model.preprocessor.transform(rows))
         return self.calibration.apply(predictions) if self.calibration else predictions

@@ -1,4 +1,4 @@
-"""The PyTorch price model, its configurations and the trainer (no Dagster, no MLflow).
+"""The PyTorch price model and its trainer, bridge's default (no Dagster, no MLflow).
 
 Training runs on in-memory tensors, slicing shuffled index batches (no per-row DataLoader),
 is deterministic from a seed, and always returns the best-validation weights (the reference
@@ -10,7 +10,6 @@ Its configurations and presets: `bridge_assets.core.presets`.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,13 @@ from torch import nn
 from bridge_assets.core.contract import TARGET
 from bridge_assets.core.features import Preprocessor
 from bridge_assets.core.metrics import LinearModel
+from bridge_assets.core.model_api import (
+    DESCRIPTION,
+    NETWORK_LOADER,
+    CannotContinue,
+    read_description,
+    write_description,
+)
 from bridge_assets.core.presets import TrainConfig
 
 
@@ -60,15 +66,19 @@ class TrainedModel:
     state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float | None]] = field(default_factory=list)  # epoch 0: before training
     best_epoch: int = 0
+    _net: PriceNet | None = field(default=None, init=False, repr=False, compare=False)
 
     def network(self) -> PriceNet:
-        net = PriceNet(len(self.preprocessor.feature_names), self.config.hidden, self.config.linear_skip)
-        net.load_state_dict(self.state_dict)
-        return net.eval()
+        """The network with these weights, built once: serving predicts with it per request."""
+        if self._net is None:
+            net = PriceNet(len(self.preprocessor.feature_names), self.config.hidden, self.config.linear_skip)
+            net.load_state_dict(self.state_dict)
+            self._net = net.eval()
+        return self._net
 
-    def predict_encoded(self, features: np.ndarray, net: PriceNet | None = None) -> np.ndarray:
-        """Prices from an already-encoded matrix (serving can keep `net` loaded)."""
-        net = net or self.network()
+    def predict_encoded(self, features: np.ndarray) -> np.ndarray:
+        """Prices from an already-encoded matrix."""
+        net = self.network()
         with torch.no_grad():
             scaled = net(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).double().numpy()
         raw = scaled * self.target_std + self.target_mean
@@ -82,35 +92,32 @@ class TrainedModel:
         """Write `weights.pth` and `model.json` (config, preprocessing, target scaling, history)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        weights, description = directory / "weights.pth", directory / "model.json"
+        weights = directory / "weights.pth"
         torch.save(self.state_dict, weights)
-        description.write_text(
-            json.dumps(
-                {
-                    "config": self.config.to_dict(),
-                    "preprocessor": self.preprocessor.to_dict(),
-                    "target_mean": self.target_mean,
-                    "target_std": self.target_std,
-                    "best_epoch": self.best_epoch,
-                    "history": self.history,
-                },
-                indent=2,
-            )
+        description = write_description(
+            directory, NETWORK_LOADER, self, target_mean=self.target_mean, target_std=self.target_std
         )
         return {"weights": weights, "model": description}
 
     @classmethod
+    def load_dir(cls, directory: str | Path) -> TrainedModel:
+        return cls.load(Path(directory) / "weights.pth", Path(directory) / DESCRIPTION)
+
+    @classmethod
     def load(cls, weights: str | Path, description: str | Path) -> TrainedModel:
-        meta = json.loads(Path(description).read_text())
-        return cls(
-            config=TrainConfig.from_dict(meta["config"]),
-            preprocessor=Preprocessor.from_dict(meta["preprocessor"]),
+        """A saved model with its network built, ready for a first request."""
+        meta = read_description(Path(description).parent)
+        model = cls(
+            config=meta["config"],
+            preprocessor=meta["preprocessor"],
             target_mean=meta["target_mean"],
             target_std=meta["target_std"],
             state_dict=torch.load(weights, weights_only=True),
             history=meta["history"],
             best_epoch=meta["best_epoch"],
         )
+        model.network()
+        return model
 
 
 def _tensor(matrix: np.ndarray) -> torch.Tensor:
@@ -149,6 +156,8 @@ def train_model(
     describe the same network."""
     torch.manual_seed(config.seed)
     if warm_start is not None:
+        if not isinstance(warm_start, TrainedModel):
+            raise CannotContinue(f"the network can only fine-tune a network, not a {type(warm_start).__name__}")
         if (config.hidden, config.linear_skip, config.log_target) != (
             warm_start.config.hidden,
             warm_start.config.linear_skip,

@@ -5,6 +5,7 @@ from typing import Literal
 import dagster as dg
 from pydantic import Field, field_validator
 
+from bridge_assets.core.model_api import ENTRY_POINT
 from bridge_assets.core.presets import OPTIONS, PRESETS, preset
 from bridge_assets.core.recency import Recency
 from bridge_assets.defs.audit import run_actor
@@ -22,6 +23,12 @@ class TrainingRoundConfig(dg.Config):
     feature_version: str | None = Field(default=None, description="pin a feature version (default: latest)")
     max_epochs: int | None = Field(default=None, ge=1, description="cap epochs for every preset")
     seed: int | None = Field(default=None, description="override every preset's seed")
+    trainer: str | None = Field(
+        default=None,
+        pattern=ENTRY_POINT.pattern,
+        description="a Python entry point `package.module:function` that trains every preset instead of its own "
+        "(default: BRIDGE_TRAINER, else each preset's)",
+    )
     options: list[str] = Field(
         default=list(OPTIONS),
         min_length=1,
@@ -51,8 +58,15 @@ class TrainingRoundConfig(dg.Config):
             raise ValueError(f"unknown round option(s) {unknown}; choose from {list(OPTIONS)}")
         return options
 
-    def configs(self) -> list[dict]:
-        overrides = {k: v for k, v in (("max_epochs", self.max_epochs), ("seed", self.seed)) if v is not None}
+    def configs(self, default_trainer: str | None = None) -> list[dict]:
+        """The presets with this round's overrides; `default_trainer` (BRIDGE_TRAINER) trains
+        them unless the round names its own."""
+        trainer = self.trainer or default_trainer
+        overrides = {
+            k: v
+            for k, v in (("max_epochs", self.max_epochs), ("seed", self.seed), ("trainer", trainer))
+            if v is not None
+        }
         return [preset(name, **overrides).to_dict() for name in self.presets]
 
 
@@ -80,7 +94,7 @@ def candidate_model(
     against the linear baselines and the loss curve back.
     """
     extras = {
-        "configs": config.configs(),
+        "configs": config.configs(training.settings().trainer),
         "split": config.split,
         "feature_version": config.feature_version,
         "options": config.options,

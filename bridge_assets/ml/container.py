@@ -21,11 +21,12 @@ from urllib.parse import urlparse
 
 from pydantic import Field
 
+from bridge_assets.core.model_api import ENTRY_POINT
 from bridge_assets.settings import EnvSettings
 
 
 class TrainingSettings(EnvSettings):
-    """Where a training round runs (step 13)."""
+    """Where a training round runs (step 13), and what trains its models."""
 
     launcher: Literal["subprocess", "docker"] = Field(
         "subprocess",
@@ -34,6 +35,13 @@ class TrainingSettings(EnvSettings):
     )
     image: str = Field(
         "bridge:latest", validation_alias="BRIDGE_TRAINING_IMAGE", description="image for the Docker launcher"
+    )
+    trainer: str | None = Field(
+        None,
+        validation_alias="BRIDGE_TRAINER",
+        pattern=ENTRY_POINT.pattern,
+        description="a Python entry point `package.module:function` that trains every configuration of a round "
+        "(default: each preset's own; `bridge_assets.core.boosting:train_boosting` is the built-in scikit-learn one)",
     )
 
 

@@ -1,7 +1,7 @@
 """A training round: several options on one feature version, scored against baselines.
 
 A round always trains its configurations from scratch. With an incumbent (the Production
-version) it can also fine-tune the incumbent's network on the rows it never saw, and recalibrate
+version) it can also fine-tune the incumbent's model on the rows it never saw, and recalibrate
 the incumbent's predictions without training at all. After drift, what counts is the world as
 it is now: validation and the choice between options use the held-out rows of batches the
 incumbent never saw (`recent_batches`; the hash split keeps every row in one part, so no row
@@ -11,7 +11,7 @@ both trains and judges), and the from-scratch models and the linear baselines we
 The choice prefers the cheapest option that is as good as the best: a costlier option
 (recalibration < fine-tuning < training from scratch) wins only if it lowers the validation
 RMSE by more than `min_gain` and beyond chance on those rows (a paired test of the squared
-errors, one-sided 95%), so a few hundred validation rows' noise does not buy a new network.
+errors, one-sided 95%), so a few hundred validation rows' noise does not buy a new model.
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from bridge_assets.core.calibration import CalibrationKind, Recalibration
 from bridge_assets.core.contract import SEEN_AT, TARGET
 from bridge_assets.core.features import Preprocessor
 from bridge_assets.core.metrics import BASELINES, LinearModel, regression_metrics
+from bridge_assets.core.model_api import CannotContinue, trainer_of
 from bridge_assets.core.presets import OPTIONS, Option, TrainConfig
 from bridge_assets.core.recency import Recency
 
-if TYPE_CHECKING:  # torch: imported by the round that trains, not by whatever reads its results
-    from bridge_assets.core.training import TrainedModel
+if TYPE_CHECKING:
+    from bridge_assets.core.model_api import Model
 
 SPLIT_COLUMNS = {"hash": "split", "reference": "reference_split"}
 SELECTION_METRIC = "val_rmse"
@@ -47,7 +48,7 @@ class Incumbent:
     """The version a round may fine-tune or recalibrate (Production), as it predicts today."""
 
     version: str
-    model: TrainedModel
+    model: Model
     calibration: Recalibration | None = None
 
 
@@ -82,7 +83,7 @@ class Candidate:
     `recent_test_*` when there are recent rows)."""
 
     config: TrainConfig
-    model: TrainedModel
+    model: Model
     metrics: dict[str, float]
     option: Option = "scratch"
     calibration: Recalibration | None = None
@@ -253,9 +254,9 @@ def run_round(
     policy: RoundPolicy | None = None,
     incumbent: Incumbent | None = None,
 ) -> RoundResult:
-    """Train and compare every option on the same rows; choices are made on validation only."""
-    from bridge_assets.core.training import train_model  # torch: loaded by the process that trains
-
+    """Train and compare every option on the same rows; choices are made on validation only.
+    Each configuration is trained by its own trainer (`TrainConfig.trainer`); fine-tuning uses
+    the incumbent's."""
     policy = policy or RoundPolicy()
     if "scratch" in policy.options and not configs:
         raise ValueError("a training round needs at least one configuration")
@@ -313,7 +314,7 @@ def run_round(
             continue
         if option == "scratch":
             for config in configs:  # one preprocessing fit and encoding serve the baselines and every config
-                model = train_model(train, validation, config, preprocessor=encode, sample_weights=weights)
+                model = trainer_of(config)(train, validation, config, preprocessor=encode, sample_weights=weights)
                 note = f"recency {policy.recency.describe()}" if policy.recency.active else ""
                 candidate = Candidate(config, model, {}, "scratch", None, train.height, note)
                 candidate.metrics, candidate.val_errors = evaluate(
@@ -342,11 +343,15 @@ def run_round(
                 "recalibrate",
                 stage,
                 0,
-                f"Production v{incumbent.version}'s network, unchanged",
+                f"Production v{incumbent.version}'s model, unchanged",
             )
         else:
             config = replace(incumbent.model.config, name=f"v{incumbent.version}-finetuned")
-            model = train_model(recent_train, validation, config, warm_start=incumbent.model)
+            try:
+                model = trainer_of(config)(recent_train, validation, config, warm_start=incumbent.model)
+            except CannotContinue as why:
+                skipped[option] = str(why)
+                continue
             candidate = Candidate(
                 config,
                 model,

@@ -1,8 +1,8 @@
 """MLflow tracking and registry for training rounds (steps 2, 3 and 19).
 
 One parent run per round, one nested run per configuration. Each run logs hyperparameters,
-per-epoch losses, metrics next to both linear baselines, the weights (.pth), the model as a
-pyfunc over raw housing columns (signature, input example, the core's code), and lineage tags.
+per-epoch losses, metrics next to both linear baselines, the model's own files (a network's
+weights, an estimator), the model as a pyfunc over raw housing columns (signature, input example, the core's code), and lineage tags.
 The round's best run is registered as a new version of the model, marked as a candidate: the
 reference's stage "None" (alias `candidate`, tag `bridge.stage=None`, an audit record); stages
 and their trail live in `bridge_assets.ml.registry`.
@@ -36,6 +36,7 @@ import bridge_assets.core as core_package
 from bridge_assets.core.calibration import FILE_NAME as CALIBRATION_FILE
 from bridge_assets.core.calibration import Recalibration
 from bridge_assets.core.contract import COUNT_FEATURES, FEATURES
+from bridge_assets.core.model_api import Model, load_model
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.settings import DEFAULT_PREFIX, PROJECT_ROOT, StorageSettings, bridge_home
@@ -43,14 +44,13 @@ from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import Registry
 from bridge_assets.settings import DERIVED, EnvSettings
 
-if TYPE_CHECKING:  # torch: imported where a network is loaded, not by every process that loads the definitions
-    from bridge_assets.core.training import TrainedModel
+if TYPE_CHECKING:
     from bridge_assets.ml.round import Candidate, RoundResult
 
 DEFAULT_EXPERIMENT = "bridge-housing"
 DEFAULT_MODEL_NAME = "housing-price"
 DEFAULT_UI_PORT = 5000  # `make mlflow` over the embedded store (BRIDGE_MLFLOW_PORT)
-_MODEL_REQUIREMENTS = ("torch", "polars", "numpy", "pandas", "pyarrow", "mlflow")
+_MODEL_REQUIREMENTS = ("torch", "scikit-learn", "polars", "numpy", "pandas", "pyarrow", "mlflow")
 # `area` is "any": MLflow refuses int64 for a double column, and clients send both 1200 and
 # 1200.5; the pyfunc's contract check then rejects anything that is not a positive number.
 MODEL_SIGNATURE = ModelSignature(
@@ -250,7 +250,9 @@ def _log_candidate(
         mlflow.log_metrics({f"{name}_{k}": v for name, scores in result.baselines.items() for k, v in scores.items()})
         mlflow.set_tags({"bridge.option": candidate.option, "bridge.trained_rows": str(candidate.trained_rows)})
         files = candidate.model.save(workdir / config.name)
-        mlflow.log_artifact(str(files["weights"]), "weights")
+        for name, path in files.items():
+            if name != "model":  # the model's own files (weights, an estimator), beside the pyfunc's copy
+                mlflow.log_artifact(str(path), name)
         mlflow.log_dict(config.to_dict(), "config.json")
         calibration = None
         if candidate.calibration is not None:
@@ -265,16 +267,16 @@ def _log_candidate(
         curve = workdir / f"{config.name}-loss_curve.png"
         curve.write_bytes(loss_curve_png(candidate))
         mlflow.log_artifact(str(curve))
-        logged = log_pyfunc(files["weights"], files["model"], workdir / f"{config.name}-code", calibration)
+        logged = log_pyfunc(files, workdir / f"{config.name}-code", calibration)
     return run_id, logged.model_uri
 
 
 def log_pyfunc(
-    weights: Path, description: Path, workdir: Path, calibration: Path | None = None
+    files: Mapping[str, Path], workdir: Path, calibration: Path | None = None
 ) -> mlflow.models.model.ModelInfo:
-    """Log a saved `TrainedModel` (and its recalibration stage, if any) as the pyfunc `model` of
-    the active run."""
-    artifacts = {"weights": str(weights), "model": str(description)}
+    """Log a saved model (the files its `save` wrote, `model` its description) and its
+    recalibration stage, if any, as the pyfunc `model` of the active run."""
+    artifacts = {name: str(path) for name, path in files.items()}
     if calibration is not None:
         artifacts["calibration"] = str(calibration)
     return mlflow.pyfunc.log_model(
@@ -364,18 +366,17 @@ def log_round(
     )
 
 
-def load_registered(model_name: str, version: str) -> tuple[TrainedModel, Recalibration | None]:
-    """A registered version's network and its recalibration stage, read fully from its artifacts
-    (the files the pyfunc loads) in the active MLflow store, without pandas or the pyfunc wrapper."""
-    from bridge_assets.core.training import TrainedModel
-
+def load_registered(model_name: str, version: str) -> tuple[Model, Recalibration | None]:
+    """A registered version's model (by the loader its description names) and its recalibration
+    stage, read fully from its artifacts (the files the pyfunc loads) in the active MLflow store,
+    without pandas or the pyfunc wrapper."""
     with tempfile.TemporaryDirectory(prefix="bridge-model-") as scratch:  # read fully, then gone
         local = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{model_name}/{version}/artifacts", dst_path=scratch
             )
         )
-        return TrainedModel.load(local / "weights.pth", local / "model.json"), Recalibration.load_optional(local)
+        return load_model(local), Recalibration.load_optional(local)
 
 
 def unseen_batches(
