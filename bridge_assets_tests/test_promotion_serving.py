@@ -22,6 +22,7 @@ from ray import serve
 
 from bridge_assets.core.contract import FEATURES, ROW_ID, validate
 from bridge_assets.core.features import prepare_batch
+from bridge_assets.core.presets import BOOSTING_TRAINER, preset
 from bridge_assets.core.pyfunc import HousingPyfunc
 from bridge_assets.core.simulator import Drift, HousingSimulator, load_seed_data
 from bridge_assets.core.training import PriceNet, TrainedModel
@@ -363,3 +364,26 @@ def test_a_recalibrated_version_prices_alike_in_serve_batch_scoring_and_mlflow(s
     stage = result.best.calibration
     before = mlflow.pyfunc.load_model(f"models:/{name}/{production}").predict(frame)[0]
     assert through_mlflow == pytest.approx(before * np.exp(stage.offset), rel=1e-6) and 1.35 < np.exp(stage.offset) < 1.65
+
+
+def test_a_version_of_another_trainer_is_served_by_ray_serve_as_mlflow_predicts(service, bridge):
+    """A scikit-learn boosting version goes where the network goes: registered by a round, deployed
+    by registry_sensor, loaded in Serve's replicas by the loader its model.json names, and
+    `/predict` and `/invocations` reply what `mlflow.pyfunc` predicts."""
+    registry, follow, defs, instance, production = bridge
+    name, store = service.settings.model_name, service.store
+    latest = FeatureStore(store).latest()
+    result = run_round(FeatureStore(store).scan(latest).collect(), [preset("boosting", max_epochs=60)])
+    boosted = log_round(service.settings, result, feature_version=latest.version, store=store).model_version
+    registry.set_production(boosted, reason="test: a boosting version")
+    assert len(follow()) == 1
+
+    houses = store.scan_parquet([valid_key("sim-serve")]).collect().head(3)
+    bodies = houses.select(FEATURES).with_columns(pl.col(pl.Enum).cast(pl.String)).to_dicts()
+    through_mlflow = mlflow.pyfunc.load_model(f"models:/{name}/{boosted}").predict(pd.DataFrame(bodies))
+    status, reply, _ = call(service.url, "/predict", bodies[0])
+    assert status == 200 and reply["response"]["model_version"] == boosted
+    assert reply["response"]["prediction"] == pytest.approx(through_mlflow[0], rel=1e-9)
+    status, invoked, _ = call(service.url, "/invocations", {"inputs": bodies})
+    assert status == 200 and invoked["predictions"] == pytest.approx(list(through_mlflow), rel=1e-9)
+    assert call(service.url, "/model")[1]["response"]["config"]["trainer"] == BOOSTING_TRAINER
