@@ -26,7 +26,7 @@ from bridge_assets.core.features import Preprocessor
 from bridge_assets.core.presets import TrainConfig
 
 DESCRIPTION = "model.json"  # every saved model's description, naming its `loader`
-NETWORK_LOADER = "bridge_assets.core.training:TrainedModel"  # versions saved before `loader` existed
+NETWORK_LOADER = "bridge_assets.core.training:TrainedModel"  # the network; also versions saved before `loader`
 ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
