@@ -20,7 +20,6 @@ import hashlib
 import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
@@ -29,12 +28,9 @@ from bridge_assets.core.calibration import CalibrationKind, Recalibration
 from bridge_assets.core.contract import SEEN_AT, TARGET
 from bridge_assets.core.features import Preprocessor
 from bridge_assets.core.metrics import BASELINES, LinearModel, regression_metrics
-from bridge_assets.core.model_api import CannotContinue, trainer_of
+from bridge_assets.core.model_api import CannotContinue, Model, trainer_of
 from bridge_assets.core.presets import OPTIONS, Option, TrainConfig
 from bridge_assets.core.recency import Recency
-
-if TYPE_CHECKING:
-    from bridge_assets.core.model_api import Model
 
 SPLIT_COLUMNS = {"hash": "split", "reference": "reference_split"}
 SELECTION_METRIC = "val_rmse"
