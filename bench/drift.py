@@ -17,7 +17,7 @@ cannot profile an hour of traffic in seconds, is not a monitor. Goals (issue 9):
 Setup: a model trained by the core (`run_round`, default preset) on the real data plus
 `--train-rows` simulated rows; its reference is built exactly as for a registered version
 (`build_reference`: training-split features, held-out predictions, loss estimator on the
-held-out rows). Each window is simulated by `HousingSimulator` with its own seed, scored by
+held-out rows). Each window is simulated by `Simulator` with its own seed, scored by
 the model, profiled by `profile_frame` and judged by `profile_drift` with the default
 thresholds (`DriftSettings()`: KS 0.05, PSI 0.2 per column, noise floor 1.9·sqrt(1/n+1/m)).
 
@@ -40,7 +40,7 @@ import polars as pl
 from bridge_assets.core.contract import FEATURES, TARGET, validate
 from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.presets import preset
-from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS, Drift, HousingSimulator, load_seed_data
+from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS, Drift, Simulator, load_seed_data
 from bridge_assets.ml.round import run_round
 from bridge_assets.monitoring.drift import DriftSettings, profile_drift
 from bridge_assets.monitoring.profiles import MONITORED_COLUMNS, PREDICTION
@@ -48,7 +48,7 @@ from bridge_assets.monitoring.reference import build_reference
 from bridge_assets.monitoring.whylogs_compat import merge_views, profile_frame, why
 
 
-def bedrooms_one_level_up(simulator: HousingSimulator) -> Drift:
+def bedrooms_one_level_up(simulator: Simulator) -> Drift:
     """Every house's bedroom count moved one level up (the top level keeps its own)."""
     levels = [str(v) for v in simulator.levels["bedrooms"]]
     shares = simulator.probabilities["bedrooms"]
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed profiling rounds per side (median)")
     args = parser.parse_args()
     started = time.perf_counter()
-    simulator = HousingSimulator.fit()
+    simulator = Simulator.fit()
 
     def frame(rows: int, seed: int, drift: Drift | None = None) -> pl.DataFrame:
         blocks = simulator.generate(rows, seed=seed, batch_id=f"b{seed}", drift=drift)

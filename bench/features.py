@@ -10,7 +10,7 @@ most-frequent imputer + OneHotEncoder on the categories).
 
     python bench/features.py --rows 2000000
 
-The parent simulates N rows as real batches arrive (`HousingSimulator`; by default 1% break the
+The parent simulates N rows as real batches arrive (`Simulator`; by default 1% break the
 contract and 5% have oddly-cased categories), lands them as one Parquet batch in a
 temporary `LocalStore`, then runs each pipeline in its own process, one after the other, so that
 each process's peak RSS is its own. Each worker times its work from reading the landed file to
@@ -42,7 +42,7 @@ if str(REPO_ROOT) not in sys.path:  # the package is normally installed editable
     sys.path.insert(0, str(REPO_ROOT))
 
 from bridge_assets.core.contract import (  # noqa: E402
-    AREA_MAX,
+    CONTRACT,
     CATEGORICAL_FEATURES,
     CATEGORY_LEVELS,
     COUNT_BOUNDS,
@@ -140,7 +140,7 @@ def run_reference(path: Path, stages: Stages) -> tuple[np.ndarray, list[str], An
     stages.done("read")
     for column in CATEGORICAL_FEATURES:
         frame[column] = frame[column].str.strip().str.lower()
-    valid = frame["area"].gt(0) & frame["area"].le(AREA_MAX) & frame[TARGET].gt(0)  # NaN compares False
+    valid = frame["area"].gt(0) & frame["area"].le(CONTRACT.upper_bound("area")) & frame[TARGET].gt(0)  # NaN compares False
     for column, (low, high) in COUNT_BOUNDS.items():
         valid &= frame[column].between(low, high) & (frame[column] % 1 == 0)
     for column, levels in CATEGORY_LEVELS.items():
@@ -246,13 +246,13 @@ def worker(kind: str, input_path: Path, out: Path, row_ids_out: Path | None) -> 
 
 def land(rows: int, seed: int, root: Path, corrupt: float, case_noise: float) -> tuple[Path, float]:
     """Simulate `rows` rows and land them as one Parquet batch; returns path and seconds."""
-    from bridge_assets.core.simulator import HousingSimulator
+    from bridge_assets.core.simulator import Simulator
     from bridge_assets.lake.landing import land_batch
     from bridge_assets.lake.storage import LocalStore
 
     started = time.perf_counter()
     store = LocalStore(root / "lake")
-    blocks = HousingSimulator.fit().generate(
+    blocks = Simulator.fit().generate(
         rows, seed=seed, batch_id=BATCH_ID, corrupt_fraction=corrupt, case_noise=case_noise
     )
     batch, landed = land_batch(store, BATCH_ID, blocks, fmt="parquet")

@@ -53,7 +53,7 @@ from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.metrics import regression_metrics
 from bridge_assets.core.presets import OPTIONS, preset
 from bridge_assets.core.recency import Recency
-from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.core.simulator import Drift, Simulator
 from bridge_assets.ml.round import Candidate, Incumbent, RoundPolicy, run_round
 from bridge_assets.monitoring.settings import MonitorSettings
 
@@ -83,7 +83,7 @@ class Cell:
     pre_rmse: dict[str, float]  # the control's pre-shift test rows
 
 
-def _rows(simulator: HousingSimulator, n: int, seed: int, drift: Drift, batch_id: str, seen_at: datetime) -> pl.DataFrame:
+def _rows(simulator: Simulator, n: int, seed: int, drift: Drift, batch_id: str, seen_at: datetime) -> pl.DataFrame:
     frame = pl.concat(list(simulator.generate(n, seed=seed, drift=drift, batch_id=batch_id)))
     return prepare_batch(validate(frame).valid, batch_id, seen_at=seen_at).rows
 
@@ -98,7 +98,7 @@ def run_scenario(scenario: str, seed: int, sizes: tuple[int, ...]) -> list[Cell]
     import torch
 
     torch.set_num_threads(1)
-    simulator, drift = HousingSimulator.fit(), SCENARIOS[scenario][1]
+    simulator, drift = Simulator.fit(), SCENARIOS[scenario][1]
     config = preset("default")
     pre = pl.concat([
         _rows(simulator, PRE_ROWS // PRE_DAYS, seed * 100 + day, Drift(), f"pre-{day:02d}", SHIFT_AT - timedelta(days=PRE_DAYS - day))

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.lake.landing import land_batch
 from bridge_assets.lake.storage import LocalStore
 
@@ -27,7 +27,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bridge-bench-") as root:
         store = LocalStore(root)
         started = time.perf_counter()
-        simulator = HousingSimulator.fit()
+        simulator = Simulator.fit()
         batch, rows = land_batch(store, "bench", simulator.generate(args.rows, seed=args.seed), fmt=args.format)
         elapsed = time.perf_counter() - started
         size = Path(store.uri(batch.key)).stat().st_size

@@ -24,7 +24,7 @@ import polars as pl  # noqa: E402
 
 from bridge_assets.core.contract import FEATURES, TARGET, validate  # noqa: E402
 from bridge_assets.core.features import Preprocessor, add_split_columns, drop_exact_duplicates  # noqa: E402
-from bridge_assets.core.simulator import HousingSimulator  # noqa: E402
+from bridge_assets.core.simulator import Simulator  # noqa: E402
 from bridge_assets.monitoring.profiles import PREDICTION  # noqa: E402
 from bridge_assets.monitoring.whylogs_compat import profile_frame  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=2, help="best of N (the least disturbed by neighbours)")
     args = parser.parse_args()
-    frame = pl.concat(list(HousingSimulator.fit().generate(args.rows, seed=0, batch_id="sizing", case_noise=0.05)))
+    frame = pl.concat(list(Simulator.fit().generate(args.rows, seed=0, batch_id="sizing", case_noise=0.05)))
     scored = frame.select(FEATURES).with_columns(pl.Series(PREDICTION, np.asarray(frame[TARGET], dtype=float)))
     for name, work in (("features", lambda: features(frame)), ("profiling", lambda: profile_frame(scored))):
         best = min(cpu_seconds(work) for _ in range(args.repeats))

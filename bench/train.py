@@ -9,7 +9,7 @@ patience 10 (here with best-weights tracking, which the original lacked).
 
     python bench/train.py            # 300,000 rows, simulator seed 5
 
-One process, one data set: N simulated rows (`HousingSimulator`), validated by the contract and
+One process, one data set: N simulated rows (`Simulator`), validated by the contract and
 prepared as the feature pipeline does (`prepare_batch`: exact duplicates dropped, hash split on
 `row_id` via `assign_split`). Both sides train on the train split, stop on the validation split
 and are scored on validation and test, RMSE on the price scale.
@@ -56,7 +56,7 @@ from bridge_assets.core.contract import TARGET, validate
 from bridge_assets.core.features import Preprocessor, prepare_batch
 from bridge_assets.core.metrics import regression_metrics
 from bridge_assets.core.presets import TrainConfig, preset
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.core.training import PriceNet, TrainedModel, train_model
 
 REFERENCE: TrainConfig = preset("reference")
@@ -89,7 +89,7 @@ class Result:
 
 def simulate(rows: int, seed: int) -> dict[str, pl.DataFrame]:
     """N simulated rows, validated and prepared as the pipeline does, by hash split."""
-    raw = pl.concat(list(HousingSimulator.fit().generate(rows, seed=seed, batch_id="bench")))
+    raw = pl.concat(list(Simulator.fit().generate(rows, seed=seed, batch_id="bench")))
     checked = validate(raw)
     if checked.quarantined.height:
         bad = checked.quarantined.height

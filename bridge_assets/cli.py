@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bridge_assets.core.contract_spec import HOUSING
 from bridge_assets.lake.settings import StorageSettings, load_environment
 
 if TYPE_CHECKING:
@@ -151,6 +150,20 @@ def _land_seed(_: argparse.Namespace) -> int:
     return 0
 
 
+def _land(args: argparse.Namespace) -> int:
+    """Land a file of the team's own rows as one batch, as it is: validation comes after."""
+    import polars as pl
+
+    from bridge_assets.lake.landing import land_batch
+
+    csv = args.file.suffix.lower() == ".csv"
+    frame = pl.read_csv(args.file, infer_schema=False) if csv else pl.read_parquet(args.file)
+    store = StorageSettings.from_env().open()
+    batch, rows = land_batch(store, args.batch_id or args.file.stem, [frame], fmt="csv" if csv else "parquet")
+    print(f"landed {rows} rows as batch {batch.batch_id}: {store.uri(batch.key)}")
+    return 0
+
+
 def _release_labels(args: argparse.Namespace) -> int:
     from bridge_assets.lake.landing import release_labels
 
@@ -204,11 +217,12 @@ def _contract(args: argparse.Namespace) -> int:
 
     import polars as pl
 
-    from bridge_assets.core.contract import Contract
+    from bridge_assets.core.contract import CONTRACT_PATH, Contract
     from bridge_assets.core.contract_spec import describe, load_contract
 
-    spec = load_contract(args.path)
-    print(f"{args.path}: a valid contract")
+    path = args.path or CONTRACT_PATH
+    spec = load_contract(path)
+    print(f"{path}: a valid contract")
     print("\n".join(describe(spec)))
     if args.data:
         frame = pl.read_csv(args.data, infer_schema=False)  # text, as landing reads a CSV batch
@@ -337,7 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--quiet", action="store_true", help="no progress bar")
     simulate.set_defaults(run=_simulate)
 
-    commands.add_parser("land-seed", help="land the real housing data").set_defaults(run=_land_seed)
+    commands.add_parser("land-seed", help="land the contract's real data (its seed_data)").set_defaults(run=_land_seed)
+    land = commands.add_parser("land", help="land a CSV or Parquet file of your own rows as a batch")
+    land.add_argument("file", type=Path, help="rows with the contract's columns (a row id is added if absent)")
+    land.add_argument("--batch-id", help="default: the file's name without its suffix")
+    land.set_defaults(run=_land)
 
     traffic = commands.add_parser(
         "traffic", help="simulated clients sending houses to the service", formatter_class=defaults
@@ -374,7 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     contract = commands.add_parser(
         "contract", help="check a data contract file, and a CSV against it", formatter_class=defaults
     )
-    contract.add_argument("path", nargs="?", type=Path, default=HOUSING, help="the contract (TOML)")
+    contract.add_argument(
+        "path", nargs="?", type=Path, help="the contract (TOML); default: BRIDGE_CONTRACT's, else housing"
+    )
     contract.add_argument("--data", type=Path, help="a CSV to check: rows valid and quarantined, with the reasons")
     contract.add_argument("--schema", action="store_true", help="print the JSON schema of the API request it defines")
     contract.set_defaults(run=_contract)

@@ -29,7 +29,9 @@ cluster's Serve running.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import dagster as dg
 import mlflow
@@ -37,8 +39,10 @@ import polars as pl
 import requests
 
 from bridge_assets import demo_steps as steps
+from bridge_assets.core.contract import CONTRACT_VARIABLE
+from bridge_assets.core.contract_spec import HOUSING
 from bridge_assets.core.metrics import regression_metrics
-from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.core.simulator import Drift, Simulator
 from bridge_assets.defs.monitoring import ALARM_RECORDS
 from bridge_assets.defs.retraining import REASON_TAG, RETRAIN_TAG
 from bridge_assets.lake.feature_store import FeatureStore
@@ -214,6 +218,9 @@ def _print_recovery(store: ObjectStore, production: str, candidate: str) -> None
 def main() -> None:
     started = time.monotonic()
     load_environment()
+    chosen = os.environ.get(CONTRACT_VARIABLE)
+    if chosen and Path(chosen).expanduser().resolve() != HOUSING.resolve():
+        sys.exit(f"make demo tells the housing data's story (a price rise): unset {CONTRACT_VARIABLE} ({chosen})")
     # A daemon without the loop's cadences (`make dev`'s, by default) would take hours: the demo
     # then starts its own for the loop, as it does where none runs.
     cadences = settings_profile("demo")
@@ -225,7 +232,7 @@ def main() -> None:
     if land_seed(store):
         print("landed the real housing data (545 rows)")
     if DEMO_BATCH not in {b.batch_id for b in landed_batches(store)}:
-        blocks = HousingSimulator.fit().generate(
+        blocks = Simulator.fit().generate(
             DEMO_ROWS, seed=7, batch_id=DEMO_BATCH, corrupt_fraction=0.02, case_noise=0.05
         )
         land_batch(store, DEMO_BATCH, blocks)
@@ -234,7 +241,7 @@ def main() -> None:
         land_batch(
             store,
             SHIFT_BATCH,
-            HousingSimulator.fit().generate(DEMO_ROWS, seed=8, batch_id=SHIFT_BATCH, drift=steps.SHIFT),
+            Simulator.fit().generate(DEMO_ROWS, seed=8, batch_id=SHIFT_BATCH, drift=steps.SHIFT),
         )
         print(
             f"landed simulated batch {SHIFT_BATCH} ({DEMO_ROWS} rows; prices rose 50%: the challenger trains after a shift)"

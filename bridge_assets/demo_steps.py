@@ -21,7 +21,7 @@ import dagster as dg
 import polars as pl
 
 from bridge_assets.core.contract import FEATURES
-from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.core.simulator import Drift, Simulator
 from bridge_assets.lake.feedback import release_feedback, withheld_key
 from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.storage import ObjectStore
@@ -249,7 +249,7 @@ def serve(store: ObjectStore, daemon: bool) -> str:
     """Deploy what the registry says and send a few requests; the service's URL."""
     deploy(store, daemon)
     url = ServingSettings.from_env().url
-    requests = HousingSimulator.fit().generate(5, seed=99, batch_id="demo-traffic")
+    requests = Simulator.fit().generate(5, seed=99, batch_id="demo-traffic")
     traffic = next(iter(requests))
     print(f"\nPOST {url}/predict (simulated houses; X-Request-ID = row_id):")
     for row in traffic.iter_rows(named=True):

@@ -11,7 +11,7 @@ import polars as pl
 from bridge_assets.core.contract import FEATURES, TARGET, validate
 from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.presets import preset
-from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS, Drift, HousingSimulator, load_seed_data
+from bridge_assets.core.simulator import SEED_BATCH_ID, SEED_ROWS, Drift, Simulator, load_seed_data
 from bridge_assets.core.training import TrainedModel
 from bridge_assets.ml.round import run_round
 from bridge_assets.monitoring.reference import Reference, build_reference
@@ -22,8 +22,8 @@ QUICK = preset("default", max_epochs=15)
 
 
 @cache
-def simulator() -> HousingSimulator:
-    return HousingSimulator.fit()
+def simulator() -> Simulator:
+    return Simulator.fit()
 
 
 @cache

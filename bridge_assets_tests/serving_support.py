@@ -20,7 +20,7 @@ import dagster as dg
 import psutil
 
 from bridge_assets.core.presets import preset
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
@@ -118,7 +118,7 @@ def two_registered_versions(batch_id: str, rows: int, seed: int, max_epochs: int
     register the reference network twice (seeds 1 and 2: two versions that predict differently)."""
     store = StorageSettings.from_env().open()
     land_seed(store)
-    land_batch(store, batch_id, HousingSimulator.fit().generate(rows, seed=seed, batch_id=batch_id))
+    land_batch(store, batch_id, Simulator.fit().generate(rows, seed=seed, batch_id=batch_id))
     for batch in landed_batches(store):
         validate_batch(store, batch)
     version = build_features(store).version

@@ -1,6 +1,9 @@
 """A data set's contract is a file: the housing contract is one, and a bad file is refused
 before anything runs, naming the file and the field at fault."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,7 @@ levels = ["red", "blue"]
 def test_the_housing_contract_is_the_file_the_rules_come_from():
     spec = load_contract(HOUSING)
     assert contract.FEATURES == tuple(spec.features) and contract.TARGET == spec.target.name == "price"
-    assert contract.COUNT_BOUNDS["stories"] == (1, 4) and contract.AREA_MAX == 100_000
+    assert contract.COUNT_BOUNDS["stories"] == (1, 4) and contract.CONTRACT.upper_bound("area") == 100_000
     assert contract.CATEGORY_LEVELS["furnishingstatus"] == ("furnished", "semi-furnished", "unfurnished")
     assert contract.CONTRACT_VERSION == spec.version and set(contract.SLICES) <= set(contract.CATEGORY_LEVELS)
 
@@ -49,6 +52,10 @@ def test_a_contract_with_other_columns_loads(tmp_path: Path):
         (('version = "1"', 'version = "1"\ncolour = "red"'), "colour: Extra inputs are not permitted"),
         (("gt = 0", "gt = 5\nle = 2"), "features.x: the lower bound 5 is not below le = 2"),
         (('version = "1"', "version = [1"), "not valid TOML"),
+        (
+            ('version = "1"', 'version = "1"\n[simulation]\ncorruptions = [{ column = "z" }]'),
+            "simulation.corruptions name columns that are not the target or a feature: ['z']",
+        ),
     ],
 )
 def test_a_bad_contract_file_is_refused_naming_the_file_and_the_field(tmp_path: Path, change, message):
@@ -132,13 +139,39 @@ def test_bridge_contract_checks_a_file_and_a_csv_before_anything_runs(tmp_path: 
     assert main(["contract", "--data", str(data / "HousingData.csv")]) == 0
     assert "HousingData.csv: 545 rows, 545 valid, 0 quarantined" in capsys.readouterr().out
     csv = tmp_path / "patients.csv"
-    csv.write_text((data / "diabetes.csv").read_text().splitlines()[0] + "\n59,3,32.1,101.0,157,93.2,38.0,4.0,4.8598,87,151\n40,1,x,90,150,90,40,4,4.5,80,100\n")
+    csv.write_text(
+        (data / "diabetes.csv").read_text().splitlines()[0]
+        + "\n59,3,32.1,101.0,157,93.2,38.0,4.0,4.8598,87,151\n40,1,x,90,150,90,40,4,4.5,80,100\n"
+    )
     assert main(["contract", str(CONTRACTS / "diabetes.toml"), "--data", str(csv)]) == 0
     out = capsys.readouterr().out
-    assert "contract diabetes, version 1: predicts progression (number > 0)" in out and "  sex: category, one of 1 | 2" in out
+    assert (
+        "contract diabetes, version 1: predicts progression (number > 0)" in out
+        and "  sex: category, one of 1 | 2" in out
+    )
     assert "patients.csv: 2 rows, 0 valid, 2 quarantined" in out
     assert "  1 × sex not one of 1/2" in out and "  1 × bmi is not a number" in out
     bad = tmp_path / "bad.toml"
     bad.write_text(VALID.replace("gt = 0", "gt = 5\nle = 1"))
     assert main(["contract", str(bad)]) == 2
     assert f"{bad}: features.x: the lower bound 5 is not below le = 1" in capsys.readouterr().err
+
+
+def test_a_bad_bridge_contract_stops_a_command_before_it_lands_anything(tmp_path: Path):
+    """`BRIDGE_CONTRACT` naming a bad file: the command exits 2 naming the file and the field,
+    and the lake stays empty."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(VALID.replace('type = "category"', 'type = "text"'))
+    home = tmp_path / "home"
+    env = {**os.environ, "BRIDGE_ENV_FILE": "", "BRIDGE_HOME": str(home), "BRIDGE_CONTRACT": str(bad)}
+    run = subprocess.run(
+        [sys.executable, "-m", "bridge_assets.cli", "land-seed"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 2, run.stderr
+    assert f"bridge: {bad}: features.colour: Input tag 'text' found using 'type'" in run.stderr
+    assert not (home / "lake").exists()

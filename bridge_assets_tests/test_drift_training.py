@@ -14,7 +14,7 @@ from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.metrics import LinearModel, regression_metrics
 from bridge_assets.core.presets import OPTIONS, preset
 from bridge_assets.core.recency import Recency
-from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.core.simulator import Drift, Simulator
 from bridge_assets.core.training import train_model
 from bridge_assets.ml.round import Candidate, Incumbent, RoundPolicy, RoundResult, clearly_better, run_round
 
@@ -25,7 +25,7 @@ QUICK = preset("default", max_epochs=40)
 
 def rows(n: int, seed: int, batch_id: str, seen_at: datetime, drift: Drift | None = None) -> pl.DataFrame:
     """Feature rows as the feature table holds them (hash split, batch id, seen_at)."""
-    frame = pl.concat(list(HousingSimulator.fit().generate(n, seed=seed, batch_id=batch_id, drift=drift)))
+    frame = pl.concat(list(Simulator.fit().generate(n, seed=seed, batch_id=batch_id, drift=drift)))
     return prepare_batch(validate(frame).valid, batch_id, seen_at=seen_at).rows
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
 from bridge_assets.lake.raw import validate_batch
@@ -30,7 +30,7 @@ build_features(store)
 
 
 def land_and_validate(store: ObjectStore, batch_id: str, rows: int, seed: int) -> None:
-    land_batch(store, batch_id, HousingSimulator.fit().generate(rows, seed=seed, batch_id=batch_id))
+    land_batch(store, batch_id, Simulator.fit().generate(rows, seed=seed, batch_id=batch_id))
     validate_batch(store, next(b for b in landed_batches(store) if b.batch_id == batch_id))
 
 
@@ -99,7 +99,7 @@ def test_every_row_knows_when_it_was_seen_and_older_parts_still_read(store: Obje
     legacy = FeatureStore(store).scan(old).collect().drop("seen_at").with_columns(pl.lit("legacy").alias("batch_id"))
     legacy_part = FeatureStore(store).write_part("legacy", legacy)  # as parts were written before: no time at all
     asked = datetime(2025, 3, 1, 12, tzinfo=UTC)
-    traffic = pl.concat(list(HousingSimulator.fit().generate(300, seed=9, batch_id="traffic")))
+    traffic = pl.concat(list(Simulator.fit().generate(300, seed=9, batch_id="traffic")))
     traffic = traffic.with_columns(pl.when(pl.int_range(pl.len()) < 200).then(pl.lit(asked)).otherwise(None).alias("seen_at"))
     land_batch(store, "traffic", [traffic])
     validate_batch(store, next(b for b in landed_batches(store) if b.batch_id == "traffic"))

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feedback import (
     LABELS_PREFIX,
@@ -143,7 +143,7 @@ def test_the_ab_report_verdict_is_what_lets_staging_become_production(experiment
 def test_labelled_traffic_lands_once_when_the_monitoring_window_changes_length(store: ObjectStore):
     """The demo's 2-minute windows, then `make dev`'s hour: the same labelled requests regroup
     into a new window and must not land as a second feedback batch."""
-    houses = pl.concat(HousingSimulator.fit().generate(30, seed=3, batch_id="traffic"))
+    houses = pl.concat(Simulator.fit().generate(30, seed=3, batch_id="traffic"))
     joined = houses.select(*FEATURES, TARGET).with_columns(request_id=houses[ROW_ID], row_index=pl.lit(0))
     two_minutes, hour, next_hour = "20261128T221800Z-120s", "20261128T220000Z-3600s", "20261128T230000Z-3600s"
     batch, landed = land_feedback_batch(store, two_minutes, joined.head(20))

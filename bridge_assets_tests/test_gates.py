@@ -16,7 +16,7 @@ from mlflow.types.schema import ColSpec, Schema
 from bridge_assets.cli import main as bridge
 from bridge_assets.core.presets import preset
 from bridge_assets.core.pyfunc import HousingPyfunc
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
@@ -85,7 +85,7 @@ def world(tmp_path_factory):
         patch.setenv("BRIDGE_HOME", str(home / "home"))
         store = StorageSettings.from_env().open()
         land_seed(store)
-        land_batch(store, "sim-gates", HousingSimulator.fit().generate(3000, seed=11, batch_id="sim-gates"))
+        land_batch(store, "sim-gates", Simulator.fit().generate(3000, seed=11, batch_id="sim-gates"))
         for batch in landed_batches(store):
             validate_batch(store, batch)
         version = build_features(store).version.version
@@ -279,7 +279,7 @@ def test_after_the_world_moved_the_champion_gate_judges_the_rows_production_neve
     from bridge_assets.ml.gates import _champion_rows
     from bridge_assets.ml.round import split_rows
 
-    land_batch(world.store, "sim-risen", HousingSimulator.fit().generate(2000, seed=12, batch_id="sim-risen", drift=Drift(price_factor=1.5)))
+    land_batch(world.store, "sim-risen", Simulator.fit().generate(2000, seed=12, batch_id="sim-risen", drift=Drift(price_factor=1.5)))
     for batch in landed_batches(world.store):
         validate_batch(world.store, batch)
     latest = build_features(world.store).version

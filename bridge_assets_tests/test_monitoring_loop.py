@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from bridge_assets.core.contract import FEATURES
-from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.core.simulator import Drift, Simulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.defs.monitoring import (
     drift_report,
@@ -99,7 +99,7 @@ def test_drift_and_decay_are_caught_and_what_was_seen_is_retrained_on(lake_env, 
     monkeypatch.setenv("BRIDGE_RETRAIN_POLICY", "automatic")
     monkeypatch.setenv("BRIDGE_RETRAIN_COOLDOWN_SECONDS", "3600")
     land_seed(store)
-    land_batch(store, "sim-train", HousingSimulator.fit().generate(1500, seed=5, batch_id="sim-train"))
+    land_batch(store, "sim-train", Simulator.fit().generate(1500, seed=5, batch_id="sim-train"))
     for batch in landed_batches(store):
         validate_batch(store, batch)
     first_features = build_features(store).version.version

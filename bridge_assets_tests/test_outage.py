@@ -7,7 +7,7 @@ import time
 import boto3
 import dagster as dg
 
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.interactions import read_interactions
@@ -61,7 +61,7 @@ def test_features_survive_an_s3_outage_mid_run(moto_endpoint, tmp_path, monkeypa
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # botocore gives up fast; Dagster's retry policy takes over
     store = StorageSettings.from_env().open()
     land_seed(store)
-    simulator = HousingSimulator.fit()
+    simulator = Simulator.fit()
     for index in range(BATCHES):  # many parts, so the run is still writing when the line is cut
         batch_id = f"sim-{index:02d}"
         land_batch(store, batch_id, simulator.generate(3000, seed=index, batch_id=batch_id))

@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.defs.features import feature_backlog_sensor
 from bridge_assets.defs.raw import landed_batches_sensor, raw_batches
@@ -40,7 +40,7 @@ def metadata(result: dg.ExecuteInProcessResult) -> dict:
 
 
 def land_simulated(store: ObjectStore, batch_id: str, rows: int, **knobs) -> pl.DataFrame:
-    frame = pl.concat(HousingSimulator.fit().generate(rows, seed=21, batch_id=batch_id, **knobs))
+    frame = pl.concat(Simulator.fit().generate(rows, seed=21, batch_id=batch_id, **knobs))
     land_batch(store, batch_id, [frame])
     return frame
 
@@ -48,7 +48,7 @@ def land_simulated(store: ObjectStore, batch_id: str, rows: int, **knobs) -> pl.
 def test_batches_flow_from_landing_to_a_versioned_feature_table(store: ObjectStore):
     land_seed(store)
     dirty = land_simulated(store, "sim-dirty", 4000, corrupt_fraction=0.08, case_noise=0.1)
-    clean = pl.concat(HousingSimulator.fit().generate(4000, seed=21, batch_id="sim-dirty", case_noise=0.1))
+    clean = pl.concat(Simulator.fit().generate(4000, seed=21, batch_id="sim-dirty", case_noise=0.1))
     corrupted = dirty.join(clean, on=dirty.columns, how="anti", nulls_equal=True).height
 
     with dg.instance_for_test() as instance:
@@ -96,7 +96,7 @@ def test_batches_flow_from_landing_to_a_versioned_feature_table(store: ObjectSto
 
 def _parquet_without_area() -> bytes:
     buffer = io.BytesIO()
-    pl.concat(HousingSimulator.fit().generate(50, seed=3, batch_id="no-area")).drop("area").write_parquet(buffer)
+    pl.concat(Simulator.fit().generate(50, seed=3, batch_id="no-area")).drop("area").write_parquet(buffer)
     return buffer.getvalue()
 
 
@@ -133,7 +133,7 @@ def backlog_tick(instance: dg.DagsterInstance) -> dg.SensorResult:
 
 def test_withheld_labels_join_the_features_when_they_land(store: ObjectStore):
     land_seed(store)
-    land_batch(store, "sim-late", HousingSimulator.fit().generate(1000, seed=4, batch_id="sim-late"), withhold_labels=True)
+    land_batch(store, "sim-late", Simulator.fit().generate(1000, seed=4, batch_id="sim-late"), withhold_labels=True)
     with dg.instance_for_test() as instance:
         first = tick(instance, None)
         for request in first.run_requests:

@@ -24,7 +24,7 @@ from bridge_assets.core.contract import FEATURES, ROW_ID, validate
 from bridge_assets.core.features import prepare_batch
 from bridge_assets.core.presets import BOOSTING_TRAINER, preset
 from bridge_assets.core.pyfunc import HousingPyfunc
-from bridge_assets.core.simulator import Drift, HousingSimulator, load_seed_data
+from bridge_assets.core.simulator import Drift, Simulator, load_seed_data
 from bridge_assets.core.training import PriceNet, TrainedModel
 from bridge_assets.definitions import build_defs
 from bridge_assets.defs.raw import raw_batches
@@ -336,7 +336,7 @@ def test_a_recalibrated_version_prices_alike_in_serve_batch_scoring_and_mlflow(s
     name, store = service.settings.model_name, service.store
     features = FeatureStore(store)
     latest = features.latest()
-    risen = pl.concat(list(HousingSimulator.fit().generate(600, seed=31, batch_id="risen", drift=Drift(price_factor=1.5))))
+    risen = pl.concat(list(Simulator.fit().generate(600, seed=31, batch_id="risen", drift=Drift(price_factor=1.5))))
     rows = pl.concat([features.scan(latest).collect(), prepare_batch(validate(risen).valid, "risen").rows])
     model, _ = load_registered(name, production)
     policy = RoundPolicy(("recalibrate",), recent_batches=frozenset({"risen"}))

@@ -6,18 +6,18 @@ from sklearn.metrics import r2_score
 
 from bridge_assets.core.contract import FEATURES, TARGET, validate
 from bridge_assets.core.features import Preprocessor
-from bridge_assets.core.simulator import BLOCK_ROWS, Drift, HousingSimulator, load_seed_data, simulate
+from bridge_assets.core.simulator import BLOCK_ROWS, Drift, Simulator, load_seed_data, simulate
 
 CONTRACT = [*FEATURES, TARGET]
 
 
 @pytest.fixture(scope="module")
-def simulator() -> HousingSimulator:
-    return HousingSimulator.fit()
+def simulator() -> Simulator:
+    return Simulator.fit()
 
 
 @pytest.fixture(scope="module")
-def big(simulator: HousingSimulator) -> pl.DataFrame:
+def big(simulator: Simulator) -> pl.DataFrame:
     return pl.concat(simulator.generate(100_000, seed=11))
 
 

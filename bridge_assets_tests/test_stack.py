@@ -30,7 +30,7 @@ import psutil
 import pytest
 
 from bridge_assets.core.contract import FEATURES
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.lake.feature_store import FeatureStore
 from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.landing import land_batch
@@ -179,7 +179,7 @@ def _post(url: str, body: dict, request_id: str, timeout: float = 10.0) -> int:
 
 
 def _traffic_rows(rows: int, seed: int) -> list[dict]:
-    frame = pl.concat(list(HousingSimulator.fit().generate(rows, seed=seed, batch_id=f"traffic-{seed}")))
+    frame = pl.concat(list(Simulator.fit().generate(rows, seed=seed, batch_id=f"traffic-{seed}")))
     return [{name: row[name] for name in FEATURES} | {"row_id": row["row_id"]} for row in frame.iter_rows(named=True)]
 
 
@@ -189,7 +189,7 @@ def trained(stack: SimpleNamespace) -> SimpleNamespace:
     to the webserver) → promote, all on the stack."""
     with _environment(stack.env):
         store = StorageSettings.from_env().open()
-        simulator = HousingSimulator.fit()
+        simulator = Simulator.fit()
         land_batch(store, "stack-a", simulator.generate(1500, seed=21, batch_id="stack-a"))
         _wait_for("raw partitions of the first batches", lambda: "stack-a" in _materialized_partitions("raw_housing"))
 

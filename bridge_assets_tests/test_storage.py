@@ -86,10 +86,10 @@ def test_of_two_concurrent_landers_of_one_batch_exactly_one_wins(store: ObjectSt
     """Both pass the "not landed yet" check; the slower one must lose at publish, and its
     withheld labels must not replace the winner's. Made deterministic by letting the second
     lander run to the end while the first is still producing its rows."""
-    from bridge_assets.core.simulator import HousingSimulator
+    from bridge_assets.core.simulator import Simulator
     from bridge_assets.lake.landing import land_batch, landed_batches, release_labels
 
-    simulator = HousingSimulator.fit()
+    simulator = Simulator.fit()
     winner = pl.concat(simulator.generate(300, seed=2, batch_id="race"))
 
     def slow_blocks():

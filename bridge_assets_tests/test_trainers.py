@@ -13,7 +13,7 @@ from bridge_assets.core.contract import FEATURES, TARGET, validate
 from bridge_assets.core.metrics import LinearModel
 from bridge_assets.core.model_api import CannotContinue, EntryPointError, Model, load_model, trainer_of
 from bridge_assets.core.presets import BOOSTING_TRAINER, TrainConfig, preset
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.core.training import TrainedModel, train_model
 from bridge_assets.defs.training import TrainingRoundConfig
 from bridge_assets.lake.feature_store import FeatureStore
@@ -27,7 +27,7 @@ QUICK = preset("boosting", max_epochs=120)
 
 
 def _rows(count: int, seed: int, batch: str, price_factor: float = 1.0) -> pl.DataFrame:
-    rows = pl.concat(HousingSimulator.fit().generate(count, seed=seed, batch_id=batch))
+    rows = pl.concat(Simulator.fit().generate(count, seed=seed, batch_id=batch))
     rows = validate(rows.with_columns(pl.col(TARGET) * price_factor)).valid
     return rows.with_columns(pl.lit(batch).alias("batch_id"))
 

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from bridge_assets.core.contract import FEATURES, validate
 from bridge_assets.core.presets import TrainConfig
-from bridge_assets.core.simulator import HousingSimulator
+from bridge_assets.core.simulator import Simulator
 from bridge_assets.definitions import build_defs
 from bridge_assets.lake.feature_store import FeatureStore, build_features
 from bridge_assets.lake.landing import land_batch, land_seed, landed_batches
@@ -48,7 +48,7 @@ ODD_CASE_REQUEST = {
 
 def prepare_features(store: ObjectStore) -> str:
     land_seed(store)
-    land_batch(store, "sim-train", HousingSimulator.fit().generate(2000, seed=5, batch_id="sim-train"))
+    land_batch(store, "sim-train", Simulator.fit().generate(2000, seed=5, batch_id="sim-train"))
     for batch in landed_batches(store):
         validate_batch(store, batch)
     return build_features(store).version.version

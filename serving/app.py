@@ -39,6 +39,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 import bridge_assets
+from bridge_assets.core.contract import CONTRACT_PATH, CONTRACT_VARIABLE
+from bridge_assets.core.contract_spec import HOUSING
 from bridge_assets.core.pyfunc import InvalidInput
 from bridge_assets.lake.settings import StorageSettings
 from bridge_assets.ml.tracking import MlflowSettings
@@ -350,7 +352,9 @@ def application(
     def deployment(variant: str, version: str) -> serve.Application:
         init = (settings.model_name, version, settings.alias_of(variant), settings.environment)
         # `@serve.deployment` made the classes Deployments; its annotations keep them classes.
-        options = ModelVariant.options(name=model_deployment_name(variant), num_replicas=replicas)  # type: ignore[attr-defined]
+        options = ModelVariant.options(  # type: ignore[attr-defined]
+            name=model_deployment_name(variant), num_replicas=replicas, **_with_contract(ModelVariant)
+        )
         return options.options(version=code_version(init), _internal=True).bind(*init)
 
     remote = (
@@ -359,16 +363,29 @@ def application(
         else {name: deployment(name, v) for name, v in settings.versions.items()}
     )
     kept = tuple(deployment(name, version) for name, version in (retiring or {}).items())
-    ingress = PredictionService.options(num_replicas=replicas, user_config=asdict(experiment))  # type: ignore[attr-defined]
+    ingress = PredictionService.options(  # type: ignore[attr-defined]
+        num_replicas=replicas, user_config=asdict(experiment), **_with_contract(PredictionService)
+    )
     return ingress.options(version=code_version(asdict(settings)), _internal=True).bind(settings, remote, kept)
+
+
+def _with_contract(deployment: Any) -> dict[str, Any]:
+    """Replicas validate and log by the deployer's contract: one other than bridge's default goes
+    to them in their runtime environment, read before their code is imported (a replica's own
+    environment is the Ray node's, started maybe before the contract was chosen)."""
+    if CONTRACT_PATH == HOUSING.resolve():
+        return {}
+    contract = {"env_vars": {CONTRACT_VARIABLE: str(CONTRACT_PATH)}}
+    return {"ray_actor_options": {**deployment.ray_actor_options, "runtime_env": contract}}
 
 
 def code_version(init: object) -> str:
     """What Serve compares to choose between restarting a deployment's replicas and only
-    reconfiguring them: a digest of the init arguments and of bridge's code (Serve 2.60 keeps
+    reconfiguring them: a digest of the init arguments, the contract and bridge's code (Serve 2.60 keeps
     `version` internal and otherwise draws a random one on every `serve.run`, so every deploy
     restarted every replica, and a new experiment weight reloaded both models)."""
     digest = hashlib.sha256(json.dumps(init, sort_keys=True).encode())
+    digest.update(CONTRACT_PATH.read_bytes())  # a new contract is new replicas too
     for package in (Path(__file__).parent, Path(bridge_assets.__file__).parent):
         for source in sorted(package.rglob("*.py")):
             digest.update(source.read_bytes())

@@ -29,7 +29,7 @@ from typing import Any
 
 import polars as pl
 
-from bridge_assets.core.contract import COUNT_FEATURES
+from bridge_assets.core.contract import COUNT_FEATURES, MEASURES
 from bridge_assets.lake.interactions import FEATURE_COLUMNS, PREFIX, SCHEMA, SCHEMA_VERSION
 from bridge_assets.lake.storage import ObjectStore
 from serving.spool import Published, Spool, spool_directory, sweep_spools
@@ -83,7 +83,7 @@ def _fits(name: str, value: Any) -> Any:
     if name in COUNT_FEATURES:
         number = _finite(value)
         return int(number) if number is not None and number.is_integer() and abs(number) < 2**62 else None
-    if name == "area":
+    if name in MEASURES:
         return _finite(value)
     return value if isinstance(value, str) else None
 

@@ -1,5 +1,9 @@
 """The data contract applied: columns, types, allowed values and the API's plausibility bounds,
-as `contracts/housing.toml` declares them.
+as the contract file declares them: `BRIDGE_CONTRACT` (a path), else `contracts/housing.toml`.
+
+The contract is chosen once per process, when bridge is imported: every process of a
+deployment (`dagster dev` and its runs, Serve's replicas, the CLI) reads the same file, so the
+constants below are the data set's wherever they are imported.
 
 Training, serving and the simulator all validate and normalise through this module, so a
 category spelled "YES " in a request means exactly what "yes" meant in training (the
@@ -10,7 +14,9 @@ every category feature).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -320,27 +326,36 @@ class Contract:
         return Validated(valid=valid, quarantined=quarantined)
 
 
-SPEC = load_contract(HOUSING)
-HOUSING_CONTRACT = Contract(SPEC)  # the default, shipped with bridge
-CONTRACT_VERSION = HOUSING_CONTRACT.version
+CONTRACT_VARIABLE = "BRIDGE_CONTRACT"
+CONTRACT_PATH = Path(os.environ.get(CONTRACT_VARIABLE) or HOUSING).expanduser().resolve()
+SPEC = load_contract(CONTRACT_PATH)
+CONTRACT = Contract(SPEC)
+CONTRACT_VERSION = CONTRACT.version
 
-ROW_ID = HOUSING_CONTRACT.row_id
-TARGET = HOUSING_CONTRACT.target
-NUMERIC_FEATURES: tuple[str, ...] = HOUSING_CONTRACT.numeric_features
-COUNT_FEATURES: tuple[str, ...] = tuple(HOUSING_CONTRACT.count_bounds)
-CATEGORY_LEVELS: dict[str, tuple[str, ...]] = HOUSING_CONTRACT.category_levels
+ROW_ID = CONTRACT.row_id
+TARGET = CONTRACT.target
+NUMERIC_FEATURES: tuple[str, ...] = CONTRACT.numeric_features
+COUNT_FEATURES: tuple[str, ...] = tuple(CONTRACT.count_bounds)
+# Numbers that are not counts (housing's area): drawn from a smoothed quantile function by the
+# simulator, probed at their bounds by the gates.
+MEASURES: tuple[str, ...] = tuple(n for n in NUMERIC_FEATURES if n not in CONTRACT.count_bounds)
+CATEGORY_LEVELS: dict[str, tuple[str, ...]] = CONTRACT.category_levels
 CATEGORICAL_FEATURES: tuple[str, ...] = tuple(CATEGORY_LEVELS)
-FEATURES: tuple[str, ...] = HOUSING_CONTRACT.features
+FEATURES: tuple[str, ...] = CONTRACT.features
 SEED_COLUMNS: tuple[str, ...] = SPEC.seed_columns
 SLICES: tuple[str, ...] = SPEC.slices
-COUNT_BOUNDS: dict[str, tuple[int, int]] = HOUSING_CONTRACT.count_bounds
-AREA_MAX = HOUSING_CONTRACT.upper_bound("area")
-CATEGORY_DTYPES: dict[str, pl.Enum] = HOUSING_CONTRACT.category_dtypes
-SCHEMA: dict[str, pl.DataType] = HOUSING_CONTRACT.schema
+COUNT_BOUNDS: dict[str, tuple[int, int]] = CONTRACT.count_bounds
+CATEGORY_DTYPES: dict[str, pl.Enum] = CONTRACT.category_dtypes
+SCHEMA: dict[str, pl.DataType] = CONTRACT.schema
 COLUMNS: tuple[str, ...] = (ROW_ID, *FEATURES, TARGET)
 # What the data set is for and where models of it fall short: the model card's "Intended use"
 # and "Limits" (facts about the data, not about one version).
 INTENDED_USE = SPEC.intended_use
 KNOWN_LIMITS: tuple[str, ...] = SPEC.known_limits
-validate = HOUSING_CONTRACT.validate
-category_values = HOUSING_CONTRACT.category_values
+validate = CONTRACT.validate
+category_values = CONTRACT.category_values
+
+
+def seed_data_path() -> Path | None:
+    """The contract's CSV of real rows (its `seed_data`, relative to the contract file), if any."""
+    return CONTRACT_PATH.parent / SPEC.seed_data if SPEC.seed_data else None

@@ -78,6 +78,21 @@ class CategoryRule(_Strict):
 Rule = Annotated[NumberRule | IntegerRule | CategoryRule, Field(discriminator="type")]
 
 
+class Corruption(_Strict):
+    """A contract violation the simulator plants in some rows, to exercise quarantine: `value`
+    in `column` (left out: the value goes missing)."""
+
+    column: str
+    value: str | int | float | None = None
+
+
+class Simulation(_Strict):
+    """How the simulator (`bridge simulate`, step 22) makes rows of this data set from its seed."""
+
+    target_decimals: int = 0  # simulated targets are rounded to this many decimals (-3: thousands)
+    corruptions: tuple[Corruption, ...] = ()  # default: one of each kind the rules allow
+
+
 class TargetRule(NumberRule):
     """The column a model predicts: a number."""
 
@@ -98,6 +113,8 @@ class ContractSpec(_Strict):
     intended_use: str = ""
     known_limits: tuple[str, ...] = ()
     example: dict[str, str | int | float] = Field(default_factory=dict)  # the API docs' request
+    seed_data: str | None = None  # a CSV of real rows, relative to the contract file: the seed batch
+    simulation: Simulation = Simulation()
 
     @model_validator(mode="after")
     def _columns_fit_together(self) -> Self:
@@ -111,6 +128,10 @@ class ContractSpec(_Strict):
         unknown = [name for name in self.example if name not in self.features]
         if unknown:
             raise ValueError(f"the example has columns that are not features: {unknown}")
+        columns = {self.target.name, *self.features}
+        stray = [c.column for c in self.simulation.corruptions if c.column not in columns]
+        if stray:
+            raise ValueError(f"simulation.corruptions name columns that are not the target or a feature: {stray}")
         if self.seed_columns:
             missing = [c for c in (self.target.name, *self.features) if c not in self.seed_columns]
             if missing:

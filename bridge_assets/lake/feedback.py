@@ -23,13 +23,14 @@ from datetime import UTC, datetime
 
 import polars as pl
 
+from bridge_assets.core.contract import TARGET
 from bridge_assets.lake.storage import ObjectStore
 
 WITHHELD_FEEDBACK_PREFIX = "simulator/withheld-feedback/"
 LABELS_PREFIX = "feedback/labels/"
 LABEL_SCHEMA: dict[str, pl.DataType] = {
     "request_id": pl.String(),
-    "price": pl.Float64(),
+    TARGET: pl.Float64(),
     "released_at": pl.Datetime("us", "UTC"),
 }
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -49,7 +50,7 @@ def withhold_feedback(store: ObjectStore, traffic_id: str, request_ids: list[str
     """Keep the true prices of requests about to be sent (written before sending, never lost)."""
     key = withheld_key(traffic_id)
     frame = pl.DataFrame(
-        {"request_id": request_ids, "price": prices}, schema={"request_id": pl.String(), "price": pl.Float64()}
+        {"request_id": request_ids, TARGET: prices}, schema={"request_id": pl.String(), TARGET: pl.Float64()}
     )
     store.put_bytes(key, _parquet(frame), exclusive=True)
     return key
@@ -136,8 +137,8 @@ def join_feedback(interactions: pl.DataFrame, labels: pl.DataFrame) -> FeedbackJ
         .filter(pl.col("row_index") == 0)
         .unique("request_id", keep="first", maintain_order=True)
     )
-    joined = served.join(distinct.select("request_id", "price"), on="request_id", how="inner").with_columns(
-        (pl.col("prediction") - pl.col("price")).alias("error")
+    joined = served.join(distinct.select("request_id", TARGET), on="request_id", how="inner").with_columns(
+        (pl.col("prediction") - pl.col(TARGET)).alias("error")
     )
     return FeedbackJoin(
         joined=joined,

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
-from bridge_assets.core.contract import CATEGORICAL_FEATURES, COUNT_FEATURES
+from bridge_assets.core.contract import CATEGORICAL_FEATURES, COUNT_FEATURES, MEASURES
 from bridge_assets.lake.storage import ObjectStore
 
 PREFIX = "interactions/"
@@ -39,11 +39,11 @@ SCHEMA: dict[str, pl.DataType] = {
     "error": pl.String(),
     "client_id": pl.String(),
     "replica": pl.String(),
-    "area": pl.Float64(),
+    **{name: pl.Float64() for name in MEASURES},
     **{name: pl.Int64() for name in COUNT_FEATURES},
     **{name: pl.String() for name in CATEGORICAL_FEATURES},
 }
-FEATURE_COLUMNS = ("area", *COUNT_FEATURES, *CATEGORICAL_FEATURES)
+FEATURE_COLUMNS = (*MEASURES, *COUNT_FEATURES, *CATEGORICAL_FEATURES)
 
 
 COMPACTED = "compacted-"  # a closed hour's merged file (`.parquet`) and its manifest (`.json`)

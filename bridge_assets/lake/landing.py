@@ -27,7 +27,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from bridge_assets.core.contract import ROW_ID, TARGET
-from bridge_assets.core.simulator import SEED_BATCH_ID, Drift, HousingSimulator, load_seed_data
+from bridge_assets.core.simulator import SEED_BATCH_ID, Drift, Simulator, load_seed_data
 from bridge_assets.lake.storage import ObjectStore
 
 BATCHES_PREFIX = "landing/batches/"
@@ -187,7 +187,7 @@ def land_simulated(
     """Generate and land a simulated batch, recording its seed and knobs beside it, and name
     the earlier batches it repeats (the CLI and the asset say so loudly)."""
     batch_id = batch_id or simulation.default_batch_id()
-    blocks = HousingSimulator.fit().generate(
+    blocks = Simulator.fit().generate(
         simulation.rows,
         seed=simulation.seed,
         batch_id=batch_id,
@@ -254,7 +254,7 @@ def read_labels(store: ObjectStore, batch_id: str) -> pl.DataFrame | None:
 
 
 def land_seed(store: ObjectStore) -> LandedBatch | None:
-    """Land the real housing data as the first batch (CSV, its own format); None if present."""
+    """Land the contract's real data (its `seed_data`) as the first batch (CSV); None if present."""
     if any(b.batch_id == SEED_BATCH_ID for b in landed_batches(store)):
         return None
     batch, _ = land_batch(store, SEED_BATCH_ID, [load_seed_data()], fmt="csv")

@@ -17,7 +17,7 @@ import pandas as pd
 import polars as pl
 from mlflow.models import MetricThreshold
 
-from bridge_assets.core.contract import CATEGORY_LEVELS, COUNT_BOUNDS, FEATURES, SLICES, TARGET
+from bridge_assets.core.contract import CATEGORY_LEVELS, CONTRACT, COUNT_BOUNDS, FEATURES, MEASURES, SLICES, TARGET
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.ml.promotion_settings import PromotionSettings
 from bridge_assets.ml.tracking import MODEL_SIGNATURE
@@ -46,20 +46,46 @@ def predict(model: Any, frame: pd.DataFrame) -> np.ndarray:
     return np.asarray(model.predict(frame), dtype=np.float64).reshape(-1)
 
 
-def edge_probe_rows(max_area: float) -> pd.DataFrame:
-    """A typical house varied one field at a time to every bound, a tiny and a very large
-    area, and each category level spelled lower, UPPER and ' Title ' (with spaces)."""
-    base = load_seed_data().select(FEATURES).row(0, named=True)
+def measure_bounds(seed: pl.DataFrame) -> dict[str, tuple[float, float]]:
+    """Each measure's smallest and largest valid value as the edge probe tries them: the
+    contract's bounds (above an exclusive lower bound, the next whole number: area 1), else ten
+    times beyond the seed's extremes."""
+    bounds = {}
+    for name in MEASURES:
+        rule, values = CONTRACT.number_rules[name], seed[name].cast(pl.Float64).to_numpy()
+        smallest, largest = float(values.min()), float(values.max())
+        if rule.ge is not None:
+            low = rule.ge
+        elif rule.gt is not None:
+            low = math.floor(rule.gt) + 1.0
+        else:
+            low = min(smallest * 10, smallest / 10)
+        high = rule.le if rule.le is not None else max(largest * 10, largest / 10)
+        bounds[name] = (float(low), float(high))
+    return bounds
+
+
+def edge_probe_rows() -> pd.DataFrame:
+    """A typical row varied one field at a time to every bound (for a measure such as area, its
+    smallest and largest valid value), all fields at their lows and at their highs, and each
+    category level spelled lower, UPPER and ' Title ' (with spaces)."""
+    seed = load_seed_data()
+    base = seed.select(FEATURES).row(0, named=True)
     rows: list[dict[str, Any]] = []
-    for name, (low, high) in COUNT_BOUNDS.items():
+    for name, (count_low, count_high) in COUNT_BOUNDS.items():
+        rows += [{**base, name: count_low}, {**base, name: count_high}]
+    bounds = measure_bounds(seed)
+    for name, (low, high) in bounds.items():
         rows += [{**base, name: low}, {**base, name: high}]
-    rows += [{**base, "area": 1.0}, {**base, "area": max_area}]
-    rows.append({**base, "area": max_area, **{name: high for name, (_, high) in COUNT_BOUNDS.items()}})
-    rows.append({**base, "area": 1.0, **{name: low for name, (low, _) in COUNT_BOUNDS.items()}})
+    highs = {name: high for name, (_, high) in bounds.items()}
+    lows = {name: low for name, (low, _) in bounds.items()}
+    rows.append({**base, **highs, **{name: high for name, (_, high) in COUNT_BOUNDS.items()}})
+    rows.append({**base, **lows, **{name: low for name, (low, _) in COUNT_BOUNDS.items()}})
     for name, levels in CATEGORY_LEVELS.items():
         for level in levels:
             rows += [{**base, name: spelling} for spelling in (level, level.upper(), f" {level.title()} ")]
-    return pd.DataFrame(rows, columns=list(FEATURES)).astype({"area": "float64", **{n: "int64" for n in COUNT_BOUNDS}})
+    types = {**{name: "float64" for name in MEASURES}, **{name: "int64" for name in COUNT_BOUNDS}}
+    return pd.DataFrame(rows, columns=list(FEATURES)).astype(types)
 
 
 def slice_masks(rows: pl.DataFrame) -> dict[str, np.ndarray]:
@@ -133,8 +159,8 @@ def signature_gate(model: Any) -> GateResult:
     return GateResult("signature", True, f"{len(logged)} inputs equal the contract's names and types", figures)
 
 
-def edge_gate(model: Any, max_area: float) -> GateResult:
-    probe = edge_probe_rows(max_area)
+def edge_gate(model: Any) -> GateResult:
+    probe = edge_probe_rows()
     try:
         predictions = predict(model, probe)
     except Exception as error:  # noqa: BLE001 - any failure on valid input blocks the version
@@ -145,7 +171,7 @@ def edge_gate(model: Any, max_area: float) -> GateResult:
             {"rows": len(probe)},
         )
     bad = ~np.isfinite(predictions) | (predictions <= 0)
-    figures = {"rows": len(probe), "bad_predictions": int(bad.sum()), "max_area": max_area}
+    figures = {"rows": len(probe), "bad_predictions": int(bad.sum()), "bounds": measure_bounds(load_seed_data())}
     if bad.any():
         examples = probe[bad].head(3).to_dict("records")
         return GateResult(

@@ -235,11 +235,7 @@ def evaluate_version(
             }
             metrics |= {f"{key}, recent rows": regression_metrics(actual[rows], p[rows]) for key, p in shown.items()}
         results.append(signature_gate(model))
-        results.append(
-            edge_gate(model, settings.probe_max_area)
-            if model is not None
-            else GateResult("edge_probe", False, error or "no model")
-        )
+        results.append(edge_gate(model) if model is not None else GateResult("edge_probe", False, error or "no model"))
         sliced = lambda p: p[judged] if p is not None else None
         results.append(
             slice_gate(

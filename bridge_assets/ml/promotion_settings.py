@@ -16,7 +16,6 @@ from pydantic import (
     model_validator,
 )
 
-from bridge_assets.core.contract import AREA_MAX
 from bridge_assets.settings import EnvSettings, comma_separated
 
 Share = Annotated[float, Field(ge=0, le=1)]
@@ -52,11 +51,6 @@ class PromotionSettings(EnvSettings):
     )
     latency_calls: PositiveInt = Field(
         100, validation_alias="BRIDGE_GATE_LATENCY_CALLS", description="the calls that measure it"
-    )
-    probe_max_area: PositiveFloat = Field(
-        AREA_MAX,
-        validation_alias="BRIDGE_GATE_PROBE_MAX_AREA",
-        description="the largest area of the edge probe (the contract's bound)",
     )
     require_approval: bool = Field(
         False, validation_alias="BRIDGE_REQUIRE_APPROVAL", description="human sign-off before Staging"

@@ -35,7 +35,7 @@ from pydantic import AliasChoices, Field
 import bridge_assets.core as core_package
 from bridge_assets.core.calibration import FILE_NAME as CALIBRATION_FILE
 from bridge_assets.core.calibration import Recalibration
-from bridge_assets.core.contract import COUNT_FEATURES, FEATURES
+from bridge_assets.core.contract import COUNT_FEATURES, FEATURES, MEASURES
 from bridge_assets.core.model_api import Model, load_model
 from bridge_assets.core.simulator import load_seed_data
 from bridge_assets.lake.feature_store import FeatureStore
@@ -51,12 +51,12 @@ DEFAULT_EXPERIMENT = "bridge-housing"
 DEFAULT_MODEL_NAME = "housing-price"
 DEFAULT_UI_PORT = 5000  # `make mlflow` over the embedded store (BRIDGE_MLFLOW_PORT)
 _MODEL_REQUIREMENTS = ("torch", "scikit-learn", "polars", "numpy", "pandas", "pyarrow", "mlflow")
-# `area` is "any": MLflow refuses int64 for a double column, and clients send both 1200 and
-# 1200.5; the pyfunc's contract check then rejects anything that is not a positive number.
+# Measures (area) are "any": MLflow refuses int64 for a double column, and clients send both 1200
+# and 1200.5; the pyfunc's contract check then rejects anything that breaks the contract.
 MODEL_SIGNATURE = ModelSignature(
     inputs=Schema(
         [
-            ColSpec(AnyType() if name == "area" else "long" if name in COUNT_FEATURES else "string", name)
+            ColSpec(AnyType() if name in MEASURES else "long" if name in COUNT_FEATURES else "string", name)
             for name in FEATURES
         ]
     ),

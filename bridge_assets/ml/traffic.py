@@ -23,7 +23,7 @@ import polars as pl
 import requests
 
 from bridge_assets.core.contract import FEATURES, ROW_ID, TARGET
-from bridge_assets.core.simulator import Drift, HousingSimulator
+from bridge_assets.core.simulator import Drift, Simulator
 from bridge_assets.lake.feedback import keep_answered_feedback, withhold_feedback
 from bridge_assets.lake.storage import ObjectStore
 
@@ -82,7 +82,7 @@ def send_traffic(
         raise ValueError("rate and duration must be > 0 and clients ≥ 1")
     traffic_id = traffic_id or f"traffic-{datetime.now(UTC):%Y%m%dT%H%M%S}-s{seed}"
     count = max(1, math.ceil(rate * duration))
-    houses = pl.concat(HousingSimulator.fit().generate(count, seed=seed, batch_id=traffic_id, drift=drift))
+    houses = pl.concat(Simulator.fit().generate(count, seed=seed, batch_id=traffic_id, drift=drift))
     result = TrafficResult(
         traffic_id, withhold_feedback(store, traffic_id, houses[ROW_ID].to_list(), houses[TARGET].to_list())
     )

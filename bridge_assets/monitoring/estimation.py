@@ -19,9 +19,9 @@ import numpy as np
 import polars as pl
 from sklearn.ensemble import HistGradientBoostingRegressor
 
-from bridge_assets.core.contract import CATEGORICAL_FEATURES, CATEGORY_LEVELS, COUNT_FEATURES
+from bridge_assets.core.contract import CATEGORICAL_FEATURES, CATEGORY_LEVELS, COUNT_FEATURES, MEASURES
 
-NUMERIC_INPUTS = ("area", *COUNT_FEATURES)
+NUMERIC_INPUTS = (*MEASURES, *COUNT_FEATURES)
 
 
 def loss_features(rows: pl.DataFrame, predictions: np.ndarray) -> np.ndarray:
