@@ -56,10 +56,15 @@ LAKE_VARIABLES = (
 
 
 # `make test` runs two pytest processes side by side: the tests that bring up their own Ray and
-# Dagster (the demo in a subprocess, the production-shaped stack), marked `apart` here, and
+# Dagster (the demo in a subprocess, the production-shaped stack, your own data), marked `apart` here, and
 # everything that shares the session's Ray Serve, `dagster dev` and moto. Each process starts
 # what its tests need once, and the demo's and the stack's waits overlap the rest.
-APART = ("test_cli_and_demo.py::test_demo_", "test_cli_and_demo.py::test_the_demo_run_again", "test_stack.py::")
+APART = (
+    "test_cli_and_demo.py::test_demo_",
+    "test_cli_and_demo.py::test_the_demo_run_again",
+    "test_stack.py::",
+    "test_your_data.py::",
+)
 
 
 CRASH_LOG = pytest.StashKey[TextIO]()
