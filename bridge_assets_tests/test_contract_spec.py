@@ -175,3 +175,23 @@ def test_a_bad_bridge_contract_stops_a_command_before_it_lands_anything(tmp_path
     assert run.returncode == 2, run.stderr
     assert f"bridge: {bad}: features.colour: Input tag 'text' found using 'type'" in run.stderr
     assert not (home / "lake").exists()
+
+
+def test_a_contract_in_dotenv_is_the_clis_and_refused_where_it_would_come_too_late(tmp_path: Path):
+    """`.env` is read before the CLI imports bridge, so its contract is the CLI's; `make serve`
+    imports bridge first and refuses it, saying so, instead of serving another contract."""
+    from bridge_assets.core.contract_spec import CONTRACTS
+
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"BRIDGE_CONTRACT={CONTRACTS / 'diabetes.toml'}\n")
+    env = {**os.environ, "BRIDGE_ENV_FILE": str(dotenv), "BRIDGE_HOME": str(tmp_path / "home")}
+    env.pop("BRIDGE_CONTRACT", None)
+    cli = subprocess.run(
+        [sys.executable, "-m", "bridge_assets.cli", "contract"], env=env, capture_output=True, text=True, check=False
+    )
+    assert cli.returncode == 0 and "contract diabetes, version 1" in cli.stdout, cli.stderr
+    serve = subprocess.run(
+        [sys.executable, "-m", "serving.deploy"], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert serve.returncode != 0
+    assert f"BRIDGE_CONTRACT={CONTRACTS / 'diabetes.toml'} in {dotenv} comes after this process loaded" in serve.stderr

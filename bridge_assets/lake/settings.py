@@ -9,6 +9,7 @@ benchmarks, training subprocesses).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -57,8 +58,22 @@ def load_environment() -> dict[str, str]:
     path = env_file()
     loaded = {k: v for k, v in dotenv_values(path).items() if v is not None} if path and path.is_file() else {}
     os.environ.update(loaded)
+    _refuse_a_late_contract(loaded.get("BRIDGE_CONTRACT"), path)
     ensure_dagster_instance(Path(os.environ.setdefault("DAGSTER_HOME", str(bridge_home() / "dagster"))))
     return loaded
+
+
+def _refuse_a_late_contract(chosen: str | None, path: Path | None) -> None:
+    """The contract is chosen when bridge is imported: one that `.env` names after this process
+    loaded another would be ignored, so it is refused, saying what to do (the CLI and `dagster
+    dev` read `.env` first; `make serve` and the demo import bridge before)."""
+    loaded = sys.modules.get("bridge_assets.core.contract")
+    if loaded is None or not chosen or Path(chosen).expanduser().resolve() == loaded.CONTRACT_PATH:
+        return
+    raise ValueError(
+        f"BRIDGE_CONTRACT={chosen} in {path} comes after this process loaded {loaded.CONTRACT_PATH}: "
+        "set BRIDGE_CONTRACT in the environment that starts it"
+    )
 
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
