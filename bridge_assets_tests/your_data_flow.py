@@ -30,20 +30,33 @@ from bridge_assets.defs.monitoring import (
     window_profiles,
 )
 from bridge_assets.defs.raw import landed_batches_sensor
+from bridge_assets.lake.interactions import read_interactions
 from bridge_assets.lake.landing import Simulation, land_seed, land_simulated
 from bridge_assets.lake.settings import StorageSettings
+from bridge_assets.lake.storage import ObjectStore
 from bridge_assets.ml.registry import promote_to_production
 from bridge_assets.ml.tracking import MlflowSettings
 from bridge_assets_tests.serving_support import call
 from serving.cluster import stop_serving
 
 BATCH = "sim-own"
+SENT = 4  # records of the requests below: one /predict, two /invocations rows, one refused
 
 
 def _metadata(result: dg.ExecuteInProcessResult, key: str) -> dict[str, Any]:
     (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey(key)]
     plain = (str, int, float, bool, dict, list, type(None))  # not tables, nor Dagster's records
     return {name: v.value for name, v in event.materialization.metadata.items() if isinstance(v.value, plain)}
+
+
+def _records(store: ObjectStore, count: int, timeout: float = 120.0) -> pl.DataFrame:
+    """The interaction records once the replicas have flushed `count` of them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_interactions(store)
+        if records.height >= count or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
 
 
 def _json_safe(value: Any) -> Any:
@@ -100,7 +113,7 @@ def run() -> dict[str, Any]:
         os.environ.pop(CONTRACT_VARIABLE)
         deployed = _metadata(materialize(instance, "production_deployment"), "production_deployment")
         url = str(deployed["endpoint"]).removesuffix("/predict")
-        row = {name: value for name, value in SPEC.example.items()}
+        row = dict(SPEC.example)
         facts["predict"] = call(url, "/predict", row)[:2]
         facts["invocations"] = call(url, "/invocations", {"dataframe_records": [row, row]})[:2]
         first_number = next(name for name in FEATURES if isinstance(row[name], int | float))
@@ -111,17 +124,11 @@ def run() -> dict[str, Any]:
         )
 
         # interaction records → profiles → the drift report
-        time.sleep(4)  # the replicas' log flush (BRIDGE_SERVE_LOG_FLUSH_SECONDS=1) and a closed window
+        facts["interaction_records"] = _records(store, SENT).select("endpoint", "status", *FEATURES).to_dicts()
+        time.sleep(2 * float(os.environ["BRIDGE_MONITOR_WINDOW_SECONDS"]))  # the requests' window has closed
         logs = tick(instance, interaction_logs_sensor)
         for request in logs.run_requests:
             materialize(instance, "interaction_profiles", run_config=request.run_config)
-        facts["interaction_records"] = (
-            pl.concat(
-                [store.scan_parquet([key]).collect() for key in store.list("interactions/") if key.endswith(".parquet")]
-            )
-            .select("endpoint", "status", *FEATURES)
-            .to_dicts()
-        )
         instance.add_dynamic_partitions(model_versions.name, [version])
         materialize(instance, "model_reference", partition_key=version)
         windows = tick(instance, monitor_windows_sensor)
