@@ -53,6 +53,9 @@ def test_the_diabetes_data_and_a_boosting_model_run_the_whole_loop_by_configurat
         # boosting on 3,000 rows of a near-linear data set trails the linear baseline: the team's
         # policy may allow it (the gate itself is unchanged)
         "BRIDGE_GATE_BASELINE_TOLERANCE": "0.2",
+        # this runs beside the rest of the suite on two cores, which once pushed a single-row p99
+        # past 250 ms; the latency gate itself is test_gates' subject
+        "BRIDGE_GATE_LATENCY_P99_MS": "2000",
         "BRIDGE_RAY_PORT": str(ray_port),
         "BRIDGE_SERVE_PORT": str(serve_port),
         "BRIDGE_RAY_TMPDIR": f"/tmp/bridge-ray-{uuid.uuid4().hex[:6]}",
