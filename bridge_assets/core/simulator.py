@@ -116,6 +116,7 @@ class Simulator:
     target_coefficients: dict[str, float]  # target model: "intercept", "log_area", features…
     target_noise: float  # residual standard deviation of the (log) target
     log_target: bool  # the target model is log-linear (every seed target is positive)
+    logged: frozenset[str]  # the measures modelled on a log scale (every seed value positive)
 
     @classmethod
     def fit(cls, seed: pl.DataFrame | None = None) -> Simulator:
@@ -124,6 +125,7 @@ class Simulator:
         n = seed.height
         log_target = bool((seed[TARGET] > 0).all())
         target = seed[TARGET].to_numpy().astype(np.float64)
+        logged = frozenset(name for name in MEASURES if (seed[name] > 0).all())
         levels: dict[str, np.ndarray] = {}
         probabilities: dict[str, np.ndarray] = {}
         quantiles: dict[str, np.ndarray] = {}
@@ -147,11 +149,12 @@ class Simulator:
             else:  # a measure
                 ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
                 scores[:, j] = ndtri((ranks + 0.5) / n)
-                quantiles[name] = np.sort(_log_if_positive(values.astype(np.float64)))
+                measured = values.astype(np.float64)
+                quantiles[name] = np.sort(np.log(measured) if name in logged else measured)
                 # Silverman's rule: smooth the quantile function so measures are new values.
                 bandwidths[name] = float(1.06 * quantiles[name].std() * n ** (-1 / 5))
         correlation = np.atleast_2d(np.corrcoef(scores, rowvar=False))
-        coefficients, noise = _fit_target_model(seed, levels, log_target)
+        coefficients, noise = _fit_target_model(seed, levels, logged, log_target)
         return cls(
             correlation=correlation,
             quantiles=quantiles,
@@ -162,6 +165,7 @@ class Simulator:
             target_coefficients=coefficients,
             target_noise=noise,
             log_target=log_target,
+            logged=logged,
         )
 
     def generate(
@@ -232,11 +236,6 @@ class Simulator:
             return np.maximum(np.round(np.exp(values) * factor, decimals), 10.0**-decimals)
         return np.round(values * factor, decimals)
 
-    @property
-    def logged(self) -> set[str]:
-        """The measures modelled on a log scale (every seed value positive)."""
-        return {name for name in self.quantiles if f"log_{name}" in self.target_coefficients}
-
     def _target_model(self, columns: dict[str, np.ndarray], drift: Drift) -> np.ndarray:
         coefficients = self.target_coefficients
         design = _design(columns, self.levels, self.logged)
@@ -245,10 +244,6 @@ class Simulator:
             feature = term.removeprefix("log_") if term.startswith("log_") else term.split("=")[0]
             total += coefficients[term] * drift.concept.get(feature, 1.0) * values
         return total
-
-
-def _log_if_positive(values: np.ndarray) -> np.ndarray:
-    return np.log(values) if (values > 0).all() else values
 
 
 def _decimals(values: np.ndarray) -> int:
@@ -279,7 +274,9 @@ def _weights(name: str, levels: np.ndarray, weights: dict[str, float]) -> np.nda
     return raw / raw.sum()
 
 
-def _design(columns: dict[str, np.ndarray], levels: dict[str, np.ndarray], logged: set[str]) -> dict[str, np.ndarray]:
+def _design(
+    columns: dict[str, np.ndarray], levels: dict[str, np.ndarray], logged: frozenset[str]
+) -> dict[str, np.ndarray]:
     """Regressors of the target model: each measure (its log where positive), counts, one
     indicator per non-base level."""
     design = {}
@@ -295,10 +292,9 @@ def _design(columns: dict[str, np.ndarray], levels: dict[str, np.ndarray], logge
 
 
 def _fit_target_model(
-    seed: pl.DataFrame, levels: dict[str, np.ndarray], log_target: bool
+    seed: pl.DataFrame, levels: dict[str, np.ndarray], logged: frozenset[str], log_target: bool
 ) -> tuple[dict[str, float], float]:
     columns = {c: seed[c].to_numpy() for c in FEATURES}
-    logged = {name for name in MEASURES if (columns[name] > 0).all()}
     design = _design(columns, levels, logged)
     matrix = np.column_stack([np.ones(seed.height), *design.values()])
     target = seed[TARGET].to_numpy().astype(np.float64)

@@ -65,16 +65,14 @@ def measure_bounds(seed: pl.DataFrame) -> dict[str, tuple[float, float]]:
     return bounds
 
 
-def edge_probe_rows() -> pd.DataFrame:
+def edge_probe_rows(seed: pl.DataFrame, bounds: dict[str, tuple[float, float]]) -> pd.DataFrame:
     """A typical row varied one field at a time to every bound (for a measure such as area, its
     smallest and largest valid value), all fields at their lows and at their highs, and each
-    category level spelled lower, UPPER and ' Title ' (with spaces)."""
-    seed = load_seed_data()
+    category level spelled lower, UPPER and ' Title ' (with spaces); `bounds` from `measure_bounds`."""
     base = seed.select(FEATURES).row(0, named=True)
     rows: list[dict[str, Any]] = []
     for name, (count_low, count_high) in COUNT_BOUNDS.items():
         rows += [{**base, name: count_low}, {**base, name: count_high}]
-    bounds = measure_bounds(seed)
     for name, (low, high) in bounds.items():
         rows += [{**base, name: low}, {**base, name: high}]
     highs = {name: high for name, (_, high) in bounds.items()}
@@ -160,7 +158,9 @@ def signature_gate(model: Any) -> GateResult:
 
 
 def edge_gate(model: Any) -> GateResult:
-    probe = edge_probe_rows()
+    seed = load_seed_data()
+    bounds = measure_bounds(seed)
+    probe = edge_probe_rows(seed, bounds)
     try:
         predictions = predict(model, probe)
     except Exception as error:  # noqa: BLE001 - any failure on valid input blocks the version
@@ -171,7 +171,7 @@ def edge_gate(model: Any) -> GateResult:
             {"rows": len(probe)},
         )
     bad = ~np.isfinite(predictions) | (predictions <= 0)
-    figures = {"rows": len(probe), "bad_predictions": int(bad.sum()), "bounds": measure_bounds(load_seed_data())}
+    figures = {"rows": len(probe), "bad_predictions": int(bad.sum()), "bounds": bounds}
     if bad.any():
         examples = probe[bad].head(3).to_dict("records")
         return GateResult(
